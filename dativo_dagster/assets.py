@@ -1,0 +1,469 @@
+"""The asset factory: one spec becomes one graph-backed asset, extract -> validate -> write -> commit."""
+
+
+
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from dativo_dagster.commit import SOURCE_STATE_KEY, ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
+from dativo_dagster.errors import DativoError, TerminalError
+from dativo_dagster.extract import FileReport, SourceFile, iter_source_batches, list_source_files, text_schema
+from dativo_dagster.markers import write_commit_marker
+from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
+from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
+from dativo_dagster.table_schema import (
+    INGESTED_AT,
+    RUN_ID,
+    SOURCE_FILE,
+    Partitioner,
+    arrow_schema,
+    iceberg_schema,
+    partition_spec,
+    rejects_iceberg_schema,
+)
+from dativo_dagster.validate import ValidationReport, rejects_schema, typed_schema, validate_batch
+from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governance_metadata, write_batches
+
+STAGING_IO = "dativo_staging_io"
+TABLE_IO = "dativo_table_io"
+VALIDATION_CHECK = "validation"
+MIB = 1 << 20
+
+
+class ExtractReport(BaseModel):
+    """Which files a run read, at which version, and what reading them found."""
+
+    files: list[dict[str, Any]] = Field(default_factory=list)
+    file_reports: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def source_state(self) -> dict[str, str]:
+        return {f["uri"]: f["version"] for f in self.files}
+
+
+class WriteResult(BaseModel):
+    """What the write step produced, for the commit step."""
+
+    ingested_at: str
+    data_files: list[WrittenFile] = Field(default_factory=list)
+    reject_files: list[WrittenFile] = Field(default_factory=list)
+    source_state: dict[str, str] = Field(default_factory=dict)
+    rows_read: int = 0
+    rows_rejected: int = 0
+    location: str = ""
+    rejects_location: str = ""
+
+
+def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
+    """The spec's ``retry_config`` as a Dagster ``RetryPolicy``."""
+    config = loaded.spec.retry_config
+    backoff = {"exponential": dg.Backoff.EXPONENTIAL, "linear": dg.Backoff.LINEAR}.get(config.backoff)
+    return dg.RetryPolicy(
+        max_retries=config.max_retries,
+        delay=config.retry_delay_seconds,
+        backoff=backoff,
+        jitter=dg.Jitter.PLUS_MINUS if backoff is not None else None,
+    )
+
+
+def as_failure(exc: DativoError) -> dg.Failure:
+    """A Dagster failure that the RetryPolicy retries only when the error is transient."""
+    return dg.Failure(description=str(exc), allow_retries=exc.transient)
+
+
+def _column_schema(loaded: LoadedSpec) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name=f.name,
+                type=str(f.type),
+                description=f.description,
+                constraints=dg.TableColumnConstraints(nullable=not f.required),
+                tags={"classification": f.classification} if f.classification else {},
+            )
+            for f in loaded.spec.fields
+        ]
+        + [
+            dg.TableColumn(name=INGESTED_AT, type="timestamptz", description="when the run ingested the row"),
+            dg.TableColumn(name=SOURCE_FILE, type="string", description="the file the row came from"),
+            dg.TableColumn(name=RUN_ID, type="string", description="the Dagster run that loaded the row"),
+        ]
+    )
+
+
+def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
+    """Build the graph-backed asset for one spec."""
+    spec = loaded.spec
+    name = spec.name
+    policy = retry_policy(loaded)
+    op_tags = {"dativo/asset": name}
+    check_spec = dg.AssetCheckSpec(
+        VALIDATION_CHECK,
+        asset=name,
+        description=f"rows against the spec's schema ({spec.schema_validation_mode.value} mode)",
+        blocking=spec.schema_validation_mode is ValidationMode.STRICT,
+    )
+    check_key = check_spec.key
+
+    @dg.op(
+        name=f"{name}__extract",
+        out={"text": dg.Out(io_manager_key=STAGING_IO), "extract_report": dg.Out(ExtractReport, io_manager_key=STAGING_IO)},
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource):
+        s3 = dativo_storage.s3_settings()
+        try:
+            files = list_source_files(loaded, s3)
+        except DativoError as exc:
+            raise as_failure(exc) from exc
+        context.log.info(f"{name}: {len(files)} source file(s): {', '.join(f.uri for f in files)}")
+        reports: list[FileReport] = []
+        stream = pa.RecordBatchReader.from_batches(
+            text_schema(spec.fields), _guarded(iter_source_batches(files, loaded, s3, reports))
+        )
+        yield dg.Output(stream, "text")
+        for report in reports:
+            if report.extra_columns:
+                context.log.warning(f"{report.uri}: columns not in the spec, not loaded: {report.extra_columns}")
+            if report.missing_columns:
+                context.log.warning(f"{report.uri}: spec columns missing from the file, null: {report.missing_columns}")
+        yield dg.Output(
+            ExtractReport(
+                files=[{"uri": f.uri, "size": f.size, "version": f.version} for f in files],
+                file_reports=[vars(r) for r in reports],
+            ),
+            "extract_report",
+            metadata={"files": len(files), "rows": sum(r.rows for r in reports)},
+        )
+
+    @dg.op(
+        name=f"{name}__validate",
+        ins={"text": dg.In(), "extract_report": dg.In(ExtractReport)},
+        out={
+            "valid": dg.Out(io_manager_key=STAGING_IO),
+            "rejects": dg.Out(io_manager_key=STAGING_IO),
+            "validation": dg.Out(ValidationReport, io_manager_key=STAGING_IO),
+            "validation_check": dg.Out(dg.Nothing, is_required=False),
+        },
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def validate(context: dg.OpExecutionContext, text: pa.RecordBatchReader, extract_report: ExtractReport):
+        report = ValidationReport()
+        options = spec.source.options
+        strict = spec.schema_validation_mode is ValidationMode.STRICT
+        rejects_buffer: list[pa.RecordBatch] = []
+
+        def valid_batches() -> Iterator[pa.RecordBatch]:
+            for batch in text:
+                valid, rejects, tally = validate_batch(batch, spec.fields, options)
+                report.add(tally)
+                if rejects.num_rows:
+                    if not strict:
+                        rejects_buffer.append(rejects)
+                if valid.num_rows and not (strict and report.rows_rejected):
+                    yield valid
+
+        yield dg.Output(pa.RecordBatchReader.from_batches(typed_schema(spec.fields), _guarded(valid_batches())), "valid")
+        yield dg.Output(pa.RecordBatchReader.from_batches(rejects_schema(spec.fields), iter(rejects_buffer)), "rejects")
+        yield dg.Output(report, "validation", metadata={"rows_rejected": report.rows_rejected})
+        yield _check_result(check_key, report, extract_report, strict)
+        if strict and report.rows_rejected:
+            raise dg.Failure(
+                description=f"{name}: strict validation failed; nothing was committed.\n{report.describe()}",
+                metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected},
+                allow_retries=False,
+            )
+
+    @dg.op(
+        name=f"{name}__write",
+        ins={"valid": dg.In(), "rejects": dg.In(), "validation": dg.In(ValidationReport),
+             "extract_report": dg.In(ExtractReport)},
+        out=dg.Out(WriteResult, io_manager_key=STAGING_IO),
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def write(
+        context: dg.OpExecutionContext,
+        valid: pa.RecordBatchReader,
+        rejects: pa.RecordBatchReader,
+        validation: ValidationReport,
+        extract_report: ExtractReport,
+        dativo_storage: StorageResource,
+        dativo_catalog: CatalogResource,
+    ) -> WriteResult:
+        try:
+            return _write(context, loaded, valid, rejects, validation, extract_report, dativo_storage, dativo_catalog)
+        except DativoError as exc:
+            raise as_failure(exc) from exc
+
+    @dg.op(
+        name=f"{name}__commit",
+        ins={"written": dg.In(WriteResult)},
+        out=dg.Out(CommitResult, io_manager_key=TABLE_IO),
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def commit(
+        context: dg.OpExecutionContext,
+        written: WriteResult,
+        dativo_storage: StorageResource,
+        dativo_catalog: CatalogResource,
+        dativo_staging: StagingResource,
+    ):
+        try:
+            result = _commit(context, loaded, written, dativo_storage, dativo_catalog)
+        except DativoError as exc:
+            raise as_failure(exc) from exc
+        dativo_staging.remove_steps(context.run_id, f"{name}.")
+        yield dg.Output(result, metadata=_materialization_metadata(loaded, written, result, dativo_catalog))
+
+    @dg.graph_asset(
+        name=name,
+        group_name=spec.data_product,
+        owners=[spec.team.owner] if "@" in spec.team.owner else [f"team:{spec.team.owner}"],
+        tags={**{_tag_key(t): "" for t in spec.tags}, "dativo/domain": spec.domain, "dativo/tenant": spec.tenant},
+        kinds={"csv", "parquet", "iceberg"} if spec.target.catalog is CatalogKind.ICEBERG else {"csv", "parquet", "s3"},
+        description=_description(loaded),
+        metadata={
+            "dagster/column_schema": _column_schema(loaded),
+            "dagster/table_name": f"{spec.domain}.{spec.name}",
+            "dativo/table": f"{spec.domain}.{spec.name}",
+            "dativo/branch": spec.branch,
+            "dativo/spec_file": loaded.display_path,
+            "dativo/version": spec.version,
+            "dativo/validation_mode": spec.schema_validation_mode.value,
+            "dativo/write_mode": spec.target.write_mode.value,
+        },
+        check_specs=[check_spec],
+    )
+    def asset():
+        text, extract_report = extract()
+        valid, rejects, validation, validation_check = validate(text, extract_report)
+        return {
+            "result": commit(write(valid, rejects, validation, extract_report)),
+            check_spec.get_python_identifier(): validation_check,
+        }
+
+    return asset
+
+
+def _guarded(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Turn our errors raised while a stream is consumed into Dagster failures with the right retry."""
+    try:
+        yield from batches
+    except DativoError as exc:
+        raise as_failure(exc) from exc
+
+
+def _tag_key(tag: str) -> str:
+    import re  # noqa: PLC0415
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", tag)[:63] or "_"
+
+
+def _description(loaded: LoadedSpec) -> str:
+    spec = loaded.spec
+    purpose = spec.description.purpose if spec.description and spec.description.purpose else spec.name
+    sources = ", ".join(f.path for f in spec.source.files)
+    return f"{purpose}\n\nSpec `{loaded.display_path}` v{spec.version}: CSV from {sources} into `{spec.domain}.{spec.name}`."
+
+
+def _check_result(
+    check_key: dg.AssetCheckKey, report: ValidationReport, extract_report: ExtractReport, strict: bool
+) -> dg.AssetCheckResult:
+    metadata: dict[str, Any] = {
+        "rows_read": report.rows_read,
+        "rows_valid": report.rows_valid,
+        "rows_rejected": report.rows_rejected,
+    }
+    for entry in report.errors:
+        metadata[f"{entry.field}:{entry.kind}"] = entry.count
+    if report.errors:
+        metadata["first_errors"] = dg.MetadataValue.md(
+            "\n".join(
+                f"- `{e.field}` {e.kind} x{e.count}: "
+                + "; ".join(f"{ex.file} line {ex.line}: `{ex.value!r}`" for ex in e.examples)
+                for e in report.errors
+            )
+        )
+    return dg.AssetCheckResult(
+        asset_key=check_key.asset_key,
+        check_name=check_key.name,
+        passed=report.rows_rejected == 0,
+        severity=dg.AssetCheckSeverity.ERROR if strict else dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+    )
+
+
+def _write(
+    context: dg.OpExecutionContext,
+    loaded: LoadedSpec,
+    valid: pa.RecordBatchReader,
+    rejects: pa.RecordBatchReader,
+    validation: ValidationReport,
+    extract_report: ExtractReport,
+    storage: StorageResource,
+    catalog_resource: CatalogResource,
+) -> WriteResult:
+    spec = loaded.spec
+    s3 = storage.s3_settings()
+    ingested_at = datetime.now(timezone.utc)
+    run_id = context.run_id
+    location = storage.table_location(spec)
+    rejects_location = storage.table_location(spec, "__rejects")
+    data_schema = iceberg_schema(spec.fields)
+    reject_schema = rejects_iceberg_schema(spec.fields)
+    if spec.target.catalog is CatalogKind.ICEBERG:
+        catalog = catalog_resource.load_catalog()
+        table = ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location)
+        data_schema, location = table.schema(), table.location()
+        if validation.rows_rejected:
+            reject_table = ensure_table(catalog, spec.rejects_identifier, reject_schema, lambda s: partition_spec_for_rejects(s), rejects_location)
+            reject_schema, rejects_location = reject_table.schema(), reject_table.location()
+    partitioner = Partitioner(partition_spec(spec, data_schema), data_schema)
+    metadata = governance_metadata(spec, branch=spec.branch, run_id=run_id, ingested_at=ingested_at)
+    prefix = f"{ingested_at.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
+    file_schema = arrow_schema(data_schema)
+    writer = PartitionedParquetWriter(
+        location=f"{location}/data",
+        schema=file_schema,
+        partitioner=partitioner,
+        target_bytes=int(spec.target.parquet_target_size_mb * MIB),
+        file_prefix=prefix,
+        metadata=metadata,
+        s3=s3,
+    )
+    ts = pa.scalar(ingested_at, pa.timestamp("us", tz="UTC"))
+    data_files = write_batches(_with_system_columns(valid, file_schema, ts, run_id), writer)
+    context.log.info(f"{spec.name}: wrote {len(data_files)} data file(s), {sum(f.record_count for f in data_files)} rows")
+    reject_files: list[WrittenFile] = []
+    if validation.rows_rejected:
+        reject_writer = PartitionedParquetWriter(
+            location=f"{rejects_location}/data",
+            schema=arrow_schema(reject_schema),
+            partitioner=Partitioner(partition_spec_for_rejects(reject_schema), reject_schema),
+            target_bytes=int(spec.target.parquet_target_size_mb * MIB),
+            file_prefix=prefix,
+            metadata=metadata,
+            s3=s3,
+        )
+        reject_files = write_batches(_with_system_columns(rejects, arrow_schema(reject_schema), ts, run_id), reject_writer)
+    return WriteResult(
+        ingested_at=ingested_at.isoformat(),
+        data_files=data_files,
+        reject_files=reject_files,
+        source_state=extract_report.source_state,
+        rows_read=validation.rows_read,
+        rows_rejected=validation.rows_rejected,
+        location=location,
+        rejects_location=rejects_location,
+    )
+
+
+def partition_spec_for_rejects(schema: Any) -> Any:
+    from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC  # noqa: PLC0415
+
+    return UNPARTITIONED_PARTITION_SPEC
+
+
+def _with_system_columns(
+    stream: pa.RecordBatchReader, file_schema: pa.Schema, ingested_at: pa.Scalar, run_id: str
+) -> Iterator[pa.RecordBatch]:
+    for batch in stream:
+        n = batch.num_rows
+        columns = []
+        for field in file_schema:
+            if field.name == INGESTED_AT:
+                columns.append(pa.repeat(ingested_at, n))
+            elif field.name == RUN_ID:
+                columns.append(pa.repeat(run_id, n))
+            elif field.name in batch.schema.names:
+                columns.append(batch.column(field.name).cast(field.type))
+            else:
+                columns.append(pa.nulls(n, field.type))
+        yield pa.RecordBatch.from_arrays(columns, schema=file_schema)
+
+
+def _commit(
+    context: dg.OpExecutionContext,
+    loaded: LoadedSpec,
+    written: WriteResult,
+    storage: StorageResource,
+    catalog_resource: CatalogResource,
+) -> CommitResult:
+    spec = loaded.spec
+    properties = {
+        ASSET_KEY: spec.name,
+        SOURCE_STATE_KEY: source_state_json(written.source_state),
+        "dativo.spec-version": spec.version,
+        "dativo.rows-read": str(written.rows_read),
+        "dativo.rows-rejected": str(written.rows_rejected),
+    }
+    overwrite = spec.target.write_mode is WriteMode.OVERWRITE
+    if spec.target.catalog is CatalogKind.NONE:
+        return write_commit_marker(
+            location=written.location,
+            run_id=context.run_id,
+            files=written.data_files,
+            properties=properties,
+            s3=storage.s3_settings(),
+            table=f"{spec.domain}.{spec.name}",
+        )
+    catalog = catalog_resource.load_catalog()
+    table = catalog.load_table(".".join(spec.table_identifier))
+    data_spec = Partitioner(table.spec(), table.schema())
+    if written.reject_files:
+        reject_table = catalog.load_table(".".join(spec.rejects_identifier))
+        reject_result = commit_files(
+            reject_table,
+            branch=spec.branch,
+            files=written.reject_files,
+            partitioner=Partitioner(reject_table.spec(), reject_table.schema()),
+            run_id=context.run_id,
+            properties=properties,
+        )
+        context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
+    result = commit_files(
+        table,
+        branch=spec.branch,
+        files=written.data_files,
+        partitioner=data_spec,
+        run_id=context.run_id,
+        properties=properties,
+        overwrite=overwrite,
+    )
+    if result.already_committed:
+        context.log.info(f"{spec.name}: run already committed snapshot {result.snapshot_id}; not committing again")
+    return result
+
+
+def _materialization_metadata(
+    loaded: LoadedSpec, written: WriteResult, result: CommitResult, catalog: CatalogResource
+) -> dict[str, Any]:
+    spec = loaded.spec
+    return {
+        "dagster/row_count": result.rows,
+        "dagster/table_name": f"{spec.domain}.{spec.name}",
+        "dagster/uri": result.location or written.location,
+        "rows_read": written.rows_read,
+        "rows_committed": result.rows,
+        "rows_rejected": written.rows_rejected,
+        "files_written": result.files,
+        "bytes_written": result.bytes,
+        "partitions": dg.MetadataValue.json(result.partitions),
+        "snapshot_id": str(result.snapshot_id) if result.snapshot_id is not None else "",
+        "branch": result.branch,
+        "catalog": catalog.display_uri,
+        "source_files": dg.MetadataValue.json(sorted(written.source_state)),
+        "ingested_at": written.ingested_at,
+    }
+
+
+__all__ = ["ExtractReport", "WriteResult", "build_asset"]

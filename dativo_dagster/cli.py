@@ -1,0 +1,151 @@
+"""The ``dativo-dagster`` command line: validate specs and materialize assets, with CI exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_REJECTS = 1
+EXIT_FAILED = 2
+
+
+def _specs_dir(arg: str | None) -> Path:
+    from dativo_dagster.definitions import specs_dir_from_env  # noqa: PLC0415
+
+    return Path(arg).resolve() if arg else specs_dir_from_env()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check every spec; print each problem; 0 when all are valid, else 2."""
+    from dativo_dagster.errors import SpecError  # noqa: PLC0415
+    from dativo_dagster.spec import load_specs  # noqa: PLC0415
+
+    specs_dir = _specs_dir(args.specs)
+    try:
+        loaded = load_specs(specs_dir)
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        return EXIT_FAILED
+    for item in loaded:
+        print(f"{item.display_path}: ok ({item.spec.name} -> {item.spec.domain}.{item.spec.name})")
+    return EXIT_OK
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    """Materialize the selected assets in this process; print one summary line per asset."""
+    import dagster as dg  # noqa: PLC0415
+
+    from dativo_dagster.definitions import build_definitions  # noqa: PLC0415
+    from dativo_dagster.errors import SpecError  # noqa: PLC0415
+
+    specs_dir = _specs_dir(args.specs)
+    try:
+        defs = build_definitions(specs_dir)
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILED
+    assets = list(defs.assets or [])
+    names = sorted(a.key.to_user_string() for a in assets)  # type: ignore[union-attr]
+    selected = args.select or names
+    unknown = sorted(set(selected) - set(names))
+    if unknown:
+        print(f"unknown asset(s): {', '.join(unknown)}; known: {', '.join(names)}", file=sys.stderr)
+        return EXIT_FAILED
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        assets,
+        resources=defs.resources,
+        instance=instance,
+        selection=dg.AssetSelection.assets(*selected),
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+    )
+    return summarize(result, selected)
+
+
+def summarize(result: object, selected: Sequence[str]) -> int:
+    """Print one line per asset from a run's events; returns the exit code."""
+    import dagster as dg  # noqa: PLC0415
+
+    assert isinstance(result, dg.ExecuteInProcessResult)
+    materialized = {}
+    for event in result.get_asset_materialization_events():
+        mat = getattr(event.event_specific_data, "materialization", None)
+        if mat is not None:
+            materialized[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    failures: dict[str, str] = {}
+    for event in result.get_step_failure_events():
+        step = event.step_key or ""
+        asset = step.split(".", 1)[0]
+        error = event.event_specific_data.error if event.event_specific_data else None  # type: ignore[union-attr]
+        message = _failure_message(error)
+        failures.setdefault(asset, f"{step.rsplit('__', 1)[-1]}: {message}")
+    code = EXIT_OK
+    for name in selected:
+        if name in failures:
+            print(f"{name}: FAILED at {failures[name]}")
+            code = EXIT_FAILED
+        elif name in materialized:
+            m = materialized[name]
+            rejected = int(m.get("rows_rejected") or 0)
+            print(
+                f"{name}: ok rows_read={m.get('rows_read')} committed={m.get('rows_committed')} rejected={rejected}"
+                f" files={m.get('files_written')} snapshot={m.get('snapshot_id') or '-'}"
+                f" table={m.get('dagster/table_name')} branch={m.get('branch')}"
+            )
+            if rejected and code == EXIT_OK:
+                code = EXIT_REJECTS
+        else:
+            print(f"{name}: FAILED: not materialized (an upstream step failed)")
+            code = EXIT_FAILED
+    return code
+
+
+def _failure_message(error: object) -> str:
+    if error is None:
+        return "unknown error"
+    # a Failure's description is in the message; user-code errors carry the original in the cause
+    cause = getattr(error, "cause", None)
+    message = getattr(cause or error, "message", "") or ""
+    return message.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dativo-dagster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    validate = sub.add_parser("validate", help="check every asset spec; exit 0 or 2")
+    validate.add_argument("--specs", help="folder of asset specs (default: DATIVO_ASSET_SPECS_DIR or asset_specs/)")
+    validate.set_defaults(func=cmd_validate)
+    materialize = sub.add_parser("materialize", help="materialize assets in process; exit 0, 1 (rejects) or 2")
+    materialize.add_argument("--specs", help="folder of asset specs (default: DATIVO_ASSET_SPECS_DIR or asset_specs/)")
+    materialize.add_argument("--select", nargs="+", metavar="NAME", help="asset names (default: all)")
+    materialize.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Dagster console log level"
+    )
+    materialize.set_defaults(func=cmd_materialize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - any crash is exit code 2 for CI, never 1
+        logging.getLogger("dativo_dagster").exception("dativo-dagster failed: %s", exc)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Commit: register a run's data files in an Iceberg table, atomically, on the tenant's branch."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+from pyiceberg.catalog import Catalog
+from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, TableAlreadyExistsError
+from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.io.pyarrow import (
+    compute_statistics_plan,
+    data_file_statistics_from_parquet_metadata,
+    parquet_path_to_id_mapping,
+)
+from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+from pyiceberg.partitioning import PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot, ancestors_of
+from pyiceberg.table.update.snapshot import ManageSnapshots
+from pyiceberg.typedef import Record
+
+from dativo_dagster.errors import CommitError, TerminalError
+from dativo_dagster.table_schema import Partitioner
+from dativo_dagster.write import WrittenFile
+
+log = logging.getLogger(__name__)
+
+RUN_ID_KEY = "dativo.run-id"
+SOURCE_STATE_KEY = "dativo.source-state"
+ASSET_KEY = "dativo.asset"
+ROWS_KEY = "dativo.rows"
+MAIN = "main"
+TABLE_PROPERTIES = {
+    "write.parquet.compression-codec": "snappy",
+    "write.format.default": "parquet",
+    "commit.retry.num-retries": "10",
+}
+
+
+class CommitResult(BaseModel):
+    """What one run's commit did to one table."""
+
+    table: str
+    branch: str
+    snapshot_id: int | None = None
+    files: int = 0
+    rows: int = 0
+    bytes: int = 0
+    already_committed: bool = False
+    location: str = ""
+    metadata_location: str = ""
+    partitions: list[str] = Field(default_factory=list)
+
+
+def ensure_table(
+    catalog: Catalog,
+    identifier: tuple[str, str],
+    schema: Schema,
+    partition_spec_for: Any,
+    location: str | None,
+) -> Table:
+    """Load the table, creating namespace and table from the spec when missing.
+
+    A spec that adds columns evolves the table schema; a changed partitioning is refused.
+    """
+    namespace, name = identifier
+    try:
+        catalog.create_namespace_if_not_exists(namespace)
+    except NamespaceAlreadyExistsError:
+        pass
+    full = f"{namespace}.{name}"
+    if catalog.table_exists(full):
+        table = catalog.load_table(full)
+    else:
+        try:
+            table = catalog.create_table(
+                full,
+                schema=schema,
+                partition_spec=partition_spec_for(schema),
+                location=location,
+                properties={**TABLE_PROPERTIES, **({"write.data.path": f"{location}/data"} if location else {})},
+            )
+            log.info("created table %s at %s", full, table.location())
+        except TableAlreadyExistsError:
+            table = catalog.load_table(full)
+    return _evolve(table, schema, partition_spec_for)
+
+
+def _evolve(table: Table, schema: Schema, partition_spec_for: Any) -> Table:
+    current = table.schema()
+    missing = [f for f in schema.fields if not _has(current, f.name)]
+    if missing:
+        with table.update_schema() as update:
+            update.union_by_name(schema)
+        table = table.refresh()
+        log.info("added columns %s to %s", [f.name for f in missing], table.name())
+    for field in schema.fields:
+        existing = table.schema().find_field(field.name)
+        if existing.field_type != field.field_type:
+            raise TerminalError(
+                f"table {'.'.join(table.name())}: column {field.name!r} is {existing.field_type} in the table"
+                f" but {field.field_type} in the spec; change the type with a schema migration"
+            )
+    wanted = partition_spec_for(table.schema())
+    if not _same_partitioning(table.spec(), wanted):
+        raise TerminalError(
+            f"table {'.'.join(table.name())}: partitioning {table.spec()} differs from the spec's {wanted};"
+            " partition evolution is not supported yet"
+        )
+    return table
+
+
+def _has(schema: Schema, name: str) -> bool:
+    try:
+        schema.find_field(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _same_partitioning(a: PartitionSpec, b: PartitionSpec) -> bool:
+    key = lambda spec: [(f.source_id, str(f.transform), f.name) for f in spec.fields]  # noqa: E731
+    return key(a) == key(b)
+
+
+def find_run_commit(table: Table, branch: str, run_id: str) -> Snapshot | None:
+    """The newest snapshot on ``branch`` (or main) made by ``run_id``, if the run already committed."""
+    for ref in (branch, MAIN):
+        head = table.snapshot_by_name(ref)
+        for snapshot in ancestors_of(head, table.metadata):
+            summary = snapshot.summary
+            if summary is not None and summary.additional_properties.get(RUN_ID_KEY) == run_id:
+                return snapshot
+    return None
+
+
+def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partitioner) -> list[DataFile]:
+    schema = table.schema()
+    stats_plan = compute_statistics_plan(schema, table.metadata.properties)
+    column_mapping = parquet_path_to_id_mapping(schema)
+    out = []
+    for written in files:
+        input_file = table.io.new_input(written.uri)
+        with input_file.open() as stream:
+            parquet_metadata = pq.read_metadata(stream)
+        statistics = data_file_statistics_from_parquet_metadata(
+            parquet_metadata=parquet_metadata, stats_columns=stats_plan, parquet_column_mapping=column_mapping
+        )
+        out.append(
+            DataFile.from_args(
+                content=DataFileContent.DATA,
+                file_path=written.uri,
+                file_format=FileFormat.PARQUET,
+                partition=Record(*partitioner.from_json(written.partition_values)),
+                file_size_in_bytes=written.size_bytes,
+                sort_order_id=None,
+                spec_id=table.metadata.default_spec_id,
+                equality_ids=None,
+                key_metadata=None,
+                **statistics.to_serialized_dict(),
+            )
+        )
+    return out
+
+
+def _ensure_branch(table: Table, branch: str) -> Table:
+    if branch == MAIN or table.metadata.refs.get(branch) is not None:
+        return table
+    if table.current_snapshot() is None:
+        # a table without any snapshot refuses writes to a branch: give main an empty one first
+        with table.transaction() as tx:
+            tx.update_snapshot(snapshot_properties={"dativo.operation": "init"}, branch=MAIN).fast_append().commit()
+        table = table.refresh()
+    snapshot = table.current_snapshot()
+    assert snapshot is not None
+    try:
+        ManageSnapshots(table.transaction()).create_branch(snapshot.snapshot_id, branch).commit()
+    except CommitFailedException:
+        table = table.refresh()
+        if table.metadata.refs.get(branch) is None:
+            raise
+    return table.refresh()
+
+
+def commit_files(
+    table: Table,
+    *,
+    branch: str,
+    files: Sequence[WrittenFile],
+    partitioner: Partitioner,
+    run_id: str,
+    properties: Mapping[str, str],
+    overwrite: bool = False,
+) -> CommitResult:
+    """Add ``files`` to ``branch`` in one atomic commit (replacing all rows when ``overwrite``).
+
+    Idempotent per run: if ``run_id`` already committed to the branch, nothing is done again.
+
+    Raises:
+        CommitError: the catalog refused the commit (transient; the caller may retry).
+    """
+    name = ".".join(table.name())
+    result = CommitResult(
+        table=name,
+        branch=branch,
+        files=len(files),
+        rows=sum(f.record_count for f in files),
+        bytes=sum(f.size_bytes for f in files),
+        location=table.location(),
+        partitions=sorted({f.partition_path for f in files if f.partition_path}),
+    )
+    previous = find_run_commit(table, branch, run_id)
+    if previous is not None:
+        log.info("run %s already committed snapshot %s to %s@%s", run_id, previous.snapshot_id, name, branch)
+        return result.model_copy(
+            update={"snapshot_id": previous.snapshot_id, "already_committed": True,
+                    "metadata_location": table.metadata_location}
+        )
+    if not files and not overwrite:
+        return result
+    table = _ensure_branch(table, branch)
+    snapshot_properties = {**properties, RUN_ID_KEY: run_id, ROWS_KEY: str(result.rows)}
+    try:
+        data_files = _data_files(table, files, partitioner)
+        with table.transaction() as tx:
+            if overwrite:
+                head = table.snapshot_by_name(branch)
+                if head is not None and table.scan(snapshot_id=head.snapshot_id).plan_files():
+                    tx.delete(AlwaysTrue(), snapshot_properties=snapshot_properties, branch=branch)
+            if data_files:
+                with tx.update_snapshot(snapshot_properties=snapshot_properties, branch=branch).fast_append() as append:
+                    for data_file in data_files:
+                        append.append_data_file(data_file)
+    except (CommitFailedException, OSError, ConnectionError) as exc:
+        raise CommitError(f"commit to {name}@{branch} failed: {exc}") from exc
+    table = table.refresh()
+    head = table.snapshot_by_name(branch)
+    return result.model_copy(
+        update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location}
+    )
+
+
+def source_state_json(state: Mapping[str, str]) -> str:
+    """The source files and their versions, as stored in the snapshot summary."""
+    return json.dumps(dict(sorted(state.items())), separators=(",", ":"))

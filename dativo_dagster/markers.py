@@ -1,0 +1,68 @@
+"""S3-only mode (``catalog: none``): commit markers that make a run's files visible to readers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import pyarrow.fs as pafs
+
+from dativo_dagster.commit import CommitResult
+from dativo_dagster.storage import S3Settings, filesystem_for
+from dativo_dagster.write import WrittenFile
+
+COMMITS_FOLDER = "_commits"
+
+
+def marker_uri(location: str, run_id: str) -> str:
+    """``<table location>/_commits/<run id>.json``."""
+    return f"{location.rstrip('/')}/{COMMITS_FOLDER}/{run_id}.json"
+
+
+def write_commit_marker(
+    *,
+    location: str,
+    run_id: str,
+    files: Sequence[WrittenFile],
+    properties: Mapping[str, str],
+    s3: S3Settings,
+    table: str,
+) -> CommitResult:
+    """Write the run's marker listing its files, unless the run already has one (idempotent)."""
+    uri = marker_uri(location, run_id)
+    fs, path = filesystem_for(uri, s3)
+    result = CommitResult(
+        table=table,
+        branch="",
+        files=len(files),
+        rows=sum(f.record_count for f in files),
+        bytes=sum(f.size_bytes for f in files),
+        location=location,
+        metadata_location=uri,
+        partitions=sorted({f.partition_path for f in files if f.partition_path}),
+    )
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return result.model_copy(update={"already_committed": True})
+    body = {
+        "run_id": run_id,
+        "files": [f.model_dump() for f in files],
+        "properties": dict(properties),
+    }
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(body, indent=1).encode())
+    fs.move(tmp, path)
+    return result
+
+
+def committed_files(location: str, s3: S3Settings) -> list[str]:
+    """URIs of every data file listed by a commit marker under ``location``; readers use only these."""
+    fs, path = filesystem_for(f"{location.rstrip('/')}/{COMMITS_FOLDER}", s3)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    out: list[str] = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File and info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as stream:
+                out.extend(f["uri"] for f in json.loads(stream.read())["files"])
+    return out

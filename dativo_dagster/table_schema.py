@@ -1,0 +1,198 @@
+"""The Iceberg schema and partition spec of a target table, and the Arrow schema of its files."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg import transforms as tf
+from pyiceberg.partitioning import PartitionField as IcebergPartitionField
+from pyiceberg.partitioning import PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.types import DecimalType, NestedField, StringType, TimestamptzType
+
+from dativo_dagster.spec import AssetSpecModel, FieldSpec, PartitionField
+
+INGESTED_AT = "_ingested_at"
+SOURCE_FILE = "_source_file"
+RUN_ID = "_run_id"
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+MAX_FOLDER_VALUE = 120
+PARTITION_FIELD_ID_START = 1000
+_UNSAFE = re.compile(r"[^a-z0-9_.-]")
+_DOTS = re.compile(r"\.{2,}")
+
+
+def iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
+    """Spec columns in order, then ``_ingested_at``, ``_source_file`` and ``_run_id``.
+
+    Every column is optional in Iceberg: ``required`` is enforced by validation, which keeps
+    a later spec change that relaxes it from needing a schema migration.
+    """
+    columns = [
+        NestedField(field_id=i + 1, name=f.name, field_type=f.type.iceberg_type, required=False, doc=f.description)
+        for i, f in enumerate(fields)
+    ]
+    n = len(columns)
+    columns += [
+        NestedField(field_id=n + 1, name=INGESTED_AT, field_type=TimestamptzType(), required=False),
+        NestedField(field_id=n + 2, name=SOURCE_FILE, field_type=StringType(), required=False),
+        NestedField(field_id=n + 3, name=RUN_ID, field_type=StringType(), required=False),
+    ]
+    return Schema(*columns)
+
+
+def rejects_iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
+    """Quarantine table: every spec column as text, the reason, file, line and raw record."""
+    names = [f.name for f in fields] + ["_reject_reason"]
+    columns = [NestedField(field_id=i + 1, name=name, field_type=StringType(), required=False) for i, name in enumerate(names)]
+    from pyiceberg.types import LongType  # noqa: PLC0415
+
+    n = len(columns)
+    columns += [
+        NestedField(field_id=n + 1, name=SOURCE_FILE, field_type=StringType(), required=False),
+        NestedField(field_id=n + 2, name="_source_line", field_type=LongType(), required=False),
+        NestedField(field_id=n + 3, name="_raw_record", field_type=StringType(), required=False),
+        NestedField(field_id=n + 4, name=INGESTED_AT, field_type=TimestamptzType(), required=False),
+        NestedField(field_id=n + 5, name=RUN_ID, field_type=StringType(), required=False),
+    ]
+    return Schema(*columns)
+
+
+def _transform(part: PartitionField) -> tf.Transform[Any, Any]:
+    return {
+        "identity": lambda: tf.IdentityTransform(),
+        "day": lambda: tf.DayTransform(),
+        "month": lambda: tf.MonthTransform(),
+        "year": lambda: tf.YearTransform(),
+        "hour": lambda: tf.HourTransform(),
+        "bucket": lambda: tf.BucketTransform(part.width or 1),
+        "truncate": lambda: tf.TruncateTransform(part.width or 1),
+    }[part.transform]()
+
+
+def partition_spec(spec: AssetSpecModel, schema: Schema) -> PartitionSpec:
+    """The Iceberg partition spec that matches the Hive folders the writer makes."""
+    fields = []
+    for i, part in enumerate(spec.target.partition_fields):
+        source = schema.find_field(part.source)
+        transform = _transform(part)
+        if not transform.can_transform(source.field_type):
+            raise ValueError(f"target.partitioning[{i}]: {part.transform} cannot apply to {source.field_type} field {part.source!r}")
+        fields.append(
+            IcebergPartitionField(
+                source_id=source.field_id, field_id=PARTITION_FIELD_ID_START + i, transform=transform, name=part.name
+            )
+        )
+    return PartitionSpec(*fields)
+
+
+def arrow_schema(schema: Schema) -> pa.Schema:
+    """Arrow schema of data files, carrying the Iceberg field ids so any reader maps columns by id."""
+    out = []
+    for field in schema.fields:
+        arrow_type = _arrow_type(field)
+        out.append(pa.field(field.name, arrow_type, nullable=not field.required, metadata={b"PARQUET:field_id": str(field.field_id).encode()}))
+    return pa.schema(out)
+
+
+def _arrow_type(field: NestedField) -> pa.DataType:
+    from pyiceberg.io.pyarrow import schema_to_pyarrow  # noqa: PLC0415
+
+    arrow_type = schema_to_pyarrow(Schema(field), include_field_ids=False).field(0).type
+    return pa.string() if arrow_type == pa.large_string() else arrow_type
+
+
+class Partitioner:
+    """Computes each row's Iceberg partition values and the Hive folder they go to."""
+
+    def __init__(self, spec: PartitionSpec, schema: Schema):
+        self.spec = spec
+        self.schema = schema
+        self.fields = list(spec.fields)
+        self._sources = [schema.find_field(f.source_id) for f in self.fields]
+        self._functions = [f.transform.pyarrow_transform(src.field_type) for f, src in zip(self.fields, self._sources)]
+
+    @property
+    def partitioned(self) -> bool:
+        return bool(self.fields)
+
+    def split(self, table: pa.Table) -> list[tuple[tuple[Any, ...], pa.Table]]:
+        """Group rows by partition; returns (partition record values, rows) per partition."""
+        if not self.fields or table.num_rows == 0:
+            return [((), table)] if table.num_rows else []
+        keys = [fn(_combine(table.column(src.name))) for fn, src in zip(self._functions, self._sources)]
+        names = [f"k{i}" for i in range(len(keys))]
+        key_table = pa.table(dict(zip(names, keys)))
+        order = pc.sort_indices(key_table, sort_keys=[(n, "ascending", "at_end") for n in names])
+        sorted_keys = key_table.take(order)
+        change = None
+        for name in names:
+            col = sorted_keys.column(name)
+            prev, cur = col.slice(0, len(col) - 1), col.slice(1)
+            differs = pc.fill_null(pc.not_equal(prev, cur), True)
+            both_null = pc.and_(prev.is_null(), cur.is_null())
+            differs = pc.and_(differs, pc.invert(both_null))
+            change = differs if change is None else pc.or_(change, differs)
+        starts = [0] + [i + 1 for i in pc.indices_nonzero(change).to_pylist()] + [table.num_rows]
+        out = []
+        for start, end in zip(starts[:-1], starts[1:]):
+            values = tuple(self._record_value(i, sorted_keys.column(n)[start].as_py()) for i, n in enumerate(names))
+            out.append((values, table.take(order.slice(start, end - start))))
+        return out
+
+    def _record_value(self, index: int, value: Any) -> Any:
+        field = self.fields[index]
+        if value is None:
+            return None
+        if isinstance(field.transform, tf.IdentityTransform):
+            from pyiceberg.partitioning import _to_partition_representation  # noqa: PLC0415
+
+            return _to_partition_representation(self._sources[index].field_type, value)
+        return value
+
+    def hive_path(self, values: tuple[Any, ...]) -> str:
+        """``name=value/...`` with path-safe values; empty for an unpartitioned table."""
+        parts = []
+        for field, source, value in zip(self.fields, self._sources, values):
+            if value is None:
+                text = HIVE_NULL
+            else:
+                text = safe_folder_value(field.transform.to_human_string(source.field_type, value))
+            parts.append(f"{safe_folder_value(field.name)}={text}")
+        return "/".join(parts)
+
+    def result_types(self) -> list[Any]:
+        return [f.transform.result_type(src.field_type) for f, src in zip(self.fields, self._sources)]
+
+    def to_json(self, values: tuple[Any, ...]) -> list[Any]:
+        """Partition values as JSON-safe scalars (decimals as text)."""
+        return [str(v) if isinstance(v, Decimal) else v for v in values]
+
+    def from_json(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Inverse of :meth:`to_json`."""
+        return tuple(
+            Decimal(v) if isinstance(t, DecimalType) and v is not None else v for v, t in zip(values, self.result_types())
+        )
+
+
+def _combine(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def safe_folder_value(text: str) -> str:
+    """Lower case, only ``[a-z0-9_.-]``, no ``..``, bounded length: can never leave its folder."""
+    out = _UNSAFE.sub("_", text.lower())
+    out = _DOTS.sub("_", out)
+    if out in ("", "."):
+        out = "_"
+    if len(out) > MAX_FOLDER_VALUE:
+        import hashlib  # noqa: PLC0415
+
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out = f"{out[: MAX_FOLDER_VALUE - 17]}-{digest}"
+    return out

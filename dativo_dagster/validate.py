@@ -1,0 +1,168 @@
+"""Validate: text batches become typed rows or rejected rows with their reasons (CONTRACT section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, Field
+
+from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE
+from dativo_dagster.parsing import parse_column
+from dativo_dagster.spec import CsvOptions, FieldSpec
+
+REJECT_REASON = "_reject_reason"
+UNPARSEABLE = "unparseable_record"
+MAX_EXAMPLES = 3
+
+
+class RejectExample(BaseModel):
+    """One failing value with where it came from."""
+
+    file: str
+    line: int
+    value: str | None
+
+
+class FieldErrors(BaseModel):
+    """How often one field failed with one kind of error, with the first examples."""
+
+    field: str
+    kind: str
+    count: int = 0
+    examples: list[RejectExample] = Field(default_factory=list)
+
+
+class ValidationReport(BaseModel):
+    """The outcome of validating a whole run's rows."""
+
+    rows_read: int = 0
+    rows_valid: int = 0
+    rows_rejected: int = 0
+    errors: list[FieldErrors] = Field(default_factory=list)
+
+    def add(self, other: BatchTally) -> None:
+        """Fold one batch's tally into the report."""
+        self.rows_read += other.rows_read
+        self.rows_valid += other.rows_valid
+        self.rows_rejected += other.rows_rejected
+        index = {(e.field, e.kind): e for e in self.errors}
+        for (field, kind), (count, examples) in other.errors.items():
+            entry = index.get((field, kind))
+            if entry is None:
+                entry = FieldErrors(field=field, kind=kind)
+                self.errors.append(entry)
+                index[(field, kind)] = entry
+            entry.count += count
+            room = MAX_EXAMPLES - len(entry.examples)
+            entry.examples.extend(examples[:room])
+
+    def describe(self, limit: int = 50) -> str:
+        """Human-readable lines: one per failing field and error kind, with examples."""
+        lines = [f"{self.rows_rejected} of {self.rows_read} rows are invalid:"]
+        for entry in sorted(self.errors, key=lambda e: (-e.count, e.field, e.kind))[:limit]:
+            shown = "; ".join(f"{ex.file}, line {ex.line}: {ex.value!r}" for ex in entry.examples)
+            lines.append(f"  {entry.field}: {entry.kind} x{entry.count} (e.g. {shown})")
+        return "\n".join(lines)
+
+
+@dataclass
+class BatchTally:
+    rows_read: int
+    rows_valid: int
+    rows_rejected: int
+    errors: dict[tuple[str, str], tuple[int, list[RejectExample]]]
+
+
+def typed_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
+    """Schema of validated batches: the spec's typed columns, then the source file."""
+    return pa.schema(
+        [pa.field(f.name, f.type.arrow_type) for f in fields] + [pa.field(SOURCE_FILE, pa.string())]
+    )
+
+
+def rejects_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
+    """Schema of rejected rows: every spec column as its original text, the reason and the place."""
+    return pa.schema(
+        [pa.field(f.name, pa.string()) for f in fields]
+        + [
+            pa.field(REJECT_REASON, pa.string()),
+            pa.field(SOURCE_FILE, pa.string()),
+            pa.field(SOURCE_LINE, pa.int64()),
+            pa.field(RAW_RECORD, pa.string()),
+        ]
+    )
+
+
+def validate_batch(
+    batch: pa.RecordBatch, fields: Sequence[FieldSpec], options: CsvOptions
+) -> tuple[pa.RecordBatch, pa.RecordBatch, BatchTally]:
+    """Parse every column of a text batch at once; split it into valid typed rows and rejects."""
+    n = batch.num_rows
+    parse_error = batch.column(PARSE_ERROR)
+    invalid = parse_error.is_valid()
+    reasons = _prefixed(UNPARSEABLE, parse_error)
+    typed: list[pa.Array] = []
+    tally: dict[tuple[str, str], tuple[int, list[RejectExample]]] = {}
+    parsed_ok = pc.invert(invalid)
+    for f in fields:
+        text = batch.column(f.name)
+        parsed = parse_column(text, f.type, null_values=options.null_values, required=f.required, fmt=f.format)
+        errors = pc.if_else(parsed_ok, parsed.errors, pa.nulls(n, pa.string()))
+        has_error = errors.is_valid()
+        if pc.any(has_error).as_py():
+            invalid = pc.or_(invalid, has_error)
+            reasons = _join_reasons(reasons, _prefixed(f.name, errors))
+            _tally_field(tally, f.name, errors, text, batch)
+        typed.append(parsed.values)
+    unparseable = parse_error.is_valid()
+    if pc.any(unparseable).as_py():
+        _tally_field(tally, "(record)", pc.if_else(unparseable, UNPARSEABLE, None), batch.column(RAW_RECORD), batch)
+    valid_mask = pc.invert(invalid)
+    typed.append(batch.column(SOURCE_FILE))
+    valid = pa.RecordBatch.from_arrays(typed, schema=typed_schema(fields)).filter(valid_mask)
+    rejected_count = n - valid.num_rows
+    if rejected_count:
+        columns = [batch.column(f.name) for f in fields] + [
+            reasons,
+            batch.column(SOURCE_FILE),
+            batch.column(SOURCE_LINE),
+            batch.column(RAW_RECORD),
+        ]
+        rejects = pa.RecordBatch.from_arrays(columns, schema=rejects_schema(fields)).filter(invalid)
+    else:
+        rejects = pa.RecordBatch.from_pylist([], schema=rejects_schema(fields))
+    return valid, rejects, BatchTally(n, valid.num_rows, rejected_count, tally)
+
+
+def _prefixed(name: str, errors: pa.Array) -> pa.Array:
+    """``name: error`` where there is an error, else null."""
+    return pc.binary_join_element_wise(pa.repeat(name, len(errors)), errors, ": ")
+
+
+def _join_reasons(left: pa.Array, right: pa.Array) -> pa.Array:
+    # binary_join_element_wise(null_handling="skip") drops rows in pyarrow 26, so nulls are merged by hand
+    both = pc.binary_join_element_wise(left, right, "; ")
+    return pc.coalesce(both, left, right)
+
+
+def _tally_field(
+    tally: dict[tuple[str, str], tuple[int, list[RejectExample]]],
+    field: str,
+    errors: pa.Array,
+    text: pa.Array,
+    batch: pa.RecordBatch,
+) -> None:
+    counts = pc.value_counts(pc.drop_null(errors))
+    for item in counts.to_pylist():
+        kind, count = item["values"], item["counts"]
+        idx = pc.indices_nonzero(pc.equal(errors, kind).fill_null(False))
+        first = idx.slice(0, MAX_EXAMPLES)
+        files = batch.column(SOURCE_FILE).take(first).to_pylist()
+        lines = batch.column(SOURCE_LINE).take(first).to_pylist()
+        values = text.take(first).to_pylist()
+        examples = [RejectExample(file=f, line=ln, value=v) for f, ln, v in zip(files, lines, values)]
+        old_count, old_examples = tally.get((field, kind), (0, []))
+        tally[(field, kind)] = (old_count + count, (old_examples + examples)[:MAX_EXAMPLES])
