@@ -1,7 +1,7 @@
 """The asset factory: one spec becomes one graph-backed asset, extract -> validate -> write -> commit."""
 
-
-
+# no ``from __future__ import annotations``: Dagster reads the ops' annotations at definition time
+import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -9,11 +9,21 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 from pydantic import BaseModel, Field
+from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
+from pyiceberg.schema import Schema
 
-from dativo_dagster.commit import SOURCE_STATE_KEY, ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
-from dativo_dagster.errors import DativoError, TerminalError
-from dativo_dagster.extract import FileReport, SourceFile, iter_source_batches, list_source_files, text_schema
-from dativo_dagster.markers import write_commit_marker
+from dativo_dagster.commit import ASSET_KEY, SOURCE_STATE_KEY, CommitResult, commit_files, ensure_table, source_state_json
+from dativo_dagster.errors import DativoError
+from dativo_dagster.extract import FileReport, iter_source_batches, list_source_files, text_schema
+from dativo_dagster.io_managers import (
+    BRANCH_META,
+    CATALOG_META,
+    TABLE_META,
+    TABLE_PATH_META,
+    WAREHOUSE_META,
+    ArrowSpill,
+)
+from dativo_dagster.markers import committed_records, write_commit_marker
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
 from dativo_dagster.table_schema import (
@@ -47,8 +57,13 @@ class ExtractReport(BaseModel):
 
 
 class WriteResult(BaseModel):
-    """What the write step produced, for the commit step."""
+    """What the write step produced, for the commit step.
 
+    ``run_id`` is the run that wrote the files (and stamped their ``_run_id``): the commit is
+    recorded under it, so re-executing only the commit step of a failed run cannot add the files twice.
+    """
+
+    run_id: str
     ingested_at: str
     data_files: list[WrittenFile] = Field(default_factory=list)
     reject_files: list[WrittenFile] = Field(default_factory=list)
@@ -57,6 +72,8 @@ class WriteResult(BaseModel):
     rows_rejected: int = 0
     location: str = ""
     rejects_location: str = ""
+    columns_not_loaded: dict[str, list[str]] = Field(default_factory=dict)
+    columns_missing: dict[str, list[str]] = Field(default_factory=dict)
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -154,30 +171,55 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         retry_policy=policy,
         tags=op_tags,
     )
-    def validate(context: dg.OpExecutionContext, text: pa.RecordBatchReader, extract_report: ExtractReport):
+    def validate(
+        context: dg.OpExecutionContext,
+        text: pa.RecordBatchReader,
+        extract_report: ExtractReport,
+        dativo_staging: StagingResource,
+    ):
         report = ValidationReport()
         options = spec.source.options
         strict = spec.schema_validation_mode is ValidationMode.STRICT
-        rejects_buffer: list[pa.RecordBatch] = []
+        # warn mode keeps every rejected row: they go to disk as they come, never into a list
+        spill = ArrowSpill(
+            dativo_staging.run_dir(context.run_id) / f"{name}.validate-spill" / "rejects.arrow",
+            rejects_schema(spec.fields),
+        )
 
         def valid_batches() -> Iterator[pa.RecordBatch]:
             for batch in text:
                 valid, rejects, tally = validate_batch(batch, spec.fields, options)
                 report.add(tally)
-                if rejects.num_rows:
-                    if not strict:
-                        rejects_buffer.append(rejects)
+                if rejects.num_rows and not strict:
+                    spill.write(rejects)
+                # strict: once a row failed nothing will be committed, so stop staging valid rows
                 if valid.num_rows and not (strict and report.rows_rejected):
                     yield valid
 
-        yield dg.Output(pa.RecordBatchReader.from_batches(typed_schema(spec.fields), _guarded(valid_batches())), "valid")
-        yield dg.Output(pa.RecordBatchReader.from_batches(rejects_schema(spec.fields), iter(rejects_buffer)), "rejects")
-        yield dg.Output(report, "validation", metadata={"rows_rejected": report.rows_rejected})
+        try:
+            yield dg.Output(
+                pa.RecordBatchReader.from_batches(typed_schema(spec.fields), _guarded(valid_batches())), "valid"
+            )
+        except BaseException:
+            spill.discard()
+            raise
+        yield dg.Output(spill, "rejects", metadata={"rows": spill.rows})
+        yield dg.Output(
+            report, "validation", metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected}
+        )
         yield _check_result(check_key, report, extract_report, strict)
         if strict and report.rows_rejected:
+            # terminal: a re-execution would read the same staged text, so this run's staging goes now
+            dativo_staging.remove_steps(context.run_id, f"{name}.")
             raise dg.Failure(
                 description=f"{name}: strict validation failed; nothing was committed.\n{report.describe()}",
-                metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected},
+                metadata={
+                    "rows_read": report.rows_read,
+                    "rows_rejected": report.rows_rejected,
+                    "errors": dg.MetadataValue.json(
+                        [{"field": e.field, "kind": e.kind, "count": e.count} for e in report.errors]
+                    ),
+                },
                 allow_retries=False,
             )
 
@@ -234,8 +276,11 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         metadata={
             "dagster/column_schema": _column_schema(loaded),
             "dagster/table_name": f"{spec.domain}.{spec.name}",
-            "dativo/table": f"{spec.domain}.{spec.name}",
-            "dativo/branch": spec.branch,
+            TABLE_META: f"{spec.domain}.{spec.name}",
+            BRANCH_META: spec.branch,
+            CATALOG_META: spec.target.catalog.value,
+            TABLE_PATH_META: spec.table_path,
+            **({WAREHOUSE_META: spec.target.warehouse} if spec.target.warehouse else {}),
             "dativo/spec_file": loaded.display_path,
             "dativo/version": spec.version,
             "dativo/validation_mode": spec.schema_validation_mode.value,
@@ -263,8 +308,6 @@ def _guarded(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 
 
 def _tag_key(tag: str) -> str:
-    import re  # noqa: PLC0415
-
     return re.sub(r"[^A-Za-z0-9_.-]", "_", tag)[:63] or "_"
 
 
@@ -325,7 +368,9 @@ def _write(
         table = ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location)
         data_schema, location = table.schema(), table.location()
         if validation.rows_rejected:
-            reject_table = ensure_table(catalog, spec.rejects_identifier, reject_schema, lambda s: partition_spec_for_rejects(s), rejects_location)
+            reject_table = ensure_table(
+                catalog, spec.rejects_identifier, reject_schema, partition_spec_for_rejects, rejects_location
+            )
             reject_schema, rejects_location = reject_table.schema(), reject_table.location()
     partitioner = Partitioner(partition_spec(spec, data_schema), data_schema)
     metadata = governance_metadata(spec, branch=spec.branch, run_id=run_id, ingested_at=ingested_at)
@@ -356,6 +401,7 @@ def _write(
         )
         reject_files = write_batches(_with_system_columns(rejects, arrow_schema(reject_schema), ts, run_id), reject_writer)
     return WriteResult(
+        run_id=run_id,
         ingested_at=ingested_at.isoformat(),
         data_files=data_files,
         reject_files=reject_files,
@@ -364,12 +410,13 @@ def _write(
         rows_rejected=validation.rows_rejected,
         location=location,
         rejects_location=rejects_location,
+        columns_not_loaded={r["uri"]: r["extra_columns"] for r in extract_report.file_reports if r["extra_columns"]},
+        columns_missing={r["uri"]: r["missing_columns"] for r in extract_report.file_reports if r["missing_columns"]},
     )
 
 
-def partition_spec_for_rejects(schema: Any) -> Any:
-    from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC  # noqa: PLC0415
-
+def partition_spec_for_rejects(schema: Schema) -> PartitionSpec:
+    """The quarantine table is not partitioned: it stays small and is read whole."""
     return UNPARTITIONED_PARTITION_SPEC
 
 
@@ -406,19 +453,33 @@ def _commit(
         "dativo.rows-read": str(written.rows_read),
         "dativo.rows-rejected": str(written.rows_rejected),
     }
+    if written.run_id != context.run_id:
+        context.log.info(f"{spec.name}: committing files written by run {written.run_id} under that run's id")
     overwrite = spec.target.write_mode is WriteMode.OVERWRITE
+    table_name = f"{spec.domain}.{spec.name}"
     if spec.target.catalog is CatalogKind.NONE:
-        return write_commit_marker(
+        s3 = storage.s3_settings()
+        if written.reject_files:
+            write_commit_marker(
+                location=written.rejects_location,
+                run_id=written.run_id,
+                files=written.reject_files,
+                properties=properties,
+                s3=s3,
+                table=f"{table_name}__rejects",
+            )
+        result = write_commit_marker(
             location=written.location,
-            run_id=context.run_id,
+            run_id=written.run_id,
             files=written.data_files,
             properties=properties,
-            s3=storage.s3_settings(),
-            table=f"{spec.domain}.{spec.name}",
+            s3=s3,
+            table=table_name,
+            overwrite=overwrite,
         )
+        return result.model_copy(update={"table_rows": committed_records(written.location, s3)})
     catalog = catalog_resource.load_catalog()
     table = catalog.load_table(".".join(spec.table_identifier))
-    data_spec = Partitioner(table.spec(), table.schema())
     if written.reject_files:
         reject_table = catalog.load_table(".".join(spec.rejects_identifier))
         reject_result = commit_files(
@@ -426,7 +487,7 @@ def _commit(
             branch=spec.branch,
             files=written.reject_files,
             partitioner=Partitioner(reject_table.spec(), reject_table.schema()),
-            run_id=context.run_id,
+            run_id=written.run_id,
             properties=properties,
         )
         context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
@@ -434,13 +495,15 @@ def _commit(
         table,
         branch=spec.branch,
         files=written.data_files,
-        partitioner=data_spec,
-        run_id=context.run_id,
+        partitioner=Partitioner(table.spec(), table.schema()),
+        run_id=written.run_id,
         properties=properties,
         overwrite=overwrite,
     )
     if result.already_committed:
         context.log.info(f"{spec.name}: run already committed snapshot {result.snapshot_id}; not committing again")
+    elif result.snapshot_id is None or not written.data_files and not overwrite:
+        context.log.info(f"{spec.name}: no valid rows; nothing committed to {table_name}")
     return result
 
 
@@ -448,8 +511,9 @@ def _materialization_metadata(
     loaded: LoadedSpec, written: WriteResult, result: CommitResult, catalog: CatalogResource
 ) -> dict[str, Any]:
     spec = loaded.spec
-    return {
-        "dagster/row_count": result.rows,
+    metadata: dict[str, Any] = {
+        # the table's size after this run (Dagster plots it over time); this run's share is rows_committed
+        "dagster/row_count": result.table_rows if result.table_rows is not None else result.rows,
         "dagster/table_name": f"{spec.domain}.{spec.name}",
         "dagster/uri": result.location or written.location,
         "rows_read": written.rows_read,
@@ -460,10 +524,24 @@ def _materialization_metadata(
         "partitions": dg.MetadataValue.json(result.partitions),
         "snapshot_id": str(result.snapshot_id) if result.snapshot_id is not None else "",
         "branch": result.branch,
-        "catalog": catalog.display_uri,
+        "write_mode": spec.target.write_mode.value,
+        "already_committed": result.already_committed,
         "source_files": dg.MetadataValue.json(sorted(written.source_state)),
         "ingested_at": written.ingested_at,
     }
+    if spec.target.catalog is CatalogKind.ICEBERG:
+        metadata["catalog"] = catalog.display_uri
+        metadata["metadata_location"] = result.metadata_location
+    else:
+        metadata["commit_marker"] = result.metadata_location
+    if written.rows_rejected:
+        metadata["rejects_table"] = f"{spec.domain}.{spec.name}__rejects"
+        metadata["rejects_files"] = len(written.reject_files)
+    if written.columns_not_loaded:
+        metadata["columns_not_loaded"] = dg.MetadataValue.json(written.columns_not_loaded)
+    if written.columns_missing:
+        metadata["columns_missing"] = dg.MetadataValue.json(written.columns_missing)
+    return metadata
 
 
 __all__ = ["ExtractReport", "WriteResult", "build_asset"]

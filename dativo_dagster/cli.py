@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +32,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except SpecError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) found in {specs_dir}", file=sys.stderr)
         return EXIT_FAILED
     for item in loaded:
         print(f"{item.display_path}: ok ({item.spec.name} -> {item.spec.domain}.{item.spec.name})")
+    if not loaded:
+        # not a failure (an empty code location is valid), but a wrong --specs folder should not pass unnoticed
+        print(f"no asset specs (*.yaml, *.yml) found in {specs_dir}", file=sys.stderr)
+    else:
+        print(f"{len(loaded)} asset spec(s) valid in {specs_dir}")
     return EXIT_OK
 
 
@@ -51,10 +57,14 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     except SpecError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) found; nothing was materialized", file=sys.stderr)
         return EXIT_FAILED
     assets = list(defs.assets or [])
     names = sorted(a.key.to_user_string() for a in assets)  # type: ignore[union-attr]
-    selected = args.select or names
+    if not names:
+        print(f"no asset specs under {specs_dir}; nothing to materialize", file=sys.stderr)
+        return EXIT_FAILED
+    selected = list(dict.fromkeys(args.select)) if args.select else names
     unknown = sorted(set(selected) - set(names))
     if unknown:
         print(f"unknown asset(s): {', '.join(unknown)}; known: {', '.join(names)}", file=sys.stderr)
@@ -72,35 +82,50 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def summarize(result: object, selected: Sequence[str]) -> int:
-    """Print one line per asset from a run's events; returns the exit code."""
+    """Print one line per asset from a run's events (failure details go to stderr); returns the exit code.
+
+    0: every asset committed with no rejected row; 1: all committed, some rows quarantined (warn mode);
+    2: any asset failed or was not materialized.
+    """
     import dagster as dg  # noqa: PLC0415
 
     assert isinstance(result, dg.ExecuteInProcessResult)
-    materialized = {}
+    materialized: dict[str, dict[str, object]] = {}
     for event in result.get_asset_materialization_events():
-        mat = getattr(event.event_specific_data, "materialization", None)
-        if mat is not None:
-            materialized[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
-    failures: dict[str, str] = {}
+        mat = event.materialization
+        materialized[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    failures: dict[str, tuple[str, str, dict[str, object]]] = {}
     for event in result.get_step_failure_events():
         step = event.step_key or ""
         asset = step.split(".", 1)[0]
-        error = event.event_specific_data.error if event.event_specific_data else None  # type: ignore[union-attr]
-        message = _failure_message(error)
-        failures.setdefault(asset, f"{step.rsplit('__', 1)[-1]}: {message}")
+        op = step.rsplit("__", 1)[-1]
+        message, metadata = _failure_details(event.event_specific_data)
+        failures.setdefault(asset, (op, message, metadata))
     code = EXIT_OK
     for name in selected:
         if name in failures:
-            print(f"{name}: FAILED at {failures[name]}")
+            op, message, metadata = failures[name]
+            counts = "".join(f" {key}={metadata[key]}" for key in ("rows_read", "rows_rejected") if key in metadata)
+            first_line = message.splitlines()[0] if message else "unknown error"
+            first_line = first_line.removeprefix(f"{name}: ")
+            print(f"{name}: FAILED at {op}{counts}: {first_line}")
+            if message.count("\n"):
+                print(f"{name}: {message}", file=sys.stderr)
             code = EXIT_FAILED
         elif name in materialized:
             m = materialized[name]
-            rejected = int(m.get("rows_rejected") or 0)
-            print(
-                f"{name}: ok rows_read={m.get('rows_read')} committed={m.get('rows_committed')} rejected={rejected}"
-                f" files={m.get('files_written')} snapshot={m.get('snapshot_id') or '-'}"
-                f" table={m.get('dagster/table_name')} branch={m.get('branch')}"
+            rejected = int(m.get("rows_rejected") or 0)  # type: ignore[call-overload]
+            status = "WARN" if rejected else "ok"
+            line = (
+                f"{name}: {status} rows_read={m.get('rows_read')} committed={m.get('rows_committed')}"
+                f" rejected={rejected} files={m.get('files_written')} snapshot={m.get('snapshot_id') or '-'}"
+                f" table={m.get('dagster/table_name')}"
             )
+            if m.get("branch"):
+                line += f" branch={m.get('branch')}"
+            if rejected:
+                line += f" rejects={m.get('rejects_table')}"
+            print(line)
             if rejected and code == EXIT_OK:
                 code = EXIT_REJECTS
         else:
@@ -109,13 +134,23 @@ def summarize(result: object, selected: Sequence[str]) -> int:
     return code
 
 
-def _failure_message(error: object) -> str:
+def _failure_details(data: object) -> tuple[str, dict[str, object]]:
+    """The failure's own description (a ``dg.Failure``) or the user error's message, and its metadata."""
+    user_failure = getattr(data, "user_failure_data", None)
+    if user_failure is not None and user_failure.description:
+        return user_failure.description.strip(), {k: v.value for k, v in (user_failure.metadata or {}).items()}
+    error = getattr(data, "error", None)
     if error is None:
-        return "unknown error"
-    # a Failure's description is in the message; user-code errors carry the original in the cause
-    cause = getattr(error, "cause", None)
-    message = getattr(cause or error, "message", "") or ""
-    return message.strip()
+        return "unknown error", {}
+    # user-code errors carry the original exception in the cause
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    message = (getattr(error, "message", "") or "").strip()
+    cls = getattr(error, "cls_name", None)
+    if cls:
+        # "package.module.ClassName: text" -> "text"
+        message = re.sub(rf"^[\w.]*\b{re.escape(cls)}: ", "", message)
+    return message or "unknown error", {}
 
 
 def build_parser() -> argparse.ArgumentParser:

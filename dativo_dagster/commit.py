@@ -10,7 +10,12 @@ from typing import Any
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from pyiceberg.catalog import Catalog
-from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, TableAlreadyExistsError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    CommitStateUnknownException,
+    NamespaceAlreadyExistsError,
+    TableAlreadyExistsError,
+)
 from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import (
     compute_statistics_plan,
@@ -22,7 +27,6 @@ from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot, ancestors_of
-from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError
@@ -36,6 +40,7 @@ SOURCE_STATE_KEY = "dativo.source-state"
 ASSET_KEY = "dativo.asset"
 ROWS_KEY = "dativo.rows"
 MAIN = "main"
+COMMIT_ATTEMPTS = 5
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "snappy",
     "write.format.default": "parquet",
@@ -56,6 +61,7 @@ class CommitResult(BaseModel):
     location: str = ""
     metadata_location: str = ""
     partitions: list[str] = Field(default_factory=list)
+    table_rows: int | None = None  # rows visible at the branch head after the commit
 
 
 def ensure_table(
@@ -140,6 +146,14 @@ def find_run_commit(table: Table, branch: str, run_id: str) -> Snapshot | None:
     return None
 
 
+def branch_row_count(table: Table, branch: str) -> int:
+    """Rows visible at the head of ``branch``, from its snapshot summary (0 when the branch does not exist)."""
+    head = table.snapshot_by_name(branch)
+    if head is None or head.summary is None:
+        return 0
+    return int(head.summary.get("total-records") or 0)
+
+
 def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partitioner) -> list[DataFile]:
     schema = table.schema()
     stats_plan = compute_statistics_plan(schema, table.metadata.properties)
@@ -180,7 +194,9 @@ def _ensure_branch(table: Table, branch: str) -> Table:
     snapshot = table.current_snapshot()
     assert snapshot is not None
     try:
-        ManageSnapshots(table.transaction()).create_branch(snapshot.snapshot_id, branch).commit()
+        # an autocommitting transaction: the branch must exist (at main's head) before anything is appended
+        # to it, or pyiceberg starts a parentless branch
+        table.manage_snapshots().create_branch(snapshot.snapshot_id, branch).commit()
     except CommitFailedException:
         table = table.refresh()
         if table.metadata.refs.get(branch) is None:
@@ -201,6 +217,8 @@ def commit_files(
     """Add ``files`` to ``branch`` in one atomic commit (replacing all rows when ``overwrite``).
 
     Idempotent per run: if ``run_id`` already committed to the branch, nothing is done again.
+    A commit that loses a race with another writer is retried here on a fresh view of the table,
+    checking again before each attempt whether the run's commit already landed.
 
     Raises:
         CommitError: the catalog refused the commit (transient; the caller may retry).
@@ -215,35 +233,62 @@ def commit_files(
         location=table.location(),
         partitions=sorted({f.partition_path for f in files if f.partition_path}),
     )
-    previous = find_run_commit(table, branch, run_id)
-    if previous is not None:
-        log.info("run %s already committed snapshot %s to %s@%s", run_id, previous.snapshot_id, name, branch)
-        return result.model_copy(
-            update={"snapshot_id": previous.snapshot_id, "already_committed": True,
-                    "metadata_location": table.metadata_location}
-        )
-    if not files and not overwrite:
-        return result
-    table = _ensure_branch(table, branch)
     snapshot_properties = {**properties, RUN_ID_KEY: run_id, ROWS_KEY: str(result.rows)}
-    try:
-        data_files = _data_files(table, files, partitioner)
-        with table.transaction() as tx:
-            if overwrite:
-                head = table.snapshot_by_name(branch)
-                if head is not None and table.scan(snapshot_id=head.snapshot_id).plan_files():
-                    tx.delete(AlwaysTrue(), snapshot_properties=snapshot_properties, branch=branch)
-            if data_files:
-                with tx.update_snapshot(snapshot_properties=snapshot_properties, branch=branch).fast_append() as append:
-                    for data_file in data_files:
-                        append.append_data_file(data_file)
-    except (CommitFailedException, OSError, ConnectionError) as exc:
-        raise CommitError(f"commit to {name}@{branch} failed: {exc}") from exc
-    table = table.refresh()
-    head = table.snapshot_by_name(branch)
-    return result.model_copy(
-        update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location}
-    )
+    data_files: list[DataFile] | None = None
+    last_error: Exception | None = None
+    for attempt in range(COMMIT_ATTEMPTS):
+        if attempt:
+            table = table.refresh()
+        previous = find_run_commit(table, branch, run_id)
+        if previous is not None:
+            log.info("run %s already committed snapshot %s to %s@%s", run_id, previous.snapshot_id, name, branch)
+            return result.model_copy(
+                update={"snapshot_id": previous.snapshot_id, "already_committed": True,
+                        "metadata_location": table.metadata_location, "table_rows": branch_row_count(table, branch)}
+            )
+        if not files and not overwrite:
+            return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
+        try:
+            table = _ensure_branch(table, branch)
+            if data_files is None:
+                data_files = _data_files(table, files, partitioner)
+            _commit_once(table, branch, data_files, snapshot_properties, overwrite)
+        except (CommitFailedException, CommitStateUnknownException) as exc:
+            last_error = exc
+        except ValueError as exc:
+            # a concurrent commit on another branch can make ours stale: "Cannot add snapshot with
+            # sequence number N older than last sequence number N"; pyiceberg does not retry it
+            if "sequence number" not in str(exc):
+                raise
+            last_error = exc
+        except (OSError, ConnectionError) as exc:
+            raise CommitError(f"commit to {name}@{branch} failed: {exc}") from exc
+        else:
+            table = table.refresh()
+            head = table.snapshot_by_name(branch)
+            return result.model_copy(
+                update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
+                        "table_rows": branch_row_count(table, branch)}
+            )
+        log.warning("commit to %s@%s conflicted (attempt %d of %d): %s", name, branch, attempt + 1, COMMIT_ATTEMPTS,
+                    last_error)
+    raise CommitError(f"commit to {name}@{branch} failed after {COMMIT_ATTEMPTS} attempts: {last_error}")
+
+
+def _commit_once(
+    table: Table, branch: str, data_files: Sequence[DataFile], snapshot_properties: Mapping[str, str], overwrite: bool
+) -> None:
+    """One transaction: with ``overwrite`` a delete of everything, then the append; one new metadata version."""
+    properties = dict(snapshot_properties)
+    with table.transaction() as tx:
+        if overwrite:
+            head = table.snapshot_by_name(branch)
+            if head is not None and table.scan(snapshot_id=head.snapshot_id).plan_files():
+                tx.delete(AlwaysTrue(), snapshot_properties=properties, branch=branch)
+        if data_files:
+            with tx.update_snapshot(snapshot_properties=properties, branch=branch).fast_append() as append:
+                for data_file in data_files:
+                    append.append_data_file(data_file)
 
 
 def source_state_json(state: Mapping[str, str]) -> str:

@@ -87,10 +87,7 @@ def list_source_files(loaded: LoadedSpec, s3: S3Settings) -> list[SourceFile]:
     for entry in loaded.spec.source.files:
         pattern = resolve_path(entry.path, loaded)
         has_glob = bool(_GLOB_CHARS & set(pattern))
-        if is_s3_uri(pattern):
-            matches = _list_s3(pattern, s3, has_glob)
-        else:
-            matches = _list_local(pattern, has_glob)
+        matches = _list_s3(pattern, s3, has_glob) if is_s3_uri(pattern) else _list_local(pattern, has_glob)
         if not matches and not has_glob:
             raise SourceError("source file not found", path=pattern)
         for item in matches:
@@ -151,81 +148,125 @@ def _codec_name(options: CsvOptions) -> str:
     return codecs.lookup(options.encoding).name
 
 
-def _read_header(source: SourceFile, options: CsvOptions, s3: S3Settings) -> list[str] | None:
-    """The header record's names, parsed with the same dialect; None for an empty file."""
+def _line_breaks(text: str) -> int:
+    """Line breaks in ``text``: ``\r\n``, a lone ``\r`` and a lone ``\n`` each end one physical line."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+def _line_breaks_in_column(column: pa.Array) -> np.ndarray:
+    """:func:`_line_breaks` of every value of a string column, vectorised."""
+    breaks = pc.count_substring(column, "\n").to_numpy(zero_copy_only=False).astype(np.int64)
+    returns = pc.count_substring(column, "\r").to_numpy(zero_copy_only=False).astype(np.int64)
+    if returns.any():
+        breaks += returns - pc.count_substring(column, "\r\n").to_numpy(zero_copy_only=False)
+    return breaks
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the first block of a file tells before pyarrow reads it."""
+
+    header: list[str] | None  # the header record's names (header: true only)
+    empty: bool  # no record to read: no bytes, only a BOM or line breaks, or only the header
+    header_lines: int = 0  # physical lines the header record spans (quoted names may hold line breaks)
+
+
+def _read_head(source: SourceFile, options: CsvOptions, s3: S3Settings) -> _Head:
+    """Decode the first block: the header record's names and whether any record follows.
+
+    Raises:
+        SourceError: the header does not decode, parse or name any column; names line 1.
+    """
     with _open(source, s3) as stream:
         head = stream.read(BLOCK_SIZE)
-    if not head:
-        return None
+    whole = len(head) < BLOCK_SIZE
     codec = _codec_name(options)
     if codec == "utf-8":
         codec = "utf-8-sig"
-    decoder = codecs.getincrementaldecoder(codec)(errors="strict")
+    undecodable: UnicodeDecodeError | None = None
     try:
-        text = decoder.decode(head, final=len(head) < BLOCK_SIZE)
+        text = codecs.getincrementaldecoder(codec)().decode(head, final=whole)
     except UnicodeDecodeError as exc:
-        line = head[: exc.start].count(b"\n") + 1 if codec.startswith("utf-8") or codec == "latin-1" else None
-        if line is None or line == 1:
-            raise SourceError(
-                f"header is not valid {options.encoding} ({exc.reason} at byte {exc.start})", path=source.uri, line=1
-            ) from None
-        text = head[: exc.start].decode(codec, errors="strict")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    reader = csv.reader(io.StringIO(text), delimiter=options.delimiter, quotechar=options.quote_char, strict=False)
+        undecodable, whole = exc, False
+        text = codecs.getincrementaldecoder(codec)().decode(head[: exc.start], final=False)
+    text = text.removeprefix("\ufeff")
+    if whole and not text.strip("\r\n"):
+        return _Head(header=None, empty=True)
+    if not options.header:
+        return _Head(header=None, empty=False)
+    if undecodable is not None:
+        # a character after the good text tells whether the header record ended before the bad byte
+        text += next(c for c in "0a_" if c not in (options.delimiter, options.quote_char))
+    records = csv.reader(io.StringIO(text, newline=""), delimiter=options.delimiter, quotechar=options.quote_char)
     try:
-        return next(reader)
-    except StopIteration:
-        return None
+        names = next(records, None)
+        header_lines = records.line_num
+        follows = next(records, None) is not None
     except csv.Error as exc:
         raise SourceError(f"cannot parse header: {exc}", path=source.uri, line=1) from None
+    if undecodable is not None and not follows:
+        raise SourceError(
+            f"header is not valid {options.encoding} ({undecodable.reason} at byte {undecodable.start})",
+            path=source.uri,
+            line=1,
+        )
+    if not names or not any(name.strip() for name in names):
+        raise SourceError("header line is empty; expected the column names", path=source.uri, line=1)
+    return _Head(header=names, empty=whole and not follows, header_lines=header_lines)
 
 
 @dataclass
 class _LineTracker:
-    """Turns pyarrow's record numbers into the physical line each record starts on."""
+    """Turns pyarrow's record numbers into the physical line each record starts on.
 
-    next_record: int
-    extra_newlines: int = 0
+    pyarrow numbers records, not lines, and tells only the numbers of the records it skips (wrong
+    field count). Parsed records fill the gaps between skipped ones in order, and each record
+    starts on the line after the previous one ends: it spans 1 + the line breaks inside its values.
+    """
+
+    next_record: int  # pyarrow's number of the first record not placed yet
+    next_line: int  # the physical line that record starts on
     pending: list[tuple[int, str]] = field(default_factory=list)  # (record number, raw text) of skipped records
-    done: list[tuple[int, str]] = field(default_factory=list)  # (line, raw text) placed by the last batch
 
     def handler(self, row: pacsv.InvalidRow) -> str:
         self.pending.append((row.number, row.text))
         return "skip"
 
-    def number_batch(self, newlines: np.ndarray) -> np.ndarray:
-        """Line numbers for a batch of ``len(newlines)`` parsed records; leaves skipped ones in ``done``."""
-        n = len(newlines)
-        pending = sorted(p for p in self.pending if p[0] >= self.next_record)
-        invalid = np.array([p[0] for p in pending], dtype=np.int64)
-        shifted = invalid - self.next_record - np.arange(len(invalid), dtype=np.int64)
+    def place(self, breaks: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """Start lines of a batch of parsed records with ``breaks`` line breaks inside each.
+
+        Returns those lines and the (line, raw text) of the skipped records between them.
+        """
+        n = len(breaks)
+        if n == 0:
+            return np.zeros(0, np.int64), []
+        self.pending.sort()
+        numbers = np.array([number for number, _ in self.pending], dtype=np.int64)
+        # the j-th skipped record comes before the i-th parsed one when gaps[j] <= i
+        gaps = numbers - self.next_record - np.arange(len(numbers), dtype=np.int64)
         index = np.arange(n, dtype=np.int64)
-        skipped_before = np.searchsorted(shifted, index, side="right")
-        records = self.next_record + index + skipped_before
-        last = int(records[-1]) if n else self.next_record - 1
-        inside = [p for p in pending if p[0] <= last] if n else []
-        # newlines in earlier records push later records' first lines down
-        invalid_nl = np.array([text.count("\n") for _, text in inside], dtype=np.int64)
-        valid_before = np.concatenate([[0], np.cumsum(newlines)[:-1]]) if n else np.zeros(0, np.int64)
-        invalid_cum = np.concatenate([[0], np.cumsum(invalid_nl)])
-        lines = records + self.extra_newlines + valid_before + invalid_cum[skipped_before]
-        self.done = []
-        for j, (number, text) in enumerate(inside):
-            valid_count = int(np.searchsorted(records, number))
-            line = number + self.extra_newlines + int(np.sum(newlines[:valid_count])) + int(invalid_cum[j])
-            self.done.append((line, text))
-        self.extra_newlines += int(np.sum(newlines)) + int(invalid_cum[-1])
-        self.next_record = last + 1
-        self.pending = [p for p in self.pending if p[0] > last]
-        return lines
+        positions = index + np.searchsorted(gaps, index, side="right")
+        count = int(positions[-1]) + 1
+        inside = int(np.searchsorted(numbers, self.next_record + count))
+        skipped, self.pending = self.pending[:inside], self.pending[inside:]
+        skipped_positions = numbers[:inside] - self.next_record
+        if inside and skipped_positions[0] < 0:
+            raise RuntimeError(f"skipped record {numbers[0]} precedes record {self.next_record} already placed")
+        spans = np.ones(count, dtype=np.int64)
+        spans[positions] += breaks
+        spans[skipped_positions] += np.array([_line_breaks(text) for _, text in skipped], dtype=np.int64)
+        starts = self.next_line + np.concatenate([[0], np.cumsum(spans)[:-1]])
+        self.next_line += int(spans.sum())
+        self.next_record += count
+        placed = [(int(starts[p]), text) for p, (_, text) in zip(skipped_positions, skipped, strict=True)]
+        return starts[positions], placed
 
     def flush(self) -> list[tuple[int, str]]:
         """Skipped records after the last parsed one."""
         out = []
-        for number, text in sorted(self.pending):
-            out.append((number + self.extra_newlines, text))
-            self.extra_newlines += text.count("\n")
+        for _, text in sorted(self.pending):
+            out.append((self.next_line, text))
+            self.next_line += 1 + _line_breaks(text)
         self.pending = []
         return out
 
@@ -236,26 +277,26 @@ def read_source_file(
     """Stream one CSV file as batches of :func:`text_schema`, never holding the whole file.
 
     Records with the wrong number of fields are not errors here: they come through with
-    ``_parse_error`` set, so that validation can fail (strict) or quarantine them (warn).
+    ``_parse_error`` and ``_raw_record`` set, so that validation can fail (strict) or quarantine
+    them (warn). Records whose fields are all empty (blank lines) are skipped and counted.
 
     Raises:
-        SourceError: the file cannot be opened or decoded; names the file and line.
+        SourceError: the file cannot be opened or decoded, or its header names a column twice;
+            names the file and line.
     """
     schema = text_schema(fields)
-    if options.header:
-        names = _read_header(source, options, s3)
-        if names is None:
-            return
-        mapping = _map_header(names, fields, source, report)
-        column_names = [f"c{i}" for i in range(len(names))]
-        skip_rows = 1
+    head = _read_head(source, options, s3)
+    if head.header is not None:
+        mapping = _map_header(head.header, fields, source, report)
+        width = len(head.header)
     else:
         mapping = {f.name: f"c{i}" for i, f in enumerate(fields)}
-        column_names = [f"c{i}" for i in range(len(fields))]
-        skip_rows = 0
-    tracker = _LineTracker(next_record=skip_rows + 1)
-    # every column is read, not only the mapped ones: quoted newlines anywhere move the line numbers
-    include = column_names
+        width = len(fields)
+    if head.empty:
+        return
+    column_names = [f"c{i}" for i in range(width)]
+    skip_rows = head.header_lines  # pyarrow skips lines, not records
+    tracker = _LineTracker(next_record=skip_rows + 1, next_line=skip_rows + 1)
     read_options = pacsv.ReadOptions(
         use_threads=False,  # serial parsing is what gives record numbers for skipped records
         block_size=BLOCK_SIZE,
@@ -271,9 +312,9 @@ def read_source_file(
         ignore_empty_lines=False,
         invalid_row_handler=tracker.handler,
     )
+    # every column is read, not only the mapped ones: line breaks in any value move the line numbers
     convert_options = pacsv.ConvertOptions(
         column_types={name: pa.string() for name in column_names},
-        include_columns=include,
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
         null_values=[],
@@ -294,81 +335,86 @@ def read_source_file(
                 break
             except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
                 raise _read_error(exc, source, options, s3) from None
-            yield from _emit(batch, tracker, mapping, include, schema, source, report)
+            out = _number_batch(batch, tracker, mapping=mapping, schema=schema, source=source, report=report)
+            if out.num_rows:
+                yield out
         rest = tracker.flush()
         if rest:
             report.unparseable_records += len(rest)
-            yield _skipped_batch(rest, source, schema, len(column_names))
+            yield _skipped_batch(rest, source, schema, width)
     finally:
         stream.close()
 
 
-def _map_header(names: list[str], fields: Sequence[FieldSpec], source: SourceFile, report: FileReport) -> dict[str, str]:
-    positions: dict[str, list[int]] = {}
+def _map_header(
+    names: list[str], fields: Sequence[FieldSpec], source: SourceFile, report: FileReport
+) -> dict[str, str]:
+    """Spec column -> reader column: exact name first, then the only case-insensitive match."""
+    exact: dict[str, list[int]] = {}
+    folded: dict[str, list[int]] = {}
     for i, name in enumerate(names):
-        positions.setdefault(name.strip(), []).append(i)
-    lowered: dict[str, list[int]] = {}
-    for name, idx in positions.items():
-        lowered.setdefault(name.lower(), []).extend(idx)
+        exact.setdefault(name.strip(), []).append(i)
+        folded.setdefault(name.strip().casefold(), []).append(i)
     mapping: dict[str, str] = {}
+    used: set[int] = set()
     for f in fields:
-        idx = positions.get(f.name) or lowered.get(f.name.lower())
+        idx = exact.get(f.name) or folded.get(f.name.casefold())
         if not idx:
             report.missing_columns.append(f.name)
             continue
         if len(idx) > 1:
-            cols = ", ".join(str(i + 1) for i in idx)
-            raise SourceError(f"header names column {f.name!r} more than once (columns {cols})", path=source.uri, line=1)
+            cols = ", ".join(f"{i + 1} ({names[i].strip()!r})" for i in idx)
+            raise SourceError(f"header names column {f.name!r} more than once: columns {cols}", path=source.uri, line=1)
         mapping[f.name] = f"c{idx[0]}"
-    known = {f.name.lower() for f in fields}
-    report.extra_columns = [n for n in names if n.strip().lower() not in known]
+        used.add(idx[0])
+    report.extra_columns = [name for i, name in enumerate(names) if i not in used]
     return mapping
 
 
-def _emit(
+def _number_batch(
     batch: pa.RecordBatch,
     tracker: _LineTracker,
+    *,
     mapping: dict[str, str],
-    include: list[str],
     schema: pa.Schema,
     source: SourceFile,
     report: FileReport,
-) -> Iterator[pa.RecordBatch]:
+) -> pa.RecordBatch:
+    """One pyarrow batch in :func:`text_schema`, with lines, skipped records in place, blank ones gone."""
     n = batch.num_rows
-    newlines = np.zeros(n, dtype=np.int64)
+    breaks = np.zeros(n, dtype=np.int64)
     blank = None
-    for name in include:
-        col = batch.column(name)
-        newlines += pc.count_substring(col, "\n").to_numpy(zero_copy_only=False)
+    for col in batch.columns:
+        breaks += _line_breaks_in_column(col)
         empty = pc.equal(pc.binary_length(col), 0)
         blank = empty if blank is None else pc.and_(blank, empty)
-    lines = tracker.number_batch(newlines)
-    if tracker.done:
-        report.unparseable_records += len(tracker.done)
-        yield _skipped_batch(tracker.done, source, schema, len(include))
-    keep = pc.invert(blank) if blank is not None else None
+    lines, skipped = tracker.place(breaks)
     columns = []
     for f in schema:
         if f.name == SOURCE_FILE:
             columns.append(pa.repeat(source.uri, n))
         elif f.name == SOURCE_LINE:
             columns.append(pa.array(lines, pa.int64()))
-        elif f.name in (PARSE_ERROR, RAW_RECORD):
-            columns.append(pa.nulls(n, pa.string()))
         elif f.name in mapping:
             columns.append(batch.column(mapping[f.name]))
         else:
             columns.append(pa.nulls(n, pa.string()))
     out = pa.RecordBatch.from_arrays(columns, schema=schema)
-    if keep is not None:
-        out = out.filter(keep)
+    if blank is not None:
+        out = out.filter(pc.invert(blank))
     report.blank_records += n - out.num_rows
     report.rows += out.num_rows
-    if out.num_rows:
-        yield out
+    if not skipped:
+        return out
+    report.unparseable_records += len(skipped)
+    merged = pa.Table.from_batches([out, _skipped_batch(skipped, source, schema, batch.num_columns)])
+    merged = merged.take(pc.sort_indices(merged.column(SOURCE_LINE)))
+    return merged.combine_chunks().to_batches()[0]
 
 
-def _skipped_batch(records: list[tuple[int, str]], source: SourceFile, schema: pa.Schema, expected: int) -> pa.RecordBatch:
+def _skipped_batch(
+    records: list[tuple[int, str]], source: SourceFile, schema: pa.Schema, expected: int
+) -> pa.RecordBatch:
     n = len(records)
     columns = []
     for f in schema:
@@ -399,25 +445,25 @@ def _read_error(exc: Exception, source: SourceFile, options: CsvOptions, s3: S3S
 
 
 def _first_undecodable_line(source: SourceFile, options: CsvOptions, s3: S3Settings) -> int | None:
-    """Scan the file for the first line that does not decode; only runs on the error path."""
-    codec = _codec_name(options)
-    decoder = codecs.getincrementaldecoder(codec)(errors="strict")
-    lines = 1
+    """The physical line of the first byte that does not decode; only runs on the error path."""
+    decoder = codecs.getincrementaldecoder(_codec_name(options))(errors="strict")
+    line = 1
+    after_cr = False  # a chunk ended in "\r": a "\n" opening the next one ends no further line
     with _open(source, s3) as stream:
         while True:
             chunk = stream.read(BLOCK_SIZE)
-            final = not chunk
+            _, flag = decoder.getstate()
             try:
-                text = decoder.decode(chunk, final=final)
+                text = decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as exc:
-                return lines + _decoded_newlines(chunk[: exc.start], codec)
-            lines += text.count("\n")
-            if final:
+                decoder.setstate((b"", flag))
+                text = decoder.decode(exc.object[: exc.start], final=False)
+                return line + _line_breaks(text) - (after_cr and text.startswith("\n"))
+            if not chunk:
                 return None
-
-
-def _decoded_newlines(prefix: bytes, codec: str) -> int:
-    return prefix.decode(codec, errors="replace").count("\n")
+            if text:
+                line += _line_breaks(text) - (after_cr and text.startswith("\n"))
+                after_cr = text.endswith("\r")
 
 
 def iter_source_batches(

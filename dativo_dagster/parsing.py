@@ -6,7 +6,7 @@ import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from dativo_dagster.types import ColumnType, TypeKind
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(str, enum.Enum):  # noqa: UP042 - same base as TypeKind: str() keeps the Enum form
     """Why one cell of a column was rejected."""
 
     MISSING_REQUIRED = "missing_required"
@@ -41,8 +41,7 @@ TRUE_WORDS = ("true", "t", "yes", "y", "on", "1")
 FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
 
 _BLANKS = " \t"
-_YEAR = r"(?:000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})"
-_DATE = _YEAR + r"-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+_DATE = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,6})?)?"
 _OFFSET = r"(?:Z|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)"
 
@@ -54,7 +53,6 @@ _TIMESTAMP_RE = f"^{_DATE}[T ]{_TIME}$"
 _TIMESTAMPTZ_RE = f"^{_DATE}[T ]{_TIME}{_OFFSET}?$"
 # Only meaningful on text that already matched _TIMESTAMPTZ_RE: the date's own dashes never end the text.
 _OFFSET_TAIL_RE = r"(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)$"
-_OFFSET_PARTS_RE = r"(?P<sign>[+-])(?P<hh>[0-9]{2}):?(?P<mm>[0-9]{2})?$"
 
 _INT64_MAX_DIGITS = "9223372036854775807"
 _INT64_MIN_DIGITS = "9223372036854775808"
@@ -63,22 +61,16 @@ _ONE_US = timedelta(microseconds=1)
 # Python's datetime range: values outside it could not be read back by any Python consumer.
 _MIN_US = (datetime(1, 1, 1) - _EPOCH) // _ONE_US
 _MAX_US = (datetime(9999, 12, 31, 23, 59, 59, 999999) - _EPOCH) // _ONE_US
+_MIN_DAY = (datetime(1, 1, 1) - _EPOCH).days
+_MAX_DAY = (datetime(9999, 12, 31) - _EPOCH).days
 
 _TS = pa.timestamp("us")
 _TSTZ = pa.timestamp("us", tz="UTC")
 
-_INVALID = {
-    TypeKind.INTEGER: ErrorKind.INVALID_INTEGER,
-    TypeKind.FLOAT: ErrorKind.INVALID_FLOAT,
-    TypeKind.BOOLEAN: ErrorKind.INVALID_BOOLEAN,
-    TypeKind.DATE: ErrorKind.INVALID_DATE,
-    TypeKind.TIMESTAMP: ErrorKind.INVALID_TIMESTAMP,
-    TypeKind.TIMESTAMPTZ: ErrorKind.INVALID_TIMESTAMPTZ,
-    TypeKind.DECIMAL: ErrorKind.INVALID_DECIMAL,
-}
 _FORMAT_KINDS = (TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ)
 
 _Checks = list[tuple[pa.Array, ErrorKind]]
+_Parser = Callable[[pa.Array, ColumnType, str | None], tuple[pa.Array, _Checks]]
 
 
 def parse_column(
@@ -163,24 +155,28 @@ def _errors(length: int, checks: _Checks) -> pa.Array:
     """Combine row masks into one error column; earlier checks win."""
     errors = None
     for mask, kind in reversed(checks):
-        mask = pc.fill_null(mask, False)
-        if _any(mask):
-            errors = pc.if_else(mask, kind.value, errors if errors is not None else pa.nulls(length, pa.string()))
+        rows = pc.fill_null(mask, False)
+        if _any(rows):
+            errors = pc.if_else(rows, kind.value, errors if errors is not None else pa.nulls(length, pa.string()))
     return errors if errors is not None else pa.nulls(length, pa.string())
 
 
-def _contains(text: pa.Array, chars: bytes) -> bool:
-    """Whether any of the bytes ``chars`` occurs in the text of the array (nulls' bytes included).
+def _text_bytes(text: pa.Array) -> bytes:
+    """The raw characters of all cells, concatenated (a null's bytes included, normally none).
 
-    One scan over the raw character buffer, far cheaper than a per-row kernel; a false positive only sends
-    the batch down a slower path.
+    Scanning this is far cheaper than a per-row kernel; it only ever chooses between a fast and a slow path.
     """
     _, offsets, data = text.buffers()
     if len(text) == 0 or offsets is None or data is None:
-        return False
+        return b""
     bounds = pa.Array.from_buffers(pa.int32(), len(text) + 1, [None, offsets], offset=text.offset)
     start, end = bounds[0].as_py(), bounds[-1].as_py()
-    blob = data.slice(start, end - start).to_pybytes()
+    return data.slice(start, end - start).to_pybytes()
+
+
+def _contains(text: pa.Array, chars: bytes) -> bool:
+    """Whether any of the bytes ``chars`` occurs in the cells' text."""
+    blob = _text_bytes(text)
     return any(bytes([char]) in blob for char in chars)
 
 
@@ -199,7 +195,12 @@ def _rejected(work: pa.Array, ok: pa.Array) -> pa.Array:
 
 
 def _try_cast(text: pa.Array, target: pa.DataType) -> pa.Array | None:
+    """The cast, or None when Arrow refuses any row."""
     try:
+        # A refused row costs Arrow about a microsecond and it reads on after the first: probe a prefix so a
+        # column of junk fails fast. A refused prefix dooms the whole cast anyway.
+        if len(text) > 4096:
+            pc.cast(text.slice(0, 1024), target)
         return pc.cast(text, target)
     except pa.ArrowInvalid:
         return None
@@ -209,6 +210,7 @@ def _try_cast(text: pa.Array, target: pa.DataType) -> pa.Array | None:
 # contract (found by fuzzing against the regexes below, and pinned by the tests): hex integers '0x1f', 'nan(...)'
 # floats, exponents in decimals, date-only and hour-only timestamps. A fast path is taken only when a cheap
 # check rules those out; otherwise, and whenever the cast refuses the batch, the regex path decides row by row.
+# The cheap checks also keep a cast that is bound to fail on most rows (a layout for the slow path) from running.
 
 
 def _parse_integer(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
@@ -267,7 +269,7 @@ def _parse_boolean(work: pa.Array, column_type: ColumnType, fmt: str | None) -> 
 def _parse_decimal(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
     target = column_type.arrow_type
     if not _contains(work, b"eE"):
-        # Arrow refuses digits it would have to drop, but takes '1.50' for scale 1: count fraction digits.
+        # Arrow refuses digits it would have to drop but takes '1.50' for scale 1, so count fraction digits.
         values = _try_cast(work, target)
         if values is not None and _max_fraction_digits(work) <= column_type.scale:
             return values, []
@@ -275,7 +277,7 @@ def _parse_decimal(work: pa.Array, column_type: ColumnType, fmt: str | None) -> 
     syntax = pc.match_substring_regex(work, _DECIMAL_RE)
     bad = _rejected(work, syntax)
     over = pc.and_(pc.fill_null(syntax, False), pc.invert(pc.fill_null(fits, False)))
-    # Digit counts are the regex's job, never the cast's: the cast would round or refuse the whole batch.
+    # Digit counts are the regex's job: the cast refuses a whole batch over one long row and takes '1.50' at scale 1.
     values = pc.cast(_keep(work, fits), target)
     return values, [(bad, ErrorKind.INVALID_DECIMAL), (over, ErrorKind.OUT_OF_RANGE)]
 
@@ -308,10 +310,12 @@ def _parse_date(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tup
             stamps = _keep(stamps, pc.invert(not_midnight))
             bad = pc.or_(bad, not_midnight)
         return pc.cast(stamps, pa.date32()), [(bad, ErrorKind.INVALID_DATE)]
-    # Arrow's date cast takes exactly YYYY-MM-DD with a real day in years 1..9999.
-    values = _try_cast(work, pa.date32())
-    if values is not None:
-        return values, []
+    # Arrow's date cast takes exactly YYYY-MM-DD with a real day.
+    lengths = pc.min_max(pc.binary_length(work))
+    if lengths["min"].as_py() in (None, 10) and lengths["max"].as_py() in (None, 10):
+        values = _try_cast(work, pa.date32())
+        if values is not None:
+            return values, []
     ok = pc.match_substring_regex(work, _DATE_RE)
     bad = _rejected(work, ok)
     src = _keep(work, ok) if _any(bad) else work
@@ -335,6 +339,16 @@ def _parse_timestamp(work: pa.Array, column_type: ColumnType, fmt: str | None) -
     return values, [(bad, ErrorKind.INVALID_TIMESTAMP), (impossible, ErrorKind.INVALID_TIMESTAMP)]
 
 
+def _offset_marks(work: pa.Array) -> int:
+    """How many cells carry a UTC offset, provided every cell is ISO date-time text: each such cell has one
+    'Z', '+' or third '-', and the others none."""
+    blob = _text_bytes(work)
+    marks = blob.count(b"-") - 2 * (len(work) - work.null_count)
+    if b"Z" in blob or b"+" in blob:
+        marks += blob.count(b"Z") + blob.count(b"+")
+    return marks
+
+
 def _try_naive_iso(work: pa.Array) -> pa.Array | None:
     """Arrow's naive cast; its only extras, date-only and hour-only text, are 10 and 13 characters long."""
     shortest = pc.min(pc.binary_length(work)).as_py()
@@ -349,48 +363,52 @@ def _parse_timestamptz(work: pa.Array, column_type: ColumnType, fmt: str | None)
         # Without %z the wall time is taken as UTC; the cast only attaches the zone.
         return pc.cast(values, _TSTZ), [(bad, ErrorKind.INVALID_TIMESTAMPTZ)]
     # Arrow parses text without offset only into a naive type and text with one only into a zoned type.
-    values = _try_naive_iso(work)
-    if values is not None:
-        return pc.cast(values, _TSTZ), []
-    values = _try_cast(work, _TSTZ)
-    if values is not None:
-        # Hour-only text such as '2024-01-15T10+05:30' is the zoned extra; real times have ':' at 13.
-        colon = pc.min_max(pc.find_substring(work, ":"))
-        if colon["min"].as_py() in (None, 13) and colon["max"].as_py() in (None, 13):
-            return values, []
+    marks = _offset_marks(work)
+    if marks == 0:
+        values = _try_naive_iso(work)
+        if values is not None:
+            return pc.cast(values, _TSTZ), []
+    elif marks == len(work) - work.null_count:
+        values = _try_cast(work, _TSTZ)
+        if values is not None:
+            # Hour-only text such as '2024-01-15T10+05:30' is the zoned extra; real times have ':' at 13.
+            colon = pc.min_max(pc.find_substring(work, ":"))
+            if colon["min"].as_py() in (None, 13) and colon["max"].as_py() in (None, 13):
+                return values, []
     ok = pc.match_substring_regex(work, _TIMESTAMPTZ_RE)
     bad = _rejected(work, ok)
     src = _keep(work, ok) if _any(bad) else work
     invalid = ErrorKind.INVALID_TIMESTAMPTZ
-    # Appending Z to offset-less rows lets one zoned cast read the mixed batch.
     has_offset = pc.match_substring_regex(src, _OFFSET_TAIL_RE)
-    values = _try_cast(pc.binary_join_element_wise(src, pc.if_else(has_offset, "", "Z"), ""), _TSTZ)
-    if values is not None:
-        return values, [(bad, invalid)]
-    values, impossible, outside = _timestamptz_by_parts(src)
-    return values, [(bad, invalid), (impossible, invalid), (outside, ErrorKind.OUT_OF_RANGE)]
+    with_offset = pc.sum(has_offset).as_py() or 0
+    if with_offset == 0:
+        values, impossible = _cast_calendar(src, _TS)
+        return pc.cast(values, _TSTZ), [(bad, invalid), (impossible, invalid)]
+    if with_offset < len(src) - src.null_count:
+        # Appending Z to the rows without offset lets one zoned cast read the mixed batch.
+        src = pc.binary_join_element_wise(src, pc.if_else(has_offset, "", "Z"), "")
+    values, impossible = _cast_calendar(src, _TSTZ)
+    return values, [(bad, invalid), (impossible, invalid)]
 
 
-def _timestamptz_by_parts(src: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """Slow path for regex-approved text that Arrow refused: impossible days, or an offset moving the UTC value
-    out of years 1..9999. Reads wall time and offset separately.
+def _years_checked(parse: _Parser) -> _Parser:
+    """Wrap a date or time parser so that values outside years 1..9999 become out_of_range: Arrow takes year
+    0000, strptime any year, and an offset can push zoned text past either end; no Python reader could hold
+    such values."""
 
-    Returns the values and the masks of impossible days and of values out of range.
-    """
-    real = _real_day(src)
-    impossible = pc.and_(pc.is_valid(src), pc.invert(pc.fill_null(real, False)))
-    src = _keep(src, real)
-    wall = pc.cast(pc.cast(pc.replace_substring_regex(src, _OFFSET_TAIL_RE, ""), _TS), pa.int64())
-    parts = pc.extract_regex(src, _OFFSET_PARTS_RE)
-    hours = pc.cast(pc.struct_field(parts, "hh"), pa.int64())
-    minutes = pc.struct_field(parts, "mm")
-    minutes = pc.cast(pc.if_else(pc.equal(minutes, ""), "0", minutes), pa.int64())
-    offset = pc.multiply(pc.add(pc.multiply(hours, 60), minutes), 60_000_000)
-    offset = pc.fill_null(pc.if_else(pc.equal(pc.struct_field(parts, "sign"), "-"), pc.negate(offset), offset), 0)
-    utc = pc.subtract(wall, offset)
-    inside = pc.and_(pc.greater_equal(utc, _MIN_US), pc.less_equal(utc, _MAX_US))
-    outside = pc.and_(pc.is_valid(utc), pc.invert(pc.fill_null(inside, False)))
-    return pc.cast(_keep(utc, inside), _TSTZ), impossible, outside
+    def checked(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
+        values, checks = parse(work, column_type, fmt)
+        if pa.types.is_date32(values.type):
+            numbers, low, high = values.view(pa.int32()), _MIN_DAY, _MAX_DAY
+        else:
+            numbers, low, high = values.view(pa.int64()), _MIN_US, _MAX_US
+        bounds = pc.min_max(numbers)
+        if bounds["min"].as_py() is None or (low <= bounds["min"].as_py() and bounds["max"].as_py() <= high):
+            return values, checks
+        outside = pc.fill_null(pc.or_(pc.less(numbers, low), pc.greater(numbers, high)), False)
+        return _keep(values, pc.invert(outside)), [*checks, (outside, ErrorKind.OUT_OF_RANGE)]
+
+    return checked
 
 
 def _cast_calendar(src: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array]:
@@ -417,53 +435,57 @@ def _real_day(src: pa.Array) -> pa.Array:
 
 
 def _strptime(work: pa.Array, fmt: str) -> tuple[pa.Array, pa.Array]:
-    """Parse with Arrow's strptime, refusing what it silently rolls over or what Python could not hold.
+    """Parse with Arrow's strptime, refusing what it silently rolls over.
 
     Returns timestamps (naive, or UTC when fmt has %z) and the mask of refused rows.
     """
     stamps = pc.strptime(work, format=fmt, unit="us", error_is_null=True)
     bad = pc.and_(pc.is_valid(work), pc.is_null(stamps))
     suspicious = _maybe_rolled_over(work, stamps, fmt)
-    if _any(suspicious):
+    if suspicious is not None:
         refused = _refuse_rolled_over(work, stamps, fmt, suspicious)
         stamps = _keep(stamps, pc.invert(refused))
         bad = pc.or_(bad, refused)
-    micros = pc.cast(stamps, pa.int64())
-    outside = pc.fill_null(pc.or_(pc.less(micros, _MIN_US), pc.greater(micros, _MAX_US)), False)
-    if _any(outside):
-        stamps = _keep(stamps, pc.invert(outside))
-        bad = pc.or_(bad, outside)
     return stamps, bad
 
 
-def _maybe_rolled_over(work: pa.Array, stamps: pa.Array, fmt: str) -> pa.Array:
-    """Rows whose value is where a rolled-over text would land.
+def _maybe_rolled_over(work: pa.Array, stamps: pa.Array, fmt: str) -> pa.Array | None:
+    """Rows that may have been rolled over, or None when there are none.
 
-    Arrow's strptime turns 30/02/2023 into 2 March and second 60 or 61 into the next minute; day 366 of a
-    common year (%j) into 1 January. Such results can only be 1-3 March, the first of May, July, October or
-    December, 1 January, or second 0 or 1 of a text holding '60' or '61'. With %z the local date may differ
-    from the UTC one by a day, so the neighbouring days count too.
+    Arrow's strptime turns 30/02/2023 into 2 March and second 60 or 61 into the next minute (days 0 and 32,
+    hour 24 and minute 60 it refuses). So a rolled-over value can only be 1-3 March, the first of May, July,
+    October or December, or second 0 or 1, and its text holds 29, 30, 31, 60 or 61. With %z the local date
+    may differ from the UTC one by a day, so the neighbouring days count too.
     """
+    directives = fmt.replace("%%", "")
     local_days = [stamps]
-    if "%z" in fmt.replace("%%", ""):
-        day = pa.scalar(timedelta(days=1), pa.duration("us"))
-        local_days += [pc.subtract(stamps, day), pc.add(stamps, day)]
-    suspicious = None
+    if "%z" in directives:
+        one_day = pa.scalar(timedelta(days=1), pa.duration("us"))
+        local_days += [pc.subtract(stamps, one_day), pc.add(stamps, one_day)]
+    landing = None
     for stamp in local_days:
-        month, day_of_month = pc.month(stamp), pc.day(stamp)
-        landing = pc.or_(
-            pc.and_(pc.equal(month, 3), pc.less_equal(day_of_month, 3)),
-            pc.and_(pc.is_in(month, value_set=pa.array([1, 5, 7, 10, 12], pa.int64())), pc.equal(day_of_month, 1)),
+        month, day = pc.month(stamp), pc.day(stamp)
+        lands = pc.or_(
+            pc.and_(pc.equal(month, 3), pc.less_equal(day, 3)),
+            pc.and_(pc.is_in(month, value_set=pa.array([5, 7, 10, 12], pa.int64())), pc.equal(day, 1)),
         )
-        suspicious = landing if suspicious is None else pc.or_(suspicious, landing)
-    if re.search(r"%[STcrX]", fmt.replace("%%", "")) and _contains(work, b"6"):
-        leap_second = pc.or_(pc.match_substring(work, "60"), pc.match_substring(work, "61"))
-        suspicious = pc.or_(suspicious, pc.and_(pc.less_equal(pc.second(stamps), 1), leap_second))
-    return pc.fill_null(suspicious, False)
+        landing = lands if landing is None else pc.or_(landing, lands)
+    if re.search(r"%[STcrX]", directives):
+        landing = pc.or_(landing, pc.less_equal(pc.second(stamps), 1))
+    landing = pc.fill_null(landing, False)
+    if not _any(landing):
+        return None
+    # Only the landing rows' text is searched for the numbers a rolled-over field must have been written with.
+    rows = pc.indices_nonzero(landing)
+    texts = pc.take(work, rows)
+    written = pc.match_substring_regex(texts, "29|3[01]|6[01]")
+    if not _any(written):
+        return None
+    return pc.replace_with_mask(landing, landing, written)
 
 
 def _refuse_rolled_over(work: pa.Array, stamps: pa.Array, fmt: str, suspicious: pa.Array) -> pa.Array:
-    """Of the suspicious rows, those that are neither written exactly as the value formats back with fmt nor
+    """Of the suspicious rows, those that are neither written exactly as their value formats back with fmt nor
     read as the same instant by Python's strptime, which refuses impossible days and seconds.
 
     Per-row Python runs only for suspicious rows that do not format back to their own text.
@@ -474,33 +496,35 @@ def _refuse_rolled_over(work: pa.Array, stamps: pa.Array, fmt: str, suspicious: 
     try:
         # strftime prints %S with the unit's fraction; whole seconds print as written.
         formatted = pc.strftime(pc.cast(values, pa.timestamp("s", tz=values.type.tz)), format=fmt)
-        exact = pc.fill_null(pc.equal(formatted, texts), False).to_pylist()
+        inexact = pc.invert(pc.fill_null(pc.equal(formatted, texts), False))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        exact = [False] * len(rows)
-    micros = pc.cast(values, pa.int64()).to_pylist()
-    verdicts = [
-        not (same or _python_agrees(text, fmt, value))
-        for same, text, value in zip(exact, texts.to_pylist(), micros)
-    ]
-    return pc.replace_with_mask(suspicious, suspicious, pa.array(verdicts, pa.bool_()))
+        inexact = pa.array([True] * len(rows), pa.bool_())
+    if not _any(inexact):
+        return pc.replace_with_mask(suspicious, suspicious, inexact)
+    to_check = pc.indices_nonzero(inexact)
+    unsure = pc.take(texts, to_check).to_pylist()
+    micros = pc.take(pc.cast(values, pa.int64()), to_check).to_pylist()
+    verdicts = [not _python_agrees(text, fmt, value) for text, value in zip(unsure, micros, strict=True)]
+    refused = pc.replace_with_mask(inexact, inexact, pa.array(verdicts, pa.bool_()))
+    return pc.replace_with_mask(suspicious, suspicious, refused)
 
 
 def _python_agrees(text: str, fmt: str, micros: int) -> bool:
     try:
         parsed = datetime.strptime(text, fmt)
         if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     except (ValueError, OverflowError):
         return False
     return (parsed - _EPOCH) // _ONE_US == micros
 
 
-_PARSERS: dict[TypeKind, Callable[[pa.Array, ColumnType, str | None], tuple[pa.Array, _Checks]]] = {
+_PARSERS: dict[TypeKind, _Parser] = {
     TypeKind.INTEGER: _parse_integer,
     TypeKind.FLOAT: _parse_float,
     TypeKind.BOOLEAN: _parse_boolean,
-    TypeKind.DATE: _parse_date,
-    TypeKind.TIMESTAMP: _parse_timestamp,
-    TypeKind.TIMESTAMPTZ: _parse_timestamptz,
+    TypeKind.DATE: _years_checked(_parse_date),
+    TypeKind.TIMESTAMP: _years_checked(_parse_timestamp),
+    TypeKind.TIMESTAMPTZ: _years_checked(_parse_timestamptz),
     TypeKind.DECIMAL: _parse_decimal,
 }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import enum
 import re
-from collections.abc import Iterable
+import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -21,22 +24,40 @@ from pydantic import (
 )
 
 from dativo_dagster.errors import SpecError
-from dativo_dagster.types import ColumnType
+from dativo_dagster.types import ColumnType, TypeKind
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 SPEC_SUFFIXES = (".yaml", ".yml")
 MAX_SPEC_BYTES = 1 << 20
+MAX_YAML_DEPTH = 50
 SYSTEM_COLUMNS = ("_ingested_at", "_source_file", "_run_id")
+# extra columns of the quarantine table (table_schema.rejects_iceberg_schema); a spec column must not shadow them
+REJECTS_COLUMNS = ("_reject_reason", "_source_line", "_raw_record")
+RESERVED_COLUMNS = (*SYSTEM_COLUMNS, *REJECTS_COLUMNS)
+
+
+class SpecProblems(ValueError):
+    """Raised by model validators that find several problems at once.
+
+    ``problems`` holds ``(key path relative to the validated model, message)`` pairs; the loader turns each
+    into its own line, so one spec's problems are all reported together.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{key}: {message}" if key else message for key, message in self.problems))
 
 
 class _Model(BaseModel):
+    """Frozen, no unknown keys. Numbers are ``strict=True`` where declared: YAML ``yes`` is not 1."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
 def _identifier(value: str) -> str:
     lowered = value.lower()
     if not NAME_PATTERN.match(lowered):
-        raise ValueError(f"{value!r} is not a valid name; expected [a-z][a-z0-9_]* after lower-casing")
+        raise ValueError(f"expected a name matching [a-z][a-z0-9_]* after lower-casing; got {value!r}")
     return lowered
 
 
@@ -47,7 +68,7 @@ def _column_type(value: Any) -> ColumnType:
     if isinstance(value, ColumnType):
         return value
     if not isinstance(value, str):
-        raise ValueError(f"expected a type name, got {type(value).__name__}")
+        raise ValueError(f"expected a type name such as 'string' or 'decimal(10,2)'; got {_shown(value)}")
     return ColumnType.parse(value)
 
 
@@ -72,6 +93,9 @@ class CatalogKind(str, enum.Enum):
     NONE = "none"
 
 
+_FORMAT_KINDS = (TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ)
+
+
 class FieldSpec(_Model):
     """One column of the schema."""
 
@@ -80,7 +104,9 @@ class FieldSpec(_Model):
     required: bool = False
     description: str | None = None
     classification: str | None = None
-    format: str | None = Field(default=None, description="strptime-style layout for date/timestamp text")
+    format: str | None = Field(
+        default=None, min_length=1, description="strptime-style layout for date/timestamp text"
+    )
 
     @field_validator("type", mode="before")
     @classmethod
@@ -92,14 +118,20 @@ class FieldSpec(_Model):
     def _plain_name(cls, value: str) -> str:
         if value != value.strip() or any(ord(ch) < 32 for ch in value) or "." in value:
             raise ValueError(f"column name {value!r} must not contain dots, control characters or edge spaces")
-        if value.lower() in SYSTEM_COLUMNS:
-            raise ValueError(f"column name {value!r} is reserved for a system column")
+        if value.lower() in RESERVED_COLUMNS:
+            raise ValueError(
+                f"column name {value!r} is reserved for a system column; reserved: {', '.join(RESERVED_COLUMNS)}"
+            )
         return value
 
     @model_validator(mode="after")
     def _format_fits_type(self) -> FieldSpec:
-        if self.format is not None and self.type.kind.value not in ("date", "timestamp", "timestamptz"):
-            raise ValueError(f"format is only allowed for date/timestamp/timestamptz, not {self.type}")
+        if self.format is not None and self.type.kind not in _FORMAT_KINDS:
+            raise SpecProblems(
+                [("format", f"only allowed on date, timestamp or timestamptz fields; this field is {self.type}")]
+            )
+        if self.format is not None and self.type.kind is not TypeKind.TIMESTAMPTZ and ("%z" in self.format or "%Z" in self.format):
+            raise SpecProblems([("format", f"%z/%Z (a UTC offset) is only allowed on timestamptz, not on {self.type}")])
         return self
 
 
@@ -116,13 +148,16 @@ class Team(_Model):
 
 class Compliance(_Model):
     classification: list[str] = Field(default_factory=list)
-    retention_days: int | None = Field(default=None, ge=0)
+    retention_days: int | None = Field(default=None, ge=0, strict=True)
     regulations: list[str] = Field(default_factory=list)
 
 
 class SourceFile(_Model):
     path: str = Field(min_length=1)
     object: str | None = None
+
+
+_LINE_BREAKS = ("\n", "\r")
 
 
 class CsvOptions(_Model):
@@ -135,12 +170,27 @@ class CsvOptions(_Model):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, value: str) -> str:
-        import codecs
-
+        expected = "expected a text encoding such as utf-8, utf-16 or latin-1"
         try:
-            return codecs.lookup(value).name
+            info = codecs.lookup(value)
         except LookupError:
-            raise ValueError(f"unknown encoding {value!r}") from None
+            raise ValueError(f"unknown encoding {value!r}; {expected}") from None
+        # base64, rot13, zlib ... are codecs but cannot turn bytes into text
+        if not getattr(info, "_is_text_encoding", True):
+            raise ValueError(f"{value!r} is not a text encoding; {expected}")
+        return info.name
+
+    @model_validator(mode="after")
+    def _distinct_characters(self) -> CsvOptions:
+        problems = []
+        for key in ("delimiter", "quote_char"):
+            if getattr(self, key) in _LINE_BREAKS:
+                problems.append((key, "a line break cannot be used here; expected a single other character"))
+        if not problems and self.delimiter == self.quote_char:
+            problems.append(("quote_char", f"must differ from the delimiter {self.delimiter!r}"))
+        if problems:
+            raise SpecProblems(problems)
+        return self
 
 
 class IncrementalStrategy(str, enum.Enum):
@@ -149,7 +199,7 @@ class IncrementalStrategy(str, enum.Enum):
 
 class Incremental(_Model):
     strategy: IncrementalStrategy = IncrementalStrategy.FILE_MODIFIED_TIME
-    lookback_days: int = Field(default=0, ge=0)
+    lookback_days: int = Field(default=0, ge=0, strict=True)
 
 
 class SourceSpec(_Model):
@@ -159,7 +209,23 @@ class SourceSpec(_Model):
     incremental: Incremental | None = None
 
 
-_TRANSFORM = re.compile(r"^(?P<fn>day|month|year|hour|bucket|truncate|identity)\((?P<args>[^()]*)\)$")
+_CALL = re.compile(r"^(?P<fn>[A-Za-z_][A-Za-z0-9_]*)\s*\((?P<args>[^()]*)\)$")
+_PLAIN_FIELD = re.compile(r"^[^(),]+$")
+_WIDTH_TRANSFORMS = ("bucket", "truncate")
+_FIELD_TRANSFORMS = ("identity", "day", "month", "year", "hour")
+PARTITION_FORMS = "a field name, day(f), month(f), year(f), hour(f), bucket(n, f), truncate(n, f) or ingest_date"
+
+_TIME_KINDS = frozenset({TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ})
+# which column kinds each Iceberg transform accepts (Iceberg spec, "Partition Transforms")
+TRANSFORM_KINDS: dict[str, frozenset[TypeKind]] = {
+    "identity": frozenset(TypeKind),
+    "year": _TIME_KINDS,
+    "month": _TIME_KINDS,
+    "day": _TIME_KINDS,
+    "hour": frozenset({TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ}),
+    "bucket": frozenset(TypeKind) - {TypeKind.FLOAT, TypeKind.BOOLEAN},
+    "truncate": frozenset({TypeKind.INTEGER, TypeKind.STRING, TypeKind.DECIMAL}),
+}
 
 
 class PartitionField(_Model):
@@ -171,22 +237,30 @@ class PartitionField(_Model):
 
     @classmethod
     def parse(cls, text: str) -> PartitionField:
-        """Parse ``field``, ``day(field)``, ``bucket(16, field)`` or ``ingest_date``."""
+        """Parse ``field``, ``day(field)``, ``bucket(16, field)`` or ``ingest_date``.
+
+        Raises:
+            ValueError: naming the entry and the accepted forms.
+        """
         text = text.strip()
         if text == "ingest_date":
             return cls(transform="day", source="_ingested_at")
-        match = _TRANSFORM.match(text)
+        match = _CALL.match(text)
         if not match:
+            if not _PLAIN_FIELD.match(text):
+                raise ValueError(f"cannot read partition {text!r}; expected {PARTITION_FORMS}")
             return cls(transform="identity", source=text)
         fn = match.group("fn")
         args = [a.strip() for a in match.group("args").split(",")]
-        if fn in ("bucket", "truncate"):
-            if len(args) != 2 or not args[0].isdigit() or int(args[0]) < 1:
+        if fn in _WIDTH_TRANSFORMS:
+            if len(args) != 2 or not args[0].isdigit() or int(args[0]) < 1 or not args[1]:
                 raise ValueError(f"{text!r}: expected {fn}(n, field) with a positive whole number n")
             return cls(transform=fn, source=args[1], width=int(args[0]))
-        if len(args) != 1 or not args[0]:
-            raise ValueError(f"{text!r}: expected {fn}(field)")
-        return cls(transform=fn, source=args[0])
+        if fn in _FIELD_TRANSFORMS:
+            if len(args) != 1 or not args[0]:
+                raise ValueError(f"{text!r}: expected {fn}(field)")
+            return cls(transform=fn, source=args[0])
+        raise ValueError(f"{text!r}: unknown transform {fn!r}; expected {PARTITION_FORMS}")
 
     @property
     def name(self) -> str:
@@ -198,21 +272,28 @@ class PartitionField(_Model):
         suffix = f"{self.transform}_{self.width}" if self.width else self.transform
         return f"{self.source.lower()}_{suffix}"
 
+    def __str__(self) -> str:
+        if self.name == "ingest_date":
+            return "ingest_date"
+        if self.transform == "identity":
+            return self.source
+        if self.width is not None:
+            return f"{self.transform}({self.width}, {self.source})"
+        return f"{self.transform}({self.source})"
+
+
+def _partition_entry(value: str) -> str:
+    PartitionField.parse(value)
+    return value
+
 
 class TargetSpec(_Model):
     catalog: CatalogKind = CatalogKind.ICEBERG
-    warehouse: str | None = None
+    warehouse: str | None = Field(default=None, min_length=1)
     branch: Identifier | None = None
-    partitioning: list[str] = Field(default_factory=list)
-    parquet_target_size_mb: float = Field(default=128, gt=0, le=4096)
+    partitioning: list[Annotated[str, AfterValidator(_partition_entry)]] = Field(default_factory=list)
+    parquet_target_size_mb: float = Field(default=128, gt=0, le=4096, strict=True)
     write_mode: WriteMode = WriteMode.APPEND
-
-    @field_validator("partitioning")
-    @classmethod
-    def _parse_partitioning(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            PartitionField.parse(entry)
-        return value
 
     @property
     def partition_fields(self) -> list[PartitionField]:
@@ -221,8 +302,8 @@ class TargetSpec(_Model):
 
 
 class RetryConfig(_Model):
-    max_retries: int = Field(default=3, ge=0, le=100)
-    retry_delay_seconds: float = Field(default=5, ge=0)
+    max_retries: int = Field(default=3, ge=0, le=100, strict=True)
+    retry_delay_seconds: float = Field(default=5, ge=0, strict=True)
     backoff: Literal["exponential", "linear", "none"] = "exponential"
     retryable_errors: list[str] = Field(default_factory=list)
 
@@ -239,7 +320,9 @@ class ScheduleSpec(_Model):
         try:
             dg.ScheduleDefinition(name="cron_check", cron_schedule=value, job_name="cron_check")
         except dg.DagsterInvalidDefinitionError:
-            raise ValueError(f"invalid cron expression {value!r}") from None
+            raise ValueError(
+                f"invalid cron expression {value!r}; expected five fields such as '0 * * * *' or @hourly/@daily"
+            ) from None
         return value
 
     @field_validator("timezone")
@@ -250,12 +333,14 @@ class ScheduleSpec(_Model):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown timezone {value!r}") from None
+            raise ValueError(
+                f"unknown timezone {value!r}; expected an IANA name such as UTC or Europe/Berlin"
+            ) from None
         return value
 
 
 class SensorSpec(_Model):
-    minimum_interval_seconds: int = Field(default=60, ge=1)
+    minimum_interval_seconds: int = Field(default=60, ge=1, strict=True)
 
 
 class AssetSpecModel(_Model):
@@ -265,7 +350,7 @@ class AssetSpecModel(_Model):
     kind: Literal["DataContract"] = "DataContract"
     id: str | None = None
     name: Identifier
-    version: str
+    version: str = Field(min_length=1)
     status: str | None = None
     domain: Identifier
     data_product: Identifier = Field(alias="dataProduct")
@@ -285,26 +370,65 @@ class AssetSpecModel(_Model):
     @field_validator("version", mode="before")
     @classmethod
     def _version_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, (int, float)) else value
+        if isinstance(value, float):
+            # YAML reads 1.10 as the number 1.1: refuse rather than store a version nobody wrote
+            raise ValueError(f"write the version in quotes (e.g. \"{value}\"); unquoted it reads as the number {value}")
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> AssetSpecModel:
-        seen: set[str] = set()
+        problems = [*self._column_problems(), *self._partition_problems()]
+        if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
+            problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+    def _column_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        first: dict[str, int] = {}
         for index, field in enumerate(self.schema_):
             key = field.name.lower()
-            if key in seen:
-                raise ValueError(f"schema[{index}].name: duplicate column {field.name!r}")
-            seen.add(key)
-        names = {f.name for f in self.schema_}
-        for index, part in enumerate(self.target.partition_fields):
-            if part.source != "_ingested_at" and part.source not in names:
-                raise ValueError(
-                    f"target.partitioning[{index}]: unknown field {part.source!r}; expected one of {sorted(names)}"
-                    " or ingest_date"
+            if key in first:
+                message = (
+                    f"duplicate column {field.name!r} (also schema[{first[key]}]; names are compared ignoring case)"
                 )
-        if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
-            raise ValueError("target.branch: a branch needs catalog: iceberg")
-        return self
+                problems.append((f"schema[{index}].name", message))
+            first.setdefault(key, index)
+        return problems
+
+    def _partition_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        kinds = {f.name: f.type.kind for f in self.schema_}
+        kinds["_ingested_at"] = TypeKind.TIMESTAMPTZ
+        columns = {f.name.lower(): f.name for f in self.schema_}
+        seen: dict[str, int] = {}
+        for index, part in enumerate(self.target.partition_fields):
+            key = f"target.partitioning[{index}]"
+            kind = kinds.get(part.source)
+            if kind is None:
+                known = ", ".join(f.name for f in self.schema_)
+                message = f"unknown field {part.source!r}; expected a schema field ({known}) or ingest_date"
+                problems.append((key, message))
+                continue
+            if kind not in TRANSFORM_KINDS[part.transform]:
+                allowed = _or_list([k.value for k in TypeKind if k in TRANSFORM_KINDS[part.transform]])
+                needs = f"{part.transform} needs a {allowed} field"
+                problems.append((key, f"{part} cannot apply to {kind.value} field {part.source!r}; {needs}"))
+                continue
+            if part.name in seen:
+                message = f"duplicate partition {part.name!r} (also target.partitioning[{seen[part.name]}])"
+                problems.append((key, message))
+                continue
+            seen[part.name] = index
+            column = columns.get(part.name)
+            if column is not None and not (part.transform == "identity" and part.source == column):
+                message = (
+                    f"{part} makes a partition named {part.name!r}, which is already the schema column {column!r};"
+                    " rename the column"
+                )
+                problems.append((key, message))
+        return problems
 
     @property
     def fields(self) -> list[FieldSpec]:
@@ -351,15 +475,61 @@ class LoadedSpec(BaseModel):
 
 
 class _SafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases: no billion-laughs expansion, no object construction."""
+    """SafeLoader for specs: no aliases (no billion-laughs expansion), no tags that construct objects,
+    no duplicate or non-text keys, bounded nesting."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
 
     def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.constructor.ConstructorError(
-                None, None, "YAML aliases are not allowed in asset specs", event.start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in asset specs", event.start_mark
             )
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_shown(key)} is not text; quote it", key_node.start_mark
+                    )
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {first[key].start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+                first[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+    def refuse_tag(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"YAML tag {_short_tag(node.tag)!r} is not allowed in asset specs", node.start_mark
+        )
+
+
+_SafeLoader.add_constructor(None, _SafeLoader.refuse_tag)  # type: ignore[arg-type]
+
+
+def _short_tag(tag: str) -> str:
+    prefix = "tag:yaml.org,2002:"
+    return "!!" + tag[len(prefix) :] if tag.startswith(prefix) else tag
 
 
 def _loc_to_path(loc: Iterable[Any]) -> str:
@@ -368,51 +538,169 @@ def _loc_to_path(loc: Iterable[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "constrained-")):
-            continue
         else:
             out += f".{part}" if out else str(part)
-    return out or "(document)"
+    return out
 
 
-_KEYED_MESSAGE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\[\]]*: ")
+def _join_key(base: str, key: str) -> str:
+    if not base:
+        return key
+    return f"{base}.{key}" if key and not key.startswith("[") else base + key
 
 
-def _format_pydantic_error(error: dict[str, Any]) -> tuple[str, str]:
+def _shown(value: Any) -> str:
+    """A value as a spec author would recognise it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``list[FieldSpec]`` or ``ScheduleSpec | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_keys(loc: Sequence[Any]) -> list[str]:
+    """The keys the model at ``loc`` (a pydantic location inside ``AssetSpecModel``) accepts."""
+    model: type[BaseModel] | None = AssetSpecModel
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next(
+            (f for name, f in model.model_fields.items() if part in (name, f.alias)),
+            None,
+        )
+        model = _model_class(field.annotation) if field is not None else None
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _or_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _quoted_choices(expected: str) -> list[str]:
+    return re.findall(r"'([^']*)'", expected)
+
+
+def _pydantic_message(error: Any) -> str:  # noqa: PLR0911 - one branch per pydantic error type
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    got = _shown(error.get("input"))
+    if kind == "extra_forbidden":
+        loc = error["loc"]
+        allowed = _allowed_keys(loc[:-1])
+        if not allowed:
+            return "unknown key"
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key{hint}; expected one of {', '.join(allowed)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("literal_error", "enum"):
+        choices = _quoted_choices(ctx.get("expected", ""))
+        if len(choices) == 1:
+            return f"expected {choices[0]!r}; got {got}"
+        return f"expected one of {', '.join(repr(c) for c in choices)}; got {got}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false; got {got}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"expected a whole number; got {got}"
+    if kind in ("float_parsing", "float_type"):
+        return f"expected a number; got {got}"
+    if kind == "greater_than":
+        return f"expected a number greater than {_number(ctx['gt'])}; got {got}"
+    if kind == "greater_than_equal":
+        return f"expected a number of at least {_number(ctx['ge'])}; got {got}"
+    if kind == "less_than_equal":
+        return f"expected a number of at most {_number(ctx['le'])}; got {got}"
+    if kind == "string_type":
+        value = error.get("input")
+        if value is None:
+            return "expected text; got an empty value (null)"
+        hint = " (quote it in YAML)" if isinstance(value, (int, float, bool)) else ""
+        return f"expected text; got {got}{hint}"
+    if kind == "string_too_short":
+        if ctx.get("min_length") == 1:
+            return "expected non-empty text"
+        return f"expected at least {ctx['min_length']} characters; got {got}"
+    if kind == "string_too_long":
+        if ctx.get("max_length") == 1:
+            return f"expected a single character; got {got}"
+        return f"expected at most {ctx['max_length']} characters; got {len(error.get('input') or '')}"
+    if kind == "list_type":
+        return f"expected a list; got {got}"
+    if kind == "too_short":
+        wanted = "one item" if ctx.get("min_length") == 1 else f"{ctx['min_length']} items"
+        return f"expected at least {wanted}; got {got}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping of keys; got {got}"
+    message = error["msg"]
+    return message[len("Value error, ") :] if message.startswith("Value error, ") else message
+
+
+def _format_pydantic_error(error: Any) -> list[tuple[str, str]]:
+    """One pydantic error as ``(key path, message)`` pairs (a ``SpecProblems`` error gives several)."""
     loc = [p for p in error["loc"] if not (isinstance(p, str) and "[" in p and p.endswith("]"))]
     key = _loc_to_path(loc)
-    message = error["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif error["type"] == "missing":
-        message = "required key is missing"
-    elif error["type"] in ("literal_error", "enum"):
-        message = f"{message}; got {error.get('input')!r}"
-    # model-level validators name the key themselves ("schema[1].name: ...")
-    if key == "(document)" and _KEYED_MESSAGE.match(message):
-        key, message = message.split(": ", 1)
-    return key, message
+    cause = (error.get("ctx") or {}).get("error")
+    if error["type"] == "value_error" and isinstance(cause, SpecProblems):
+        return [(_join_key(key, sub) or "(document)", message) for sub, message in cause.problems]
+    return [(key or "(document)", _pydantic_message(error))]
 
 
 def parse_spec_document(document: Any, display_path: str) -> tuple[AssetSpecModel | None, list[str]]:
     """Validate one parsed YAML document; returns the model or the list of problems."""
+    if document is None:
+        return None, [f"{display_path}: (document): the file is empty; expected a mapping of spec keys"]
     if not isinstance(document, dict):
-        return None, [f"{display_path}: (document): expected a mapping of keys, got {type(document).__name__}"]
+        return None, [f"{display_path}: (document): expected a mapping of spec keys; got {_shown(document)}"]
     try:
-        return AssetSpecModel.model_validate(document), []
+        # by alias only: the YAML keys are the contract's (dataProduct, schema), not the Python names
+        return AssetSpecModel.model_validate(document, by_alias=True, by_name=False), []
     except ValidationError as exc:
         problems = []
-        for error in exc.errors():
-            key, message = _format_pydantic_error(error)
-            problems.append(f"{display_path}: {key}: {message}")
+        for error in exc.errors(include_url=False):
+            problems.extend(f"{display_path}: {key}: {message}" for key, message in _format_pydantic_error(error))
         return None, problems
 
 
 def spec_files(specs_dir: Path) -> list[Path]:
     """All spec files under ``specs_dir``, recursively, in a stable order."""
     return sorted(p for p in specs_dir.rglob("*") if p.suffix in SPEC_SUFFIXES and p.is_file())
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    if isinstance(exc, (yaml.scanner.ScannerError, yaml.parser.ParserError)) or (
+        isinstance(exc, yaml.composer.ComposerError) and context
+    ):
+        # "but found another document" only makes sense after its context
+        detail = f"{context}, {problem}" if context and problem.startswith("but ") else problem
+        return f"{where}invalid YAML: {detail}"
+    return f"{where}{problem}"
 
 
 def load_spec_file(path: Path, base_dir: Path) -> tuple[LoadedSpec | None, list[str]]:
@@ -424,17 +712,21 @@ def load_spec_file(path: Path, base_dir: Path) -> tuple[LoadedSpec | None, list[
     try:
         size = path.stat().st_size
         if size > MAX_SPEC_BYTES:
-            return None, [f"{display}: (document): file is {size} bytes; asset specs are limited to {MAX_SPEC_BYTES}"]
+            return None, [
+                f"{display}: (document): file is {size} bytes;"
+                f" asset specs are limited to {MAX_SPEC_BYTES} bytes (1 MiB)"
+            ]
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [f"{display}: (document): cannot read: {exc}"]
+    except UnicodeDecodeError as exc:
+        return None, [f"{display}: (document): cannot read as UTF-8 text: {exc.reason} at byte {exc.start}"]
+    except OSError as exc:
+        return None, [f"{display}: (document): cannot read: {exc.strerror or exc}"]
     try:
         document = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader is a SafeLoader
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        return None, [f"{display}: (document): invalid YAML{where}: {problem}"]
+        return None, [f"{display}: (document): {_yaml_problem(exc)}"]
+    except RecursionError:
+        return None, [f"{display}: (document): nesting too deep"]
     model, problems = parse_spec_document(document, display)
     if model is None:
         return None, problems
@@ -444,12 +736,15 @@ def load_spec_file(path: Path, base_dir: Path) -> tuple[LoadedSpec | None, list[
 def load_specs(specs_dir: Path) -> list[LoadedSpec]:
     """Load every spec under ``specs_dir``; raises ``SpecError`` listing every problem of every file.
 
-    Relative source paths resolve against the parent of ``specs_dir``.
+    Problems come per file in path order, then the conflicts between files. Relative source paths resolve
+    against the parent of ``specs_dir``.
     """
     specs_dir = specs_dir.resolve()
     base_dir = specs_dir.parent
-    if not specs_dir.is_dir():
+    if not specs_dir.exists():
         raise SpecError([f"{specs_dir}: asset specs folder does not exist"])
+    if not specs_dir.is_dir():
+        raise SpecError([f"{specs_dir}: expected a folder of asset specs; this is a file"])
     loaded: list[LoadedSpec] = []
     problems: list[str] = []
     for path in spec_files(specs_dir):
@@ -464,33 +759,38 @@ def load_specs(specs_dir: Path) -> list[LoadedSpec]:
 
 
 def _cross_spec_problems(loaded: list[LoadedSpec]) -> list[str]:
+    """Asset names must be unique, and no two specs may write the same table (a data or rejects table)."""
     problems = []
     by_name: dict[str, LoadedSpec] = {}
     by_table: dict[tuple[str, str], LoadedSpec] = {}
     for item in loaded:
         spec = item.spec
-        if spec.name in by_name:
+        first = by_name.setdefault(spec.name, item)
+        if first is not item:
             problems.append(
-                f"{item.display_path}: name: asset name {spec.name!r} is already used by {by_name[spec.name].display_path}"
+                f"{item.display_path}: name: asset name {spec.name!r} is already used by {first.display_path}"
             )
-        by_name.setdefault(spec.name, item)
+            continue
         for ident in (spec.table_identifier, spec.rejects_identifier):
-            other = by_table.get(ident)
-            if other is not None and other is not item:
+            other = by_table.setdefault(ident, item)
+            if other is not item:
                 problems.append(
                     f"{item.display_path}: name: table {'.'.join(ident)} is already written by {other.display_path}"
                 )
-            by_table.setdefault(ident, item)
+                break
     return problems
 
 
 __all__ = [
     "AssetSpecModel",
     "CatalogKind",
+    "CsvOptions",
     "FieldSpec",
     "LoadedSpec",
     "PartitionField",
+    "SpecProblems",
     "ValidationMode",
     "WriteMode",
+    "load_spec_file",
     "load_specs",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import Sequence
 from decimal import Decimal
@@ -13,7 +15,7 @@ from pyiceberg import transforms as tf
 from pyiceberg.partitioning import PartitionField as IcebergPartitionField
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.types import DecimalType, NestedField, StringType, TimestamptzType
+from pyiceberg.types import DecimalType, DoubleType, FloatType, NestedField, StringType, TimestamptzType
 
 from dativo_dagster.spec import AssetSpecModel, FieldSpec, PartitionField
 
@@ -25,6 +27,7 @@ MAX_FOLDER_VALUE = 120
 PARTITION_FIELD_ID_START = 1000
 _UNSAFE = re.compile(r"[^a-z0-9_.-]")
 _DOTS = re.compile(r"\.{2,}")
+_NAN = float("nan")
 
 
 def iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
@@ -49,7 +52,9 @@ def iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
 def rejects_iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
     """Quarantine table: every spec column as text, the reason, file, line and raw record."""
     names = [f.name for f in fields] + ["_reject_reason"]
-    columns = [NestedField(field_id=i + 1, name=name, field_type=StringType(), required=False) for i, name in enumerate(names)]
+    columns = [
+        NestedField(field_id=i + 1, name=name, field_type=StringType(), required=False) for i, name in enumerate(names)
+    ]
     from pyiceberg.types import LongType  # noqa: PLC0415
 
     n = len(columns)
@@ -64,14 +69,16 @@ def rejects_iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
 
 
 def _transform(part: PartitionField) -> tf.Transform[Any, Any]:
+    if part.transform == "bucket":
+        return tf.BucketTransform(part.width or 1)
+    if part.transform == "truncate":
+        return tf.TruncateTransform(part.width or 1)
     return {
-        "identity": lambda: tf.IdentityTransform(),
-        "day": lambda: tf.DayTransform(),
-        "month": lambda: tf.MonthTransform(),
-        "year": lambda: tf.YearTransform(),
-        "hour": lambda: tf.HourTransform(),
-        "bucket": lambda: tf.BucketTransform(part.width or 1),
-        "truncate": lambda: tf.TruncateTransform(part.width or 1),
+        "identity": tf.IdentityTransform,
+        "day": tf.DayTransform,
+        "month": tf.MonthTransform,
+        "year": tf.YearTransform,
+        "hour": tf.HourTransform,
     }[part.transform]()
 
 
@@ -82,7 +89,9 @@ def partition_spec(spec: AssetSpecModel, schema: Schema) -> PartitionSpec:
         source = schema.find_field(part.source)
         transform = _transform(part)
         if not transform.can_transform(source.field_type):
-            raise ValueError(f"target.partitioning[{i}]: {part.transform} cannot apply to {source.field_type} field {part.source!r}")
+            raise ValueError(
+                f"target.partitioning[{i}]: {part.transform} cannot apply to {source.field_type} field {part.source!r}"
+            )
         fields.append(
             IcebergPartitionField(
                 source_id=source.field_id, field_id=PARTITION_FIELD_ID_START + i, transform=transform, name=part.name
@@ -96,7 +105,8 @@ def arrow_schema(schema: Schema) -> pa.Schema:
     out = []
     for field in schema.fields:
         arrow_type = _arrow_type(field)
-        out.append(pa.field(field.name, arrow_type, nullable=not field.required, metadata={b"PARQUET:field_id": str(field.field_id).encode()}))
+        field_id = {b"PARQUET:field_id": str(field.field_id).encode()}
+        out.append(pa.field(field.name, arrow_type, nullable=not field.required, metadata=field_id))
     return pa.schema(out)
 
 
@@ -115,7 +125,9 @@ class Partitioner:
         self.schema = schema
         self.fields = list(spec.fields)
         self._sources = [schema.find_field(f.source_id) for f in self.fields]
-        self._functions = [f.transform.pyarrow_transform(src.field_type) for f, src in zip(self.fields, self._sources)]
+        self._functions = [
+            f.transform.pyarrow_transform(src.field_type) for f, src in zip(self.fields, self._sources, strict=True)
+        ]
 
     @property
     def partitioned(self) -> bool:
@@ -125,22 +137,19 @@ class Partitioner:
         """Group rows by partition; returns (partition record values, rows) per partition."""
         if not self.fields or table.num_rows == 0:
             return [((), table)] if table.num_rows else []
-        keys = [fn(_combine(table.column(src.name))) for fn, src in zip(self._functions, self._sources)]
+        keys = [fn(_combine(table.column(src.name))) for fn, src in zip(self._functions, self._sources, strict=True)]
         names = [f"k{i}" for i in range(len(keys))]
-        key_table = pa.table(dict(zip(names, keys)))
+        key_table = pa.table(dict(zip(names, keys, strict=True)))
         order = pc.sort_indices(key_table, sort_keys=[(n, "ascending", "at_end") for n in names])
         sorted_keys = key_table.take(order)
         change = None
         for name in names:
-            col = sorted_keys.column(name)
-            prev, cur = col.slice(0, len(col) - 1), col.slice(1)
-            differs = pc.fill_null(pc.not_equal(prev, cur), True)
-            both_null = pc.and_(prev.is_null(), cur.is_null())
-            differs = pc.and_(differs, pc.invert(both_null))
+            col = _combine(sorted_keys.column(name))
+            differs = _differs_from_previous(col)
             change = differs if change is None else pc.or_(change, differs)
         starts = [0] + [i + 1 for i in pc.indices_nonzero(change).to_pylist()] + [table.num_rows]
         out = []
-        for start, end in zip(starts[:-1], starts[1:]):
+        for start, end in itertools.pairwise(starts):
             values = tuple(self._record_value(i, sorted_keys.column(n)[start].as_py()) for i, n in enumerate(names))
             out.append((values, table.take(order.slice(start, end - start))))
         return out
@@ -149,6 +158,8 @@ class Partitioner:
         field = self.fields[index]
         if value is None:
             return None
+        if isinstance(value, float) and math.isnan(value):
+            return _NAN  # one NaN object, so that partition keys holding NaN compare equal
         if isinstance(field.transform, tf.IdentityTransform):
             from pyiceberg.partitioning import _to_partition_representation  # noqa: PLC0415
 
@@ -158,7 +169,7 @@ class Partitioner:
     def hive_path(self, values: tuple[Any, ...]) -> str:
         """``name=value/...`` with path-safe values; empty for an unpartitioned table."""
         parts = []
-        for field, source, value in zip(self.fields, self._sources, values):
+        for field, source, value in zip(self.fields, self._sources, values, strict=True):
             if value is None:
                 text = HIVE_NULL
             else:
@@ -167,17 +178,40 @@ class Partitioner:
         return "/".join(parts)
 
     def result_types(self) -> list[Any]:
-        return [f.transform.result_type(src.field_type) for f, src in zip(self.fields, self._sources)]
+        return [f.transform.result_type(src.field_type) for f, src in zip(self.fields, self._sources, strict=True)]
 
     def to_json(self, values: tuple[Any, ...]) -> list[Any]:
-        """Partition values as JSON-safe scalars (decimals as text)."""
-        return [str(v) if isinstance(v, Decimal) else v for v in values]
+        """Partition values as JSON-safe scalars (decimals, NaN and infinities as text)."""
+        return [_json_scalar(v) for v in values]
 
     def from_json(self, values: Sequence[Any]) -> tuple[Any, ...]:
         """Inverse of :meth:`to_json`."""
-        return tuple(
-            Decimal(v) if isinstance(t, DecimalType) and v is not None else v for v, t in zip(values, self.result_types())
-        )
+        return tuple(_from_json_scalar(v, t) for v, t in zip(values, self.result_types(), strict=True))
+
+
+def _from_json_scalar(value: Any, result_type: Any) -> Any:
+    if isinstance(value, str) and isinstance(result_type, DecimalType):
+        return Decimal(value)
+    if isinstance(value, str) and isinstance(result_type, (FloatType, DoubleType)):
+        number = float(value)
+        return _NAN if math.isnan(number) else number
+    return value
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, Decimal) or (isinstance(value, float) and not math.isfinite(value)):
+        return str(value)
+    return value
+
+
+def _differs_from_previous(column: pa.Array) -> pa.Array:
+    """For each value after the first: whether it starts a new group (nulls and NaNs group together)."""
+    prev, cur = column.slice(0, len(column) - 1), column.slice(1)
+    same = pc.fill_null(pc.equal(prev, cur), False)
+    same = pc.or_(same, pc.and_(prev.is_null(), cur.is_null()))
+    if pa.types.is_floating(column.type):
+        same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(prev), pc.is_nan(cur)), False))
+    return pc.invert(same)
 
 
 def _combine(column: pa.ChunkedArray | pa.Array) -> pa.Array:

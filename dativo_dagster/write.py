@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -22,10 +25,21 @@ from dativo_dagster.table_schema import Partitioner
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-ROW_GROUP_MAX_BYTES = 64 * MIB  # in-memory bytes buffered per row group
+ROW_GROUP_MAX_BYTES = 64 * MIB  # in-memory bytes per row group
+# Row groups never get smaller than this, so a tiny target cannot make a file per handful of rows;
+# it binds only for targets under about 1 MiB, where the file-size rule cannot hold anyway.
+MIN_ROW_GROUP_BYTES = 64 * 1024
 TOTAL_BUFFER_BYTES = 192 * MIB  # in-memory bytes buffered across all partitions
-INITIAL_RATIO = 1.0  # compressed/in-memory before the first row group tells us better
-CLOSE_FRACTION = 0.92  # a file is finished once it holds this share of the target
+SPLIT_BYTES = 16 * MIB  # incoming in-memory bytes gathered before they are split by partition
+INITIAL_RATIO = 1.0  # written/in-memory bytes before a partition's first row group tells better
+MAX_FILE_FRACTION = 1.10  # CONTRACT 4: no file but a partition's last may pass 110 % of the target
+CLOSE_FRACTION = 0.90  # a file is finished once it holds this share of the target
+# Written/in-memory bytes never exceed this (measured: up to 1.5 for never-repeating dates, where dictionary
+# pages add their indices before parquet falls back to plain encoding; snappy only adds to random bytes).
+# Row groups are bounded by it, so a file stays under MAX_FILE_FRACTION whatever the data turns into.
+WORST_RATIO = 1.6
+CHUNK_METADATA_BYTES = 160  # footer bytes per column chunk, besides min/max statistics
+MAX_STATISTICS_VALUE = 4096  # parquet drops min/max statistics longer than this
 MAX_TAGS = 10
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/=+\-@]")
 
@@ -47,14 +61,24 @@ def tag_safe(value: str, limit: int) -> str:
 
 def object_tags(metadata: Mapping[str, str]) -> dict[str, str]:
     """At most 10 object tags drawn from the governance metadata."""
-    names = {"domain": "domain", "data-product": "data-product", "tenant": "tenant-id", "owner": "owner",
-             "classification": "classification"}
+    names = {
+        "domain": "domain",
+        "data-product": "data-product",
+        "tenant": "tenant-id",
+        "owner": "owner",
+        "classification": "classification",
+    }
     tags = {tag_safe(k, 128): tag_safe(metadata.get(src, ""), 256) for k, src in names.items() if metadata.get(src)}
     return dict(list(tags.items())[:MAX_TAGS])
 
 
 class _Sink:
-    """Where one file's bytes go: straight to a local path, or a temporary file uploaded to S3."""
+    """Where one file's bytes go: a local path, or a temporary file uploaded to S3 when finished.
+
+    A file-like object for ``pq.ParquetWriter`` that holds an OS file handle only while a row group
+    or the footer is being written, so a run with thousands of open partitions never runs out of
+    file handles.
+    """
 
     def __init__(self, uri: str, s3: S3Settings):
         self.uri = uri
@@ -62,17 +86,56 @@ class _Sink:
         if is_s3_uri(uri):
             handle, self.local_path = tempfile.mkstemp(prefix="dativo-", suffix=".parquet")
             os.close(handle)
+            self._mode = "ab"
         else:
             self.local_path = uri
             os.makedirs(os.path.dirname(uri), exist_ok=True)
-        self.stream = pa.OSFile(self.local_path, "wb")
+            self._mode = "xb"  # never overwrite a file that is already there
+        self._handle: Any = None
+        self._position = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        if self._handle is None:
+            self._handle = open(self.local_path, self._mode)  # noqa: SIM115 - released after each row group
+            self._mode = "ab"
+        written = self._handle.write(data)
+        self._position += written
+        return written
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+
+    def release(self) -> None:
+        """Give the OS file handle back until the next write."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> None:
+        self.release()
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
 
     def publish(self, metadata: Mapping[str, str]) -> None:
         """Make the closed file visible at its URI with its object metadata and tags."""
         if not is_s3_uri(self.uri):
             return
-        import boto3  # noqa: PLC0415
         from urllib.parse import urlencode  # noqa: PLC0415
+
+        import boto3  # noqa: PLC0415
 
         bucket, key = split_s3_uri(self.uri)
         client = boto3.client(
@@ -97,11 +160,9 @@ class _Sink:
             os.unlink(self.local_path)
 
     def discard(self) -> None:
-        if is_s3_uri(self.uri) or os.path.exists(self.local_path):
-            try:
-                os.unlink(self.local_path)
-            except FileNotFoundError:
-                pass
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.local_path)
 
 
 @dataclass
@@ -112,16 +173,19 @@ class _PartitionState:
     buffered_bytes: int = 0
     writer: pq.ParquetWriter | None = None
     sink: _Sink | None = None
-    written: int = 0
+    written: int = 0  # bytes in the open file, footer not included
+    footer: int = 0  # estimated footer bytes of the open file
     rows_in_file: int = 0
+    ratio: float | None = None  # written/in-memory bytes seen in this partition
 
 
 class PartitionedParquetWriter:
     """Streams tables into per-partition Parquet files that roll over near ``target_bytes``.
 
-    Rows are buffered per partition and written as large row groups; the compression ratio seen
-    so far decides how many in-memory bytes make the rest of a file, so files land close to the
-    target measured in written (compressed) bytes.
+    Rows are buffered per partition and written as large row groups. Each row group is sized from
+    the compression ratio seen so far so that the file ends close to the target in written bytes,
+    and never beyond what the worst ratio could push past ``MAX_FILE_FRACTION`` of the target.
+    A file is finished once it reaches ``CLOSE_FRACTION`` of the target.
     """
 
     def __init__(
@@ -147,9 +211,25 @@ class PartitionedParquetWriter:
         self._states: dict[tuple[Any, ...], _PartitionState] = {}
         self._buffered = 0
         self._seq = 0
+        self._incoming: list[pa.Table] = []
+        self._incoming_bytes = 0
+        self._base_footer = _empty_footer_bytes(schema, self._footer_metadata("", 0)) + 64
+        self._string_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
+        self._statistics_bytes = 2 * 256 * len(self._string_columns)  # grows with the longest values written
 
     def write(self, table: pa.Table) -> None:
         """Add rows (already in the file schema)."""
+        self._incoming.append(table)
+        self._incoming_bytes += table.nbytes
+        if self._incoming_bytes >= SPLIT_BYTES:
+            self._route()
+
+    def _route(self) -> None:
+        """Split what came in by partition, in pieces large enough that per-partition work stays small."""
+        if not self._incoming:
+            return
+        table = pa.concat_tables(self._incoming)
+        self._incoming, self._incoming_bytes = [], 0
         for values, part in self.partitioner.split(table):
             state = self._states.get(values)
             if state is None:
@@ -161,27 +241,44 @@ class PartitionedParquetWriter:
             self._flush(largest)
 
     def _limit(self, state: _PartitionState) -> int:
-        remaining = max(self.target_bytes - state.written, 1)
-        return max(min(int(remaining / self.ratio), ROW_GROUP_MAX_BYTES), 1)
+        """In-memory bytes to buffer before the partition's next row group is written."""
+        ratio = state.ratio or self.ratio
+        used = state.written + (state.footer or self._base_footer)
+        aimed = (self.target_bytes - used) / ratio
+        # whatever the data compresses to, the row group and its footer entry fit under the upper bound
+        safe = (self.target_bytes * MAX_FILE_FRACTION - used - self._chunk_footer_bound()) / WORST_RATIO
+        return max(int(min(aimed, safe, ROW_GROUP_MAX_BYTES)), MIN_ROW_GROUP_BYTES)
+
+    def _chunk_footer_bound(self) -> int:
+        """Footer bytes one more row group may add: its chunks' metadata and the longest statistics seen."""
+        return len(self.schema) * CHUNK_METADATA_BYTES + self._statistics_bytes
 
     def _add(self, state: _PartitionState, table: pa.Table) -> None:
-        while table.num_rows:
-            limit = self._limit(state)
-            room = limit - state.buffered_bytes
-            size = table.nbytes
+        sizes: np.ndarray | None = None  # cumulative in-memory bytes per row, once the table must be split
+        start = 0
+        while start < table.num_rows:
+            rest = table.slice(start) if start else table
+            size = rest.nbytes
+            room = self._limit(state) - state.buffered_bytes
             if size <= room:
-                state.buffer.append(table)
-                state.buffered_bytes += size
-                self._buffered += size
+                self._buffer(state, rest, size)
                 return
-            take = max(int(table.num_rows * room / size), 1) if room > 0 else 0
+            if sizes is None:
+                sizes = np.cumsum(_row_bytes(table))
+            base = sizes[start - 1] if start else 0.0
+            take = int(np.searchsorted(sizes[start:], base + room, side="right")) if room > 0 else 0
+            if take == 0 and not state.buffer:
+                take = 1  # one row larger than the room still has to go somewhere
             if take:
-                head = table.slice(0, take)
-                state.buffer.append(head)
-                state.buffered_bytes += head.nbytes
-                self._buffered += head.nbytes
-                table = table.slice(take)
+                head = table.slice(start, take)
+                self._buffer(state, head, head.nbytes)
+                start += take
             self._flush(state)
+
+    def _buffer(self, state: _PartitionState, table: pa.Table, size: int) -> None:
+        state.buffer.append(table)
+        state.buffered_bytes += size
+        self._buffered += size
 
     def _flush(self, state: _PartitionState) -> None:
         if not state.buffer:
@@ -190,45 +287,59 @@ class PartitionedParquetWriter:
         in_memory = state.buffered_bytes
         self._buffered -= state.buffered_bytes
         state.buffer, state.buffered_bytes = [], 0
-        if state.writer is None:
-            self._open(state)
-        assert state.writer is not None and state.sink is not None
-        before = state.sink.stream.tell()
+        if state.writer is None or state.sink is None:
+            state.writer, state.sink = self._open(state)
+        before = state.sink.tell()
         state.writer.write_table(data, row_group_size=max(data.num_rows, 1))
-        after = state.sink.stream.tell()
-        state.written = after
+        state.sink.release()
+        state.written = state.sink.tell()
+        state.footer += self._row_group_footer_bytes(data)
         state.rows_in_file += data.num_rows
-        if in_memory > 0 and after > before:
-            observed = (after - before) / in_memory
-            self.ratio = observed if self.ratio == INITIAL_RATIO else 0.5 * self.ratio + 0.5 * observed
-        if state.written >= self.target_bytes * CLOSE_FRACTION:
+        if in_memory > 0 and state.written > before:
+            observed = (state.written - before) / in_memory
+            state.ratio = observed if state.ratio is None else 0.5 * state.ratio + 0.5 * observed
+            self.ratio = state.ratio
+        if state.written + state.footer >= self.target_bytes * CLOSE_FRACTION:
             self._close(state)
 
-    def _open(self, state: _PartitionState) -> None:
+    def _row_group_footer_bytes(self, data: pa.Table) -> int:
+        """Footer bytes a written row group adds: chunk metadata and min/max of its string columns."""
+        statistics = 0
+        for name in self._string_columns:
+            longest = pc.max(pc.binary_length(data.column(name))).as_py() or 0
+            statistics += 2 * longest if longest <= MAX_STATISTICS_VALUE else 0
+        self._statistics_bytes = max(self._statistics_bytes, statistics)
+        return len(self.schema) * CHUNK_METADATA_BYTES + statistics
+
+    def _open(self, state: _PartitionState) -> tuple[pq.ParquetWriter, _Sink]:
+        """Start the partition's next file; its name is unique to this run and writer."""
         self._seq += 1
-        name = f"{self.file_prefix}-{uuid.uuid4().hex[:12]}-{self._seq:05d}.parquet"
+        name = f"{self.file_prefix}-{uuid.uuid4().hex}-{self._seq:05d}.parquet"
         folder = f"{self.location}/{state.path}" if state.path else self.location
         sink = _Sink(f"{folder}/{name}", self.s3)
-        state.sink = sink
-        state.writer = pq.ParquetWriter(
-            sink.stream,
-            self.schema,
-            compression="snappy",
-            write_statistics=True,
-            use_dictionary=True,
-        )
+        writer = pq.ParquetWriter(sink, self.schema, compression="snappy", write_statistics=True, use_dictionary=True)
         state.written = 0
+        state.footer = self._base_footer + len(state.path.encode())
         state.rows_in_file = 0
+        return writer, sink
+
+    def _footer_metadata(self, path: str, rows: int) -> dict[str, str]:
+        metadata = {**self.metadata, "partition": path, "record-count": str(rows)}
+        return {f"dativo.{k}": v for k, v in metadata.items()}
 
     def _close(self, state: _PartitionState) -> None:
         if state.writer is None or state.sink is None:
             return
-        metadata = {**self.metadata, "partition": state.path, "record-count": str(state.rows_in_file)}
-        state.writer.add_key_value_metadata({f"dativo.{k}": v for k, v in metadata.items()})
+        state.writer.add_key_value_metadata(self._footer_metadata(state.path, state.rows_in_file))
         state.writer.close()
-        state.sink.stream.close()
-        size = os.path.getsize(state.sink.local_path)
-        metadata["file-size-bytes"] = str(size)
+        state.sink.close()
+        size = state.sink.tell()
+        metadata = {
+            **self.metadata,
+            "partition": state.path,
+            "record-count": str(state.rows_in_file),
+            "file-size-bytes": str(size),
+        }
         state.sink.publish(metadata)
         self.files.append(
             WrittenFile(
@@ -240,10 +351,11 @@ class PartitionedParquetWriter:
             )
         )
         state.writer, state.sink = None, None
-        state.written, state.rows_in_file = 0, 0
+        state.written, state.footer, state.rows_in_file = 0, 0, 0
 
     def close(self) -> list[WrittenFile]:
         """Flush every buffer, finish every file; returns all files written."""
+        self._route()
         for state in list(self._states.values()):
             self._flush(state)
             self._close(state)
@@ -255,20 +367,47 @@ class PartitionedParquetWriter:
             if state.writer is not None and state.sink is not None:
                 try:
                     state.writer.close()
-                    state.sink.stream.close()
+                except (OSError, pa.ArrowException):
+                    log.warning("could not finish %s while aborting; removing it", state.sink.uri)
                 finally:
                     state.sink.discard()
+                state.writer, state.sink = None, None
         for written in self.files:
             remove_file(written.uri, self.s3)
+
+
+def _row_bytes(table: pa.Table) -> np.ndarray:
+    """Approximate in-memory bytes of each row, as ``nbytes`` counts them."""
+    per_row = np.zeros(table.num_rows, dtype=np.float64)
+    fixed = 0.0
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_binary(kind):
+            lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
+            per_row += np.nan_to_num(lengths.astype(np.float64)) + 4
+        elif pa.types.is_boolean(kind):
+            fixed += 0.125
+        else:
+            fixed += kind.bit_width / 8
+        if column.null_count:
+            fixed += 0.125
+    return per_row + fixed
+
+
+def _empty_footer_bytes(schema: pa.Schema, metadata: Mapping[str, str]) -> int:
+    """Footer size of a file with this schema and metadata and no rows."""
+    buffer = pa.BufferOutputStream()
+    writer = pq.ParquetWriter(buffer, schema, compression="snappy")
+    writer.add_key_value_metadata(dict(metadata))
+    writer.close()
+    return buffer.getvalue().size
 
 
 def remove_file(uri: str, s3: S3Settings) -> None:
     """Delete one data file; missing is fine."""
     fs, path = filesystem_for(uri, s3)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def governance_metadata(spec: Any, *, branch: str, run_id: str, ingested_at: datetime) -> dict[str, str]:

@@ -1,0 +1,59 @@
+"""Fixtures for tests against real servers: SeaweedFS (S3 + Iceberg REST) and PostgreSQL, once per session.
+
+Every test collected under this folder is marked ``integration`` (deselect with ``-m "not integration"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .servers import PostgresCluster, SeaweedFS
+
+HERE = Path(__file__).parent.resolve()
+
+# Start-up times of this session's servers, reported at the end of the run.
+STARTUP_SECONDS: dict[str, float] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    """A running SeaweedFS (``weed mini``): ``s3_endpoint``, ``iceberg_rest_uri``, ``access_key``, ``secret_key``,
+    ``region``, ``warehouse`` (``s3://warehouse``, the Iceberg table bucket), ``create_bucket()``,
+    ``boto3_client()``, ``rest_catalog_properties()``, ``pyiceberg_s3_properties()``, ``env()``."""
+    server = SeaweedFS()
+    server.start()
+    assert server.startup_seconds is not None
+    STARTUP_SECONDS["SeaweedFS"] = server.startup_seconds
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A running private PostgreSQL cluster: ``host``, ``port``, ``user``, ``sqlalchemy_uri(db)``,
+    ``create_database(name)``, ``connect(db)``."""
+    cluster = PostgresCluster()
+    cluster.start()
+    assert cluster.startup_seconds is not None
+    STARTUP_SECONDS["PostgreSQL"] = cluster.startup_seconds
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if STARTUP_SECONDS:
+        timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in STARTUP_SECONDS.items())
+        terminalreporter.write_line(f"integration servers ready after: {timings}")

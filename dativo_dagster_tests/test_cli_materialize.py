@@ -1,0 +1,154 @@
+"""`dativo-dagster materialize` exit codes and summary lines, and `dagster asset materialize` (multiprocess)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
+
+VENV_BIN = Path(sys.executable).parent
+DATIVO_DAGSTER = VENV_BIN / "dativo-dagster"
+DAGSTER = VENV_BIN / "dagster"
+DEPLOYMENT_VARS = ("DATIVO_ASSET_SPECS_DIR", "DATIVO_WAREHOUSE", "DATIVO_CATALOG_URI", "DATIVO_CATALOG_CREDENTIAL",
+                   "DATIVO_S3_ENDPOINT", "DATIVO_STAGING_DIR", "DAGSTER_HOME")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DEPLOYMENT_VARS}
+    env.update(extra)
+    return env
+
+
+def make_project(root: Path, *names: str) -> Project:
+    """A project with one spec per name: ``good`` (valid rows), ``warned`` (warn mode, one reject),
+    ``strict`` (strict mode, two rejects), ``missing`` (its file does not exist)."""
+    project = Project(root)
+    for name in names:
+        mode = "warn" if name == "warned" else "strict"
+        project.write_spec(base_spec(name, schema_validation_mode=mode))
+    contents = {"good": "id,name\n1,Ann\n2,Bob\n", "warned": "id,name\n1,Ann\nx,Bob\n", "strict": "id,name\n1,A\nx,B\ny,C\n"}
+    for name in names:
+        if name in contents:
+            project.write_data(f"{name}.csv", contents[name])
+    return project
+
+
+def start(specs: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(DATIVO_DAGSTER), "materialize", "--specs", str(specs), "--log-level", "ERROR", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        cwd="/",  # relative source paths must not depend on the working directory
+    )
+
+
+def test_exit_codes_and_summary_lines(tmp_path: Path) -> None:
+    good = make_project(tmp_path / "good", "good", "warned")
+    warned = make_project(tmp_path / "warned", "good", "warned")
+    strict = make_project(tmp_path / "strict", "good", "strict")
+    bad = make_project(tmp_path / "bad", "good")
+    bad.write_spec({**base_spec("broken"), "schema": [{"name": "id", "type": "integr"}], "colour": "red"})
+    # independent projects, so the runs can go in parallel
+    runs = {
+        "good": start(good.specs_dir, "--select", "good"),
+        "warned": start(warned.specs_dir),
+        "strict": start(strict.specs_dir, "--select", "strict"),
+        "bad": start(bad.specs_dir),
+    }
+    out = {name: proc.communicate(timeout=120) for name, proc in runs.items()}
+    codes = {name: proc.returncode for name, proc in runs.items()}
+    assert codes == {"good": 0, "warned": 1, "strict": 2, "bad": 2}, out
+
+    # 0: all rows valid and committed; --select ran only the selected asset
+    stdout = out["good"][0]
+    head = good.table("testdomain.good").snapshot_by_name("acme")
+    assert stdout.splitlines() == [
+        f"good: ok rows_read=2 committed=2 rejected=0 files=1 snapshot={head.snapshot_id} table=testdomain.good"
+        " branch=acme"
+    ], out["good"]
+    assert not good.catalog().table_exists("testdomain.warned")
+
+    # 1: warn mode committed with rejects (and a clean asset beside it does not lower the code)
+    lines = sorted(out["warned"][0].splitlines())
+    assert len(lines) == 2, out["warned"]
+    assert lines[0].startswith("good: ok rows_read=2 committed=2 rejected=0 ")
+    assert re.fullmatch(
+        r"warned: WARN rows_read=2 committed=1 rejected=1 files=1 snapshot=\d+ table=testdomain\.warned branch=acme"
+        r" rejects=testdomain\.warned__rejects",
+        lines[1],
+    ), lines[1]
+    assert [r["id"] for r in branch_rows(warned.table("testdomain.warned__rejects"), "acme")] == ["x"]
+
+    # 2: strict rejection; nothing committed
+    assert out["strict"][0].splitlines() == [
+        "strict: FAILED at validate rows_read=3 rows_rejected=2: strict validation failed; nothing was committed."
+    ], out["strict"]
+    assert "id: invalid_integer x2" in out["strict"][1]
+    assert f"{strict.data_dir / 'strict.csv'}, line 3: 'x'" in out["strict"][1]
+    assert not strict.catalog().table_exists("testdomain.good")
+
+    # 2: a bad spec stops everything before any run, naming file, key and problem
+    assert out["bad"][0] == ""
+    assert "asset_specs/broken.yaml: schema[0].type: unknown type 'integr'" in out["bad"][1]
+    assert "asset_specs/broken.yaml: colour: unknown key" in out["bad"][1]
+    assert not (bad.root / ".dativo").exists()
+
+
+def test_nothing_readable_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Same code path as the console script, in process (a subprocess costs seconds of imports)."""
+    from dativo_dagster.cli import main
+
+    project = make_project(tmp_path / "p", "missing", "good")
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 2
+    lines = sorted(capsys.readouterr().out.splitlines())
+    assert lines[0].startswith("good: ok rows_read=2 committed=2 ")
+    assert lines[1] == f"missing: FAILED at extract: {project.data_dir / 'missing.csv'}: source file not found"
+
+
+def test_unknown_selection_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dativo_dagster.cli import main
+
+    project = make_project(tmp_path / "p", "good")
+    assert main(["materialize", "--specs", str(project.specs_dir), "--select", "nope"]) == 2
+    assert "unknown asset(s): nope; known: good" in capsys.readouterr().err
+    empty = tmp_path / "empty" / "asset_specs"
+    empty.mkdir(parents=True)
+    assert main(["materialize", "--specs", str(empty)]) == 2
+
+
+def test_dagster_asset_materialize_with_the_multiprocess_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = make_project(tmp_path / "p", "good")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    proc = subprocess.run(
+        [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "*"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env(DATIVO_ASSET_SPECS_DIR=str(project.specs_dir), DAGSTER_HOME=str(home)),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multiprocess executor" in proc.stderr
+    rows = branch_rows(project.table("testdomain.good"), "acme")
+    assert sorted(r["id"] for r in rows) == [1, 2]
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = dg.DagsterInstance.get()
+    try:
+        [run] = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert {r["_run_id"] for r in rows} == {run.run_id}
+        [record] = instance.fetch_materializations(dg.AssetKey("good"), limit=10).records
+        assert record.asset_materialization.metadata["rows_committed"].value == 2
+    finally:
+        instance.dispose()

@@ -1,0 +1,239 @@
+"""The commit step without Dagster: exactly once per run, on a branch made from main, atomic overwrite; markers."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.types import LongType, StringType
+
+from dativo_dagster.commit import (
+    RUN_ID_KEY,
+    commit_files,
+    ensure_table,
+    find_run_commit,
+)
+from dativo_dagster.errors import TerminalError
+from dativo_dagster.markers import committed_files, committed_records, marker_uri, write_commit_marker
+from dativo_dagster.spec import AssetSpecModel, FieldSpec
+from dativo_dagster.storage import S3Settings
+from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schema, partition_spec
+from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, write_batches
+from dativo_dagster_tests.conftest import base_spec, branch_rows
+
+BRANCH = "acme"
+
+
+@pytest.fixture
+def spec() -> AssetSpecModel:
+    return AssetSpecModel.model_validate(base_spec(target={"partitioning": ["ingest_date"]}))
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> SqlCatalog:
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    return SqlCatalog("dativo", uri=f"sqlite:///{tmp_path / 'catalog.db'}", warehouse=warehouse.as_uri())
+
+
+@pytest.fixture
+def table(catalog: SqlCatalog, spec: AssetSpecModel, tmp_path: Path) -> Table:
+    location = str(tmp_path / "warehouse" / spec.table_path)
+    return ensure_table(
+        catalog, spec.table_identifier, iceberg_schema(spec.fields), lambda s: partition_spec(spec, s), location
+    )
+
+
+def write_files(table: Table, run_id: str, ids: list[int], when: datetime | None = None) -> list[WrittenFile]:
+    """Parquet files of ``ids`` as the write step would make them for ``run_id``."""
+    schema = arrow_schema(table.schema())
+    ingested_at = when or datetime(2025, 11, 7, 12, tzinfo=timezone.utc)
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "id": ids,
+            "name": [f"n{i}" for i in ids],
+            "_ingested_at": [ingested_at] * len(ids),
+            "_source_file": ["/src/people.csv"] * len(ids),
+            "_run_id": [run_id] * len(ids),
+        },
+        schema=schema,
+    )
+    writer = PartitionedParquetWriter(
+        location=f"{table.location()}/data",
+        schema=schema,
+        partitioner=Partitioner(table.spec(), table.schema()),
+        target_bytes=1 << 20,
+        file_prefix=run_id[:8],
+        metadata={},
+        s3=S3Settings(),
+    )
+    return write_batches([batch], writer)
+
+
+def commit(table: Table, run_id: str, files: list[WrittenFile], overwrite: bool = False) -> Any:
+    return commit_files(
+        table,
+        branch=BRANCH,
+        files=files,
+        partitioner=Partitioner(table.spec(), table.schema()),
+        run_id=run_id,
+        properties={"dativo.source-state": json.dumps({"/src/people.csv": "1"})},
+        overwrite=overwrite,
+    )
+
+
+def ids_on(table: Table, branch: str) -> list[int]:
+    return sorted(r["id"] for r in branch_rows(table, branch))
+
+
+def test_the_same_run_commits_once(catalog: SqlCatalog, table: Table) -> None:
+    files = write_files(table, "run-a", [1, 2])
+    first = commit(table, "run-a", files)
+    table = catalog.load_table("testdomain.people")
+    metadata_after_first = table.metadata_location
+    second = commit(table, "run-a", files)
+    table = catalog.load_table("testdomain.people")
+
+    assert not first.already_committed and second.already_committed
+    assert second.snapshot_id == first.snapshot_id
+    assert table.metadata_location == metadata_after_first
+    assert ids_on(table, BRANCH) == [1, 2]
+    assert first.table_rows == second.table_rows == 2
+    summary = table.snapshot_by_name(BRANCH).summary.additional_properties
+    assert summary[RUN_ID_KEY] == "run-a"
+    assert json.loads(summary["dativo.source-state"]) == {"/src/people.csv": "1"}
+
+
+def test_a_run_is_recognised_below_the_branch_head(catalog: SqlCatalog, table: Table) -> None:
+    files_a = write_files(table, "run-a", [1])
+    commit(table, "run-a", files_a)
+    commit(catalog.load_table("testdomain.people"), "run-b", write_files(table, "run-b", [2]))
+    table = catalog.load_table("testdomain.people")
+
+    found = find_run_commit(table, BRANCH, "run-a")
+    assert found is not None and found.snapshot_id != table.snapshot_by_name(BRANCH).snapshot_id
+    assert commit(table, "run-a", files_a).already_committed
+    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [1, 2]
+
+
+def test_the_branch_starts_at_main_and_main_gets_no_data(catalog: SqlCatalog, table: Table) -> None:
+    result = commit(table, "run-a", write_files(table, "run-a", [1]))
+    table = catalog.load_table("testdomain.people")
+
+    main = table.snapshot_by_name("main")
+    head = table.snapshot_by_name(BRANCH)
+    assert head.snapshot_id == result.snapshot_id
+    assert [s.snapshot_id for s in ancestors_of(head, table.metadata)] == [head.snapshot_id, main.snapshot_id]
+    assert ids_on(table, "main") == []
+    assert list(table.scan(snapshot_id=main.snapshot_id).plan_files()) == []
+
+
+def test_overwrite_replaces_everything_in_one_metadata_version(catalog: SqlCatalog, table: Table) -> None:
+    commit(table, "run-a", write_files(table, "run-a", [1, 2]))
+    commit(catalog.load_table("testdomain.people"), "run-b", write_files(table, "run-b", [3]))
+    table = catalog.load_table("testdomain.people")
+    versions = len(table.metadata.metadata_log)
+
+    result = commit(table, "run-c", write_files(table, "run-c", [7, 8]), overwrite=True)
+    table = catalog.load_table("testdomain.people")
+    assert ids_on(table, BRANCH) == [7, 8]
+    assert len(table.metadata.metadata_log) == versions + 1
+    assert result.table_rows == 2
+    head = table.snapshot_by_name(BRANCH)
+    run_c = [s for s in ancestors_of(head, table.metadata) if s.summary.additional_properties.get(RUN_ID_KEY) == "run-c"]
+    assert [s.summary.operation.value for s in run_c] == ["append", "delete"]
+    # the same overwrite again is recognised and deletes nothing
+    again = commit(table, "run-c", write_files(table, "run-c", [9]), overwrite=True)
+    assert again.already_committed
+    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [7, 8]
+
+
+def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table) -> None:
+    commit(table, "run-a", write_files(table, "run-a", [1]))
+    table = catalog.load_table("testdomain.people")
+    before = table.metadata_location
+    result = commit(table, "run-b", [])
+    assert result.snapshot_id is None and result.rows == 0 and result.table_rows == 1
+    assert catalog.load_table("testdomain.people").metadata_location == before
+
+
+def test_a_lost_race_is_retried_and_commits_once(
+    catalog: SqlCatalog, table: Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyiceberg.exceptions import CommitFailedException
+
+    import dativo_dagster.commit as commit_module
+
+    real = commit_module._commit_once
+    calls = []
+
+    def flaky(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise CommitFailedException("another writer won")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(commit_module, "_commit_once", flaky)
+    result = commit(table, "run-a", write_files(table, "run-a", [1, 2]))
+    assert len(calls) == 2
+    assert result.snapshot_id is not None
+    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [1, 2]
+
+
+def test_ensure_table_evolves_new_columns_and_refuses_type_changes(
+    catalog: SqlCatalog, table: Table, spec: AssetSpecModel
+) -> None:
+    wider = [*spec.fields, FieldSpec(name="email", type="string")]
+    evolved = ensure_table(
+        catalog, spec.table_identifier, iceberg_schema(wider), lambda s: partition_spec(spec, s), table.location()
+    )
+    assert isinstance(evolved.schema().find_field("email").field_type, StringType)
+    assert isinstance(evolved.schema().find_field("id").field_type, LongType)
+
+    retyped = [FieldSpec(name="id", type="string"), spec.fields[1]]
+    with pytest.raises(TerminalError, match="column 'id' is long in the table but string in the spec"):
+        ensure_table(
+            catalog, spec.table_identifier, iceberg_schema(retyped), lambda s: partition_spec(spec, s), table.location()
+        )
+
+
+def written(uri: str, rows: int) -> WrittenFile:
+    return WrittenFile(uri=uri, size_bytes=10, record_count=rows, partition_path="", partition_values=[])
+
+
+def test_commit_markers_list_exactly_the_committed_files(tmp_path: Path) -> None:
+    location = str(tmp_path / "people")
+    s3 = S3Settings()
+    first = write_commit_marker(
+        location=location, run_id="run-a", files=[written(f"{location}/data/a.parquet", 2)], properties={},
+        s3=s3, table="d.people",
+    )
+    assert Path(marker_uri(location, "run-a")).is_file()
+    again = write_commit_marker(
+        location=location, run_id="run-a", files=[written(f"{location}/data/other.parquet", 5)], properties={},
+        s3=s3, table="d.people",
+    )
+    assert not first.already_committed and again.already_committed
+    assert committed_files(location, s3) == [f"{location}/data/a.parquet"]
+
+    write_commit_marker(
+        location=location, run_id="run-b", files=[written(f"{location}/data/b.parquet", 3)], properties={},
+        s3=s3, table="d.people",
+    )
+    assert committed_files(location, s3) == [f"{location}/data/a.parquet", f"{location}/data/b.parquet"]
+    assert committed_records(location, s3) == 5
+
+    write_commit_marker(
+        location=location, run_id="run-0", files=[written(f"{location}/data/c.parquet", 1)], properties={},
+        s3=s3, table="d.people", overwrite=True,
+    )
+    assert committed_files(location, s3) == [f"{location}/data/c.parquet"]
+    assert committed_records(location, s3) == 1
+    assert not list(Path(location, "_commits").glob("*.tmp"))

@@ -1,0 +1,100 @@
+"""Batch validation: valid typed rows, rejected rows with reasons, and the report."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pyarrow as pa
+import pytest
+
+from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE, text_schema
+from dativo_dagster.spec import CsvOptions, FieldSpec
+from dativo_dagster.validate import ValidationReport, validate_batch
+
+FIELDS = [
+    FieldSpec(name="id", type="integer", required=True),
+    FieldSpec(name="amount", type="decimal(6,2)"),
+    FieldSpec(name="active", type="boolean"),
+    FieldSpec(name="name", type="string", required=True),
+]
+
+
+def text_batch(rows: list[dict], fields=FIELDS, file: str = "/data/in.csv") -> pa.RecordBatch:
+    schema = text_schema(fields)
+    columns = {f.name: [r.get(f.name) for r in rows] for f in fields}
+    columns[SOURCE_FILE] = [file] * len(rows)
+    columns[SOURCE_LINE] = [r.get("_line", i + 2) for i, r in enumerate(rows)]
+    columns[PARSE_ERROR] = [r.get("_error") for r in rows]
+    columns[RAW_RECORD] = [r.get("_raw") for r in rows]
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def test_valid_rows_are_typed_and_rejects_keep_original_text():
+    batch = text_batch(
+        [
+            {"id": "1", "amount": "12.50", "active": "yes", "name": "Ann"},
+            {"id": "x2", "amount": "1.234", "active": "maybe", "name": "Bob"},
+            {"id": " 3 ", "amount": "", "active": "0", "name": "Cy"},
+            {"id": "", "amount": "7", "active": "1", "name": ""},
+        ]
+    )
+    valid, rejects, tally = validate_batch(batch, FIELDS, CsvOptions())
+    assert valid.to_pylist() == [
+        {"id": 1, "amount": Decimal("12.50"), "active": True, "name": "Ann", SOURCE_FILE: "/data/in.csv"},
+        {"id": 3, "amount": None, "active": False, "name": "Cy", SOURCE_FILE: "/data/in.csv"},
+    ]
+    assert valid.schema.field("amount").type == pa.decimal128(6, 2)
+    rows = rejects.to_pylist()
+    assert [r[SOURCE_LINE] for r in rows] == [3, 5]
+    assert rows[0]["id"] == "x2" and rows[0]["amount"] == "1.234" and rows[0]["active"] == "maybe"
+    assert rows[0]["_reject_reason"] == "id: invalid_integer; amount: out_of_range; active: invalid_boolean"
+    assert rows[1]["_reject_reason"] == "id: missing_required; name: missing_required"
+    assert rows[1]["id"] == "" and rows[1]["name"] == ""
+    assert (tally.rows_read, tally.rows_valid, tally.rows_rejected) == (4, 2, 2)
+    assert tally.errors[("id", "invalid_integer")][0] == 1
+    assert tally.errors[("name", "missing_required")][0] == 1
+    example = tally.errors[("active", "invalid_boolean")][1][0]
+    assert (example.file, example.line, example.value) == ("/data/in.csv", 3, "maybe")
+
+
+def test_unparseable_records_are_rejected_with_their_raw_text():
+    batch = text_batch(
+        [
+            {"id": "1", "name": "ok"},
+            {"_error": "record has the wrong number of fields; expected 4", "_raw": "9,9", "_line": 7},
+        ]
+    )
+    valid, rejects, tally = validate_batch(batch, FIELDS, CsvOptions())
+    assert valid.num_rows == 1
+    (row,) = rejects.to_pylist()
+    assert row[RAW_RECORD] == "9,9" and row[SOURCE_LINE] == 7
+    assert row["_reject_reason"] == "unparseable_record: record has the wrong number of fields; expected 4"
+    assert tally.errors[("(record)", "unparseable_record")][0] == 1
+
+
+def test_custom_null_values():
+    fields = [FieldSpec(name="n", type="integer", required=True)]
+    batch = text_batch([{"n": "N/A"}, {"n": "5"}], fields=fields)
+    valid, rejects, _ = validate_batch(batch, fields, CsvOptions(null_values=["N/A"]))
+    assert valid.column("n").to_pylist() == [5]
+    assert rejects.to_pylist()[0]["_reject_reason"] == "n: missing_required"
+
+
+def test_report_accumulates_counts_and_keeps_first_examples():
+    report = ValidationReport()
+    for start in (0, 10):
+        rows = [{"id": "bad", "name": "n", "_line": start + i} for i in range(5)]
+        report.add(validate_batch(text_batch(rows), FIELDS, CsvOptions())[2])
+    (entry,) = report.errors
+    assert (entry.field, entry.kind, entry.count) == ("id", "invalid_integer", 10)
+    assert [e.line for e in entry.examples] == [0, 1, 2]
+    assert report.rows_read == 10 and report.rows_rejected == 10
+    text = report.describe()
+    assert "id: invalid_integer x10" in text and "/data/in.csv, line 0: 'bad'" in text
+
+
+@pytest.mark.parametrize("mode_rows", [0, 1])
+def test_empty_and_all_valid_batches(mode_rows):
+    rows = [{"id": "1", "name": "a"}] * mode_rows
+    valid, rejects, tally = validate_batch(text_batch(rows), FIELDS, CsvOptions())
+    assert valid.num_rows == mode_rows and rejects.num_rows == 0 and tally.rows_rejected == 0

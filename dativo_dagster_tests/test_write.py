@@ -1,0 +1,385 @@
+"""Write: partitioned snappy Parquet files near the target size, inside the table location, with metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyiceberg.partitioning import _to_partition_representation
+
+from dativo_dagster import write as write_module
+from dativo_dagster.spec import AssetSpecModel
+from dativo_dagster.storage import S3Settings
+from dativo_dagster.table_schema import HIVE_NULL, Partitioner, arrow_schema, iceberg_schema, partition_spec
+from dativo_dagster.write import (
+    MAX_TAGS,
+    PartitionedParquetWriter,
+    WrittenFile,
+    governance_metadata,
+    object_tags,
+    write_batches,
+)
+from dativo_dagster_tests.conftest import base_spec
+
+MIB = 1 << 20
+INGESTED_AT = datetime(2025, 11, 7, 9, 30, tzinfo=UTC)
+COLUMNS = [
+    {"name": "id", "type": "integer", "required": True},
+    {"name": "name", "type": "string"},
+    {"name": "amount", "type": "double"},
+    {"name": "cat", "type": "string"},
+    {"name": "ts", "type": "timestamp"},
+]
+SAFE_SEGMENT = re.compile(r"^[a-z0-9_.-]+=([a-z0-9_.-]+|__HIVE_DEFAULT_PARTITION__)$")
+ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -", dtype=np.uint8)
+
+
+def make_spec(partitioning: list[str], columns: list[dict[str, Any]] = COLUMNS) -> AssetSpecModel:
+    return AssetSpecModel.model_validate(base_spec(schema=columns, target={"partitioning": partitioning}))
+
+
+def make_writer(
+    location: Path,
+    partitioning: list[str],
+    target_bytes: int,
+    *,
+    prefix: str = "20251107T093000-run1",
+    columns: list[dict[str, Any]] = COLUMNS,
+) -> PartitionedParquetWriter:
+    spec = make_spec(partitioning, columns)
+    schema = iceberg_schema(spec.fields)
+    return PartitionedParquetWriter(
+        location=str(location),
+        schema=arrow_schema(schema),
+        partitioner=Partitioner(partition_spec(spec, schema), schema),
+        target_bytes=target_bytes,
+        file_prefix=prefix,
+        metadata=governance_metadata(spec, branch="acme", run_id="run-1", ingested_at=INGESTED_AT),
+        s3=S3Settings(),
+    )
+
+
+def random_strings(rng: np.random.Generator, n: int, low: int, high: int) -> pa.Array:
+    lengths = rng.integers(low, high, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    data = ALPHABET[rng.integers(0, len(ALPHABET), int(offsets[-1]))]
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data.tobytes()))
+
+
+def realistic_table(
+    writer: PartitionedParquetWriter, n: int, *, seed: int = 0, categories: int = 3, constant: bool = False
+) -> pa.Table:
+    """Rows with real entropy (random ids, text, amounts), categories interleaved row by row."""
+    rng = np.random.default_rng(seed)
+    start = int(datetime(2025, 11, 1).timestamp() * 1e6)
+    if constant:
+        ids, names, amounts = np.zeros(n, np.int64), pa.array(["same"] * n), np.zeros(n)
+        times = np.full(n, start)
+    else:
+        ids, names, amounts = rng.integers(0, 2**40, n), random_strings(rng, n, 4, 24), rng.random(n).round(2) * 1000
+        times = start + rng.integers(0, 3 * 86_400_000_000, n)
+    cats = np.array([f"cat{i}" for i in range(categories)])[rng.integers(0, categories, n)]
+    table = pa.table(
+        {
+            "id": ids,
+            "name": names,
+            "amount": amounts,
+            "cat": pa.array(cats),
+            "ts": pa.array(times, pa.timestamp("us")),
+            "_ingested_at": pa.repeat(pa.scalar(INGESTED_AT, pa.timestamp("us", tz="UTC")), n),
+            "_source_file": pa.repeat(pa.scalar("/data/people.csv"), n),
+            "_run_id": pa.repeat(pa.scalar("run-1"), n),
+        }
+    )
+    return table.cast(writer.schema)
+
+
+def write_all(writer: PartitionedParquetWriter, table: pa.Table, batch_rows: int = 50_000) -> list[WrittenFile]:
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        writer.write(pa.Table.from_batches([batch]))
+    return writer.close()
+
+
+def by_partition(files: list[WrittenFile]) -> dict[str, list[WrittenFile]]:
+    out: dict[str, list[WrittenFile]] = defaultdict(list)
+    for f in files:
+        out[f.partition_path].append(f)
+    return out
+
+
+def partition_of_rows(writer: PartitionedParquetWriter, table: pa.Table) -> set[tuple[Any, ...]]:
+    """Partition values of every row, by pyiceberg's pure Python transforms."""
+    partitioner = writer.partitioner
+    out = set()
+    for row in table.to_pylist():
+        values = []
+        for field, source in zip(partitioner.fields, partitioner._sources, strict=True):
+            value = row[source.name]
+            rep = None if value is None else _to_partition_representation(source.field_type, value)
+            values.append(None if rep is None else field.transform.transform(source.field_type)(rep))
+        out.add(tuple(values))
+    return out
+
+
+def assert_size_rule(files: list[WrittenFile], target: int) -> None:
+    """CONTRACT 4: all but the last file of each partition are between half and 110 % of the target."""
+    for path, group in by_partition(files).items():
+        for f in group:
+            assert os.path.getsize(f.uri) == f.size_bytes
+        sizes = [f.size_bytes / target for f in group[:-1]]
+        assert all(0.5 <= s <= 1.1 for s in sizes), (path, sizes)
+        if sizes:
+            assert float(np.median(sizes)) >= 0.85, (path, sizes)  # close to the target, not just inside the rule
+
+
+@pytest.mark.parametrize("target_mb", [1, 8])
+def test_file_sizes_follow_the_rule_with_interleaved_partitions(tmp_path, target_mb):
+    target = target_mb * MIB
+    writer = make_writer(tmp_path / "table" / "data", ["cat"], target)
+    table = realistic_table(writer, 2_000_000, seed=target_mb)
+    assert table.nbytes > 60 * MIB
+    files = write_all(writer, table)
+    assert sum(f.record_count for f in files) == table.num_rows
+    assert sorted(by_partition(files)) == ["cat=cat0", "cat=cat1", "cat=cat2"]
+    assert all(len(group) >= 2 for group in by_partition(files).values())
+    assert_size_rule(files, target)
+
+
+def test_file_sizes_hold_when_compressibility_changes_mid_stream(tmp_path):
+    target = 1 * MIB
+    writer = make_writer(tmp_path / "data", [], target)
+    # nearly free to store first (the ratio learned is tiny), then incompressible, then cheap again
+    parts = [
+        realistic_table(writer, 400_000, constant=True),
+        realistic_table(writer, 300_000, seed=5),
+        realistic_table(writer, 400_000, constant=True),
+        realistic_table(writer, 100_000, seed=6),
+    ]
+    files = write_all(writer, pa.concat_tables(parts), batch_rows=20_000)
+    assert sum(f.record_count for f in files) == 1_200_000
+    assert len(files) > 5
+    assert_size_rule(files, target)
+
+
+def test_a_single_partition_of_unique_short_values_stays_under_the_bound(tmp_path):
+    """Dictionary pages of never-repeating short values make written bytes exceed in-memory bytes."""
+    columns = [{"name": "d", "type": "date"}, {"name": "i", "type": "integer"}]
+    writer = make_writer(tmp_path / "data", [], 1 * MIB, columns=columns)
+    n = 600_000
+    rng = np.random.default_rng(2)
+    table = pa.table(
+        {
+            "d": pa.array(rng.permutation(n).astype(np.int32) - n // 2, pa.int32()).cast(pa.date32()),
+            "i": rng.integers(0, 2**62, n),
+            "_ingested_at": pa.repeat(pa.scalar(INGESTED_AT, pa.timestamp("us", tz="UTC")), n),
+            "_source_file": pa.repeat(pa.scalar("/x.csv"), n),
+            "_run_id": pa.repeat(pa.scalar("r"), n),
+        }
+    ).cast(writer.schema)
+    files = write_all(writer, table)
+    assert len(files) > 3
+    assert_size_rule(files, 1 * MIB)
+
+
+def test_files_land_in_hive_folders_and_hold_one_partition_each(tmp_path):
+    location = tmp_path / "table" / "data"
+    writer = make_writer(location, ["cat", "day(ts)"], 1 * MIB)
+    table = realistic_table(writer, 200_000, seed=3)
+    files = write_all(writer, table, batch_rows=7_000)
+    assert len(by_partition(files)) == 3 * 3  # three categories over three days
+    total = 0
+    for f in files:
+        path = Path(f.uri)
+        assert path.parent.parent.parent == location
+        assert f"{path.parent.parent.name}/{path.parent.name}" == f.partition_path
+        rows = pq.read_table(path)
+        total += rows.num_rows
+        assert rows.num_rows == f.record_count
+        values = writer.partitioner.from_json(f.partition_values)
+        assert partition_of_rows(writer, rows) == {values}
+        assert writer.partitioner.hive_path(values) == f.partition_path
+        cat, day = values
+        assert f.partition_path == f"cat={cat}/ts_day={datetime.fromtimestamp(day * 86400, UTC):%Y-%m-%d}"
+    assert total == table.num_rows
+
+
+def test_ingest_date_partition(tmp_path):
+    location = tmp_path / "data"
+    writer = make_writer(location, ["ingest_date"], 8 * MIB)
+    files = write_all(writer, realistic_table(writer, 1000))
+    assert [Path(f.uri).parent for f in files] == [location / "ingest_date=2025-11-07"]
+    assert files[0].partition_values == [20399]
+
+
+HOSTILE = [
+    "../../etc",
+    "..",
+    ".",
+    "%2e%2e",
+    "a/b",
+    "/abs/path",
+    "nul\x00byte",
+    "\u2024\u2024",  # one dot leaders that look like ".."
+    "..\u2215..",  # division slash
+    "x" * 500,
+    "",
+    None,
+    "CON",
+    "~root",
+    "a\\..\\b",
+]
+
+
+def test_hostile_partition_values_stay_inside_the_location(tmp_path):
+    location = tmp_path / "warehouse" / "table" / "data"
+    writer = make_writer(location, ["name", "truncate(3, name)"], 8 * MIB)
+    n = len(HOSTILE)
+    table = pa.table(
+        {
+            "id": pa.array(range(n), pa.int64()),
+            "name": pa.array(HOSTILE, pa.string()),
+            "_ingested_at": pa.repeat(pa.scalar(INGESTED_AT, pa.timestamp("us", tz="UTC")), n),
+        }
+    )
+    table = pa.table(
+        {f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(n, f.type) for f in writer.schema}
+    ).cast(writer.schema)
+    files = write_all(writer, table)
+    assert sum(f.record_count for f in files) == n
+    root = location.resolve()
+    back = {}
+    for f in files:
+        path = Path(f.uri)
+        assert path.resolve().is_relative_to(root)
+        segments = path.relative_to(location).parts
+        assert len(segments) == 3  # two partition folders and the file
+        for segment in segments[:2]:
+            assert SAFE_SEGMENT.match(segment), segment
+            assert ".." not in segment and len(segment) <= 130
+        for row in pq.read_table(path).to_pylist():
+            back[row["id"]] = (row["name"], segments[0])
+    assert {i: name for i, (name, _) in back.items()} == dict(enumerate(HOSTILE))  # values themselves unchanged
+    assert back[HOSTILE.index(None)][1] == f"name={HIVE_NULL}"
+    assert back[HOSTILE.index("")][1] == "name=_"
+    # nothing was written anywhere else
+    assert {p for p in tmp_path.rglob("*") if p.is_file()} == {Path(f.uri) for f in files}
+
+
+def test_file_names_are_unique_across_writers_and_never_overwrite(tmp_path):
+    location = tmp_path / "data"
+    first = make_writer(location, ["cat"], 1 * MIB, prefix="same-prefix")
+    table = realistic_table(first, 60_000, seed=9)
+    first_files = write_all(first, table)
+    digests = {f.uri: hashlib.sha256(Path(f.uri).read_bytes()).hexdigest() for f in first_files}
+    second = make_writer(location, ["cat"], 1 * MIB, prefix="same-prefix")
+    second_files = write_all(second, table)
+    uris = [f.uri for f in first_files + second_files]
+    assert len(set(uris)) == len(uris) == 2 * len(first_files)
+    assert all(Path(u).name.startswith("same-prefix-") and u.endswith(".parquet") for u in uris)
+    assert {u: hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in digests} == digests
+
+
+def test_footer_snappy_field_ids_and_governance_metadata(tmp_path):
+    writer = make_writer(tmp_path / "data", ["cat"], 1 * MIB)
+    files = write_all(writer, realistic_table(writer, 80_000, seed=4))
+    spec = make_spec(["cat"])
+    for f in files:
+        parquet = pq.ParquetFile(f.uri)
+        meta = parquet.metadata
+        assert meta.num_rows == f.record_count
+        for i in range(meta.num_row_groups):
+            for j in range(meta.num_columns):
+                assert meta.row_group(i).column(j).compression == "SNAPPY"
+        ids = [parquet.schema_arrow.field(name).metadata[b"PARQUET:field_id"] for name in parquet.schema_arrow.names]
+        assert ids == [str(i).encode() for i in range(1, len(COLUMNS) + 4)]
+        kv = {k.decode(): v.decode() for k, v in meta.metadata.items() if k.startswith(b"dativo.")}
+        assert kv == {
+            "dativo.asset-name": spec.name,
+            "dativo.asset-version": "1.0",
+            "dativo.domain": "testdomain",
+            "dativo.data-product": "testproduct",
+            "dativo.tenant-id": "acme",
+            "dativo.branch": "acme",
+            "dativo.owner": "owner@example.com",
+            "dativo.retention-days": "30",
+            "dativo.classification": "internal,pii",
+            "dativo.ingest-timestamp": "2025-11-07T09:30:00Z",
+            "dativo.run-id": "run-1",
+            "dativo.partition": f.partition_path,
+            "dativo.record-count": str(f.record_count),
+        }
+
+
+def test_object_tags_are_few_and_tag_safe():
+    metadata = governance_metadata(make_spec([]), branch="acme", run_id="r", ingested_at=INGESTED_AT)
+    tags = object_tags({**metadata, "owner": "Team <owner@example.com>; drop"})
+    assert set(tags) == {"domain", "data-product", "tenant", "owner", "classification"}
+    assert len(tags) <= MAX_TAGS
+    assert tags["owner"] == "Team _owner@example.com__ drop"
+    assert tags["classification"] == "internal_pii"
+
+
+def test_many_open_partitions_do_not_hold_file_handles(tmp_path, monkeypatch):
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 0)  # every partition writes a row group at once
+    writer = make_writer(tmp_path / "data", ["id"], 8 * MIB)
+    table = realistic_table(writer, 1200, seed=1)
+    table = table.set_column(0, "id", pa.array(np.arange(1200), pa.int64()))
+    handles_before = len(os.listdir("/proc/self/fd"))
+    for batch in table.to_batches(max_chunksize=100):
+        writer.write(pa.Table.from_batches([batch]))
+    writer._route()
+    assert sum(1 for state in writer._states.values() if state.writer is not None) == 1200
+    assert len(os.listdir("/proc/self/fd")) < handles_before + 10
+    files = writer.close()
+    assert len(files) == 1200
+    assert all(pq.read_metadata(f.uri).num_rows == 1 for f in files)
+
+
+def test_write_batches_removes_everything_when_the_stream_fails(tmp_path):
+    location = tmp_path / "data"
+    writer = make_writer(location, ["cat"], 1 * MIB)
+    table = realistic_table(writer, 300_000, seed=8)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield from table.to_batches(max_chunksize=50_000)
+        raise RuntimeError("validation stream broke")
+
+    with pytest.raises(RuntimeError, match="stream broke"):
+        write_batches(batches(), writer)
+    assert writer.files  # some files were finished before the failure ...
+    assert [p for p in location.rglob("*") if p.is_file()] == []  # ... and removed with the open ones
+
+
+def test_write_batches_returns_files_of_every_partition(tmp_path):
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    table = realistic_table(writer, 10_000, seed=2)
+    files = write_batches(table.to_batches(max_chunksize=999), writer)
+    assert sorted(f.partition_path for f in files) == ["cat=cat0", "cat=cat1", "cat=cat2"]
+    assert pa.concat_tables([pq.read_table(f.uri) for f in files]).sort_by("id").equals(table.sort_by("id"))
+
+
+def test_governance_metadata_keys():
+    metadata = governance_metadata(make_spec([]), branch="b1", run_id="run-9", ingested_at=INGESTED_AT)
+    assert metadata == {
+        "asset-name": "people",
+        "asset-version": "1.0",
+        "domain": "testdomain",
+        "data-product": "testproduct",
+        "tenant-id": "acme",
+        "branch": "b1",
+        "owner": "owner@example.com",
+        "retention-days": "30",
+        "classification": "internal,pii",
+        "ingest-timestamp": "2025-11-07T09:30:00Z",
+        "run-id": "run-9",
+    }
