@@ -2,7 +2,9 @@
 
 # no ``from __future__ import annotations``: Dagster reads the ops' annotations at definition time
 import re
-from collections.abc import Iterator
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,9 +14,16 @@ from pydantic import BaseModel, Field
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
-from dativo_dagster.commit import ASSET_KEY, SOURCE_STATE_KEY, CommitResult, commit_files, ensure_table, source_state_json
-from dativo_dagster.errors import DativoError
-from dativo_dagster.extract import FileReport, iter_source_batches, list_source_files, text_schema
+from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
+from dativo_dagster.errors import DativoError, is_transient, redact
+from dativo_dagster.extract import FileReport, SourceFile, iter_source_batches, list_source_files, text_schema
+from dativo_dagster.incremental import (
+    SOURCE_STATE_KEY,
+    Selection,
+    marker_source_state,
+    select_files,
+    table_source_state,
+)
 from dativo_dagster.io_managers import (
     BRANCH_META,
     CATALOG_META,
@@ -23,7 +32,7 @@ from dativo_dagster.io_managers import (
     WAREHOUSE_META,
     ArrowSpill,
 )
-from dativo_dagster.markers import committed_records, write_commit_marker
+from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
 from dativo_dagster.table_schema import (
@@ -50,6 +59,15 @@ class ExtractReport(BaseModel):
 
     files: list[dict[str, Any]] = Field(default_factory=list)
     file_reports: list[dict[str, Any]] = Field(default_factory=list)
+    incremental: bool = False
+    new: list[str] = Field(default_factory=list)
+    changed: list[str] = Field(default_factory=list)
+    unchanged: list[str] = Field(default_factory=list)
+    too_old: list[str] = Field(default_factory=list)
+
+    @property
+    def nothing_new(self) -> bool:
+        return self.incremental and not self.files
 
     @property
     def source_state(self) -> dict[str, str]:
@@ -74,6 +92,8 @@ class WriteResult(BaseModel):
     rejects_location: str = ""
     columns_not_loaded: dict[str, list[str]] = Field(default_factory=dict)
     columns_missing: dict[str, list[str]] = Field(default_factory=dict)
+    incremental: bool = False
+    nothing_new: bool = False
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -88,9 +108,46 @@ def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
     )
 
 
-def as_failure(exc: DativoError) -> dg.Failure:
-    """A Dagster failure that the RetryPolicy retries only when the error is transient."""
-    return dg.Failure(description=str(exc), allow_retries=exc.transient)
+def to_failure(
+    exc: BaseException, loaded: LoadedSpec, step: str, secrets: Sequence[str | None], where: str = ""
+) -> dg.Failure:
+    """A Dagster failure that the RetryPolicy retries only when the error is transient.
+
+    The original exception is not chained (its text may hold credentials): its redacted traceback
+    goes into the failure's metadata instead.
+    """
+    transient = is_transient(exc, loaded.spec.retry_config.retryable_errors)
+    message = str(exc) if isinstance(exc, DativoError) else f"{type(exc).__name__}: {exc}"
+    return dg.Failure(
+        description=redact(f"{where}{message}", secrets),
+        metadata={
+            "step": step,
+            "error_class": type(exc).__name__,
+            "retryable": transient,
+            "traceback": dg.MetadataValue.text(redact("".join(traceback.format_exception(exc)), secrets)),
+        },
+        allow_retries=transient,
+    )
+
+
+@contextmanager
+def failures(loaded: LoadedSpec, step: str, secrets: Sequence[str | None], where: str = "") -> Iterator[None]:
+    """Turn any error of a step into a classified, redacted ``dg.Failure`` (``where`` prefixes its text)."""
+    try:
+        yield
+    except dg.Failure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error is classified, none is swallowed
+        raise to_failure(exc, loaded, step, secrets, where) from None
+
+
+def _secrets(*resources: Any) -> list[str | None]:
+    """Secret values of the resources, to redact from messages (URI passwords are masked by pattern)."""
+    return [
+        getattr(resource, attribute, None)
+        for resource in resources
+        for attribute in ("aws_secret_access_key", "credential")
+    ]
 
 
 def _column_schema(loaded: LoadedSpec) -> dg.TableSchema:
@@ -133,16 +190,22 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         retry_policy=policy,
         tags=op_tags,
     )
-    def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource):
+    def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
         s3 = dativo_storage.s3_settings()
-        try:
-            files = list_source_files(loaded, s3)
-        except DativoError as exc:
-            raise as_failure(exc) from exc
-        context.log.info(f"{name}: {len(files)} source file(s): {', '.join(f.uri for f in files)}")
+        secrets = _secrets(dativo_storage, dativo_catalog)
+        with failures(loaded, "extract", secrets):
+            listed = list_source_files(loaded, s3)
+            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
+        files = selection.to_read
+        if is_incremental(loaded):
+            context.log.info(f"{name}: {selection.describe()}")
+        if selection.nothing_new:
+            context.log.info(f"{name}: nothing new to read; the table stays as it is")
+        else:
+            context.log.info(f"{name}: reading {len(files)} source file(s): {', '.join(f.uri for f in files)}")
         reports: list[FileReport] = []
         stream = pa.RecordBatchReader.from_batches(
-            text_schema(spec.fields), _guarded(iter_source_batches(files, loaded, s3, reports))
+            text_schema(spec.fields), _guarded(iter_source_batches(files, loaded, s3, reports), loaded, "extract", secrets)
         )
         yield dg.Output(stream, "text")
         for report in reports:
@@ -150,13 +213,20 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
                 context.log.warning(f"{report.uri}: columns not in the spec, not loaded: {report.extra_columns}")
             if report.missing_columns:
                 context.log.warning(f"{report.uri}: spec columns missing from the file, null: {report.missing_columns}")
+            if report.blank_records:
+                context.log.warning(f"{report.uri}: {report.blank_records} blank record(s) skipped")
         yield dg.Output(
             ExtractReport(
                 files=[{"uri": f.uri, "size": f.size, "version": f.version} for f in files],
                 file_reports=[vars(r) for r in reports],
+                incremental=is_incremental(loaded),
+                new=selection.new,
+                changed=selection.changed,
+                unchanged=selection.unchanged,
+                too_old=selection.too_old,
             ),
             "extract_report",
-            metadata={"files": len(files), "rows": sum(r.rows for r in reports)},
+            metadata={"files": len(files), "rows": sum(r.rows for r in reports), "nothing_new": selection.nothing_new},
         )
 
     @dg.op(
@@ -198,7 +268,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
 
         try:
             yield dg.Output(
-                pa.RecordBatchReader.from_batches(typed_schema(spec.fields), _guarded(valid_batches())), "valid"
+                pa.RecordBatchReader.from_batches(typed_schema(spec.fields), _guarded(valid_batches(), loaded, "validate", [])), "valid"
             )
         except BaseException:
             spill.discard()
@@ -240,10 +310,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         dativo_storage: StorageResource,
         dativo_catalog: CatalogResource,
     ) -> WriteResult:
-        try:
+        with failures(loaded, "write", _secrets(dativo_storage, dativo_catalog)):
             return _write(context, loaded, valid, rejects, validation, extract_report, dativo_storage, dativo_catalog)
-        except DativoError as exc:
-            raise as_failure(exc) from exc
 
     @dg.op(
         name=f"{name}__commit",
@@ -259,10 +327,9 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         dativo_catalog: CatalogResource,
         dativo_staging: StagingResource,
     ):
-        try:
+        secrets = _secrets(dativo_storage, dativo_catalog)
+        with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
             result = _commit(context, loaded, written, dativo_storage, dativo_catalog)
-        except DativoError as exc:
-            raise as_failure(exc) from exc
         dativo_staging.remove_steps(context.run_id, f"{name}.")
         yield dg.Output(result, metadata=_materialization_metadata(loaded, written, result, dativo_catalog))
 
@@ -299,12 +366,37 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     return asset
 
 
-def _guarded(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Turn our errors raised while a stream is consumed into Dagster failures with the right retry."""
-    try:
+def is_incremental(loaded: LoadedSpec) -> bool:
+    """Incremental specs read only new and changed files; ``overwrite`` always reads everything."""
+    spec = loaded.spec
+    return spec.source.incremental is not None and spec.target.write_mode is WriteMode.APPEND
+
+
+def select_sources(
+    loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource
+) -> Selection:
+    """Which listed files this run reads, decided from the committed table state (CONTRACT 5)."""
+    spec = loaded.spec
+    if not is_incremental(loaded):
+        return Selection(to_read=list(listed), new=[f.uri for f in listed])
+    assert spec.source.incremental is not None
+    if spec.target.catalog is CatalogKind.NONE:
+        committed = marker_source_state(read_commit_markers(storage.table_location(spec), storage.s3_settings()))
+    else:
+        catalog = catalog_resource.load_catalog()
+        identifier = ".".join(spec.table_identifier)
+        committed = table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
+    return select_files(
+        listed, committed, lookback_days=spec.source.incremental.lookback_days, now=datetime.now(timezone.utc)
+    )
+
+
+def _guarded(
+    batches: Iterator[pa.RecordBatch], loaded: LoadedSpec, step: str, secrets: Sequence[str | None]
+) -> Iterator[pa.RecordBatch]:
+    """Classify errors raised while a stream is consumed (by the IO manager), like errors of the step."""
+    with failures(loaded, step, secrets):
         yield from batches
-    except DativoError as exc:
-        raise as_failure(exc) from exc
 
 
 def _tag_key(tag: str) -> str:
@@ -356,6 +448,7 @@ def _write(
     catalog_resource: CatalogResource,
 ) -> WriteResult:
     spec = loaded.spec
+    storage.check_access(spec)  # wrong S3 credentials fail here, clearly, before anything is created
     s3 = storage.s3_settings()
     ingested_at = datetime.now(timezone.utc)
     run_id = context.run_id
@@ -384,6 +477,7 @@ def _write(
         file_prefix=prefix,
         metadata=metadata,
         s3=s3,
+        split_by_source=spec.target.catalog is CatalogKind.NONE and extract_report.incremental,
     )
     ts = pa.scalar(ingested_at, pa.timestamp("us", tz="UTC"))
     data_files = write_batches(_with_system_columns(valid, file_schema, ts, run_id), writer)
@@ -398,6 +492,7 @@ def _write(
             file_prefix=prefix,
             metadata=metadata,
             s3=s3,
+            split_by_source=spec.target.catalog is CatalogKind.NONE and extract_report.incremental,
         )
         reject_files = write_batches(_with_system_columns(rejects, arrow_schema(reject_schema), ts, run_id), reject_writer)
     return WriteResult(
@@ -412,6 +507,8 @@ def _write(
         rejects_location=rejects_location,
         columns_not_loaded={r["uri"]: r["extra_columns"] for r in extract_report.file_reports if r["extra_columns"]},
         columns_missing={r["uri"]: r["missing_columns"] for r in extract_report.file_reports if r["missing_columns"]},
+        incremental=extract_report.incremental,
+        nothing_new=extract_report.nothing_new,
     )
 
 
@@ -467,6 +564,7 @@ def _commit(
                 properties=properties,
                 s3=s3,
                 table=f"{table_name}__rejects",
+                replace_sources=written.incremental,
             )
         result = write_commit_marker(
             location=written.location,
@@ -476,12 +574,17 @@ def _commit(
             s3=s3,
             table=table_name,
             overwrite=overwrite,
+            replace_sources=written.incremental and not written.nothing_new,
         )
-        return result.model_copy(update={"table_rows": committed_records(written.location, s3)})
+        return result.model_copy(
+            update={"table_rows": committed_records(written.location, s3), "nothing_new": written.nothing_new}
+        )
     catalog = catalog_resource.load_catalog()
     table = catalog.load_table(".".join(spec.table_identifier))
-    if written.reject_files:
-        reject_table = catalog.load_table(".".join(spec.rejects_identifier))
+    rejects_name = ".".join(spec.rejects_identifier)
+    # a changed file also replaces the rows its earlier version left in quarantine, even with no new rejects
+    if written.reject_files or (written.incremental and written.source_state and catalog.table_exists(rejects_name)):
+        reject_table = catalog.load_table(rejects_name)
         reject_result = commit_files(
             reject_table,
             branch=spec.branch,
@@ -489,8 +592,11 @@ def _commit(
             partitioner=Partitioner(reject_table.spec(), reject_table.schema()),
             run_id=written.run_id,
             properties=properties,
+            sources=written.source_state,
+            replace_sources=written.incremental,
         )
-        context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
+        if reject_result.rows:
+            context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
     result = commit_files(
         table,
         branch=spec.branch,
@@ -499,7 +605,13 @@ def _commit(
         run_id=written.run_id,
         properties=properties,
         overwrite=overwrite,
+        sources=written.source_state,
+        replace_sources=written.incremental,
     )
+    if written.nothing_new:
+        result = result.model_copy(update={"nothing_new": True})
+    if result.replaced_sources:
+        context.log.info(f"{spec.name}: replaced the earlier rows of {len(result.replaced_sources)} changed file(s)")
     if result.already_committed:
         context.log.info(f"{spec.name}: run already committed snapshot {result.snapshot_id}; not committing again")
     elif result.snapshot_id is None or not written.data_files and not overwrite:
@@ -526,6 +638,8 @@ def _materialization_metadata(
         "branch": result.branch,
         "write_mode": spec.target.write_mode.value,
         "already_committed": result.already_committed,
+        "nothing_new": result.nothing_new,
+        "replaced_sources": dg.MetadataValue.json(result.replaced_sources),
         "source_files": dg.MetadataValue.json(sorted(written.source_state)),
         "ingested_at": written.ingested_at,
     }

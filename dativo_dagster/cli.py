@@ -125,6 +125,11 @@ def summarize(result: object, selected: Sequence[str]) -> int:
                 line += f" branch={m.get('branch')}"
             if rejected:
                 line += f" rejects={m.get('rejects_table')}"
+            if m.get("nothing_new"):
+                line += " nothing_new (no new or changed source file; no snapshot added)"
+            replaced = m.get("replaced_sources") or []
+            if replaced:
+                line += f" replaced_files={len(replaced)}"  # type: ignore[arg-type]
             print(line)
             if rejected and code == EXIT_OK:
                 code = EXIT_REJECTS

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from pyiceberg.catalog import Catalog
+from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
     CommitStateUnknownException,
     NamespaceAlreadyExistsError,
     TableAlreadyExistsError,
 )
-from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.expressions import AlwaysTrue, In
 from pyiceberg.io.pyarrow import (
     compute_statistics_plan,
     data_file_statistics_from_parquet_metadata,
@@ -30,21 +33,26 @@ from pyiceberg.table.snapshots import Snapshot, ancestors_of
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError
+from dativo_dagster.incremental import SOURCE_STATE_KEY, table_source_state
 from dativo_dagster.table_schema import Partitioner
 from dativo_dagster.write import WrittenFile
 
 log = logging.getLogger(__name__)
 
 RUN_ID_KEY = "dativo.run-id"
-SOURCE_STATE_KEY = "dativo.source-state"
 ASSET_KEY = "dativo.asset"
 ROWS_KEY = "dativo.rows"
 MAIN = "main"
-COMMIT_ATTEMPTS = 5
+COMMIT_ATTEMPTS = 20
+COMMIT_BACKOFF_SECONDS = (0.05, 2.0)
+PYICEBERG_RETRIES = "commit.retry.num-retries"
+SOURCE_FILE_COLUMN = "_source_file"
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "snappy",
     "write.format.default": "parquet",
-    "commit.retry.num-retries": "10",
+    # our own loop retries conflicts, re-reading the committed source state each time; pyiceberg's
+    # rebasing retry would re-apply a stale delete and could load a file twice
+    PYICEBERG_RETRIES: "0",
 }
 
 
@@ -62,6 +70,8 @@ class CommitResult(BaseModel):
     metadata_location: str = ""
     partitions: list[str] = Field(default_factory=list)
     table_rows: int | None = None  # rows visible at the branch head after the commit
+    replaced_sources: list[str] = Field(default_factory=list)  # source files whose earlier rows were replaced
+    nothing_new: bool = False  # incremental run that found no new or changed source file
 
 
 def ensure_table(
@@ -73,8 +83,12 @@ def ensure_table(
 ) -> Table:
     """Load the table, creating namespace and table from the spec when missing.
 
+    The table is created at ``location`` (CONTRACT 4), except in a REST catalog: REST catalogs assign
+    table locations themselves (and may accept data only under their own location), so theirs is kept.
     A spec that adds columns evolves the table schema; a changed partitioning is refused.
     """
+    if isinstance(catalog, RestCatalog):
+        location = None
     namespace, name = identifier
     try:
         catalog.create_namespace_if_not_exists(namespace)
@@ -213,12 +227,18 @@ def commit_files(
     run_id: str,
     properties: Mapping[str, str],
     overwrite: bool = False,
+    sources: Mapping[str, str] | None = None,
+    replace_sources: bool = False,
 ) -> CommitResult:
-    """Add ``files`` to ``branch`` in one atomic commit (replacing all rows when ``overwrite``).
+    """Add ``files`` to ``branch`` in one atomic commit.
 
-    Idempotent per run: if ``run_id`` already committed to the branch, nothing is done again.
-    A commit that loses a race with another writer is retried here on a fresh view of the table,
-    checking again before each attempt whether the run's commit already landed.
+    With ``overwrite`` the commit replaces all rows. With ``replace_sources`` it first deletes the rows
+    that earlier commits brought from any of ``sources`` (a changed file, or a file another run loaded
+    concurrently), in the same transaction, so the branch holds each source file exactly once.
+
+    Idempotent per run: if ``run_id`` already committed to the branch, nothing is done again. A commit
+    that loses a race with another writer is retried here on a fresh view of the table, checking again
+    before each attempt whether the run's commit already landed and which sources the branch now holds.
 
     Raises:
         CommitError: the catalog refused the commit (transient; the caller may retry).
@@ -236,8 +256,10 @@ def commit_files(
     snapshot_properties = {**properties, RUN_ID_KEY: run_id, ROWS_KEY: str(result.rows)}
     data_files: list[DataFile] | None = None
     last_error: Exception | None = None
+    table = _own_retries(table)
     for attempt in range(COMMIT_ATTEMPTS):
         if attempt:
+            time.sleep(random.uniform(*COMMIT_BACKOFF_SECONDS) * min(attempt, 5) / 5)
             table = table.refresh()
         previous = find_run_commit(table, branch, run_id)
         if previous is not None:
@@ -246,13 +268,17 @@ def commit_files(
                 update={"snapshot_id": previous.snapshot_id, "already_committed": True,
                         "metadata_location": table.metadata_location, "table_rows": branch_row_count(table, branch)}
             )
-        if not files and not overwrite:
+        replaced: list[str] = []
+        if replace_sources and sources and not overwrite:
+            held = table_source_state(table, branch)
+            replaced = sorted(uri for uri in sources if uri in held)
+        if not files and not overwrite and not replaced:
             return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
         try:
             table = _ensure_branch(table, branch)
             if data_files is None:
                 data_files = _data_files(table, files, partitioner)
-            _commit_once(table, branch, data_files, snapshot_properties, overwrite)
+            _commit_once(table, branch, data_files, snapshot_properties, overwrite, replaced)
         except (CommitFailedException, CommitStateUnknownException) as exc:
             last_error = exc
         except ValueError as exc:
@@ -268,23 +294,42 @@ def commit_files(
             head = table.snapshot_by_name(branch)
             return result.model_copy(
                 update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
-                        "table_rows": branch_row_count(table, branch)}
+                        "table_rows": branch_row_count(table, branch), "replaced_sources": replaced}
             )
         log.warning("commit to %s@%s conflicted (attempt %d of %d): %s", name, branch, attempt + 1, COMMIT_ATTEMPTS,
                     last_error)
     raise CommitError(f"commit to {name}@{branch} failed after {COMMIT_ATTEMPTS} attempts: {last_error}")
 
 
+def _own_retries(table: Table) -> Table:
+    """Make sure pyiceberg does not retry commits by itself on this table (see TABLE_PROPERTIES)."""
+    if table.metadata.properties.get(PYICEBERG_RETRIES) == TABLE_PROPERTIES[PYICEBERG_RETRIES]:
+        return table
+    try:
+        with table.transaction() as tx:
+            tx.set_properties({PYICEBERG_RETRIES: TABLE_PROPERTIES[PYICEBERG_RETRIES]})
+    except CommitFailedException:
+        pass  # another writer set it (or changed the table): the next refresh shows it
+    return table.refresh()
+
+
 def _commit_once(
-    table: Table, branch: str, data_files: Sequence[DataFile], snapshot_properties: Mapping[str, str], overwrite: bool
+    table: Table,
+    branch: str,
+    data_files: Sequence[DataFile],
+    snapshot_properties: Mapping[str, str],
+    overwrite: bool,
+    replaced: Sequence[str] = (),
 ) -> None:
-    """One transaction: with ``overwrite`` a delete of everything, then the append; one new metadata version."""
+    """One transaction, one new metadata version: a delete (everything, or the replaced sources), then the append."""
     properties = dict(snapshot_properties)
     with table.transaction() as tx:
         if overwrite:
             head = table.snapshot_by_name(branch)
             if head is not None and table.scan(snapshot_id=head.snapshot_id).plan_files():
                 tx.delete(AlwaysTrue(), snapshot_properties=properties, branch=branch)
+        elif replaced:
+            tx.delete(In(SOURCE_FILE_COLUMN, list(replaced)), snapshot_properties=properties, branch=branch)
         if data_files:
             with tx.update_snapshot(snapshot_properties=properties, branch=branch).fast_append() as append:
                 for data_file in data_files:

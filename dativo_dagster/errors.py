@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -55,3 +56,84 @@ class CommitError(TransientError):
 
 class StorageError(TransientError):
     """The object store could not be reached."""
+
+
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestLimitExceeded", "InternalError",
+    "ServiceUnavailable", "TooManyRequests", "RequestTimeTooSkewed", "BadGateway", "GatewayTimeout",
+}
+_TRANSIENT_TEXT = re.compile(
+    r"connection (?:refused|reset|aborted)|timed? ?out|temporar(?:y|ily)|try again|network|unreachable|"
+    r"slow ?down|throttl|too many requests|service unavailable|\b50[0234]\b|broken pipe|could not connect|"
+    r"database is locked|server closed the connection",
+    re.IGNORECASE,
+)
+_TERMINAL_TEXT = re.compile(
+    r"access ?denied|accessdenied|invalidaccesskeyid|signaturedoesnotmatch|forbidden|\b40[13]\b|"
+    r"not authori[sz]ed|unauthori[sz]ed|no such bucket|nosuchbucket|authentication failed",
+    re.IGNORECASE,
+)
+# programming errors: retrying cannot help
+_TERMINAL_TYPES = (TypeError, KeyError, AttributeError, AssertionError, NotImplementedError, IndexError, LookupError)
+_TRANSIENT_TYPE_NAMES = {
+    "CommitFailedException", "CommitStateUnknownException", "OperationalError", "EndpointConnectionError",
+    "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError", "ConnectTimeout", "ReadTimeout",
+    "ServerError",
+}
+
+
+def _type_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _matches(exc: BaseException, patterns: Sequence[str]) -> bool:
+    names = _type_names(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    for pattern in patterns:
+        if pattern in names:
+            return True
+        try:
+            if re.search(pattern, text):
+                return True
+        except re.error:
+            if pattern in text:
+                return True
+    return False
+
+
+def is_transient(exc: BaseException, retryable: Sequence[str] = ()) -> bool:
+    """Whether retrying may help: network, throttling, 5xx, commit conflicts; or a spec's ``retryable_errors``.
+
+    Bad input, bad specs, missing files, refused credentials and programming errors are terminal.
+    """
+    if retryable and _matches(exc, retryable):
+        return True
+    if isinstance(exc, DativoError):
+        cause = exc.__cause__
+        return exc.transient or (cause is not None and cause is not exc and retryable and _matches(cause, retryable))
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+        code = str(response["Error"].get("Code", ""))
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return code in _TRANSIENT_CODES or status >= 500 or status == 429
+    if _type_names(exc) & _TRANSIENT_TYPE_NAMES:
+        return True
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, _TERMINAL_TYPES):
+        return False
+    text = str(exc)
+    if _TERMINAL_TEXT.search(text):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)) or _TRANSIENT_TEXT.search(text):
+        return True
+    # anything else (an unexpected OSError, a server error we do not know): one more try is cheap
+    return isinstance(exc, OSError)
+
+
+def redact(text: str, secrets: Sequence[str | None]) -> str:
+    """``text`` with every secret value and every URI password replaced by ``***``."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return re.sub(r"(//[^:/@\s]+:)[^@\s/]+@", r"\1***@", text)

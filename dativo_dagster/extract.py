@@ -16,11 +16,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 
 from dativo_dagster.errors import NothingToReadError, SourceError
 from dativo_dagster.spec import CsvOptions, FieldSpec, LoadedSpec
-from dativo_dagster.storage import S3Settings, filesystem_for, is_s3_uri
+from dativo_dagster.storage import (
+    READ_BUFFER,
+    S3Object,
+    S3Settings,
+    filesystem_for,
+    head_s3_object,
+    is_s3_uri,
+    list_s3_objects,
+    split_s3_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,7 @@ class SourceFile:
     uri: str
     size: int
     version: str  # local: mtime in ns; S3: ETag
+    modified_ns: int = 0  # last modification, nanoseconds since the epoch (0: unknown)
 
 
 @dataclass
@@ -107,36 +116,59 @@ def _list_local(pattern: str, has_glob: bool) -> list[SourceFile]:
                 raise SourceError("source path is not a file", path=path)
             continue
         stat = os.stat(path)
-        out.append(SourceFile(uri=os.path.abspath(path), size=stat.st_size, version=str(stat.st_mtime_ns)))
+        uri = os.path.abspath(path)
+        out.append(SourceFile(uri=uri, size=stat.st_size, version=str(stat.st_mtime_ns), modified_ns=stat.st_mtime_ns))
     return out
 
 
 def _list_s3(pattern: str, s3: S3Settings, has_glob: bool) -> list[SourceFile]:
-    fs, path = filesystem_for(pattern, s3)
+    """Objects matching ``pattern``: one object, or a glob over keys (``*`` and ``?`` stay within one
+    ``/``-separated level, ``**`` spans any number of levels), listed with their ETags.
+
+    Raises:
+        SourceError: the bucket name holds a glob character.
+        StorageAccessError: S3 refused the listing (terminal); StorageError: unreachable (transient).
+    """
+    bucket, key = split_s3_uri(pattern)
+    if _GLOB_CHARS & set(bucket):
+        raise SourceError("globs are allowed in object keys, not in bucket names", path=pattern)
     if not has_glob:
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            return []
-        return [_s3_source_file(info)]
-    prefix = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)]
-    base = prefix.rsplit("/", 1)[0]
-    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        found = head_s3_object(pattern, s3)
+        return [] if found is None else [_s3_source_file(found)]
+    literal = key[: min(key.index(c) for c in _GLOB_CHARS if c in key)]
+    # a glob in the last level only: list that level, not everything below it
+    delimiter = "/" if "**" not in key and "/" not in key[len(literal):] else None
+    parts = key.split("/")
     return [
-        _s3_source_file(info)
-        for info in fs.get_file_info(selector)
-        if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, path)
+        _s3_source_file(item)
+        for item in list_s3_objects(f"s3://{bucket}/{literal}", s3, delimiter=delimiter)
+        if not item.key.endswith("/") and _glob_match(parts, item.key.split("/"))
     ]
 
 
-def _s3_source_file(info: pafs.FileInfo) -> SourceFile:
-    # pyarrow does not expose the ETag; size + mtime identify the object version for S3 too.
-    mtime = info.mtime_ns if info.mtime_ns is not None else 0
-    return SourceFile(uri=f"s3://{info.path}", size=info.size or 0, version=f"{mtime}-{info.size}")
+def _glob_match(pattern: Sequence[str], key: Sequence[str]) -> bool:
+    """Whether key levels match pattern levels; a ``**`` level matches any number of levels."""
+    if not pattern:
+        return not key
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, key[i:]) for i in range(len(key) + 1))
+    return bool(key) and fnmatch.fnmatchcase(key[0], head) and _glob_match(rest, key[1:])
+
+
+def _s3_source_file(item: S3Object) -> SourceFile:
+    """An object as a source file: its version is the ETag (CONTRACT 5)."""
+    modified = item.last_modified
+    modified_ns = int(modified.timestamp()) * 1_000_000_000 + modified.microsecond * 1000 if modified else 0
+    return SourceFile(uri=item.uri, size=item.size, version=item.etag, modified_ns=modified_ns)
 
 
 def _open(source: SourceFile, s3: S3Settings) -> pa.NativeFile:
     fs, path = filesystem_for(source.uri, s3)
     try:
+        if is_s3_uri(source.uri):
+            # streamed: one ranged GET per READ_BUFFER bytes, never the whole object in memory
+            return fs.open_input_stream(path, buffer_size=READ_BUFFER)
         return fs.open_input_stream(path)
     except FileNotFoundError:
         raise SourceError("source file not found", path=source.uri) from None

@@ -10,7 +10,15 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from dativo_dagster.commit import CommitResult
-from dativo_dagster.storage import S3Settings, filesystem_for
+from dativo_dagster.storage import (
+    S3Settings,
+    filesystem_for,
+    get_s3_bytes,
+    head_s3_object,
+    is_s3_uri,
+    list_s3_objects,
+    put_s3_bytes,
+)
 from dativo_dagster.write import WrittenFile
 
 COMMITS_FOLDER = "_commits"
@@ -30,14 +38,16 @@ def write_commit_marker(
     s3: S3Settings,
     table: str,
     overwrite: bool = False,
+    replace_sources: bool = False,
 ) -> CommitResult:
     """Write the run's marker listing its files, unless the run already has one (idempotent).
 
     The marker is written to a temporary name and moved into place, so a reader sees all of a
-    run's files or none. With ``overwrite`` the marker hides every file committed before it.
+    run's files or none. With ``overwrite`` the marker hides every file committed before it; with
+    ``replace_sources`` it hides the earlier files of every source file it read (files are written one
+    source file each in this mode, so nothing else is hidden with them).
     """
     uri = marker_uri(location, run_id)
-    fs, path = filesystem_for(uri, s3)
     result = CommitResult(
         table=table,
         branch="",
@@ -48,28 +58,49 @@ def write_commit_marker(
         metadata_location=uri,
         partitions=sorted({f.partition_path for f in files if f.partition_path}),
     )
-    if fs.get_file_info(path).type == pafs.FileType.File:
+    if _marker_exists(uri, s3):
         return result.model_copy(update={"already_committed": True})
-    if not files and not overwrite:
+    if not files and not overwrite and not replace_sources:
         return result.model_copy(update={"metadata_location": ""})
     body = {
         "run_id": run_id,
         "committed_at": datetime.now(timezone.utc).isoformat(),
         "overwrite": overwrite,
+        "replace_sources": replace_sources,
         "files": [f.model_dump() for f in files],
         "properties": dict(properties),
     }
+    data = json.dumps(body, indent=1).encode()
+    if is_s3_uri(uri):
+        put_s3_bytes(uri, data, s3)  # one PUT: the object appears whole or not at all
+        return result
+    fs, path = filesystem_for(uri, s3)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = f"{path}.tmp"
     with fs.open_output_stream(tmp) as out:
-        out.write(json.dumps(body, indent=1).encode())
+        out.write(data)
     fs.move(tmp, path)
     return result
 
 
+def _marker_exists(uri: str, s3: S3Settings) -> bool:
+    if is_s3_uri(uri):
+        return head_s3_object(uri, s3) is not None
+    fs, path = filesystem_for(uri, s3)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def read_commit_markers(location: str, s3: S3Settings) -> list[dict[str, Any]]:
     """Every commit marker under ``location``, oldest commit first."""
-    fs, path = filesystem_for(f"{location.rstrip('/')}/{COMMITS_FOLDER}", s3)
+    folder = f"{location.rstrip('/')}/{COMMITS_FOLDER}"
+    if is_s3_uri(folder):
+        markers = [
+            json.loads(get_s3_bytes(item.uri, s3))
+            for item in list_s3_objects(f"{folder}/", s3, delimiter="/")
+            if item.key.endswith(".json")
+        ]
+        return sorted(markers, key=lambda m: (m.get("committed_at", ""), m["run_id"]))
+    fs, path = filesystem_for(folder, s3)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     markers = []
     for info in infos:
@@ -79,24 +110,31 @@ def read_commit_markers(location: str, s3: S3Settings) -> list[dict[str, Any]]:
     return sorted(markers, key=lambda m: (m.get("committed_at", ""), m["run_id"]))
 
 
-def committed_files(location: str, s3: S3Settings) -> list[str]:
-    """URIs of the data files that the commit markers under ``location`` make visible; readers use only these.
+def visible_files(markers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The file records that markers (oldest first) leave visible.
 
-    Files of an ``overwrite`` marker replace everything committed before it.
+    An ``overwrite`` marker hides everything before it; a ``replace_sources`` marker hides the earlier
+    files of the source files it read (its source state), so each source file's rows are visible once,
+    from the latest commit that read it, even when two runs read the same file concurrently.
     """
-    out: list[str] = []
-    for marker in read_commit_markers(location, s3):
+    from dativo_dagster.incremental import SOURCE_STATE_KEY, parse_source_state  # noqa: PLC0415
+
+    visible: list[dict[str, Any]] = []
+    for marker in markers:
         if marker.get("overwrite"):
-            out = []
-        out.extend(f["uri"] for f in marker["files"])
-    return out
+            visible = []
+        elif marker.get("replace_sources"):
+            read = set(parse_source_state((marker.get("properties") or {}).get(SOURCE_STATE_KEY)))
+            visible = [f for f in visible if not read.intersection(f.get("sources") or [])]
+        visible.extend(marker["files"])
+    return visible
+
+
+def committed_files(location: str, s3: S3Settings) -> list[str]:
+    """URIs of the data files that the commit markers under ``location`` make visible; readers use only these."""
+    return [f["uri"] for f in visible_files(read_commit_markers(location, s3))]
 
 
 def committed_records(location: str, s3: S3Settings) -> int:
     """How many rows the visible files hold, from the markers alone (no data file is opened)."""
-    total = 0
-    for marker in read_commit_markers(location, s3):
-        if marker.get("overwrite"):
-            total = 0
-        total += sum(int(f["record_count"]) for f in marker["files"])
-    return total
+    return sum(int(f["record_count"]) for f in visible_files(read_commit_markers(location, s3)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import dagster as dg
 from pydantic import Field
@@ -13,17 +16,13 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 
+from dativo_dagster.errors import CommitError
 from dativo_dagster.spec import AssetSpecModel
-from dativo_dagster.storage import S3Settings, is_s3_uri, join_uri
+from dativo_dagster.storage import S3Settings, check_s3_access, is_s3_uri, join_uri, mask_uri, scrub
 
 CATALOG_NAME = "dativo"
 DEFAULT_SPECS_DIR = Path(__file__).resolve().parent.parent / "asset_specs"
-_CREDENTIALS_IN_URI = re.compile(r"//([^:/@]+):([^@]+)@")
-
-
-def mask_uri(uri: str) -> str:
-    """The URI with any password replaced by ``***``, safe for logs and messages."""
-    return _CREDENTIALS_IN_URI.sub(r"//\1:***@", uri)
+REST_TOKEN_PATH = "/v1/oauth/tokens"  # the Iceberg REST spec's OAuth2 token endpoint, relative to the catalog URI
 
 
 def project_root(specs_dir: Path) -> Path:
@@ -60,6 +59,18 @@ class StorageResource(dg.ConfigurableResource):
         """``<warehouse>/<domain>/<dataProduct>/<name><suffix>``."""
         return join_uri(self.warehouse_for(spec), spec.domain, spec.data_product, spec.name + suffix)
 
+    def check_access(self, spec: AssetSpecModel) -> None:
+        """Fail at once, with a message naming the bucket and the endpoint, when the asset's S3 warehouse
+        refuses these credentials (nothing is written then); a local warehouse needs no check.
+
+        Raises:
+            StorageAccessError: wrong credentials, missing permission or bucket (terminal).
+            StorageError: the endpoint cannot be reached (transient).
+        """
+        root = self.warehouse_for(spec)
+        if is_s3_uri(root):
+            check_s3_access(root + "/", self.s3_settings())
+
 
 class CatalogResource(dg.ConfigurableResource):
     """The Iceberg catalog named ``dativo``: SQL (SQLite/PostgreSQL) or REST."""
@@ -69,19 +80,44 @@ class CatalogResource(dg.ConfigurableResource):
     storage: StorageResource
 
     def load_catalog(self) -> Catalog:
-        """A pyiceberg catalog client for this deployment."""
-        props = self.storage.s3_settings().pyiceberg_properties()
+        """A pyiceberg catalog client for this deployment.
+
+        A catalog that cannot be reached or refuses a request (here or in any later call on the
+        client or its tables) raises :class:`CommitError` (transient) naming the catalog URI with
+        credentials masked; commit conflicts keep pyiceberg's own exceptions.
+
+        Raises:
+            CommitError: the catalog cannot be reached or refused the connection.
+        """
+        storage = self.storage.s3_settings()
+        props = storage.pyiceberg_properties()
+        guard = {"display_uri": self.display_uri, "secrets": self._secrets(storage)}
+        if self.is_rest:
+            rest_props = {**props, "uri": self.uri, "warehouse": self.storage.warehouse}
+            if self.credential:
+                rest_props["credential"] = self.credential
+                # explicit, or pyiceberg warns that its fallback to the same URL is deprecated
+                rest_props["oauth2-server-uri"] = self.uri.rstrip("/") + REST_TOKEN_PATH
+            with catalog_errors(self.display_uri, "connect", guard["secrets"]):
+                return GuardedRestCatalog(CATALOG_NAME, **guard, **rest_props)
         warehouse = self.storage.warehouse
         if not is_s3_uri(warehouse):
             warehouse = Path(warehouse).resolve().as_uri()
-        if self.uri.startswith(("http://", "https://")):
-            rest_props = dict(props)
-            if self.credential:
-                rest_props["credential"] = self.credential
-            return RestCatalog(CATALOG_NAME, uri=self.uri, warehouse=self.storage.warehouse, **rest_props)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return SqlCatalog(CATALOG_NAME, uri=self.uri, warehouse=warehouse, **props)
+        with catalog_errors(self.display_uri, "connect", guard["secrets"]):
+            return GuardedSqlCatalog(CATALOG_NAME, **guard, uri=self.uri, warehouse=warehouse, **props)
+
+    @property
+    def is_rest(self) -> bool:
+        """Whether the catalog is an Iceberg REST endpoint (it then assigns table locations itself)."""
+        return self.uri.startswith(("http://", "https://"))
+
+    def _secrets(self, storage: S3Settings) -> list[str]:
+        values = [*storage.secret_values(), urlparse(self.uri).password or ""]
+        if self.credential:
+            values += [self.credential, self.credential.partition(":")[2]]
+        return [v for v in values if v]
 
     @property
     def display_uri(self) -> str:
@@ -109,6 +145,109 @@ class StagingResource(dg.ConfigurableResource):
             run_dir.rmdir()
         except OSError:
             pass
+
+
+def _catalog_failures() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the catalog is unreachable or refused the request (not a commit conflict)."""
+    import requests  # noqa: PLC0415
+    import sqlalchemy.exc  # noqa: PLC0415
+    from pyiceberg.exceptions import (  # noqa: PLC0415
+        AuthorizationExpiredError,
+        ForbiddenError,
+        OAuthError,
+        ServerError,
+        ServiceUnavailableError,
+        TooManyRequestsError,
+        UnauthorizedError,
+    )
+
+    return (
+        requests.exceptions.RequestException,
+        sqlalchemy.exc.DBAPIError,  # connection refused, permission denied, server gone
+        sqlalchemy.exc.TimeoutError,  # connection pool exhausted
+        AuthorizationExpiredError,
+        ForbiddenError,
+        OAuthError,
+        ServerError,
+        ServiceUnavailableError,
+        TooManyRequestsError,
+        UnauthorizedError,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+@contextlib.contextmanager
+def catalog_errors(display_uri: str, action: str, secrets: Sequence[str]) -> Iterator[None]:
+    """Turn an unreachable or refusing catalog into :class:`CommitError` naming the masked URI.
+
+    The original exception is not chained: its text (already scrubbed) goes into the message, so no
+    credential can reach Dagster's event log through a traceback.
+    """
+    try:
+        yield
+    except _catalog_failures() as exc:
+        lines = str(exc).strip().splitlines()
+        detail = scrub(lines[0] if lines else "", secrets)[:500]
+        raise CommitError(
+            f"Iceberg catalog {display_uri} refused or could not be reached ({action}): {type(exc).__name__}: {detail}"
+        ) from None
+
+
+class _CatalogErrors:
+    """Mixin for a pyiceberg catalog: every call that talks to the catalog goes through :func:`catalog_errors`."""
+
+    def __init__(self, name: str, *, display_uri: str, secrets: Sequence[str], **properties: Any):
+        self._display_uri = display_uri
+        self._secret_values = list(secrets)
+        super().__init__(name, **properties)  # type: ignore[call-arg]
+
+    def _errors(self, action: str) -> contextlib.AbstractContextManager[None]:
+        return catalog_errors(self._display_uri, action, self._secret_values)
+
+    def load_table(self, identifier: Any) -> Any:
+        with self._errors(f"load table {_name(identifier)}"):
+            return super().load_table(identifier)  # type: ignore[misc]
+
+    def table_exists(self, identifier: Any) -> bool:
+        with self._errors(f"look up table {_name(identifier)}"):
+            return bool(super().table_exists(identifier))  # type: ignore[misc]
+
+    def create_table(self, identifier: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._errors(f"create table {_name(identifier)}"):
+            return super().create_table(identifier, *args, **kwargs)  # type: ignore[misc]
+
+    def create_namespace(self, namespace: Any, *args: Any, **kwargs: Any) -> None:
+        with self._errors(f"create namespace {_name(namespace)}"):
+            super().create_namespace(namespace, *args, **kwargs)  # type: ignore[misc]
+
+    def commit_table(self, table: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._errors(f"commit to table {_name(table.name())}"):
+            return super().commit_table(table, *args, **kwargs)  # type: ignore[misc]
+
+    def drop_table(self, identifier: Any) -> None:
+        with self._errors(f"drop table {_name(identifier)}"):
+            super().drop_table(identifier)  # type: ignore[misc]
+
+    def list_tables(self, namespace: Any) -> Any:
+        with self._errors(f"list tables of {_name(namespace)}"):
+            return super().list_tables(namespace)  # type: ignore[misc]
+
+    def list_namespaces(self, *args: Any, **kwargs: Any) -> Any:
+        with self._errors("list namespaces"):
+            return super().list_namespaces(*args, **kwargs)  # type: ignore[misc]
+
+
+def _name(identifier: Any) -> str:
+    return identifier if isinstance(identifier, str) else ".".join(identifier)
+
+
+class GuardedSqlCatalog(_CatalogErrors, SqlCatalog):
+    """pyiceberg's SqlCatalog (SQLite, PostgreSQL) raising :class:`CommitError` when unreachable or refusing."""
+
+
+class GuardedRestCatalog(_CatalogErrors, RestCatalog):
+    """pyiceberg's RestCatalog raising :class:`CommitError` when unreachable or refusing."""
 
 
 def _env(name: str) -> dg.EnvVar | None:

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlencode, urlparse
 
 import pyarrow.fs as pafs
+
+from dativo_dagster.errors import DativoError, StorageError, TerminalError
+
+# S3 limits (https://docs.aws.amazon.com/AmazonS3/latest/userguide/UsingMetadata.html, .../object-tagging.html)
+MAX_USER_METADATA_BYTES = 2048  # keys and values together, UTF-8
+MAX_TAGS = 10
+MAX_TAG_KEY = 128
+MAX_TAG_VALUE = 256
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/=+\-@]")
+# Metadata travels as HTTP headers: printable ASCII only; anything else (and '%') is percent-encoded as UTF-8.
+_METADATA_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+MULTIPART_THRESHOLD = 16 << 20  # bytes: larger uploads go in parts of this size, several at a time
+MULTIPART_CHUNK = 16 << 20
+UPLOAD_CONCURRENCY = 4
+READ_BUFFER = 8 << 20  # bytes fetched per S3 request when a source file is streamed
+
+# Answers of an S3 endpoint that retrying cannot change.
+_REFUSED = {
+    "AccessDenied": "access denied: the credentials lack permission",
+    "InvalidAccessKeyId": "the access key id is not known to the server (AWS_ACCESS_KEY_ID)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)",
+    "InvalidToken": "the session token is invalid",
+    "ExpiredToken": "the session token has expired",
+    "AllAccessDisabled": "all access to this object has been disabled",
+    "NoSuchBucket": "the bucket does not exist",
+    "403": "access denied (HTTP 403): wrong credentials or missing permission",
+    "404": "not found (HTTP 404)",
+}
+
+
+class StorageAccessError(TerminalError):
+    """Object storage refused the request (credentials, permissions, missing bucket): retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -18,22 +55,34 @@ class S3Settings:
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # an endpoint without a scheme means HTTPS, as for AWS itself (botocore refuses one without)
+        if self.endpoint and "://" not in self.endpoint:
+            object.__setattr__(self, "endpoint", f"https://{self.endpoint}")
+
+    @property
+    def region_name(self) -> str:
+        return self.region or "us-east-1"
+
+    def describe(self) -> str:
+        """The endpoint for messages: never the credentials."""
+        return f"S3 endpoint {mask_uri(self.endpoint)}" if self.endpoint else "AWS S3"
+
+    def secret_values(self) -> list[str]:
+        """Values that must never appear in messages."""
+        return [s for s in (self.secret_access_key,) if s]
+
     def pyarrow_filesystem(self) -> pafs.S3FileSystem:
         """A pyarrow S3 filesystem with path-style addressing when an endpoint is set."""
-        kwargs: dict[str, object] = {"region": self.region or "us-east-1"}
-        if self.endpoint:
-            parsed = urlparse(self.endpoint)
-            kwargs["endpoint_override"] = parsed.netloc or parsed.path
-            kwargs["scheme"] = parsed.scheme or "https"
-            kwargs["force_virtual_addressing"] = False
-        if self.access_key_id and self.secret_access_key:
-            kwargs["access_key"] = self.access_key_id
-            kwargs["secret_key"] = self.secret_access_key
-        return pafs.S3FileSystem(**kwargs)
+        return _pyarrow_s3(self)
+
+    def boto3_client(self) -> Any:
+        """A boto3 S3 client (SigV4; path-style addressing when an endpoint is set), shared per settings."""
+        return _boto3_s3(self)
 
     def pyiceberg_properties(self) -> dict[str, str]:
         """FileIO properties for pyiceberg."""
-        props = {"s3.region": self.region or "us-east-1"}
+        props = {"s3.region": self.region_name}
         if self.endpoint:
             props["s3.endpoint"] = self.endpoint
             props["s3.path-style-access"] = "true"
@@ -41,6 +90,70 @@ class S3Settings:
             props["s3.access-key-id"] = self.access_key_id
             props["s3.secret-access-key"] = self.secret_access_key
         return props
+
+
+@functools.lru_cache(maxsize=16)
+def _pyarrow_s3(s3: S3Settings) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "region": s3.region_name,
+        "connect_timeout": 10,
+        "request_timeout": 60,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+    }
+    if s3.endpoint:
+        parsed = urlparse(s3.endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+        kwargs["force_virtual_addressing"] = False
+    if s3.access_key_id and s3.secret_access_key:
+        kwargs["access_key"] = s3.access_key_id
+        kwargs["secret_key"] = s3.secret_access_key
+    return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=16)
+def _boto3_s3(s3: S3Settings) -> Any:
+    import boto3  # noqa: PLC0415 - boto3 takes ~0.3 s to import; local-only deployments never need it
+    from botocore.config import Config  # noqa: PLC0415
+
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"} if s3.endpoint else {},
+        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        # S3-compatible stores (MinIO, SeaweedFS, older Ceph) do not all accept the CRC trailers that
+        # botocore adds by default since 1.36; send checksums only where the API requires them.
+        request_checksum_calculation="when_required" if s3.endpoint else "when_supported",
+        response_checksum_validation="when_required" if s3.endpoint else "when_supported",
+    )
+    session = boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=s3.endpoint or None,
+        region_name=s3.region_name,
+        aws_access_key_id=s3.access_key_id or None,
+        aws_secret_access_key=s3.secret_access_key or None,
+        config=config,
+    )
+
+
+_USER_INFO = re.compile(r"//([^:/@\s]+):([^@\s]+)@")
+_SECRET_PARAMS = re.compile(r"(?i)\b(password|passwd|secret|token|credential|key)=([^&\s]+)")
+
+
+def mask_uri(uri: str | None) -> str:
+    """The URI (or any text holding URIs) with passwords and secret query parameters replaced by ``***``."""
+    if not uri:
+        return ""
+    return _SECRET_PARAMS.sub(r"\1=***", _USER_INFO.sub(r"//\1:***@", uri))
+
+
+def scrub(text: str, secrets: Sequence[str | None]) -> str:
+    """``text`` with every secret value replaced by ``***`` and URIs masked, safe for messages and logs."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return mask_uri(text)
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -70,3 +183,218 @@ def join_uri(base: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+# ------------------------------------------------------------------------------------------------ S3 errors
+def s3_error(exc: BaseException, *, action: str, uri: str, s3: S3Settings) -> DativoError:
+    """A boto3/botocore error as ours: refusals are terminal, the rest (network, 5xx, throttling) transient.
+
+    The message names the action, the URI and the endpoint, never a credential.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+    cause = exc
+    # s3transfer wraps the ClientError of a failed upload in S3UploadFailedError; its cause has the code
+    while not isinstance(cause, ClientError) and cause.__context__ is not None:
+        cause = cause.__context__
+    where = f"{uri} ({s3.describe()})"
+    if isinstance(cause, ClientError):
+        error = cause.response.get("Error", {})
+        code = str(error.get("Code") or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _REFUSED:
+            return StorageAccessError(f"cannot {action} {where}: S3 answered {code}: {_REFUSED[code]}")
+        message = _scrub(str(error.get("Message") or code), s3)
+        return StorageError(f"cannot {action} {where}: S3 answered {code}: {message}")
+    if isinstance(exc, BotoCoreError | OSError):
+        return StorageError(f"cannot {action} {where}: {_scrub(str(exc), s3)}")
+    return StorageError(f"cannot {action} {where}: {type(exc).__name__}: {_scrub(str(exc), s3)}")
+
+
+def _scrub(text: str, s3: S3Settings) -> str:
+    return scrub(text, s3.secret_values())
+
+
+def _boto_errors() -> tuple[type[BaseException], ...]:
+    import boto3.exceptions  # noqa: PLC0415
+    from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+    return (ClientError, BotoCoreError, boto3.exceptions.Boto3Error)
+
+
+# ------------------------------------------------------------------------------------------------ S3 objects
+@dataclass(frozen=True)
+class S3Object:
+    """One listed object: its URI, size, ETag (quotes removed) and last modification time."""
+
+    uri: str
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime | None = None
+
+
+def list_s3_objects(uri: str, s3: S3Settings, *, delimiter: str | None = None) -> Iterator[S3Object]:
+    """Every object whose key starts with the key part of ``uri`` (paginated ``ListObjectsV2``).
+
+    With ``delimiter="/"`` only the objects at that level, not those in deeper "folders".
+
+    Raises:
+        StorageAccessError: the endpoint refused (credentials, permission, missing bucket).
+        StorageError: the endpoint could not be reached or failed.
+    """
+    bucket, prefix = split_s3_uri(uri)
+    client = s3.boto3_client()
+    try:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+        pages = client.get_paginator("list_objects_v2").paginate(**kwargs)
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield S3Object(
+                    uri=f"s3://{bucket}/{item['Key']}",
+                    key=item["Key"],
+                    size=int(item.get("Size", 0)),
+                    etag=str(item.get("ETag", "")).strip('"'),
+                    last_modified=item.get("LastModified"),
+                )
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="list", uri=uri, s3=s3) from None
+
+
+def head_s3_object(uri: str, s3: S3Settings) -> S3Object | None:
+    """The object at ``uri``, or None when there is none.
+
+    Raises:
+        StorageAccessError, StorageError: as :func:`list_s3_objects`.
+    """
+    from botocore.exceptions import ClientError  # noqa: PLC0415
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        head = s3.boto3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+    return S3Object(
+        uri=uri,
+        key=key,
+        size=int(head.get("ContentLength", 0)),
+        etag=str(head.get("ETag", "")).strip('"'),
+        last_modified=head.get("LastModified"),
+    )
+
+
+def check_s3_access(uri: str, s3: S3Settings) -> None:
+    """Fail early, with a clear message, when ``uri``'s bucket cannot be listed with these credentials.
+
+    Raises:
+        StorageAccessError: wrong credentials, missing permission or missing bucket (terminal).
+        StorageError: the endpoint could not be reached (transient).
+    """
+    bucket, prefix = split_s3_uri(uri)
+    try:
+        s3.boto3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="access", uri=uri, s3=s3) from None
+
+
+def upload_s3_file(
+    local_path: str, uri: str, s3: S3Settings, *, metadata: Mapping[str, str], tags: Mapping[str, str],
+    content_type: str = "application/octet-stream",
+) -> None:
+    """Upload a local file (multipart above ``MULTIPART_THRESHOLD``) with user metadata and tags.
+
+    The object appears whole or not at all: S3 shows a multipart upload only once it completes,
+    and a failed one is aborted.
+
+    Raises:
+        StorageAccessError, StorageError: as :func:`list_s3_objects`.
+    """
+    from boto3.s3.transfer import TransferConfig  # noqa: PLC0415
+
+    bucket, key = split_s3_uri(uri)
+    extra: dict[str, Any] = {"Metadata": dict(metadata), "ContentType": content_type}
+    if tags:
+        extra["Tagging"] = urlencode(dict(tags))
+    config = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNK,
+        max_concurrency=UPLOAD_CONCURRENCY,
+    )
+    try:
+        s3.boto3_client().upload_file(local_path, bucket, key, ExtraArgs=extra, Config=config)
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="upload", uri=uri, s3=s3) from None
+
+
+def put_s3_bytes(uri: str, body: bytes, s3: S3Settings, *, content_type: str = "application/json") -> None:
+    """Write a small object in one request (S3 makes it visible whole or not at all)."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3.boto3_client().put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="write", uri=uri, s3=s3) from None
+
+
+def get_s3_bytes(uri: str, s3: S3Settings) -> bytes:
+    """Read a small object whole."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        return bytes(s3.boto3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+
+
+def delete_s3_object(uri: str, s3: S3Settings) -> None:
+    """Delete one object; a missing one is fine."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3.boto3_client().delete_object(Bucket=bucket, Key=key)
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="delete", uri=uri, s3=s3) from None
+
+
+# ------------------------------------------------------------------------------------------------ governance
+def object_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """User metadata that S3 accepts: printable ASCII values (the rest percent-encoded), 2 KB in all.
+
+    When the values are too long together, the longest are shortened (ending in ``...``) until they fit.
+    """
+    out = {k: quote(str(v).strip(), safe=_METADATA_SAFE) for k, v in metadata.items()}
+
+    def size() -> int:
+        return sum(len(k) + len(v) for k, v in out.items())
+
+    while size() > MAX_USER_METADATA_BYTES:
+        longest = max(out, key=lambda k: len(out[k]))
+        keep = max(len(out[longest]) - (size() - MAX_USER_METADATA_BYTES) - 3, 0)
+        shortened = out[longest][:keep]
+        shortened = re.sub(r"%[0-9A-Fa-f]?$", "", shortened)  # never cut a %XX escape in half
+        out[longest] = shortened + "..."
+        if keep == 0:
+            break
+    return out
+
+
+def tag_safe(value: str, limit: int) -> str:
+    """A value S3 accepts as a tag key or value: its character set (others become ``_``) and length."""
+    return _TAG_UNSAFE.sub("_", value)[:limit]
+
+
+def object_tags(metadata: Mapping[str, str]) -> dict[str, str]:
+    """At most 10 object tags drawn from the governance metadata (``classification``: ``a_b`` for ``a,b``)."""
+    names = {
+        "domain": "domain",
+        "data-product": "data-product",
+        "tenant": "tenant-id",
+        "owner": "owner",
+        "classification": "classification",
+    }
+    tags = {
+        tag_safe(k, MAX_TAG_KEY): tag_safe(metadata.get(src, ""), MAX_TAG_VALUE)
+        for k, src in names.items()
+        if metadata.get(src)
+    }
+    return dict(list(tags.items())[:MAX_TAGS])

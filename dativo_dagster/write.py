@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
@@ -17,9 +16,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from dativo_dagster.storage import S3Settings, filesystem_for, is_s3_uri, split_s3_uri
+from dativo_dagster.storage import (
+    MAX_TAGS,
+    S3Settings,
+    delete_s3_object,
+    filesystem_for,
+    is_s3_uri,
+    object_metadata,
+    object_tags,
+    tag_safe,
+    upload_s3_file,
+)
+from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
 from dativo_dagster.table_schema import Partitioner
 
 log = logging.getLogger(__name__)
@@ -40,8 +50,6 @@ CLOSE_FRACTION = 0.90  # a file is finished once it holds this share of the targ
 WORST_RATIO = 1.6
 CHUNK_METADATA_BYTES = 160  # footer bytes per column chunk, besides min/max statistics
 MAX_STATISTICS_VALUE = 4096  # parquet drops min/max statistics longer than this
-MAX_TAGS = 10
-_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/=+\-@]")
 
 
 class WrittenFile(BaseModel):
@@ -52,24 +60,6 @@ class WrittenFile(BaseModel):
     record_count: int
     partition_path: str
     partition_values: list[Any]
-
-
-def tag_safe(value: str, limit: int) -> str:
-    """A value S3 accepts as a tag key or value: its character set and length."""
-    return _TAG_UNSAFE.sub("_", value)[:limit]
-
-
-def object_tags(metadata: Mapping[str, str]) -> dict[str, str]:
-    """At most 10 object tags drawn from the governance metadata."""
-    names = {
-        "domain": "domain",
-        "data-product": "data-product",
-        "tenant": "tenant-id",
-        "owner": "owner",
-        "classification": "classification",
-    }
-    tags = {tag_safe(k, 128): tag_safe(metadata.get(src, ""), 256) for k, src in names.items() if metadata.get(src)}
-    return dict(list(tags.items())[:MAX_TAGS])
 
 
 class _Sink:
@@ -130,34 +120,29 @@ class _Sink:
         return False
 
     def publish(self, metadata: Mapping[str, str]) -> None:
-        """Make the closed file visible at its URI with its object metadata and tags."""
+        """Make the closed file visible at its URI with its object metadata and tags.
+
+        S3: the temporary file is uploaded (multipart when large) and removed, whether the upload
+        succeeded or not.
+
+        Raises:
+            StorageAccessError: S3 refused the upload (terminal).
+            StorageError: S3 could not be reached (transient).
+        """
         if not is_s3_uri(self.uri):
             return
-        from urllib.parse import urlencode  # noqa: PLC0415
-
-        import boto3  # noqa: PLC0415
-
-        bucket, key = split_s3_uri(self.uri)
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.s3.endpoint,
-            region_name=self.s3.region or "us-east-1",
-            aws_access_key_id=self.s3.access_key_id,
-            aws_secret_access_key=self.s3.secret_access_key,
-        )
         try:
-            client.upload_file(
+            upload_s3_file(
                 self.local_path,
-                bucket,
-                key,
-                ExtraArgs={
-                    "Metadata": {k: tag_safe(v, 1024) for k, v in metadata.items()},
-                    "Tagging": urlencode(object_tags(metadata)),
-                    "ContentType": "application/vnd.apache.parquet",
-                },
+                self.uri,
+                self.s3,
+                metadata=object_metadata(metadata),
+                tags=object_tags(metadata),
+                content_type="application/vnd.apache.parquet",
             )
         finally:
-            os.unlink(self.local_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.local_path)
 
     def discard(self) -> None:
         self.close()
@@ -169,6 +154,7 @@ class _Sink:
 class _PartitionState:
     values: tuple[Any, ...]
     path: str
+    source: str | None = None
     buffer: list[pa.Table] = field(default_factory=list)
     buffered_bytes: int = 0
     writer: pq.ParquetWriter | None = None
@@ -198,8 +184,12 @@ class PartitionedParquetWriter:
         file_prefix: str,
         metadata: Mapping[str, str],
         s3: S3Settings,
+        split_by_source: bool = False,
     ):
         self.location = location.rstrip("/")
+        # catalog: none keeps each source file's rows in files of their own, so that a changed source
+        # file can be replaced by hiding whole data files (see markers.committed_files)
+        self.split_by_source = split_by_source
         self.schema = schema
         self.partitioner = partitioner
         self.target_bytes = max(int(target_bytes), 1)
@@ -208,7 +198,7 @@ class PartitionedParquetWriter:
         self.s3 = s3
         self.ratio = INITIAL_RATIO
         self.files: list[WrittenFile] = []
-        self._states: dict[tuple[Any, ...], _PartitionState] = {}
+        self._states: dict[Any, _PartitionState] = {}
         self._buffered = 0
         self._seq = 0
         self._incoming: list[pa.Table] = []
@@ -231,14 +221,22 @@ class PartitionedParquetWriter:
         table = pa.concat_tables(self._incoming)
         self._incoming, self._incoming_bytes = [], 0
         for values, part in self.partitioner.split(table):
-            state = self._states.get(values)
-            if state is None:
-                state = _PartitionState(values=values, path=self.partitioner.hive_path(values))
-                self._states[values] = state
-            self._add(state, part)
+            for source, rows in self._by_source(part):
+                key = (values, source)
+                state = self._states.get(key)
+                if state is None:
+                    state = _PartitionState(values=values, path=self.partitioner.hive_path(values), source=source)
+                    self._states[key] = state
+                self._add(state, rows)
         while self._buffered > TOTAL_BUFFER_BYTES:
             largest = max(self._states.values(), key=lambda s: s.buffered_bytes)
             self._flush(largest)
+
+    def _by_source(self, part: pa.Table) -> list[tuple[str | None, pa.Table]]:
+        if not self.split_by_source or SOURCE_FILE_COLUMN not in part.column_names:
+            return [(None, part)]
+        column = part.column(SOURCE_FILE_COLUMN)
+        return [(uri, part.filter(pc.equal(column, uri))) for uri in pc.unique(column).to_pylist()]
 
     def _limit(self, state: _PartitionState) -> int:
         """In-memory bytes to buffer before the partition's next row group is written."""
@@ -348,6 +346,7 @@ class PartitionedParquetWriter:
                 record_count=state.rows_in_file,
                 partition_path=state.path,
                 partition_values=self.partitioner.to_json(state.values),
+                sources=[state.source] if state.source is not None else [],
             )
         )
         state.writer, state.sink = None, None
@@ -405,6 +404,9 @@ def _empty_footer_bytes(schema: pa.Schema, metadata: Mapping[str, str]) -> int:
 
 def remove_file(uri: str, s3: S3Settings) -> None:
     """Delete one data file; missing is fine."""
+    if is_s3_uri(uri):
+        delete_s3_object(uri, s3)
+        return
     fs, path = filesystem_for(uri, s3)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
