@@ -158,6 +158,26 @@ def _failure_details(data: object) -> tuple[str, dict[str, object]]:
     return message or "unknown error", {}
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Write (or with --check, compare) the JSON Schema that editors use for spec files."""
+    import json  # noqa: PLC0415
+
+    from dativo_dagster.spec import SCHEMA_FILE_NAME, spec_json_schema  # noqa: PLC0415
+
+    path = Path(args.output) if args.output else _specs_dir(args.specs) / SCHEMA_FILE_NAME
+    text = json.dumps(spec_json_schema(), indent=2, sort_keys=True) + "\n"
+    if args.check:
+        current = path.read_text() if path.exists() else ""
+        if current != text:
+            print(f"{path} is out of date; run: dativo-dagster schema", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{path} is current")
+        return EXIT_OK
+    path.write_text(text)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dativo-dagster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Dagster console log level"
     )
     materialize.set_defaults(func=cmd_materialize)
+    schema = sub.add_parser("schema", help="write the spec JSON Schema for editors (asset_specs/asset-spec.schema.json)")
+    schema.add_argument("--specs", help="folder of asset specs (default: DATIVO_ASSET_SPECS_DIR or asset_specs/)")
+    schema.add_argument("--output", help="file to write (default: <specs>/asset-spec.schema.json)")
+    schema.add_argument("--check", action="store_true", help="exit 2 when the file is not current")
+    schema.set_defaults(func=cmd_schema)
     return parser
 
 

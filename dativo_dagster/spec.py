@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -96,11 +97,33 @@ class CatalogKind(str, enum.Enum):
 _FORMAT_KINDS = (TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ)
 
 
+def _any_case(word: str) -> str:
+    # JSON Schema patterns are ECMA-262: no inline (?i) flag, so spell every letter in both cases
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+_TYPE_PATTERN = (
+    r"^\s*("
+    + "|".join(_any_case(w) for w in ("string", "integer", "long", "float", "double", "boolean", "date", "timestamptz", "timestamp"))
+    + "|" + _any_case("decimal") + r"\(\s*\d+\s*,\s*\d+\s*\))\s*$"
+)
+
+
 class FieldSpec(_Model):
     """One column of the schema."""
 
     name: str = Field(min_length=1, max_length=255)
-    type: Annotated[ColumnType, Field(json_schema_extra={"type": "string"})]
+    type: Annotated[
+        ColumnType,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "pattern": _TYPE_PATTERN,
+                "examples": ["string", "integer", "double", "boolean", "date", "timestamp", "timestamptz", "decimal(10,4)"],
+                "description": "string, integer/long, float/double, boolean, date, timestamp, timestamptz or decimal(p,s)",
+            }
+        ),
+    ]
     required: bool = False
     description: str | None = None
     classification: str | None = None
@@ -350,7 +373,7 @@ class AssetSpecModel(_Model):
     kind: Literal["DataContract"] = "DataContract"
     id: str | None = None
     name: Identifier
-    version: str = Field(min_length=1)
+    version: Annotated[str, WithJsonSchema({"type": ["string", "integer"], "minLength": 1})] = Field(min_length=1)
     status: str | None = None
     domain: Identifier
     data_product: Identifier = Field(alias="dataProduct")
@@ -794,3 +817,15 @@ __all__ = [
     "load_spec_file",
     "load_specs",
 ]
+
+
+SCHEMA_FILE_NAME = "asset-spec.schema.json"
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON Schema of a spec file, for editors (yaml-language-server) and documentation."""
+    schema = AssetSpecModel.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = SCHEMA_FILE_NAME
+    schema["title"] = "dativo-dagster asset spec"
+    return schema
