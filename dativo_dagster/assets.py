@@ -2,6 +2,7 @@
 
 # no ``from __future__ import annotations``: Dagster reads the ops' annotations at definition time
 import re
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,6 +52,9 @@ from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governan
 STAGING_IO = "dativo_staging_io"
 TABLE_IO = "dativo_table_io"
 VALIDATION_CHECK = "validation"
+SCHEMA_DRIFT_CHECK = "schema_drift"
+RECONCILIATION_CHECK = "reconciliation"
+PROGRESS_SECONDS = 10.0
 MIB = 1 << 20
 
 
@@ -183,6 +187,16 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         blocking=spec.schema_validation_mode is ValidationMode.STRICT,
     )
     check_key = check_spec.key
+    drift_spec = dg.AssetCheckSpec(
+        SCHEMA_DRIFT_CHECK,
+        asset=name,
+        description="source columns that the spec lacks, and spec columns missing from the source files",
+    )
+    reconciliation_spec = dg.AssetCheckSpec(
+        RECONCILIATION_CHECK,
+        asset=name,
+        description="rows read = rows committed + rows rejected",
+    )
 
     @dg.op(
         name=f"{name}__extract",
@@ -204,8 +218,9 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         else:
             context.log.info(f"{name}: reading {len(files)} source file(s): {', '.join(f.uri for f in files)}")
         reports: list[FileReport] = []
+        batches = _progress(iter_source_batches(files, loaded, s3, reports), context.log, name, len(files))
         stream = pa.RecordBatchReader.from_batches(
-            text_schema(spec.fields), _guarded(iter_source_batches(files, loaded, s3, reports), loaded, "extract", secrets)
+            text_schema(spec.fields), _guarded(batches, loaded, "extract", secrets)
         )
         yield dg.Output(stream, "text")
         for report in reports:
@@ -237,6 +252,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             "rejects": dg.Out(io_manager_key=STAGING_IO),
             "validation": dg.Out(ValidationReport, io_manager_key=STAGING_IO),
             "validation_check": dg.Out(dg.Nothing, is_required=False),
+            "schema_drift_check": dg.Out(dg.Nothing, is_required=False),
         },
         retry_policy=policy,
         tags=op_tags,
@@ -278,6 +294,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             report, "validation", metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected}
         )
         yield _check_result(check_key, report, extract_report, strict)
+        yield _drift_result(drift_spec.key, extract_report)
         if strict and report.rows_rejected:
             # terminal: a re-execution would read the same staged text, so this run's staging goes now
             dativo_staging.remove_steps(context.run_id, f"{name}.")
@@ -316,7 +333,10 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     @dg.op(
         name=f"{name}__commit",
         ins={"written": dg.In(WriteResult)},
-        out=dg.Out(CommitResult, io_manager_key=TABLE_IO),
+        out={
+            "result": dg.Out(CommitResult, io_manager_key=TABLE_IO),
+            "reconciliation_check": dg.Out(dg.Nothing, is_required=False),
+        },
         retry_policy=policy,
         tags=op_tags,
     )
@@ -331,7 +351,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
             result = _commit(context, loaded, written, dativo_storage, dativo_catalog)
         dativo_staging.remove_steps(context.run_id, f"{name}.")
-        yield dg.Output(result, metadata=_materialization_metadata(loaded, written, result, dativo_catalog))
+        yield dg.Output(result, "result", metadata=_materialization_metadata(loaded, written, result, dativo_catalog))
+        yield _reconciliation_result(reconciliation_spec.key, written, result)
 
     @dg.graph_asset(
         name=name,
@@ -353,14 +374,17 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             "dativo/validation_mode": spec.schema_validation_mode.value,
             "dativo/write_mode": spec.target.write_mode.value,
         },
-        check_specs=[check_spec],
+        check_specs=[check_spec, drift_spec, reconciliation_spec],
     )
     def asset():
         text, extract_report = extract()
-        valid, rejects, validation, validation_check = validate(text, extract_report)
+        valid, rejects, validation, validation_check, drift_check = validate(text, extract_report)
+        result, reconciliation_check = commit(write(valid, rejects, validation, extract_report))
         return {
-            "result": commit(write(valid, rejects, validation, extract_report)),
+            "result": result,
             check_spec.get_python_identifier(): validation_check,
+            drift_spec.get_python_identifier(): drift_check,
+            reconciliation_spec.get_python_identifier(): reconciliation_check,
         }
 
     return asset
@@ -388,6 +412,64 @@ def select_sources(
         committed = table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
     return select_files(
         listed, committed, lookback_days=spec.source.incremental.lookback_days, now=datetime.now(timezone.utc)
+    )
+
+
+def _progress(
+    batches: Iterator[pa.RecordBatch], log: Any, name: str, total_files: int
+) -> Iterator[pa.RecordBatch]:
+    """Log each file as it starts, and every PROGRESS_SECONDS the rows done, rows/s and the current file."""
+    started = last = time.monotonic()
+    rows = 0
+    current = None
+    index = 0
+    for batch in batches:
+        source = batch.column(SOURCE_FILE)[0].as_py() if batch.num_rows else current
+        if source != current:
+            current = source
+            index += 1
+            log.info(f"{name}: file {index} of {total_files}: {current}")
+        rows += batch.num_rows
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            log.info(f"{name}: {rows:,} rows read, {rows / (now - started):,.0f} rows/s, reading {current}")
+        yield batch
+    if rows:
+        elapsed = max(time.monotonic() - started, 1e-9)
+        log.info(f"{name}: read {rows:,} rows from {total_files} file(s) in {elapsed:.1f} s ({rows / elapsed:,.0f} rows/s)")
+
+
+def _drift_result(key: dg.AssetCheckKey, extract_report: ExtractReport) -> dg.AssetCheckResult:
+    not_loaded = {r["uri"]: r["extra_columns"] for r in extract_report.file_reports if r["extra_columns"]}
+    missing = {r["uri"]: r["missing_columns"] for r in extract_report.file_reports if r["missing_columns"]}
+    return dg.AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=not not_loaded and not missing,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "files_with_columns_not_in_spec": len(not_loaded),
+            "files_missing_spec_columns": len(missing),
+            "columns_not_in_spec": dg.MetadataValue.json(not_loaded),
+            "spec_columns_missing": dg.MetadataValue.json(missing),
+        },
+    )
+
+
+def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result: CommitResult) -> dg.AssetCheckResult:
+    committed = sum(f.record_count for f in written.data_files)
+    return dg.AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=written.rows_read == committed + written.rows_rejected,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "rows_read": written.rows_read,
+            "rows_committed": committed,
+            "rows_rejected": written.rows_rejected,
+            "already_committed": result.already_committed,
+        },
     )
 
 

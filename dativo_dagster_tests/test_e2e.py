@@ -321,8 +321,9 @@ def test_materialization_and_asset_definition_metadata(project: Project) -> None
     assert columns[1].constraints.nullable is True
     assert columns[1].tags == {"classification": "PII"}
     assert columns[1].description == "the person's name"
-    [check] = list(defs.get_assets_def("people").check_specs)
-    assert check.name == "validation" and check.blocking
+    checks = {c.name: c for c in defs.get_assets_def("people").check_specs}
+    assert sorted(checks) == ["reconciliation", "schema_drift", "validation"]
+    assert checks["validation"].blocking and not checks["schema_drift"].blocking
 
 
 def test_strict_failure_names_every_field_and_commits_nothing(project: Project) -> None:
@@ -359,8 +360,10 @@ def test_strict_failure_names_every_field_and_commits_nothing(project: Project) 
     [failure] = result.get_step_failure_events()
     assert failure.step_key == "people.people__validate"
     checks = result.get_asset_check_evaluations()
-    assert [(c.check_name, c.passed, c.severity) for c in checks] == [
-        ("validation", False, dg.AssetCheckSeverity.ERROR)
+    # validation fails (ERROR, blocking); the file's columns match the spec; nothing was committed to reconcile
+    assert sorted((c.check_name, c.passed, c.severity) for c in checks) == [
+        ("schema_drift", True, dg.AssetCheckSeverity.WARN),
+        ("validation", False, dg.AssetCheckSeverity.ERROR),
     ]
 
     table = project.table("testdomain.people")
@@ -426,8 +429,13 @@ def test_warn_mode_commits_valid_rows_and_quarantines_the_rest(project: Project)
     assert {r["_source_file"] for r in rows} == {where}
     assert {r["_run_id"] for r in rows} == {result.run_id}
 
-    [check] = result.get_asset_check_evaluations()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert sorted(checks) == ["reconciliation", "schema_drift", "validation"]
+    check = checks["validation"]
     assert (check.check_name, check.passed, check.severity) == ("validation", False, dg.AssetCheckSeverity.WARN)
+    reconciliation = {k: v.value for k, v in checks["reconciliation"].metadata.items()}
+    assert checks["reconciliation"].passed
+    assert (reconciliation["rows_read"], reconciliation["rows_committed"], reconciliation["rows_rejected"]) == (7, 3, 4)
     check_meta = {k: v.value for k, v in check.metadata.items()}
     assert (check_meta["rows_read"], check_meta["rows_valid"], check_meta["rows_rejected"]) == (7, 3, 4)
     assert check_meta["id:invalid_integer"] == 1
