@@ -30,7 +30,11 @@ COPY data ./data
 COPY deploy/dagster.docker.yaml ${DAGSTER_HOME}/dagster.yaml
 COPY deploy/workspace.docker.yaml /opt/dagster/workspace.docker.yaml
 
-RUN useradd --uid 1000 --create-home dagster && chown -R dagster:dagster /opt/dagster
+# Folders that docker-compose.yml mounts volumes on exist here, owned by the runtime user, so that new volumes
+# inherit that ownership: staging between ops, and compute logs under $DAGSTER_HOME/storage.
+RUN useradd --uid 1000 --create-home dagster \
+    && mkdir -p /opt/dagster/staging ${DAGSTER_HOME}/storage \
+    && chown -R dagster:dagster /opt/dagster
 USER dagster
 
 EXPOSE 3000 4000

@@ -138,3 +138,31 @@ def committed_files(location: str, s3: S3Settings) -> list[str]:
 def committed_records(location: str, s3: S3Settings) -> int:
     """How many rows the visible files hold, from the markers alone (no data file is opened)."""
     return sum(int(f["record_count"]) for f in visible_files(read_commit_markers(location, s3)))
+
+
+def committed_files_sql(location: str) -> str:
+    """A DuckDB query listing the URIs of the files that the commit markers under ``location`` make visible.
+
+    The same rules as :func:`committed_files`, for readers outside Python (docs/deployment.md). On S3,
+    DuckDB needs its ``httpfs`` extension and an S3 secret. Read the rows with
+    ``SET VARIABLE files = (SELECT list(uri) FROM (<query>)); SELECT * FROM read_parquet(getvariable('files'))``.
+    """
+    commits = f"{location.rstrip('/')}/{COMMITS_FOLDER}/*.json".replace("'", "''")
+    return f"""WITH markers AS (
+  SELECT row_number() OVER (ORDER BY committed_at, run_id) AS seq,
+         coalesce(overwrite, false) AS overwrite,
+         coalesce(replace_sources, false) AS replace_sources,
+         coalesce(json_keys(properties ->> '$."dativo.source-state"'), []) AS read_sources,
+         files
+  FROM read_json('{commits}', columns = {{run_id: 'VARCHAR', committed_at: 'VARCHAR',
+       overwrite: 'BOOLEAN', replace_sources: 'BOOLEAN', files: 'JSON', properties: 'JSON'}})
+),
+written AS (
+  SELECT seq, f ->> 'uri' AS uri, coalesce(from_json(f -> 'sources', '["VARCHAR"]'), []) AS sources
+  FROM markers, unnest(from_json(files, '["JSON"]')) AS t(f)
+)
+SELECT uri FROM written w
+WHERE NOT EXISTS (  -- hidden by a later overwrite, or by a later run that re-read one of its source files
+  SELECT 1 FROM markers m
+  WHERE m.seq > w.seq
+    AND (m.overwrite OR (m.replace_sources AND len(list_intersect(m.read_sources, w.sources)) > 0)))"""

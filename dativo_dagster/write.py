@@ -60,6 +60,7 @@ class WrittenFile(BaseModel):
     record_count: int
     partition_path: str
     partition_values: list[Any]
+    sources: list[str] = Field(default_factory=list)  # the source files whose rows it holds, when split by source
 
 
 class _Sink:

@@ -1,0 +1,214 @@
+"""The real deployment end to end: S3 sources and warehouse on SeaweedFS, each catalog kind (SQLite, PostgreSQL,
+Iceberg REST), materialized through Dagster with the project's own resources; results read back with boto3,
+pyiceberg and DuckDB."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+from dativo_dagster.commit import RUN_ID_KEY
+from dativo_dagster_tests.conftest import Project, base_spec
+
+from .deployment import (
+    CONTRACT_METADATA_KEYS,
+    CONTRACT_TAG_KEYS,
+    TAG_CHARSET,
+    branch_head,
+    make_deployment,
+    run,
+    run_text,
+    s3_object_text,
+    unique,
+)
+from .servers import PostgresCluster, SeaweedFS
+from .test_servers import duckdb_for
+
+SOURCE_A = "id,name,amount,updated\n1,Ann,10.50,2025-01-01 10:00:00\n2,Bob,not-a-number,2025-01-02 11:00:00\n"
+SOURCE_B = "id,name,amount,updated\n3,Cy,3.25,2025-01-03 12:30:00\n"
+
+
+def people_spec(name: str, domain: str, source: str) -> dict[str, Any]:
+    return base_spec(
+        name,
+        domain=domain,
+        dataProduct="crm",
+        tenant="acme",
+        team={"owner": "Équipe Données, Paris"},  # non-ASCII and a comma: not tag-safe as is
+        compliance={"classification": ["internal", "pii"], "retention_days": 30},
+        schema=[
+            {"name": "id", "type": "integer", "required": True},
+            {"name": "name", "type": "string"},
+            {"name": "amount", "type": "decimal(10,2)"},
+            {"name": "updated", "type": "timestamp", "required": True},
+        ],
+        source={"type": "csv", "files": [{"path": source}]},
+        target={"partitioning": ["ingest_date"]},
+        schema_validation_mode="warn",
+    )
+
+
+def upload_sources(seaweedfs: SeaweedFS) -> tuple[str, str]:
+    """Two matching CSVs, plus a nested one and a non-CSV object that the glob must not match."""
+    bucket = unique("landing-")
+    seaweedfs.create_bucket(bucket)
+    client = seaweedfs.boto3_client()
+    client.put_object(Bucket=bucket, Key="people/2025/a.csv", Body=SOURCE_A.encode())
+    client.put_object(Bucket=bucket, Key="people/2025/b.csv", Body=SOURCE_B.encode())
+    client.put_object(Bucket=bucket, Key="people/2025/archive/c.csv", Body=b"id,name,amount,updated\n99,No,1,2025-01-01 00:00:00\n")
+    client.put_object(Bucket=bucket, Key="people/2025/notes.txt", Body=b"not a csv")
+    return bucket, f"s3://{bucket}/people/2025/*.csv"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "rest"])
+def test_s3_deployment_end_to_end(
+    kind: str, seaweedfs: SeaweedFS, postgres: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    deployment = make_deployment(kind, seaweedfs, postgres, tmp_path)
+    deployment.apply(monkeypatch)
+    uploads = tmp_path / "tmp"
+    uploads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(uploads))  # where the S3 sink stages each file before upload
+    source_bucket, pattern = upload_sources(seaweedfs)
+    domain = unique("sales_")
+    project = Project(tmp_path / "project")
+    project.write_spec(people_spec("people", domain, pattern))
+
+    received: dict[str, Any] = {}
+
+    @dg.asset(ins={"people": dg.AssetIn(key="people")})
+    def people_downstream(people: pa.Table) -> None:
+        received["table"] = people
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = run(project, people_downstream, instance=instance)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    run_id = result.run_id
+
+    # ---- the table, read back with pyiceberg (a client of our own, not the project's resource)
+    catalog = deployment.catalog()
+    table = catalog.load_table(f"{domain}.people")
+    location = deployment.expected_location(domain, "crm", "people")
+    assert table.location() == location
+    head = branch_head(table, "acme")
+    rows = sorted(table.scan(snapshot_id=head.snapshot_id).to_arrow().to_pylist(), key=lambda r: r["id"])
+    sources = {1: f"s3://{source_bucket}/people/2025/a.csv", 3: f"s3://{source_bucket}/people/2025/b.csv"}
+    assert [(r["id"], r["name"], r["amount"], r["updated"]) for r in rows] == [
+        (1, "Ann", Decimal("10.50"), datetime(2025, 1, 1, 10, 0)),
+        (3, "Cy", Decimal("3.25"), datetime(2025, 1, 3, 12, 30)),
+    ]
+    assert [r["_source_file"] for r in rows] == [sources[1], sources[3]]
+    assert {r["_run_id"] for r in rows} == {run_id}
+    ingested_at = rows[0]["_ingested_at"]
+    assert ingested_at.tzinfo is not None and {r["_ingested_at"] for r in rows} == {ingested_at}
+    assert table.snapshot_by_name("main") is None or not table.scan().to_arrow().num_rows  # main stays empty
+
+    # the snapshot records the run and the S3 versions (ETags) of what it read
+    etags = {
+        uri: seaweedfs.boto3_client().head_object(Bucket=source_bucket, Key=uri.split("/", 3)[3])["ETag"].strip('"')
+        for uri in sources.values()
+    }
+    summaries = [s.summary.additional_properties for s in table.snapshots() if s.summary is not None]
+    ours = [s for s in summaries if s.get(RUN_ID_KEY) == run_id]
+    assert ours
+    assert json.loads(ours[-1]["dativo.source-state"]) == etags
+
+    # ---- the same rows through DuckDB's own Iceberg reader, straight from the bucket
+    con = duckdb_for(seaweedfs)
+    try:
+        duck = con.execute(
+            f"SELECT id, name, amount, _source_file, _run_id FROM iceberg_scan('{table.metadata_location}', "  # noqa: S608
+            f"snapshot_from_id={head.snapshot_id}) ORDER BY id"
+        ).fetchall()
+    finally:
+        con.close()
+    assert duck == [(1, "Ann", Decimal("10.50"), sources[1], run_id), (3, "Cy", Decimal("3.25"), sources[3], run_id)]
+
+    # ---- data files, metadata and the rejects table all live in the bucket, under the table location
+    client = seaweedfs.boto3_client()
+    data_files = [task.file for task in table.scan(snapshot_id=head.snapshot_id).plan_files()]
+    assert data_files
+    day = ingested_at.astimezone(UTC).date().isoformat()
+    for data_file in data_files:
+        assert data_file.file_path.startswith(f"{location}/data/ingest_date={day}/")
+        assert data_file.file_path.endswith(".parquet")
+        key = data_file.file_path.removeprefix(f"s3://{deployment.bucket}/")
+        head_object = client.head_object(Bucket=deployment.bucket, Key=key)
+        metadata = head_object["Metadata"]
+        assert set(metadata) == CONTRACT_METADATA_KEYS
+        assert metadata["asset-name"] == "people"
+        assert metadata["asset-version"] == "1.0"
+        assert metadata["domain"] == domain
+        assert metadata["data-product"] == "crm"
+        assert metadata["tenant-id"] == "acme"
+        assert metadata["branch"] == "acme"
+        assert metadata["owner"] == "%C3%89quipe Donn%C3%A9es, Paris"  # HTTP headers: ASCII, UTF-8 percent-encoded
+        assert metadata["retention-days"] == "30"
+        assert metadata["classification"] == "internal,pii"
+        assert metadata["record-count"] == str(data_file.record_count)
+        assert metadata["file-size-bytes"] == str(head_object["ContentLength"]) == str(data_file.file_size_in_bytes)
+        assert metadata["partition"] == f"ingest_date={day}"
+        assert metadata["run-id"] == run_id
+        assert datetime.fromisoformat(metadata["ingest-timestamp"]) == ingested_at
+        tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=deployment.bucket, Key=key)["TagSet"]}
+        assert set(tags) == CONTRACT_TAG_KEYS and len(tags) <= 10
+        assert tags == {
+            "domain": domain, "data-product": "crm", "tenant": "acme",
+            "owner": "_quipe Donn_es_ Paris", "classification": "internal_pii",
+        }
+        assert all(set(k) <= TAG_CHARSET and set(v) <= TAG_CHARSET for k, v in tags.items())
+    assert table.metadata_location.startswith(f"{location}/metadata/")
+    metadata_key = table.metadata_location.removeprefix(f"s3://{deployment.bucket}/")
+    assert client.head_object(Bucket=deployment.bucket, Key=metadata_key)["ContentLength"] > 0
+
+    rejects = catalog.load_table(f"{domain}.people__rejects")
+    assert rejects.location() == deployment.expected_location(domain, "crm", "people__rejects")
+    rejected = rejects.scan(snapshot_id=branch_head(rejects, "acme").snapshot_id).to_arrow().to_pylist()
+    assert [(r["id"], r["amount"], r["_source_file"], r["_source_line"]) for r in rejected] == [
+        ("2", "not-a-number", sources[1], 3)
+    ]
+    for task in rejects.scan(snapshot_id=branch_head(rejects, "acme").snapshot_id).plan_files():
+        assert task.file.file_path.startswith(f"{rejects.location()}/data/")
+        key = task.file.file_path.removeprefix(f"s3://{deployment.bucket}/")
+        assert client.head_object(Bucket=deployment.bucket, Key=key)["Metadata"]["run-id"] == run_id
+
+    # the S3 sink's local staging files are gone
+    assert not list(uploads.glob("dativo-*"))
+
+    # ---- the downstream asset got the committed rows through the IO manager, from S3
+    downstream = received["table"]
+    assert sorted(downstream["id"].to_pylist()) == [1, 3]
+    assert set(downstream["_source_file"].to_pylist()) == set(sources.values())
+
+    # ---- materialization metadata names the catalog with its credentials masked
+    materialization = result.asset_materializations_for_node("people")[0]
+    assert materialization.metadata["catalog"].value == deployment.catalog_uri.replace(
+        next((s for s in deployment.secrets if s in deployment.catalog_uri), "\0"), "***"
+    )
+    assert materialization.metadata["rows_committed"].value == 2
+
+    # ---- no secret anywhere: event log, metadata, console, Python logs, snapshot summaries, objects
+    captured = capfd.readouterr()
+    texts = {
+        "event log": run_text(instance, run_id),
+        "stdout/stderr": captured.out + captured.err,
+        "python logs": caplog.text,
+        "snapshot summaries": json.dumps(summaries + [
+            s.summary.additional_properties for s in rejects.snapshots() if s.summary is not None
+        ]),
+        "table properties": json.dumps(dict(table.metadata.properties)),
+        "objects": s3_object_text(seaweedfs, deployment.bucket, location.split("/", 3)[3]),
+    }
+    assert run_id in texts["event log"]
+    for secret in deployment.secrets:
+        leaks = [where for where, text in texts.items() if secret in text]
+        assert not leaks, f"secret found in {leaks}"
