@@ -138,7 +138,8 @@ def _boto3_s3(s3: S3Settings) -> Any:
     )
 
 
-_USER_INFO = re.compile(r"//([^:/@\s]+):([^@\s]+)@")
+# user:password@host; the password ends at the last "@" of the authority (an unencoded "@" may be inside it)
+_USER_INFO = re.compile(r"//([^:/@\s]+):(\S*?)@(?=[^@/\s]*(?:[/\s?#]|$))")
 _SECRET_PARAMS = re.compile(r"(?i)\b(password|passwd|secret|token|credential|key)=([^&\s]+)")
 
 
@@ -162,9 +163,10 @@ def is_s3_uri(uri: str) -> bool:
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key)."""
-    parsed = urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
+    """``s3://bucket/key`` -> (bucket, key). Keys are taken as written: ``?`` and ``#`` are key characters
+    (and glob characters in source patterns), not a URL's query or fragment."""
+    bucket, _, key = uri.split("://", 1)[-1].partition("/")
+    return bucket, key.lstrip("/")
 
 
 def filesystem_for(uri: str, s3: S3Settings) -> tuple[pafs.FileSystem, str]:
@@ -360,21 +362,25 @@ def delete_s3_object(uri: str, s3: S3Settings) -> None:
 def object_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """User metadata that S3 accepts: printable ASCII values (the rest percent-encoded), 2 KB in all.
 
-    When the values are too long together, the longest are shortened (ending in ``...``) until they fit.
+    When the values are too long together, the longest are shortened (ending in ``...``), evenly,
+    until they fit; short values are kept whole.
     """
-    out = {k: quote(str(v).strip(), safe=_METADATA_SAFE) for k, v in metadata.items()}
-
-    def size() -> int:
-        return sum(len(k) + len(v) for k, v in out.items())
-
-    while size() > MAX_USER_METADATA_BYTES:
-        longest = max(out, key=lambda k: len(out[k]))
-        keep = max(len(out[longest]) - (size() - MAX_USER_METADATA_BYTES) - 3, 0)
-        shortened = out[longest][:keep]
-        shortened = re.sub(r"%[0-9A-Fa-f]?$", "", shortened)  # never cut a %XX escape in half
-        out[longest] = shortened + "..."
-        if keep == 0:
-            break
+    full = {k: quote(str(v).strip(), safe=_METADATA_SAFE) for k, v in metadata.items()}
+    budget = {k: len(v) for k, v in full.items()}
+    ellipsis = "..."
+    while (overflow := sum(len(k) + budget[k] for k in full) - MAX_USER_METADATA_BYTES) > 0:
+        longest = max(budget, key=lambda k: budget[k])
+        if budget[longest] <= len(ellipsis):
+            break  # nothing left to shorten
+        runner_up = max((b for k, b in budget.items() if k != longest), default=0)
+        budget[longest] = max(budget[longest] - overflow, min(runner_up, budget[longest] - 1), len(ellipsis))
+    out = {}
+    for key, value in full.items():
+        if budget[key] >= len(value):
+            out[key] = value
+        else:
+            kept = re.sub(r"%[0-9A-Fa-f]?$", "", value[: budget[key] - len(ellipsis)])  # never half an escape
+            out[key] = kept + ellipsis
     return out
 
 

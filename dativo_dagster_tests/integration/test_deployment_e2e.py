@@ -212,3 +212,43 @@ def test_s3_deployment_end_to_end(
     for secret in deployment.secrets:
         leaks = [where for where, text in texts.items() if secret in text]
         assert not leaks, f"secret found in {leaks}"
+
+
+def test_incremental_s3_source_reads_new_and_changed_objects_by_etag(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
+    deployment.apply(monkeypatch)
+    source_bucket, pattern = upload_sources(seaweedfs)
+    domain = unique("inc_")
+    spec = people_spec("people", domain, pattern)
+    spec["source"]["incremental"] = {"strategy": "file_modified_time"}
+    project = Project(tmp_path / "project")
+    project.write_spec(spec)
+    catalog = deployment.catalog()
+
+    def branch_ids() -> list[tuple[int, str]]:
+        table = catalog.load_table(f"{domain}.people")
+        head = branch_head(table, "acme")
+        rows = table.scan(snapshot_id=head.snapshot_id).to_arrow().to_pylist()
+        return sorted((r["id"], r["_source_file"].rsplit("/", 1)[1]) for r in rows)
+
+    assert run(project).success
+    assert branch_ids() == [(1, "a.csv"), (3, "b.csv")]
+    snapshots = len(catalog.load_table(f"{domain}.people").snapshots())
+
+    assert run(project).success  # nothing changed: nothing read, no new snapshot
+    assert len(catalog.load_table(f"{domain}.people").snapshots()) == snapshots
+
+    # b.csv is rewritten in place (same key, new ETag): its rows are replaced, a.csv's stay as they are
+    seaweedfs.boto3_client().put_object(
+        Bucket=source_bucket, Key="people/2025/b.csv",
+        Body=b"id,name,amount,updated\n4,Di,1.00,2025-02-01 00:00:00\n5,Ed,2.00,2025-02-02 00:00:00\n",
+    )
+    third = run(project)
+    assert third.success
+    assert branch_ids() == [(1, "a.csv"), (4, "b.csv"), (5, "b.csv")]
+    table = catalog.load_table(f"{domain}.people")
+    state = json.loads(branch_head(table, "acme").summary.additional_properties["dativo.source-state"])
+    etag = seaweedfs.boto3_client().head_object(Bucket=source_bucket, Key="people/2025/b.csv")["ETag"].strip('"')
+    assert state[f"s3://{source_bucket}/people/2025/b.csv"] == etag

@@ -1,0 +1,141 @@
+"""Deployment resources without servers: settings from the environment, catalog choice, error translation."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy.exc
+from pyiceberg.catalog.rest import RestCatalog
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+
+from dativo_dagster.errors import CommitError, StorageError
+from dativo_dagster.resources import (
+    CatalogResource,
+    GuardedRestCatalog,
+    GuardedSqlCatalog,
+    StorageResource,
+    catalog_errors,
+    embedded_defaults,
+    resources_from_env,
+)
+from dativo_dagster_tests.conftest import Project, base_spec
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_resources_read_every_contract_setting_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "DATIVO_WAREHOUSE": "s3://lake/warehouse",
+        "DATIVO_CATALOG_URI": "http://rest:8181",
+        "DATIVO_CATALOG_CREDENTIAL": "id:secret",
+        "DATIVO_S3_ENDPOINT": "http://minio:9000",
+        "AWS_ACCESS_KEY_ID": "AKID",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "AWS_REGION": "eu-west-1",
+        "DATIVO_STAGING_DIR": str(tmp_path / "staging"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    resources = resources_from_env(tmp_path / "asset_specs")
+    storage, catalog = resources["dativo_storage"], resources["dativo_catalog"]
+    # EnvVars, not values: secrets never land in run config or the UI
+    assert storage.aws_secret_access_key == dg.EnvVar("AWS_SECRET_ACCESS_KEY")
+    assert catalog.credential == dg.EnvVar("DATIVO_CATALOG_CREDENTIAL")
+    configured = {
+        "warehouse": "DATIVO_WAREHOUSE", "s3_endpoint": "DATIVO_S3_ENDPOINT", "aws_region": "AWS_REGION",
+        "aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    }
+    for field, variable in configured.items():
+        assert getattr(storage, field) == dg.EnvVar(variable)
+    assert catalog.uri == dg.EnvVar("DATIVO_CATALOG_URI")
+    assert resources["dativo_staging"].root == dg.EnvVar("DATIVO_STAGING_DIR")
+
+
+def test_unset_settings_fall_back_to_the_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "DATIVO_CATALOG_CREDENTIAL"):
+        monkeypatch.delenv(name, raising=False)
+    resources = resources_from_env(tmp_path / "asset_specs")
+    defaults = embedded_defaults(tmp_path / "asset_specs")
+    assert resources["dativo_storage"].warehouse == defaults["warehouse"]
+    assert resources["dativo_storage"].s3_endpoint is None
+    assert resources["dativo_catalog"].uri == defaults["catalog_uri"]
+    assert resources["dativo_catalog"].credential is None
+
+
+def storage(warehouse: str = "s3://lake/warehouse", endpoint: str | None = None) -> StorageResource:
+    return StorageResource(
+        warehouse=warehouse, s3_endpoint=endpoint, aws_region="us-east-1",
+        aws_access_key_id="AKID", aws_secret_access_key="S3-SECRET-VALUE",
+    )
+
+
+def test_catalog_kind_follows_the_uri(tmp_path: Path) -> None:
+    assert CatalogResource(uri="https://catalog.example.com/api", storage=storage()).is_rest
+    assert not CatalogResource(uri="postgresql+psycopg2://u:p@h/db", storage=storage()).is_rest
+    sqlite = CatalogResource(uri=f"sqlite:///{tmp_path / 'sub' / 'catalog.db'}", storage=storage(str(tmp_path / "wh")))
+    catalog = sqlite.load_catalog()
+    assert isinstance(catalog, GuardedSqlCatalog) and isinstance(catalog, SqlCatalog)
+    assert (tmp_path / "sub").is_dir()
+    catalog.create_namespace_if_not_exists("d")
+    assert catalog.list_namespaces() == [("d",)]
+    assert not catalog.table_exists("d.t")
+    with pytest.raises(NoSuchTableError):  # not a connection problem: pyiceberg's own error stays
+        catalog.load_table("d.t")
+    assert issubclass(GuardedRestCatalog, RestCatalog)
+
+
+def test_display_uri_masks_the_password() -> None:
+    resource = CatalogResource(uri="postgresql+psycopg2://dativo:pg-secret@db:5432/catalog", storage=storage())
+    assert resource.display_uri == "postgresql+psycopg2://dativo:***@db:5432/catalog"
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "http"])
+def test_an_unreachable_catalog_is_a_transient_commit_error_naming_the_masked_uri(scheme: str) -> None:
+    port = closed_port()
+    if scheme == "http":
+        uri, credential = f"http://127.0.0.1:{port}", "client:REST-SECRET"
+    else:
+        uri, credential = f"postgresql+psycopg2://dativo:PG-SECRET@127.0.0.1:{port}/catalog", None
+    resource = CatalogResource(uri=uri, credential=credential, storage=storage(endpoint="http://127.0.0.1:1"))
+    with pytest.raises(CommitError) as failed:
+        resource.load_catalog()
+    message = str(failed.value)
+    assert failed.value.transient
+    assert resource.display_uri in message and "could not be reached (connect)" in message
+    for secret in ("PG-SECRET", "REST-SECRET", "S3-SECRET-VALUE"):
+        assert secret not in message
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__  # no traceback to leak through
+
+
+def test_catalog_errors_translate_refusals_but_not_conflicts() -> None:
+    with pytest.raises(CommitError, match=r"catalog sqlite:///x refused or could not be reached \(commit\)"):
+        with catalog_errors("sqlite:///x", "commit", ["pw"]):
+            raise sqlalchemy.exc.OperationalError("UPDATE iceberg_tables", {}, Exception("database is locked pw"))
+    with pytest.raises(CommitFailedException):  # a lost race is pyiceberg's to report, and the commit's to retry
+        with catalog_errors("sqlite:///x", "commit", []):
+            raise CommitFailedException("Table has been updated by another process")
+    with pytest.raises(CommitError) as scrubbed:
+        with catalog_errors("http://h", "load", ["pw"]):
+            raise ConnectionError("refused with pw")
+    assert "pw" not in str(scrubbed.value).replace("http://h", "")
+
+
+def test_check_access_only_for_s3_warehouses(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p")
+    project.write_spec(base_spec())
+    from dativo_dagster.spec import load_specs
+
+    [loaded] = load_specs(project.specs_dir)
+    storage(str(tmp_path / "wh")).check_access(loaded.spec)  # local: nothing to check
+    with pytest.raises(StorageError, match=r"cannot access s3://lake/warehouse/ \(S3 endpoint http://127.0.0.1:1\)"):
+        storage(endpoint="http://127.0.0.1:1").check_access(loaded.spec)

@@ -1,0 +1,214 @@
+"""Object storage helpers without a server: URIs, masking, S3-safe metadata and tags, error classification, globs.
+
+Real S3 behaviour is proven against SeaweedFS in integration/; here only what needs no server, plus moto for
+error paths a real server cannot be made to produce on demand."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from dativo_dagster.errors import StorageError, TerminalError, TransientError
+from dativo_dagster.extract import _glob_match
+from dativo_dagster.storage import (
+    MAX_USER_METADATA_BYTES,
+    S3Settings,
+    StorageAccessError,
+    join_uri,
+    list_s3_objects,
+    mask_uri,
+    object_metadata,
+    object_tags,
+    s3_error,
+    scrub,
+    split_s3_uri,
+    tag_safe,
+)
+
+TAG_CHARS = re.compile(r"^[A-Za-z0-9 +\-=._:/@]*$")
+
+
+def client_error(code: str, status: int, message: str = "") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://lake/warehouse/x.parquet", ("lake", "warehouse/x.parquet")),
+        ("s3://lake", ("lake", "")),
+        ("s3://lake/", ("lake", "")),
+        ("s3a://lake/a/b", ("lake", "a/b")),
+        ("s3://lake/in/?.csv", ("lake", "in/?.csv")),  # not a URL query: a glob character
+        ("s3://lake/a#b.csv", ("lake", "a#b.csv")),
+    ],
+)
+def test_split_s3_uri_keeps_keys_as_written(uri: str, expected: tuple[str, str]) -> None:
+    assert split_s3_uri(uri) == expected
+
+
+def test_join_uri() -> None:
+    assert join_uri("s3://lake/wh/", "d", "/p/", "n") == "s3://lake/wh/d/p/n"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("postgresql+psycopg2://u:s3cr3t@db:5432/cat", "postgresql+psycopg2://u:***@db:5432/cat"),
+        ("http://id:se/cr@et@host/x", "http://id:***@host/x"),
+        ("sqlite:////tmp/catalog.db", "sqlite:////tmp/catalog.db"),
+        ("http://127.0.0.1:8181", "http://127.0.0.1:8181"),
+        ("postgresql://u@h/db?password=pw&sslmode=require", "postgresql://u@h/db?password=***&sslmode=require"),
+        ("see https://a:b@h and http://c:d@e", "see https://a:***@h and http://c:***@e"),
+        ("", ""),
+    ],
+)
+def test_mask_uri(text: str, masked: str) -> None:
+    assert mask_uri(text) == masked
+
+
+def test_scrub_replaces_every_secret_longest_first() -> None:
+    text = "key AK:verysecret failed for verysecret at http://u:pw@h"
+    assert scrub(text, ["verysecret", "AK:verysecret", None, ""]) == "key *** failed for *** at http://u:***@h"
+
+
+def test_settings_never_print_secrets_and_normalise_the_endpoint() -> None:
+    settings = S3Settings("minio:9000", None, "AKID", "the-secret")
+    assert "the-secret" not in repr(settings) and "AKID" not in repr(settings)
+    assert settings.endpoint == "https://minio:9000"
+    assert settings.region_name == "us-east-1"
+    assert settings.describe() == "S3 endpoint https://minio:9000"
+    assert S3Settings().describe() == "AWS S3"
+    props = S3Settings("http://127.0.0.1:9000", "eu-west-1", "AKID", "the-secret").pyiceberg_properties()
+    assert props == {
+        "s3.region": "eu-west-1", "s3.endpoint": "http://127.0.0.1:9000", "s3.path-style-access": "true",
+        "s3.access-key-id": "AKID", "s3.secret-access-key": "the-secret",
+    }
+    assert S3Settings().pyiceberg_properties() == {"s3.region": "us-east-1"}  # AWS default chain, no endpoint
+
+
+def test_boto3_clients_are_shared_per_settings_and_path_style_for_endpoints() -> None:
+    a = S3Settings("http://127.0.0.1:9000", None, "AK", "SK")
+    assert a.boto3_client() is S3Settings("http://127.0.0.1:9000", None, "AK", "SK").boto3_client()
+    assert a.boto3_client() is not S3Settings("http://127.0.0.1:9001", None, "AK", "SK").boto3_client()
+    config = a.boto3_client().meta.config
+    assert config.s3["addressing_style"] == "path" and config.signature_version == "s3v4"
+    assert a.boto3_client().meta.endpoint_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "phrase"),
+    [
+        (client_error("SignatureDoesNotMatch", 403), StorageAccessError, "AWS_SECRET_ACCESS_KEY"),
+        (client_error("InvalidAccessKeyId", 403), StorageAccessError, "AWS_ACCESS_KEY_ID"),
+        (client_error("AccessDenied", 403), StorageAccessError, "lack permission"),
+        (client_error("NoSuchBucket", 404), StorageAccessError, "bucket does not exist"),
+        (client_error("403", 403), StorageAccessError, "HTTP 403"),
+        (client_error("SlowDown", 503, "Please reduce your request rate"), StorageError, "reduce your request rate"),
+        (client_error("InternalError", 500, "oops"), StorageError, "InternalError"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), StorageError, "Could not connect"),
+    ],
+)
+def test_s3_errors_are_terminal_refusals_or_transient_failures(error: Exception, kind: type, phrase: str) -> None:
+    settings = S3Settings("http://u:pw@127.0.0.1:9000", None, "AK", "SK-secret")
+    converted = s3_error(error, action="upload", uri="s3://lake/x.parquet", s3=settings)
+    assert type(converted) is kind
+    assert isinstance(converted, TerminalError if kind is StorageAccessError else TransientError)
+    text = str(converted)
+    assert phrase in text and "s3://lake/x.parquet" in text and "upload" in text
+    assert "pw" not in text.replace("upload", "") and "SK-secret" not in text
+
+
+def test_s3_error_finds_the_client_error_inside_an_upload_failure() -> None:
+    from boto3.exceptions import S3UploadFailedError
+
+    try:
+        try:
+            raise client_error("SignatureDoesNotMatch", 403)
+        except ClientError as inner:
+            raise S3UploadFailedError("Failed to upload: SignatureDoesNotMatch") from inner
+    except S3UploadFailedError as outer:
+        converted = s3_error(outer, action="upload", uri="s3://b/k", s3=S3Settings())
+    assert isinstance(converted, StorageAccessError) and "SignatureDoesNotMatch" in str(converted)
+
+
+def test_object_metadata_is_ascii_reversible_and_within_2kb() -> None:
+    metadata = object_metadata({"owner": " Équipe 100% <x@y.z> ", "classification": "internal,pii", "empty": ""})
+    assert metadata == {
+        "owner": "%C3%89quipe 100%25 <x@y.z>", "classification": "internal,pii", "empty": "",
+    }
+    assert unquote(metadata["owner"]) == "Équipe 100% <x@y.z>"
+    assert all(v.isascii() and v.isprintable() for v in metadata.values())
+
+    long = object_metadata({"a": "x" * 3000, "b": "é" * 500, "c": "short", "d": "y" * 900})
+    assert sum(len(k) + len(v) for k, v in long.items()) <= MAX_USER_METADATA_BYTES
+    assert long["c"] == "short"  # short values are kept whole
+    assert long["a"].endswith("...") and long["b"].endswith("...") and long["d"].endswith("...")
+    assert not re.search(r"%[0-9A-F]?\.\.\.$", long["b"])  # never half an escape
+    assert abs(len(long["a"]) - len(long["d"])) <= 6  # the longest are shortened evenly
+
+
+def test_object_tags_are_the_contract_ones_few_and_safe() -> None:
+    metadata = {
+        "domain": "sales", "data-product": "crm", "tenant-id": "acme", "owner": "Équipe <x@y.z>; drop",
+        "classification": "internal,pii", "asset-name": "people", "run-id": "r1", "partition": "ingest_date=x",
+    }
+    tags = object_tags(metadata)
+    assert tags == {
+        "domain": "sales", "data-product": "crm", "tenant": "acme", "owner": "_quipe _x@y.z__ drop",
+        "classification": "internal_pii",
+    }
+    assert all(TAG_CHARS.match(k) and TAG_CHARS.match(v) for k, v in tags.items())
+    assert object_tags({"domain": "d"}) == {"domain": "d"}  # empty values are left out
+    assert len(tag_safe("x" * 500, 256)) == 256
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("in/*.csv", "in/a.csv", True),
+        ("in/*.csv", "in/sub/a.csv", False),
+        ("in/**/*.csv", "in/a.csv", True),
+        ("in/**/*.csv", "in/x/y/a.csv", True),
+        ("in/**", "in/x/y/a.csv", True),
+        ("in/?.csv", "in/ab.csv", False),
+        ("in/[ab].csv", "in/b.csv", True),
+        ("in*/*.csv", "inbox/e.csv", True),
+        ("in/a.csv", "in/a.csv", True),
+    ],
+)
+def test_glob_over_keys_level_by_level(pattern: str, key: str, matches: bool) -> None:
+    assert _glob_match(pattern.split("/"), key.split("/")) is matches
+
+
+def test_listing_follows_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than one page of ListObjectsV2 (1000 keys each on AWS) is followed to the end."""
+    from botocore.stub import Stubber
+
+    settings = S3Settings("http://127.0.0.1:1", None, "AK", "SK")
+    client = settings.boto3_client()
+    stubber = Stubber(client)
+    page: dict[str, Any] = {"IsTruncated": True, "NextContinuationToken": "t1", "KeyCount": 1,
+                            "Contents": [{"Key": "in/a.csv", "Size": 3, "ETag": '"e1"'}]}
+    stubber.add_response("list_objects_v2", page, {"Bucket": "lake", "Prefix": "in/"})
+    stubber.add_response(
+        "list_objects_v2",
+        {"IsTruncated": False, "KeyCount": 1, "Contents": [{"Key": "in/b.csv", "Size": 4, "ETag": '"e2-3"'}]},
+        {"Bucket": "lake", "Prefix": "in/", "ContinuationToken": "t1"},
+    )
+    with stubber:
+        listed = list(list_s3_objects("s3://lake/in/", settings))
+    assert [(o.uri, o.size, o.etag) for o in listed] == [("s3://lake/in/a.csv", 3, "e1"), ("s3://lake/in/b.csv", 4, "e2-3")]
+
+
+def test_an_unreachable_endpoint_is_transient() -> None:
+    settings = S3Settings("http://127.0.0.1:1", None, "AK", "SK-secret")
+    with pytest.raises(StorageError) as failed:
+        list(list_s3_objects("s3://lake/in/", settings))
+    assert failed.value.transient and "127.0.0.1:1" in str(failed.value) and "SK-secret" not in str(failed.value)
