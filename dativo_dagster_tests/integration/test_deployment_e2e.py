@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -90,8 +91,11 @@ def test_s3_deployment_end_to_end(
         received["table"] = people
 
     instance = dg.DagsterInstance.ephemeral()
-    result = run(project, people_downstream, instance=instance)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(project, people_downstream, instance=instance)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert not [w for w in caught if "OAuth2" in str(w.message)]  # the REST client is configured fully
     run_id = result.run_id
 
     # ---- the table, read back with pyiceberg (a client of our own, not the project's resource)
