@@ -9,7 +9,7 @@ DEMO_BRANCH := demo_tenant
 # Run history of `make run` and `make dev` persists here (Dagster needs an absolute path); tests do not use it.
 LOCAL_DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: venv run test dev validate clean
+.PHONY: venv run test dev validate clean bench bench-quick
 
 venv: $(VENV)/.installed
 
@@ -49,3 +49,10 @@ validate: venv
 
 clean:
 	rm -rf $(DATIVO_DIR)
+
+# The benchmark (benchmarks/README.md): generated data, pyarrow baseline, this project, dlt and the naive loader.
+bench: venv
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: venv
+	$(BIN)/python benchmarks/run.py --quick

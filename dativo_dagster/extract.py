@@ -9,6 +9,7 @@ import glob
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,10 @@ SOURCE_LINE = "_source_line"
 PARSE_ERROR = "_parse_error"
 RAW_RECORD = "_raw_record"
 BLOCK_SIZE = 1 << 20
+# A record must fit in one block of pyarrow's reader: a longer one restarts the file with blocks this many
+# times larger, up to MAX_BLOCK_SIZE; a record longer than that fails the file (CONTRACT: never a crash or hang).
+BLOCK_GROWTH = 4
+MAX_BLOCK_SIZE = 64 << 20
 _GLOB_CHARS = set("*?[")
 
 
@@ -185,6 +190,16 @@ def _line_breaks(text: str) -> int:
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
+def _may_hold_line_breaks(column: pa.Array) -> bool:
+    """Whether any value of a string column can hold a line break: one pass over its data buffer, no copy."""
+    buffers = column.buffers()
+    data = buffers[2] if len(buffers) > 2 else None
+    if data is None or data.size == 0:
+        return False
+    raw = np.frombuffer(data, dtype=np.uint8)
+    return bool(np.any((raw == 10) | (raw == 13)))
+
+
 def _line_breaks_in_column(column: pa.Array) -> np.ndarray:
     """:func:`_line_breaks` of every value of a string column, vectorised."""
     breaks = pc.count_substring(column, "\n").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -221,6 +236,14 @@ def _read_head(source: SourceFile, options: CsvOptions, s3: S3Settings) -> _Head
     except UnicodeDecodeError as exc:
         undecodable, whole = exc, False
         text = codecs.getincrementaldecoder(codec)().decode(head[: exc.start], final=False)
+    except UnicodeError as exc:
+        # Python's utf-16 and utf-32 decoders refuse a file without a byte order mark
+        raise SourceError(
+            f"cannot decode as {options.encoding}: {exc}; declare {codec}-le or {codec}-be for a file"
+            " without a byte order mark",
+            path=source.uri,
+            line=1,
+        ) from None
     text = text.removeprefix("\ufeff")
     if whole and not text.strip("\r\n"):
         return _Head(header=None, empty=True)
@@ -233,9 +256,12 @@ def _read_head(source: SourceFile, options: CsvOptions, s3: S3Settings) -> _Head
     try:
         names = next(records, None)
         header_lines = records.line_num
-        follows = next(records, None) is not None
     except csv.Error as exc:
         raise SourceError(f"cannot parse header: {exc}", path=source.uri, line=1) from None
+    try:
+        follows = next(records, None) is not None
+    except csv.Error:
+        follows = True  # a record follows (csv's field size limit is no concern here: pyarrow reads it)
     if undecodable is not None and not follows:
         raise SourceError(
             f"header is not valid {options.encoding} ({undecodable.reason} at byte {undecodable.start})",
@@ -308,13 +334,15 @@ def read_source_file(
 ) -> Iterator[pa.RecordBatch]:
     """Stream one CSV file as batches of :func:`text_schema`, never holding the whole file.
 
-    Records with the wrong number of fields are not errors here: they come through with
-    ``_parse_error`` and ``_raw_record`` set, so that validation can fail (strict) or quarantine
-    them (warn). Records whose fields are all empty (blank lines) are skipped and counted.
+    Records with the wrong number of fields, and a last record whose quoted value is never closed, are not
+    errors here: they come through with ``_parse_error`` and ``_raw_record`` set, so that validation can
+    fail (strict) or quarantine them (warn). Records whose fields are all empty (blank lines) are skipped
+    and counted. A record longer than the reader's block makes it start over with larger blocks, leaving
+    out the rows it already produced.
 
     Raises:
-        SourceError: the file cannot be opened or decoded, or its header names a column twice;
-            names the file and line.
+        SourceError: the file cannot be opened or decoded, its header names a column twice, or a record
+            is longer than ``MAX_BLOCK_SIZE``; names the file and line.
     """
     schema = text_schema(fields)
     head = _read_head(source, options, s3)
@@ -326,12 +354,74 @@ def read_source_file(
         width = len(fields)
     if head.empty:
         return
+    state = _PassState(resume_line=0)
+    block_size = BLOCK_SIZE
+    held: pa.RecordBatch | None = None  # the newest batch waits: the file's last record is checked at the end
+    while True:
+        try:
+            for out in _parse_pass(source, options, s3, head, mapping, width, schema, report, block_size, state):
+                if held is not None:
+                    yield held
+                held = out
+            break
+        except _RecordTooLong as exc:
+            if block_size >= MAX_BLOCK_SIZE:
+                raise SourceError(
+                    f"the record starting here is longer than {MAX_BLOCK_SIZE >> 20} MiB, the most one record may"
+                    " hold; is this a CSV file with the declared delimiter and quote character?",
+                    path=source.uri,
+                    line=exc.line,
+                ) from None
+            block_size *= BLOCK_GROWTH
+            log.info("%s: a record from line %d on is longer than the block; reading on with %d MiB blocks",
+                     source.uri, exc.line, block_size >> 20)
+            state.resume_line = exc.resume_line
+    if state.last_line is not None and state.last_value is not None:
+        raw = _unterminated_last_record(source, options, s3, state.last_line, state.last_value)
+        if raw is not None:
+            held = _reject_last_record(held, state.last_line, raw, source, schema, report)
+    if held is not None and held.num_rows:
+        yield held
+
+
+@dataclass
+class _PassState:
+    """What a pass over a file tells the next one (after a restart) and the end-of-file check."""
+
+    resume_line: int  # rows starting before this line were produced by an earlier pass
+    last_line: int | None = None  # the line the file's last record starts on, when pyarrow parsed it
+    last_value: str | None = None  # that record's last field
+
+
+class _RecordTooLong(Exception):  # noqa: N818 - internal signal, never leaves this module
+    def __init__(self, resume_line: int, line: int):
+        self.resume_line = resume_line  # the first line whose rows were not produced yet
+        self.line = line  # where the record that does not fit starts
+
+
+def _parse_pass(
+    source: SourceFile,
+    options: CsvOptions,
+    s3: S3Settings,
+    head: _Head,
+    mapping: dict[str, str],
+    width: int,
+    schema: pa.Schema,
+    report: FileReport,
+    block_size: int,
+    state: _PassState,
+) -> Iterator[pa.RecordBatch]:
+    """One pass of pyarrow's reader over the file with ``block_size`` blocks.
+
+    Raises:
+        _RecordTooLong: a record does not fit in a block.
+    """
     column_names = [f"c{i}" for i in range(width)]
     skip_rows = head.header_lines  # pyarrow skips lines, not records
     tracker = _LineTracker(next_record=skip_rows + 1, next_line=skip_rows + 1)
     read_options = pacsv.ReadOptions(
         use_threads=False,  # serial parsing is what gives record numbers for skipped records
-        block_size=BLOCK_SIZE,
+        block_size=block_size,
         skip_rows=skip_rows,
         column_names=column_names,
         encoding=_codec_name(options),
@@ -359,19 +449,26 @@ def read_source_file(
         except StopIteration:
             return
         except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-            raise _read_error(exc, source, options, s3) from None
+            raise _read_error(exc, source, options, s3, tracker) from None
         while True:
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
                 break
             except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-                raise _read_error(exc, source, options, s3) from None
-            out = _number_batch(batch, tracker, mapping=mapping, schema=schema, source=source, report=report)
+                raise _read_error(exc, source, options, s3, tracker) from None
+            out, last_line = _number_batch(
+                batch, tracker, mapping=mapping, schema=schema, source=source, report=report,
+                resume_line=state.resume_line,
+            )
+            if batch.num_rows:
+                state.last_line = last_line
+                state.last_value = batch.column(width - 1)[batch.num_rows - 1].as_py()
             if out.num_rows:
                 yield out
-        rest = tracker.flush()
+        rest = [(line, text) for line, text in tracker.flush() if line >= state.resume_line]
         if rest:
+            state.last_line = state.last_value = None  # the last record is a skipped one: already rejected
             report.unparseable_records += len(rest)
             yield _skipped_batch(rest, source, schema, width)
     finally:
@@ -411,16 +508,30 @@ def _number_batch(
     schema: pa.Schema,
     source: SourceFile,
     report: FileReport,
-) -> pa.RecordBatch:
-    """One pyarrow batch in :func:`text_schema`, with lines, skipped records in place, blank ones gone."""
+    resume_line: int = 0,
+) -> tuple[pa.RecordBatch, int | None]:
+    """One pyarrow batch in :func:`text_schema`, with lines, skipped records in place, blank ones gone.
+
+    Rows and skipped records starting before ``resume_line`` (produced by an earlier pass) are left out.
+    Returns the batch and the line its last parsed record starts on (None for an empty batch).
+    """
     n = batch.num_rows
     breaks = np.zeros(n, dtype=np.int64)
+    for col in batch.columns:
+        # quoted line breaks are rare: most batches skip the per-value count
+        if _may_hold_line_breaks(col):
+            breaks += _line_breaks_in_column(col)
+    lines, skipped = tracker.place(breaks)
+    last_line = int(lines[-1]) if n else None
+    if resume_line and n and lines[0] < resume_line:
+        keep = lines >= resume_line
+        batch, lines = batch.filter(pa.array(keep)), lines[keep]
+        skipped = [(line, text) for line, text in skipped if line >= resume_line]
+        n = batch.num_rows
     blank = None
     for col in batch.columns:
-        breaks += _line_breaks_in_column(col)
         empty = pc.equal(pc.binary_length(col), 0)
         blank = empty if blank is None else pc.and_(blank, empty)
-    lines, skipped = tracker.place(breaks)
     columns = []
     for f in schema:
         if f.name == SOURCE_FILE:
@@ -437,17 +548,18 @@ def _number_batch(
     report.blank_records += n - out.num_rows
     report.rows += out.num_rows
     if not skipped:
-        return out
+        return out, last_line
     report.unparseable_records += len(skipped)
     merged = pa.Table.from_batches([out, _skipped_batch(skipped, source, schema, batch.num_columns)])
     merged = merged.take(pc.sort_indices(merged.column(SOURCE_LINE)))
-    return merged.combine_chunks().to_batches()[0]
+    return merged.combine_chunks().to_batches()[0], last_line
 
 
 def _skipped_batch(
-    records: list[tuple[int, str]], source: SourceFile, schema: pa.Schema, expected: int
+    records: list[tuple[int, str]], source: SourceFile, schema: pa.Schema, expected: int, error: str | None = None
 ) -> pa.RecordBatch:
     n = len(records)
+    error = error or _field_count_error(expected)
     columns = []
     for f in schema:
         if f.name == SOURCE_FILE:
@@ -455,7 +567,7 @@ def _skipped_batch(
         elif f.name == SOURCE_LINE:
             columns.append(pa.array([line for line, _ in records], pa.int64()))
         elif f.name == PARSE_ERROR:
-            columns.append(pa.array([_field_count_error(expected) for _ in records], pa.string()))
+            columns.append(pa.array([error] * n, pa.string()))
         elif f.name == RAW_RECORD:
             columns.append(pa.array([text for _, text in records], pa.string()))
         else:
@@ -467,8 +579,19 @@ def _field_count_error(expected: int) -> str:
     return f"record has the wrong number of fields; expected {expected}"
 
 
-def _read_error(exc: Exception, source: SourceFile, options: CsvOptions, s3: S3Settings) -> SourceError:
-    """Turn a reader error into one that names the file and the first bad line."""
+def _read_error(
+    exc: Exception, source: SourceFile, options: CsvOptions, s3: S3Settings, tracker: _LineTracker
+) -> Exception:
+    """Turn a reader error into one that names the file and the first bad line.
+
+    pyarrow's "straddling object" error means a record does not fit in one block: that is a
+    :class:`_RecordTooLong` for :func:`read_source_file`, which starts over with larger blocks.
+    """
+    if isinstance(exc, pa.ArrowInvalid) and "straddl" in str(exc):
+        resume_line = tracker.next_line
+        # records pyarrow skipped before the long one are not placed yet: the long one starts after them
+        line = resume_line + sum(1 + _line_breaks(text) for _, text in tracker.pending)
+        return _RecordTooLong(resume_line, line)
     line = _first_undecodable_line(source, options, s3)
     if line is not None:
         return SourceError(f"text is not valid {options.encoding}", path=source.uri, line=line)
@@ -496,6 +619,110 @@ def _first_undecodable_line(source: SourceFile, options: CsvOptions, s3: S3Setti
             if text:
                 line += _line_breaks(text) - (after_cr and text.startswith("\n"))
                 after_cr = text.endswith("\r")
+
+
+def _unterminated_last_record(
+    source: SourceFile, options: CsvOptions, s3: S3Settings, line: int, last_value: str
+) -> str | None:
+    """The text of the file's last record (starting on ``line``) when it ends inside a quoted value, else None.
+
+    pyarrow takes a quote that is never closed as running to the end of the file, which can swallow
+    any number of records into one value. Cheap test first: such a file ends with the quote character
+    and the last value as written (quotes doubled). Only then is the file scanned from the start to
+    find the record and follow its quotes.
+    """
+    quote = options.quote_char
+    written = quote + last_value.replace(quote, quote * 2)
+    tail = _decoded_tail(source, options, s3, chars=len(written))
+    if not tail.endswith(written):
+        return None
+    record = _text_from_line(source, options, s3, line)
+    return record if _ends_inside_quotes(record, options.delimiter, quote) else None
+
+
+def _decoded_tail(source: SourceFile, options: CsvOptions, s3: S3Settings, chars: int) -> str:
+    """At least the last ``chars`` characters of the file (more, and a replacement character or two in front)."""
+    codec = _codec_name(options)
+    unit = len(("aa").encode(codec)) - len("a".encode(codec))  # bytes per code unit: 1, 2 or 4
+    fs, path = filesystem_for(source.uri, s3)
+    with fs.open_input_file(path) as handle:
+        size = handle.size()
+        want = min(size, 4 * chars + 8 * unit)
+        start = size - want
+        start -= start % unit
+        data = handle.read_at(size - start, start)
+        bom = handle.read_at(unit, 0) if codec in ("utf-16", "utf-32") and start else b""
+    text = (bom + data).decode(codec, errors="replace")
+    return text.removeprefix("\ufeff")
+
+
+def _text_from_line(source: SourceFile, options: CsvOptions, s3: S3Settings, line: int) -> str:
+    """The decoded text from the start of physical ``line`` to the end of the file."""
+    decoder = codecs.getincrementaldecoder(_codec_name(options))(errors="replace")
+    breaks = re.compile(r"\r\n|\r|\n")
+    to_skip = line - 1  # line breaks before the line starts
+    carry = ""  # a chunk's trailing "\r" waits: a "\n" may follow in the next chunk
+    found: list[str] = []
+    with _open(source, s3) as stream:
+        while True:
+            chunk = stream.read(BLOCK_SIZE)
+            text = carry + decoder.decode(chunk, final=not chunk)
+            carry = ""
+            if chunk and text.endswith("\r") and not found:
+                text, carry = text[:-1], "\r"
+            if found or to_skip == 0:
+                found.append(text)
+            else:
+                for match in breaks.finditer(text):
+                    to_skip -= 1
+                    if to_skip == 0:
+                        found.append(text[match.end():])
+                        break
+            if not chunk:
+                break
+    return "".join(found).removeprefix("\ufeff")
+
+
+def _ends_inside_quotes(record: str, delimiter: str, quote: str) -> bool:
+    """Whether the text, read as CSV from a record's start, ends inside a quoted value."""
+    unquoted = re.compile(f"[{re.escape(delimiter)}\r\n]")
+    i, n = 0, len(record)
+    while i < n:
+        if record[i] == quote:  # a value that starts with the quote character is quoted
+            i += 1
+            while True:
+                j = record.find(quote, i)
+                if j < 0:
+                    return True
+                if record.startswith(quote, j + 1):
+                    i = j + 2  # a doubled quote stands for itself
+                    continue
+                i = j + 1
+                break
+        match = unquoted.search(record, i)  # the rest of the value, up to its delimiter or line break
+        if match is None:
+            return False
+        i = match.end()
+        if match.group() == "\r" and record.startswith("\n", i):
+            i += 1
+    return False
+
+
+def _reject_last_record(
+    held: pa.RecordBatch | None, line: int, raw: str, source: SourceFile, schema: pa.Schema, report: FileReport
+) -> pa.RecordBatch:
+    """``held`` with the file's last record (starting on ``line``) as an unparseable one with its raw text."""
+    error = "a quoted value is not closed before the end of the file"
+    rejected = _skipped_batch([(line, raw)], source, schema, 0, error=error)
+    report.unparseable_records += 1
+    if held is not None and held.num_rows and held.column(SOURCE_LINE)[held.num_rows - 1].as_py() == line:
+        report.rows -= 1
+        held = held.slice(0, held.num_rows - 1)
+    else:
+        report.blank_records -= 1  # its values were all empty
+    if held is None or held.num_rows == 0:
+        return rejected
+    return pa.Table.from_batches([held, rejected]).combine_chunks().to_batches()[0]
 
 
 def iter_source_batches(

@@ -24,8 +24,12 @@ WAREHOUSE_META = "dativo/warehouse"
 
 
 def open_staged(path: Path) -> pa.RecordBatchReader:
-    """A reader over a staged IPC file, memory-mapped so batches are not copied."""
-    source = pa.memory_map(str(path), "r")
+    """A reader over a staged IPC file, one batch in memory at a time.
+
+    Read with plain file reads rather than a memory map: mapped pages of a large staged file count
+    towards the process's resident memory until the reader closes, so memory would grow with input size.
+    """
+    source = pa.OSFile(str(path), "r")
     reader = pa.ipc.open_file(source)
 
     def batches() -> Iterator[pa.RecordBatch]:
