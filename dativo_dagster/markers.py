@@ -148,14 +148,17 @@ def committed_files_sql(location: str) -> str:
     ``SET VARIABLE files = (SELECT list(uri) FROM (<query>)); SELECT * FROM read_parquet(getvariable('files'))``.
     """
     commits = f"{location.rstrip('/')}/{COMMITS_FOLDER}/*.json".replace("'", "''")
-    return f"""WITH markers AS (
+    return _COMMITTED_FILES_SQL.replace("<commits>", commits)
+
+
+_COMMITTED_FILES_SQL = """WITH markers AS (
   SELECT row_number() OVER (ORDER BY committed_at, run_id) AS seq,
          coalesce(overwrite, false) AS overwrite,
          coalesce(replace_sources, false) AS replace_sources,
          coalesce(json_keys(properties ->> '$."dativo.source-state"'), []) AS read_sources,
          files
-  FROM read_json('{commits}', columns = {{run_id: 'VARCHAR', committed_at: 'VARCHAR',
-       overwrite: 'BOOLEAN', replace_sources: 'BOOLEAN', files: 'JSON', properties: 'JSON'}})
+  FROM read_json('<commits>', columns = {run_id: 'VARCHAR', committed_at: 'VARCHAR',
+       overwrite: 'BOOLEAN', replace_sources: 'BOOLEAN', files: 'JSON', properties: 'JSON'})
 ),
 written AS (
   SELECT seq, f ->> 'uri' AS uri, coalesce(from_json(f -> 'sources', '["VARCHAR"]'), []) AS sources

@@ -19,14 +19,14 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from dativo_dagster.storage import (
-    MAX_TAGS,
+    MAX_TAGS,  # noqa: F401 - part of this module's interface since the S3 helpers moved to storage
     S3Settings,
     delete_s3_object,
     filesystem_for,
     is_s3_uri,
     object_metadata,
     object_tags,
-    tag_safe,
+    tag_safe,  # noqa: F401 - as MAX_TAGS
     upload_s3_file,
 )
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN

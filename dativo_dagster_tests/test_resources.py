@@ -22,6 +22,7 @@ from dativo_dagster.resources import (
     embedded_defaults,
     resources_from_env,
 )
+from dativo_dagster.spec import load_specs
 from dativo_dagster_tests.conftest import Project, base_spec
 
 
@@ -75,7 +76,7 @@ def test_unset_settings_fall_back_to_the_embedded_default(tmp_path: Path, monkey
 def storage(warehouse: str = "s3://lake/warehouse", endpoint: str | None = None) -> StorageResource:
     return StorageResource(
         warehouse=warehouse, s3_endpoint=endpoint, aws_region="us-east-1",
-        aws_access_key_id="AKID", aws_secret_access_key="S3-SECRET-VALUE",
+        aws_access_key_id="AKID", aws_secret_access_key="S3-SECRET-VALUE",  # noqa: S106 - a test value
     )
 
 
@@ -118,23 +119,20 @@ def test_an_unreachable_catalog_is_a_transient_commit_error_naming_the_masked_ur
 
 
 def test_catalog_errors_translate_refusals_but_not_conflicts() -> None:
-    with pytest.raises(CommitError, match=r"catalog sqlite:///x refused or could not be reached \(commit\)"):
-        with catalog_errors("sqlite:///x", "commit", ["pw"]):
-            raise sqlalchemy.exc.OperationalError("UPDATE iceberg_tables", {}, Exception("database is locked pw"))
-    with pytest.raises(CommitFailedException):  # a lost race is pyiceberg's to report, and the commit's to retry
-        with catalog_errors("sqlite:///x", "commit", []):
-            raise CommitFailedException("Table has been updated by another process")
-    with pytest.raises(CommitError) as scrubbed:
-        with catalog_errors("http://h", "load", ["pw"]):
-            raise ConnectionError("refused with pw")
+    refused = r"catalog sqlite:///x refused or could not be reached \(commit\)"
+    with pytest.raises(CommitError, match=refused), catalog_errors("sqlite:///x", "commit", ["pw"]):
+        raise sqlalchemy.exc.OperationalError("UPDATE iceberg_tables", {}, Exception("database is locked pw"))
+    # a lost race is pyiceberg's to report, and the commit's to retry
+    with pytest.raises(CommitFailedException), catalog_errors("sqlite:///x", "commit", []):
+        raise CommitFailedException("Table has been updated by another process")
+    with pytest.raises(CommitError) as scrubbed, catalog_errors("http://h", "load", ["pw"]):
+        raise ConnectionError("refused with pw")
     assert "pw" not in str(scrubbed.value).replace("http://h", "")
 
 
 def test_check_access_only_for_s3_warehouses(tmp_path: Path) -> None:
     project = Project(tmp_path / "p")
     project.write_spec(base_spec())
-    from dativo_dagster.spec import load_specs
-
     [loaded] = load_specs(project.specs_dir)
     storage(str(tmp_path / "wh")).check_access(loaded.spec)  # local: nothing to check
     with pytest.raises(StorageError, match=r"cannot access s3://lake/warehouse/ \(S3 endpoint http://127.0.0.1:1\)"):

@@ -10,7 +10,9 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.stub import Stubber
 
 from dativo_dagster.errors import StorageError, TerminalError, TransientError
 from dativo_dagster.extract import _glob_match
@@ -126,8 +128,6 @@ def test_s3_errors_are_terminal_refusals_or_transient_failures(error: Exception,
 
 
 def test_s3_error_finds_the_client_error_inside_an_upload_failure() -> None:
-    from boto3.exceptions import S3UploadFailedError
-
     try:
         try:
             raise client_error("SignatureDoesNotMatch", 403)
@@ -189,8 +189,6 @@ def test_glob_over_keys_level_by_level(pattern: str, key: str, matches: bool) ->
 
 def test_listing_follows_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     """More than one page of ListObjectsV2 (1000 keys each on AWS) is followed to the end."""
-    from botocore.stub import Stubber
-
     settings = S3Settings("http://127.0.0.1:1", None, "AK", "SK")
     client = settings.boto3_client()
     stubber = Stubber(client)
@@ -204,7 +202,9 @@ def test_listing_follows_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with stubber:
         listed = list(list_s3_objects("s3://lake/in/", settings))
-    assert [(o.uri, o.size, o.etag) for o in listed] == [("s3://lake/in/a.csv", 3, "e1"), ("s3://lake/in/b.csv", 4, "e2-3")]
+    assert [(o.uri, o.size, o.etag) for o in listed] == [
+        ("s3://lake/in/a.csv", 3, "e1"), ("s3://lake/in/b.csv", 4, "e2-3")
+    ]
 
 
 def test_an_unreachable_endpoint_is_transient() -> None:

@@ -64,7 +64,8 @@ def upload_sources(seaweedfs: SeaweedFS) -> tuple[str, str]:
     client = seaweedfs.boto3_client()
     client.put_object(Bucket=bucket, Key="people/2025/a.csv", Body=SOURCE_A.encode())
     client.put_object(Bucket=bucket, Key="people/2025/b.csv", Body=SOURCE_B.encode())
-    client.put_object(Bucket=bucket, Key="people/2025/archive/c.csv", Body=b"id,name,amount,updated\n99,No,1,2025-01-01 00:00:00\n")
+    nested = b"id,name,amount,updated\n99,No,1,2025-01-01 00:00:00\n"
+    client.put_object(Bucket=bucket, Key="people/2025/archive/c.csv", Body=nested)
     client.put_object(Bucket=bucket, Key="people/2025/notes.txt", Body=b"not a csv")
     return bucket, f"s3://{bucket}/people/2025/*.csv"
 

@@ -19,7 +19,7 @@ from dativo_dagster.resources import CatalogResource, StorageResource
 from dativo_dagster_tests.conftest import Project, base_spec
 
 from .deployment import failure_messages, list_keys, make_deployment, run, run_text, unique
-from .servers import PostgresCluster, SeaweedFS
+from .servers import PostgresCluster, SeaweedFS, free_ports
 
 RETRIES = 2
 
@@ -176,24 +176,21 @@ def test_rest_catalog_refusing_or_unreachable_is_a_commit_error_naming_it(seawee
         aws_access_key_id=seaweedfs.access_key, aws_secret_access_key=seaweedfs.secret_key,
     )
     wrong = unique("wrong-")
-    refused = CatalogResource(uri=seaweedfs.iceberg_rest_uri, credential=f"{seaweedfs.access_key}:{wrong}", storage=storage)
+    refused = CatalogResource(
+        uri=seaweedfs.iceberg_rest_uri, credential=f"{seaweedfs.access_key}:{wrong}", storage=storage
+    )
     with pytest.raises(CommitError) as denied:
         refused.load_catalog()
     assert seaweedfs.iceberg_rest_uri in str(denied.value) and wrong not in str(denied.value)
     assert denied.value.transient
 
-    dead = f"http://127.0.0.1:{_closed_port()}"
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     with pytest.raises(CommitError, match=r"could not be reached \(connect\): ConnectionError") as down:
         CatalogResource(uri=dead, credential=seaweedfs.credential, storage=storage).load_catalog()
     assert dead in str(down.value) and seaweedfs.secret_key not in str(down.value)
 
-    # the right credential works, and the client assigns table locations itself (no location= sent)
+    # the right credential works
     catalog = CatalogResource(uri=seaweedfs.iceberg_rest_uri, credential=seaweedfs.credential, storage=storage)
     assert catalog.is_rest
     assert catalog.load_catalog().list_namespaces() is not None
 
-
-def _closed_port() -> int:
-    from .servers import free_ports
-
-    return free_ports(1)[0]

@@ -56,7 +56,7 @@ def test_catalog_none_on_s3_commits_markers_that_readers_follow(
             assert (metadata["run-id"], metadata["record-count"]) == (run_id, str(entry["record_count"]))
     # only data files and markers under the table location: no directory placeholders, no temporary names
     keys = list_keys(seaweedfs, bucket, prefix + "/")
-    assert all(k.endswith(".parquet") and "/data/" in k or k.startswith(f"{prefix}/_commits/") for k in keys), keys
+    assert all((k.endswith(".parquet") and "/data/" in k) or k.startswith(f"{prefix}/_commits/") for k in keys), keys
     assert sorted(k for k in keys if "/_commits/" in k) == sorted(
         f"{prefix}/_commits/{run_id}.json" for run_id in markers
     )
@@ -87,7 +87,7 @@ def test_catalog_none_on_s3_commits_markers_that_readers_follow(
     try:
         query = committed_files_sql(location)
         assert sorted(uri for (uri,) in con.execute(query).fetchall()) == expected_files
-        con.execute(f"SET VARIABLE files = (SELECT list(uri) FROM ({query}))")
+        con.execute(f"SET VARIABLE files = (SELECT list(uri) FROM ({query}))")  # noqa: S608 - our own query
         duck = con.execute("SELECT id, name FROM read_parquet(getvariable('files')) ORDER BY id").fetchall()
     finally:
         con.close()

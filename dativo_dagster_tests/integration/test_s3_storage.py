@@ -130,7 +130,9 @@ def test_a_large_s3_source_is_streamed_in_ranged_reads(
     assert set(table.column("_source_file").to_pylist()) == {f"s3://{bucket}/big.csv"}
 
 
-SCHEMA = Schema(NestedField(1, "id", LongType(), required=False), NestedField(2, "payload", StringType(), required=False))
+SCHEMA = Schema(
+    NestedField(1, "id", LongType(), required=False), NestedField(2, "payload", StringType(), required=False)
+)
 
 
 def writer_for(location: str, s3: S3Settings, target_bytes: int) -> PartitionedParquetWriter:
