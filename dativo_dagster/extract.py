@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import fnmatch
+import gc
 import glob
 import io
 import logging
@@ -41,7 +42,7 @@ BLOCK_SIZE = 1 << 20
 # A record must fit in one block of pyarrow's reader: a longer one restarts the file with blocks this many
 # times larger, up to MAX_BLOCK_SIZE; a record longer than that fails the file (CONTRACT: never a crash or hang).
 BLOCK_GROWTH = 4
-MAX_BLOCK_SIZE = 64 << 20
+MAX_BLOCK_SIZE = 32 << 20  # a 32 MiB block takes about 150 MB while pyarrow reads it
 _GLOB_CHARS = set("*?[")
 
 
@@ -372,7 +373,11 @@ def read_source_file(
                     path=source.uri,
                     line=exc.line,
                 ) from None
-            block_size *= BLOCK_GROWTH
+            block_size = min(block_size * BLOCK_GROWTH, MAX_BLOCK_SIZE)
+            # the failed pass's reader sits in a reference cycle with its traceback: free its blocks before
+            # the larger ones come, not at the next garbage collection
+            gc.collect()
+            pa.default_memory_pool().release_unused()
             log.info("%s: a record from line %d on is longer than the block; reading on with %d MiB blocks",
                      source.uri, exc.line, block_size >> 20)
             state.resume_line = exc.resume_line

@@ -28,9 +28,16 @@ from dativo_dagster.errors import SpecError
 from dativo_dagster.types import ColumnType, TypeKind
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+# Names become Dagster tag values (at most 63 characters), catalog identifiers and folder names
+MAX_NAME_LENGTH = 63
+# an owner with '@' is an email address, as Dagster accepts it; without '@' it is a team name
+OWNER_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,7}")
 SPEC_SUFFIXES = (".yaml", ".yml")
 MAX_SPEC_BYTES = 1 << 20
 MAX_YAML_DEPTH = 50
+# Pure-Python YAML takes about 0.1 ms per node: a 1 MiB flow list of 350,000 numbers would take a minute to load.
+# 20,000 nodes take 1-2 s and hold a schema of some 1,800 fully described columns.
+MAX_YAML_NODES = 20_000
 SYSTEM_COLUMNS = ("_ingested_at", "_source_file", "_run_id")
 # extra columns of the quarantine table (table_schema.rejects_iceberg_schema); a spec column must not shadow them
 REJECTS_COLUMNS = ("_reject_reason", "_source_line", "_raw_record")
@@ -57,8 +64,12 @@ class _Model(BaseModel):
 
 def _identifier(value: str) -> str:
     lowered = value.lower()
-    if not NAME_PATTERN.match(lowered):
-        raise ValueError(f"expected a name matching [a-z][a-z0-9_]* after lower-casing; got {value!r}")
+    # fullmatch: '$' alone would let a trailing line break through; ASCII only: 'K' (Kelvin) lower-cases to 'k'
+    if not value.isascii() or not NAME_PATTERN.fullmatch(lowered):
+        shown = _shown(value) if value.isascii() else ascii(value)  # makes look-alike letters visible
+        raise ValueError(f"expected a name matching [a-z][a-z0-9_]* after lower-casing; got {shown}")
+    if len(lowered) > MAX_NAME_LENGTH:
+        raise ValueError(f"expected at most {MAX_NAME_LENGTH} characters; got {len(lowered)}")
     return lowered
 
 
@@ -168,6 +179,15 @@ class Team(_Model):
     owner: str = Field(min_length=1)
     name: str | None = None
 
+    @field_validator("owner")
+    @classmethod
+    def _email_or_team(cls, value: str) -> str:
+        if "@" in value and not OWNER_EMAIL.fullmatch(value):
+            raise ValueError(
+                f"expected an email address such as data-team@example.com, or a team name without '@'; got {_shown(value)}"
+            )
+        return value
+
 
 class Compliance(_Model):
     classification: list[str] = Field(default_factory=list)
@@ -235,6 +255,7 @@ class SourceSpec(_Model):
 _CALL = re.compile(r"^(?P<fn>[A-Za-z_][A-Za-z0-9_]*)\s*\((?P<args>[^()]*)\)$")
 _PLAIN_FIELD = re.compile(r"^[^(),]+$")
 _WIDTH_TRANSFORMS = ("bucket", "truncate")
+MAX_TRANSFORM_WIDTH = 2**31 - 1
 _FIELD_TRANSFORMS = ("identity", "day", "month", "year", "hour")
 PARTITION_FORMS = "a field name, day(f), month(f), year(f), hour(f), bucket(n, f), truncate(n, f) or ingest_date"
 
@@ -278,6 +299,8 @@ class PartitionField(_Model):
         if fn in _WIDTH_TRANSFORMS:
             if len(args) != 2 or not args[0].isdigit() or int(args[0]) < 1 or not args[1]:
                 raise ValueError(f"{text!r}: expected {fn}(n, field) with a positive whole number n")
+            if int(args[0]) > MAX_TRANSFORM_WIDTH:
+                raise ValueError(f"{text!r}: n is at most {MAX_TRANSFORM_WIDTH} (an Iceberg int)")
             return cls(transform=fn, source=args[1], width=int(args[0]))
         if fn in _FIELD_TRANSFORMS:
             if len(args) != 1 or not args[0]:
@@ -499,11 +522,12 @@ class LoadedSpec(BaseModel):
 
 class _SafeLoader(yaml.SafeLoader):
     """SafeLoader for specs: no aliases (no billion-laughs expansion), no tags that construct objects,
-    no duplicate or non-text keys, bounded nesting."""
+    no duplicate or non-text keys, bounded nesting and node count."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
         if self.check_event(yaml.AliasEvent):
@@ -512,7 +536,16 @@ class _SafeLoader(yaml.SafeLoader):
                 None, None, "YAML aliases (*name) are not allowed in asset specs", event.start_mark
             )
         self._depth += 1
+        self._nodes += 1
         try:
+            if self._nodes > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_YAML_NODES} YAML nodes (values, lists and mappings); asset specs are limited"
+                    f" to {MAX_YAML_NODES}",
+                    self.peek_event().start_mark,
+                )
             if self._depth > MAX_YAML_DEPTH:
                 raise yaml.composer.ComposerError(
                     None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark

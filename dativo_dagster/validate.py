@@ -16,6 +16,7 @@ from dativo_dagster.spec import CsvOptions, FieldSpec
 REJECT_REASON = "_reject_reason"
 UNPARSEABLE = "unparseable_record"
 MAX_EXAMPLES = 3
+MAX_EXAMPLE_CHARS = 200  # examples go into failure messages and check metadata; the rejects table keeps all
 
 
 class RejectExample(BaseModel):
@@ -163,6 +164,13 @@ def _tally_field(
         files = batch.column(SOURCE_FILE).take(first).to_pylist()
         lines = batch.column(SOURCE_LINE).take(first).to_pylist()
         values = text.take(first).to_pylist()
-        examples = [RejectExample(file=f, line=ln, value=v) for f, ln, v in zip(files, lines, values)]
+        examples = [RejectExample(file=f, line=ln, value=_shortened(v)) for f, ln, v in zip(files, lines, values)]
         old_count, old_examples = tally.get((field, kind), (0, []))
         tally[(field, kind)] = (old_count + count, (old_examples + examples)[:MAX_EXAMPLES])
+
+
+def _shortened(value: str | None) -> str | None:
+    """An example value short enough for a message: the start, and how long it was."""
+    if value is None or len(value) <= MAX_EXAMPLE_CHARS:
+        return value
+    return f"{value[:MAX_EXAMPLE_CHARS]}... ({len(value):,} characters)"
