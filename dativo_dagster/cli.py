@@ -70,11 +70,16 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print(f"unknown asset(s): {', '.join(unknown)}; known: {', '.join(names)}", file=sys.stderr)
         return EXIT_FAILED
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        assets,
+    # dg.materialize() would drop the code location's loggers (DATIVO_LOG_FORMAT=json): build its job here
+    job_name = "__ephemeral_asset_job__"
+    job = dg.Definitions(
+        jobs=[dg.define_asset_job(job_name, selection=dg.AssetSelection.assets(*selected))],
+        assets=assets,
         resources=defs.resources,
+        loggers=defs.loggers,
+    ).resolve_job_def(job_name)
+    result = job.execute_in_process(
         instance=instance,
-        selection=dg.AssetSelection.assets(*selected),
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
     )

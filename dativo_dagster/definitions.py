@@ -10,6 +10,7 @@ import dagster as dg
 from dativo_dagster.assets import STAGING_IO, TABLE_IO, build_asset
 from dativo_dagster.io_managers import IcebergTableIOManager, StagingIOManager
 from dativo_dagster.jobs import build_maintenance_job, build_schedules, build_sensors, group_jobs, maintenance_schedule
+from dativo_dagster.logging import loggers_from_env
 from dativo_dagster.resources import DEFAULT_SPECS_DIR, resources_from_env
 from dativo_dagster.spec import load_specs
 
@@ -20,7 +21,10 @@ def specs_dir_from_env() -> Path:
 
 
 def build_definitions(specs_dir: Path) -> dg.Definitions:
-    """Definitions for every spec under ``specs_dir``; raises ``SpecError`` listing every problem."""
+    """Definitions for every spec under ``specs_dir``; raises ``SpecError`` listing every problem.
+
+    ``DATIVO_LOG_FORMAT=json`` makes the console logger write one JSON object per line.
+    """
     loaded = load_specs(specs_dir)
     resources = resources_from_env(specs_dir)
     maintenance = build_maintenance_job(loaded)
@@ -34,6 +38,7 @@ def build_definitions(specs_dir: Path) -> dg.Definitions:
             STAGING_IO: StagingIOManager(staging=resources["dativo_staging"]),
             TABLE_IO: IcebergTableIOManager(catalog=resources["dativo_catalog"]),
         },
+        loggers=loggers_from_env(),
     )
 
 

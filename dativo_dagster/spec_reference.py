@@ -1,0 +1,492 @@
+"""The spec reference, docs/spec-reference.md, generated from the models: ``python -m dativo_dagster.spec_reference``.
+
+Keys, types, constraints and defaults come from the pydantic models in ``spec.py``; what each key means and an
+example value come from ``KEY_DOCS`` below, which must name exactly the models' keys (rendering fails on a key
+without a description, or a description without a key).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+import annotated_types
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from dativo_dagster.spec import PARTITION_FORMS, AssetSpecModel
+from dativo_dagster.types import TYPE_NAMES, ColumnType
+
+REGENERATE = "python -m dativo_dagster.spec_reference > docs/spec-reference.md"
+
+# key path -> (what it means and does, an example value as written in YAML)
+KEY_DOCS: dict[str, tuple[str, str]] = {
+    "apiVersion": ("ODCS version the contract follows; recorded, not interpreted.", "v3.0.2"),
+    "kind": ("Always `DataContract`.", "DataContract"),
+    "id": (
+        "Your own identifier of the contract (e.g. a UUID from a contract registry); recorded only.",
+        "53581432-6c55-4ba2-a65f-72344a91553a",
+    ),
+    "name": (
+        "Asset name, Dagster asset key and table name. Letters, digits and `_`, starting with a letter; lower-cased;"
+        " at most 63 characters; unique across the specs folder.",
+        "csv_person",
+    ),
+    "version": (
+        "Version of the contract, stored in every data file's metadata. Quote it: an unquoted `1.10` reads as"
+        " the number 1.1 and is refused.",
+        '"1.0"',
+    ),
+    "status": ("Lifecycle status of the contract (`active`, `draft`...); recorded only.", "active"),
+    "domain": (
+        "Iceberg namespace of the table (`<domain>.<name>`) and first folder of its location.",
+        "adventureworks",
+    ),
+    "dataProduct": (
+        "Dagster asset group, one `<dataProduct>__group_job` per group, and a folder of the table location.",
+        "adventureworks",
+    ),
+    "tenant": (
+        "Tenant the data belongs to: the Iceberg branch unless `target.branch` says otherwise; a tag on the asset.",
+        "demo_tenant",
+    ),
+    "description": (
+        "What the data is; `purpose` becomes the asset's description in the Dagster UI.",
+        "{purpose: People from AdventureWorks}",
+    ),
+    "description.purpose": (
+        "Why the data exists; first line of the asset's description in the UI.",
+        "People from AdventureWorks",
+    ),
+    "description.usage": ("How consumers should use the data; recorded only.", "Join on BusinessEntityID"),
+    "description.limitations": ("Known limitations; recorded only.", "Sample data, 10 rows"),
+    "tags": (
+        "Free tags; each becomes a Dagster asset tag (characters outside `[A-Za-z0-9_.-]` become `_`).",
+        "[adventureworks, person]",
+    ),
+    "team": ("Who owns the data.", "{owner: data-team@example.com}"),
+    "team.owner": (
+        "Owner shown in the Dagster UI and stored in every data file's metadata: an email address, or a team"
+        " name without `@` (shown as `team:<name>`).",
+        "data-team@example.com",
+    ),
+    "team.name": ("Display name of the owning team; recorded only.", "Data Platform"),
+    "compliance": (
+        "Governance facts written into every data file's metadata (and S3 object tags).",
+        "{classification: [internal], retention_days: 90}",
+    ),
+    "compliance.classification": (
+        "Data classifications, comma-joined into the files' `classification` metadata and tag.",
+        "[confidential, pii]",
+    ),
+    "compliance.retention_days": (
+        "Retention in days, written into the files' metadata; not enforced by the pipeline.",
+        "365",
+    ),
+    "compliance.regulations": ("Regulations that apply (GDPR, HIPAA...); recorded only.", "[GDPR]"),
+    "schema": (
+        "The columns, in table order (at least one). Names are unique ignoring case and must not be a system"
+        " column (`_ingested_at`, `_source_file`, `_run_id`, `_reject_reason`, `_source_line`, `_raw_record`).",
+        "[{name: id, type: integer, required: true}]",
+    ),
+    "schema[].name": (
+        "Column name as in the file's header (exact match first, else case-insensitive) and in the table;"
+        " no dots, control characters or edge spaces.",
+        "BusinessEntityID",
+    ),
+    "schema[].type": (
+        "Column type (see Column types below); text that does not fit is a validation error, never null.",
+        "decimal(10,4)",
+    ),
+    "schema[].required": ("A null value (empty, or one of `null_values`) makes the row invalid.", "true"),
+    "schema[].description": ("Column description in the asset's column schema in the UI.", "Primary key"),
+    "schema[].classification": ("Column classification, shown as a tag on the column in the UI.", "PII"),
+    "schema[].format": (
+        "strptime layout for date, timestamp or timestamptz text that is not ISO 8601; `%z`/`%Z` only for timestamptz.",
+        '"%d/%m/%Y"',
+    ),
+    "source": ("Where the rows come from.", "{type: csv, files: [{path: data/people.csv}]}"),
+    "source.type": ("Source kind; CSV for now.", "csv"),
+    "source.files": (
+        "Files to read (at least one entry): every match of every entry is read.",
+        "[{path: data/adventureworks/Person.csv}]",
+    ),
+    "source.files[].path": (
+        "An absolute path, a path relative to the parent of the specs folder (the project root), a glob"
+        " (`*`, `?`, `[...]`, `**`), or an `s3://bucket/key` URI (globs too).",
+        '"data/music_listening/listening_history*.csv"',
+    ),
+    "source.files[].object": ("Logical name of the source object (ODCS); recorded only.", "Person"),
+    "source.options": ("How the CSV text is read.", '{delimiter: "|", encoding: utf-16, header: false}'),
+    "source.options.delimiter": ("Field separator, one character other than a line break.", '";"'),
+    "source.options.quote_char": ("Quote character, one character other than the delimiter or a line break.", "\"'\""),
+    "source.options.encoding": (
+        "Any text encoding Python knows: utf-8 (a BOM is tolerated), utf-16 (the BOM decides the byte order),"
+        " latin-1, cp1252...",
+        "utf-16",
+    ),
+    "source.options.header": (
+        "`true`: the first line names the columns; `false`: columns are taken in schema order.",
+        "false",
+    ),
+    "source.options.null_values": (
+        "Texts that mean null (for string columns an exact match, for other types after trimming spaces).",
+        '["", "NULL", "n/a"]',
+    ),
+    "source.incremental": (
+        "Read only new and changed files (with `write_mode: append`); omit it to read every file on every run.",
+        "{strategy: file_modified_time, lookback_days: 7}",
+    ),
+    "source.incremental.strategy": (
+        "How changes are detected: a file is read when it is new or its version (local: modification time;"
+        " S3: ETag) differs from the last committed run. A changed file replaces the rows of its earlier version.",
+        "file_modified_time",
+    ),
+    "source.incremental.lookback_days": (
+        "Files last modified more than this many days ago are never read; 0: no limit.",
+        "7",
+    ),
+    "target": ("Where and how the rows land.", "{partitioning: [ingest_date], write_mode: append}"),
+    "target.catalog": (
+        "`iceberg`: an Iceberg table in the catalog `dativo`; `none`: Parquet files plus commit markers"
+        " (`<table location>/_commits/<run id>.json`) only.",
+        "iceberg",
+    ),
+    "target.warehouse": (
+        "Warehouse root for this asset (a local folder or `s3://bucket[/prefix]`), overriding `DATIVO_WAREHOUSE`;"
+        " the table lives at `<warehouse>/<domain>/<dataProduct>/<name>`.",
+        "s3://lake",
+    ),
+    "target.branch": (
+        "Iceberg branch the runs commit to (created from main when missing); default: the tenant. Not with `catalog: "
+        "none`.",
+        "staging",
+    ),
+    "target.partitioning": (
+        f"Partition fields, in order; each is {PARTITION_FORMS}. `ingest_date` is the day of `_ingested_at`."
+        " Quote entries with a comma inside a `[...]` list.",
+        '[ingest_date, "bucket(16, BusinessEntityID)"]',
+    ),
+    "target.parquet_target_size_mb": (
+        "Target size of each Parquet file in MiB of written, compressed bytes: all but the last file of each"
+        " partition in a run are between half and 110 % of it.",
+        "256",
+    ),
+    "target.write_mode": (
+        "`append`: each run adds its rows; `overwrite`: each run replaces the whole table.",
+        "overwrite",
+    ),
+    "schema_validation_mode": (
+        "`strict`: any invalid row fails the run and nothing is committed; `warn`: valid rows are committed and"
+        " invalid ones go to `<domain>.<name>__rejects` with their reasons.",
+        "warn",
+    ),
+    "retry_config": (
+        "How failed steps are retried (a Dagster `RetryPolicy` on every step).",
+        "{max_retries: 3, retry_delay_seconds: 5}",
+    ),
+    "retry_config.max_retries": (
+        "Retries of a step after a transient error (network, throttling, 5xx, commit conflicts).",
+        "5",
+    ),
+    "retry_config.retry_delay_seconds": ("Delay before the first retry, in seconds.", "10"),
+    "retry_config.backoff": (
+        "How the delay grows: `exponential` or `linear` (both with jitter), or `none` (constant).",
+        "linear",
+    ),
+    "retry_config.retryable_errors": (
+        "Exception class names or regular expressions (matched against `Class: message`) that also count as transient.",
+        '["ReadTimeout", "(?i)temporarily unavailable"]',
+    ),
+    "schedule": (
+        "Run the asset's job `<name>__job` on a cron schedule `<name>__schedule` (created stopped).",
+        '{cron: "0 * * * *"}',
+    ),
+    "schedule.cron": ("Cron expression with five fields, or `@hourly`, `@daily`...", '"0 2 * * *"'),
+    "schedule.timezone": ("IANA time zone the cron expression is read in.", "Europe/Berlin"),
+    "sensor": (
+        "Run the asset when new or changed source files appear: sensor `<name>__sensor` (created stopped).",
+        "{minimum_interval_seconds: 60}",
+    ),
+    "sensor.minimum_interval_seconds": ("Least time between two evaluations of the sensor, in seconds.", "300"),
+}
+
+EXAMPLE = """\
+# yaml-language-server: $schema=../asset-spec.schema.json
+apiVersion: v3.0.2
+kind: DataContract
+id: 53581432-6c55-4ba2-a65f-72344a91553a
+name: csv_person
+version: "1.0"
+status: active
+domain: adventureworks
+dataProduct: adventureworks
+tenant: demo_tenant
+description:
+  purpose: People from the AdventureWorks sample database
+  usage: Join on BusinessEntityID
+  limitations: Sample data
+tags: [adventureworks, person]
+team: {owner: data-team@example.com, name: Data Platform}
+compliance: {classification: [confidential], retention_days: 365, regulations: [GDPR]}
+
+schema:
+  - {name: BusinessEntityID, type: integer, required: true, description: Primary key}
+  - {name: PersonType, type: string, required: true}
+  - {name: FirstName, type: string, required: true, classification: PII}
+  - {name: Rate, type: "decimal(10,4)"}
+  - {name: Born, type: date, format: "%d/%m/%Y"}
+  - {name: ModifiedDate, type: timestamp, required: true}
+
+source:
+  type: csv
+  files:
+    - {path: data/adventureworks/Person.csv, object: Person}
+  options: {delimiter: ",", quote_char: '"', encoding: utf-8, header: true, null_values: ["", "NULL"]}
+  incremental: {strategy: file_modified_time, lookback_days: 0}
+
+target:
+  catalog: iceberg
+  warehouse: s3://lake                 # default: DATIVO_WAREHOUSE
+  branch: demo_tenant
+  partitioning: [ingest_date]
+  parquet_target_size_mb: 128
+  write_mode: append
+
+schema_validation_mode: strict
+retry_config: {max_retries: 3, retry_delay_seconds: 5, backoff: exponential, retryable_errors: []}
+schedule: {cron: "0 * * * *", timezone: UTC}
+sensor: {minimum_interval_seconds: 60}
+"""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_is_list(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo, type[BaseModel] | None]]:
+    """Every key of ``model`` and its nested models, depth first: (key path, field, nested model)."""
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{info.alias or name}"
+        nested = _model_in(info.annotation)
+        yield path, info, nested
+        if nested is not None:
+            yield from _fields(nested, f"{path}[]." if _is_list(info.annotation) else f"{path}.")
+
+
+def key_paths() -> list[str]:
+    """Every key a spec can have, as ``source.files[].path``."""
+    return [path for path, _, _ in _fields(AssetSpecModel)]
+
+
+def _validator_names(metadata: list[Any]) -> set[str]:
+    return {getattr(getattr(m, "func", None), "__name__", "") for m in metadata}
+
+
+def _type_text(annotation: Any, metadata: list[Any]) -> str:  # noqa: PLR0911 - one branch per kind of type
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        inner, *extra = typing.get_args(annotation)
+        return _type_text(inner, [*metadata, *extra])
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(_type_text(a, metadata) for a in options)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        plural = {"mapping": "mappings", "partition entry": "partition entries"}
+        text = _type_text(item, [])
+        return f"list of {plural.get(text, text)}"
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{v}`" for v in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " \\| ".join(f"`{member.value}`" for member in annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    if annotation is ColumnType:
+        return "type name"
+    validators = _validator_names(metadata)
+    if annotation is str:
+        if "_identifier" in validators:
+            return "name"
+        if "_partition_entry" in validators:
+            return "partition entry"
+        return "text"
+    return {bool: "true/false", int: "whole number", float: "number"}.get(annotation, str(annotation))
+
+
+def _constraints(metadata: list[Any]) -> str:
+    parts = []
+    for item in metadata:
+        if isinstance(item, annotated_types.MinLen) and item.min_length == 1:
+            parts.append("non-empty")
+        elif isinstance(item, annotated_types.MinLen):
+            parts.append(f"at least {item.min_length}")
+        elif isinstance(item, annotated_types.MaxLen):
+            parts.append("one character" if item.max_length == 1 else f"at most {item.max_length} characters")
+        elif isinstance(item, annotated_types.Ge):
+            parts.append(f"≥ {item.ge}")
+        elif isinstance(item, annotated_types.Gt):
+            parts.append(f"> {item.gt}")
+        elif isinstance(item, annotated_types.Le):
+            parts.append(f"≤ {item.le}")
+    if parts == ["non-empty", "one character"]:
+        return "one character"
+    return ", ".join(parts)
+
+
+def _yaml_value(value: Any, in_list: bool = False) -> str:
+    """A value as it would be written in a spec (strings plain where YAML reads them back unchanged)."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        if value and _reads_back(f"[{value}]" if in_list else value, [value] if in_list else value):
+            return value
+        return f"'{value}'" if '"' in value and "'" not in value else json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_value(v, in_list=True) for v in value) + "]"
+    return json.dumps(value, default=str)
+
+
+def _reads_back(text: str, expected: Any) -> bool:
+    try:
+        return yaml.safe_load(text) == expected
+    except yaml.YAMLError:
+        return False
+
+
+def _default_text(info: FieldInfo) -> str:
+    if info.is_required():
+        return "**required**"
+    default = info.get_default(call_default_factory=True)
+    if default is None:
+        return "—"
+    if isinstance(default, BaseModel):
+        return "the defaults below"
+    return f"`{_yaml_value(default)}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[tuple[str, FieldInfo, type[BaseModel] | None]], prefix: str) -> list[str]:
+    lines = ["| key | type | default | meaning | example |", "|---|---|---|---|---|"]
+    for path, info, nested in rows:
+        meaning, example = KEY_DOCS[path]
+        kind = _type_text(info.annotation, list(info.metadata))
+        if nested is not None:
+            section = path + ("[]" if _is_list(info.annotation) else "")
+            kind = f"{kind} ([`{section}`](#{_anchor(section)}))"
+        constraints = _constraints(list(info.metadata))
+        if constraints:
+            kind = f"{kind}, {constraints}"
+        key = path[len(prefix) :]
+        lines.append(f"| `{key}` | {kind} | {_default_text(info)} | {_cell(meaning)} | `{_cell(example)}` |")
+    return lines
+
+
+def _anchor(section: str) -> str:
+    return "".join(ch for ch in section.lower() if ch.isalnum() or ch in "-_ ").replace(" ", "-")
+
+
+def render_spec_reference() -> str:
+    """The Markdown of docs/spec-reference.md.
+
+    Raises:
+        KeyError: when ``KEY_DOCS`` lacks a key of the models or describes a key they do not have.
+    """
+    fields = list(_fields(AssetSpecModel))
+    paths = [path for path, _, _ in fields]
+    missing = [p for p in paths if p not in KEY_DOCS]
+    stale = [p for p in KEY_DOCS if p not in paths]
+    if missing or stale:
+        raise KeyError(f"KEY_DOCS out of step with the spec models: undocumented {missing}, unknown {stale}")
+    sections: dict[str, list[tuple[str, FieldInfo, type[BaseModel] | None]]] = {"": []}
+    for path, info, nested in fields:
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        sections.setdefault(parent, []).append((path, info, nested))
+    out = [
+        "# Asset spec reference",
+        "",
+        f"<!-- generated from the models in dativo_dagster/spec.py: {REGENERATE} -->",
+        "",
+        "Every `*.yaml` / `*.yml` file under `asset_specs/` (recursively; another folder via `DATIVO_ASSET_SPECS_DIR`)",
+        "is one asset spec. This page lists every key a spec can have: its type and constraints, its default and",
+        "an example. Keys are case-sensitive; unknown keys are errors, and every problem of every spec is reported",
+        "at once with the file and key path (`dativo-dagster validate`). Editors that read",
+        "`asset_specs/asset-spec.schema.json` (the yaml-language-server comment on the first line) complete and",
+        "check the same keys.",
+        "",
+        "Generated from the pydantic models in `dativo_dagster/spec.py`; regenerate with",
+        f"`{REGENERATE}` (`dativo_dagster_tests/test_docs.py` fails when this page is not current).",
+        "",
+        "## Top level",
+        "",
+        *_table(sections[""], ""),
+    ]
+    for path, _, nested in fields:
+        if nested is None:
+            continue
+        is_list = _is_list(_field_at(path).annotation)
+        section = path + ("[]" if is_list else "")
+        intro = "Each entry of the list is a mapping" if is_list else "A mapping"
+        out += ["", f"## `{section}`", "", f"{intro} with these keys.", "", *_table(sections[section], section + ".")]
+    out += [
+        "",
+        "## Column types",
+        "",
+        "`schema[].type` is one of",
+        ", ".join(f"`{name}`" for name in TYPE_NAMES) + ",",
+        "in any case (`decimal(p,s)`: `p` digits in all, 1 to 38, `s` of them after the point). How text becomes",
+        "each type, and which text is refused, is in the README's Types table.",
+        "",
+        "## Complete example",
+        "",
+        "A spec that sets every key (`dativo_dagster_tests/test_docs.py` checks that it is valid):",
+        "",
+        "```yaml",
+        EXAMPLE.rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _field_at(path: str) -> FieldInfo:
+    """The field at a key path such as ``source.files``."""
+    model: type[BaseModel] | None = AssetSpecModel
+    info: FieldInfo | None = None
+    for part in path.replace("[]", "").split("."):
+        assert model is not None
+        info = next(f for name, f in model.model_fields.items() if (f.alias or name) == part)
+        model = _model_in(info.annotation)
+    assert info is not None
+    return info
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_spec_reference())

@@ -1,0 +1,159 @@
+"""The docs stay true: the spec reference is generated from the models and current, its example is a valid spec,
+the guarantees name tests that exist, links and images resolve, and the CI and logging pages match the code."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dativo_dagster.logging import JsonLineFormatter
+from dativo_dagster.spec import parse_spec_document, spec_json_schema
+from dativo_dagster.spec_reference import EXAMPLE, KEY_DOCS, REGENERATE, key_paths, render_spec_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+SCREENSHOTS = ("asset-graph.png", "asset-catalog.png", "asset-page.png", "asset-checks.png")
+
+
+def test_spec_reference_is_current() -> None:
+    path = DOCS / "spec-reference.md"
+    current = path.read_text() if path.exists() else ""
+    assert current == render_spec_reference(), f"{path} is out of date; regenerate it with: {REGENERATE}"
+
+
+def test_spec_reference_has_a_row_for_every_key() -> None:
+    text = render_spec_reference()
+    for path in key_paths():
+        section = path.rsplit(".", 1)[0] if "." in path else None
+        key = path.rsplit(".", 1)[-1]
+        assert re.search(rf"^\| `{re.escape(key)}` \|", text, re.M), path
+        if section:
+            assert f"## `{section}`" in text, section
+
+
+def _flat_keys(document: Any, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    if isinstance(document, dict):
+        for key, value in document.items():
+            keys.add(prefix + key)
+            keys |= _flat_keys(value, f"{prefix}{key}.")
+    elif isinstance(document, list):
+        for item in document:
+            keys |= _flat_keys(item, prefix.rstrip(".") + "[].")
+    return keys
+
+
+def test_the_complete_example_is_a_valid_spec_that_sets_every_key() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    document = yaml.safe_load(EXAMPLE)
+    model, problems = parse_spec_document(document, "example.yaml")
+    assert model is not None, problems
+    assert _flat_keys(document) == set(key_paths())
+    jsonschema.validate(document, spec_json_schema())
+
+
+def _set(document: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``value`` at a key path; in a list, on the first entry that has the key (else the first entry)."""
+    head, _, rest = path.partition(".")
+    if head.endswith("[]"):
+        entries = document[head[:-2]]
+        key = rest.split(".", 1)[0]
+        target = next((entry for entry in entries if key in entry), entries[0])
+        _set(target, rest, value)
+    elif rest:
+        _set(document.setdefault(head, {}), rest, value)
+    else:
+        document[head] = value
+
+
+@pytest.mark.parametrize("path", sorted(KEY_DOCS))
+def test_every_documented_example_value_is_valid_for_its_key(path: str) -> None:
+    document = yaml.safe_load(EXAMPLE)
+    document = copy.deepcopy(document)
+    _set(document, path, yaml.safe_load(KEY_DOCS[path][1]))
+    model, problems = parse_spec_document(document, "example.yaml")
+    assert model is not None, (path, problems)
+
+
+def test_guarantees_name_tests_that_exist() -> None:
+    text = (DOCS / "guarantees.md").read_text()
+    references = re.findall(r"(dativo_dagster_tests/[\w/]+\.py)(?:::(\w+))?", text)
+    assert len(references) > 40
+    for file, test in references:
+        source = ROOT / file
+        assert source.is_file(), f"docs/guarantees.md names {file}, which does not exist"
+        if test:
+            assert re.search(rf"^\s*def {test}\(", source.read_text(), re.M), f"{file} has no test {test}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
+def test_links_and_images_resolve(page: Path) -> None:
+    text = page.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (page.parent / file).resolve() if file else page
+        assert linked.exists(), f"{page.name}: link to {target} does not resolve"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{page.name}: no heading #{anchor} in {linked.name}"
+
+
+def test_screenshots_are_full_pngs() -> None:
+    for name in SCREENSHOTS:
+        data = (DOCS / "images" / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), name
+        width, height = struct.unpack(">II", data[16:24])
+        assert (width, height) == (1600, 1000), (name, width, height)
+
+
+def test_ci_example_is_a_workflow_using_the_documented_commands() -> None:
+    text = (DOCS / "ci.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    workflow = yaml.safe_load(blocks[0])
+    steps = [step for job in workflow["jobs"].values() for step in job["steps"]]
+    runs = [" ".join(step["run"].split()) for step in steps if "run" in step]
+    assert any(".venv/bin/dativo-dagster validate" in run for run in runs)
+    assert any(".venv/bin/dativo-dagster materialize" in run and 'case "$code"' in run for run in runs)
+    materialize = next(run for run in runs if "dagster asset materialize" in run)
+    assert "dagster asset materialize -m dativo_dagster.definitions --select" in materialize
+    config = re.search(r"--config-json '([^']+)'", materialize)
+    assert config is not None and json.loads(config.group(1)) == {"loggers": {"console": {}}}
+    for code in ("**0**", "**1**", "**2**"):
+        assert code in text
+
+
+def test_ui_page_lists_metadata_the_assets_write() -> None:
+    text = (DOCS / "ui.md").read_text()
+    table = text.split("### Materialization metadata", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    keys = re.findall(r"`([\w/]+)`", "\n".join(first_cells))
+    assets_source = (ROOT / "dativo_dagster" / "assets.py").read_text()
+    assert len(keys) > 15
+    for key in keys:
+        assert f'"{key}"' in assets_source, f"docs/ui.md lists {key}, which assets.py does not write"
+
+
+def test_logging_page_lists_the_keys_of_every_line() -> None:
+    text = (DOCS / "logging.md").read_text()
+    table = text.split("Every line has:", 1)[1].split("\n\n", 2)[1]
+    documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    record = logging.LogRecord("dagster", logging.INFO, __file__, 1, "hello", None, None)
+    assert documented == list(json.loads(JsonLineFormatter().format(record)))
