@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from dativo_dagster.logging import logging_run_config
 from dativo_dagster.maintenance import (
     iceberg_referenced_files,
     marker_referenced_files,
@@ -21,13 +22,18 @@ MAINTENANCE_JOB = "dativo_maintenance"
 
 def asset_job(loaded: LoadedSpec):
     """The job that materializes one spec's asset."""
-    return dg.define_asset_job(f"{loaded.spec.name}__job", selection=dg.AssetSelection.assets(loaded.spec.name))
+    return dg.define_asset_job(
+        f"{loaded.spec.name}__job", selection=dg.AssetSelection.assets(loaded.spec.name), config=logging_run_config()
+    )
 
 
 def group_jobs(loaded: Sequence[LoadedSpec]) -> list:
     """One job per dataProduct group."""
     groups = sorted({item.spec.data_product for item in loaded})
-    return [dg.define_asset_job(f"{group}__group_job", selection=dg.AssetSelection.groups(group)) for group in groups]
+    return [
+        dg.define_asset_job(f"{group}__group_job", selection=dg.AssetSelection.groups(group), config=logging_run_config())
+        for group in groups
+    ]
 
 
 def build_schedules(loaded: Sequence[LoadedSpec]) -> list[dg.ScheduleDefinition]:
