@@ -122,6 +122,8 @@ def to_failure(
     """
     transient = is_transient(exc, loaded.spec.retry_config.retryable_errors)
     message = str(exc) if isinstance(exc, DativoError) else f"{type(exc).__name__}: {exc}"
+    if where and where.rstrip(": ").rsplit(" ", 1)[-1] in message:
+        where = ""  # the message names the place already
     return dg.Failure(
         description=redact(f"{where}{message}", secrets),
         metadata={
@@ -357,7 +359,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     @dg.graph_asset(
         name=name,
         group_name=spec.data_product,
-        owners=[spec.team.owner] if "@" in spec.team.owner else [f"team:{spec.team.owner}"],
+        owners=[_owner(spec.team.owner)],
         tags={**{_tag_key(t): "" for t in spec.tags}, "dativo/domain": spec.domain, "dativo/tenant": spec.tenant},
         kinds={"csv", "parquet", "iceberg"} if spec.target.catalog is CatalogKind.ICEBERG else {"csv", "parquet", "s3"},
         description=_description(loaded),
@@ -479,6 +481,17 @@ def _guarded(
     """Classify errors raised while a stream is consumed (by the IO manager), like errors of the step."""
     with failures(loaded, step, secrets):
         yield from batches
+
+
+_EMAIL = re.compile(r"^[^@\s<>()]+@[^@\s<>()]+\.[^@\s<>()]+$")
+
+
+def _owner(owner: str) -> str:
+    """Dagster accepts an email address or ``team:<name>`` as an owner."""
+    owner = owner.strip()
+    if _EMAIL.match(owner):
+        return owner
+    return "team:" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", owner).strip("_") or "unknown")
 
 
 def _tag_key(tag: str) -> str:
