@@ -702,6 +702,7 @@ def _commit(
         overwrite=overwrite,
         sources=written.source_state,
         replace_sources=written.incremental,
+        record_sources=written.incremental,
     )
     if written.nothing_new:
         result = result.model_copy(update={"nothing_new": True})

@@ -32,7 +32,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot, ancestors_of
 from pyiceberg.typedef import Record
 
-from dativo_dagster.errors import CommitError, TerminalError
+from dativo_dagster.errors import CommitError, TerminalError, is_transient
 from dativo_dagster.incremental import SOURCE_STATE_KEY, table_source_state
 from dativo_dagster.table_schema import Partitioner
 from dativo_dagster.write import WrittenFile
@@ -94,6 +94,11 @@ def ensure_table(
         catalog.create_namespace_if_not_exists(namespace)
     except NamespaceAlreadyExistsError:
         pass
+    except CommitError:
+        # two first runs at once: the other one inserted the namespace between the SQL catalog's check and
+        # its insert (a unique-key violation, not NamespaceAlreadyExistsError); anything else stays an error
+        if not catalog.namespace_exists(namespace):
+            raise
     full = f"{namespace}.{name}"
     if catalog.table_exists(full):
         table = catalog.load_table(full)
@@ -229,12 +234,15 @@ def commit_files(
     overwrite: bool = False,
     sources: Mapping[str, str] | None = None,
     replace_sources: bool = False,
+    record_sources: bool = False,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
 
     With ``overwrite`` the commit replaces all rows. With ``replace_sources`` it first deletes the rows
     that earlier commits brought from any of ``sources`` (a changed file, or a file another run loaded
-    concurrently), in the same transaction, so the branch holds each source file exactly once.
+    concurrently), in the same transaction, so the branch holds each source file exactly once. With
+    ``record_sources`` a run whose sources brought no row at all (empty files, every row quarantined)
+    still commits an empty snapshot recording their versions, so that later runs do not read them again.
 
     Idempotent per run: if ``run_id`` already committed to the branch, nothing is done again. A commit
     that loses a race with another writer is retried here on a fresh view of the table, checking again
@@ -269,10 +277,14 @@ def commit_files(
                         "metadata_location": table.metadata_location, "table_rows": branch_row_count(table, branch)}
             )
         replaced: list[str] = []
+        unrecorded = False
         if replace_sources and sources and not overwrite:
             held = table_source_state(table, branch)
             replaced = sorted(uri for uri in sources if uri in held)
-        if not files and not overwrite and not replaced:
+            # a source read at a version the branch does not hold yet must be recorded even when it
+            # brought no row (empty, or every row quarantined), or every later run reads it again
+            unrecorded = record_sources and any(held.get(uri) != version for uri, version in sources.items())
+        if not files and not overwrite and not replaced and not unrecorded:
             return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
         try:
             table = _ensure_branch(table, branch)
@@ -287,7 +299,9 @@ def commit_files(
             if "sequence number" not in str(exc):
                 raise
             last_error = exc
-        except (OSError, ConnectionError) as exc:
+        except OSError as exc:
+            if not is_transient(exc):
+                raise  # a refused permission or a missing file stays terminal: retrying cannot help
             raise CommitError(f"commit to {name}@{branch} failed: {exc}") from exc
         else:
             table = table.refresh()
@@ -296,8 +310,10 @@ def commit_files(
                 update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
                         "table_rows": branch_row_count(table, branch), "replaced_sources": replaced}
             )
+        # the text only: a log record holding the exception keeps its frames (tables, catalog connections)
+        # alive for as long as any handler keeps the record
         log.warning("commit to %s@%s conflicted (attempt %d of %d): %s", name, branch, attempt + 1, COMMIT_ATTEMPTS,
-                    last_error)
+                    str(last_error))
     raise CommitError(f"commit to {name}@{branch} failed after {COMMIT_ATTEMPTS} attempts: {last_error}")
 
 
@@ -330,7 +346,9 @@ def _commit_once(
                 tx.delete(AlwaysTrue(), snapshot_properties=properties, branch=branch)
         elif replaced:
             tx.delete(In(SOURCE_FILE_COLUMN, list(replaced)), snapshot_properties=properties, branch=branch)
-        if data_files:
+        if data_files or not overwrite:
+            # without data files (a changed source now empty, a new one without valid rows) the append
+            # is empty: its snapshot records the source state all the same
             with tx.update_snapshot(snapshot_properties=properties, branch=branch).fast_append() as append:
                 for data_file in data_files:
                     append.append_data_file(data_file)

@@ -28,9 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 
-from dativo_dagster.extract import MAX_BLOCK_SIZE
+from dativo_dagster.extract import (
+    BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    PARSE_ERROR,
+    RAW_RECORD,
+    SOURCE_LINE,
+    FileReport,
+    SourceFile,
+    read_source_file,
+)
+from dativo_dagster.spec import CsvOptions, FieldSpec
+from dativo_dagster.storage import S3Settings
 from dativo_dagster.validate import MAX_EXAMPLE_CHARS
 from dativo_dagster_tests.conftest import CASES, Project, base_spec, branch_rows
 
@@ -544,3 +556,65 @@ def test_hostile_case_files_carry_their_attribution() -> None:
     assert "AdventureWorks" in sources and "MIT" in sources and "product_header_mismatch.csv" in sources
     lines = (HOSTILE / "product_header_mismatch.csv").read_text().splitlines()
     assert lines[0].startswith("ProductID,Name,ProductNumber,") and lines[1].startswith("1,Adjustable Race,AR-5381,")
+
+
+# --- the reader itself: the end-of-file quote check and the restart with larger blocks ---------------------------
+
+UNCLOSED = "a quoted value is not closed before the end of the file"
+
+
+def read_plain(path: Path, **options: Any) -> tuple[list[tuple[Any, ...]], FileReport]:
+    source = SourceFile(uri=str(path), size=path.stat().st_size, version="1")
+    report = FileReport(uri=source.uri)
+    fields = [FieldSpec(name="id", type="string"), FieldSpec(name="name", type="string")]
+    batches = list(read_source_file(source, fields, CsvOptions(**options), S3Settings(), report))
+    rows = pa.Table.from_batches(batches).to_pylist() if batches else []
+    return [(r[SOURCE_LINE], r["id"], r["name"], r[PARSE_ERROR], r[RAW_RECORD]) for r in rows], report
+
+
+@pytest.mark.parametrize(
+    ("tail", "last"),
+    [
+        ('2,"Bob', (3, None, None, UNCLOSED, '2,"Bob')),
+        ('2,"', (3, None, None, UNCLOSED, '2,"')),
+        ('2,"a""b', (3, None, None, UNCLOSED, '2,"a""b')),
+        (',"', (3, None, None, UNCLOSED, ',"')),
+        ('2,"a\r\n\r\nb', (3, None, None, UNCLOSED, '2,"a\r\n\r\nb')),
+        ('2,"Bob"', (3, "2", "Bob", None, None)),
+        ('2,""', (3, "2", "", None, None)),
+        ('2,"a""b"', (3, "2", 'a"b', None, None)),
+        ("2,Bob", (3, "2", "Bob", None, None)),
+        ('2,Bo"b', (3, "2", 'Bo"b', None, None)),
+        ('2,"x\ny"\n', (3, "2", "x\ny", None, None)),
+    ],
+    ids=["open", "only-quote", "doubled-inside", "blank-fields", "line-breaks", "closed", "empty-quoted",
+         "doubled-closed", "unquoted", "quote-inside-unquoted", "closed-multiline"],
+)
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "latin-1"])
+def test_only_a_quote_still_open_at_the_end_of_the_file_rejects_the_last_record(
+    tmp_path: Path, tail: str, last: tuple[Any, ...], encoding: str
+) -> None:
+    path = tmp_path / "tail.csv"
+    path.write_bytes(("id,name\n1,Ann\n" + tail).encode(encoding))
+    rows, report = read_plain(path, encoding=encoding)
+    assert rows == [(2, "1", "Ann", None, None), last]
+    assert (report.rows, report.unparseable_records) == ((1, 1) if last[3] else (2, 0))
+
+
+def test_a_record_longer_than_the_block_restarts_the_reader_without_losing_or_repeating_rows(tmp_path: Path) -> None:
+    """Ragged and multi-line records before and after a 5 MiB one: every record once, in order, on its line."""
+    head = "".join(f"{i},n{i}\n" if i % 7 else f'{i},"two\nlines",extra\n' for i in range(1, 60_000))
+    big = "9," + "x" * (5 * 2**20) + "\n"
+    tail = "".join(f"{i},n{i}\n" if i % 5 else f"{i}\n" for i in range(60_000, 60_050))
+    path = tmp_path / "long.csv"
+    path.write_text("id,name\n" + head + big + tail)
+    assert 5 * 2**20 > 4 * BLOCK_SIZE
+    rows, report = read_plain(path)
+    ids = [int(r[1]) if r[1] is not None else int(r[4].split(",")[0]) for r in rows]
+    assert ids == [*range(1, 60_000), 9, *range(60_000, 60_050)]
+    lines = [r[0] for r in rows]
+    assert lines == sorted(lines) and len(set(lines)) == len(lines)
+    assert rows[60_000 - 1][0] == 2 + 59_999 + len(range(7, 60_000, 7))  # the big record's line
+    assert rows[60_000 - 1][2] == "x" * (5 * 2**20)
+    assert report.unparseable_records == len(range(7, 60_000, 7)) + len(range(60_000, 60_050, 5))
+    assert report.rows + report.unparseable_records == len(rows)

@@ -1,0 +1,168 @@
+"""Helpers for exactly-once tests: the rows a table must hold, and the rows it holds, read by two readers."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import gc
+import hashlib
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow.parquet as pq
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
+
+from dativo_dagster.markers import committed_files
+from dativo_dagster.storage import S3Settings
+from dativo_dagster_tests.conftest import branch_rows, duckdb_branch_rows
+
+# (id, name, _source_file): what the incremental test specs load from each CSV row
+Row = tuple[int, str, str]
+SPEC_COLUMNS = ("id", "name", "_source_file")
+
+
+def incremental_spec(name: str = "events", **overrides: Any) -> dict[str, Any]:
+    """A spec reading every ``data/<name>/*.csv`` incrementally into ``testdomain.<name>`` on branch ``acme``."""
+    from dativo_dagster_tests.conftest import base_spec  # noqa: PLC0415
+
+    spec = base_spec(name, source={"type": "csv", "files": [{"path": f"data/{name}/*.csv"}],
+                                   "incremental": {"strategy": "file_modified_time", "lookback_days": 0}})
+    spec.update(overrides)
+    return spec
+
+
+def csv_text(ids: Iterable[int], tag: str = "v1") -> str:
+    """A CSV with a header and one row per id; ``tag`` goes into the name column so versions differ."""
+    return "id,name\n" + "".join(f"{i},{tag}-{i}\n" for i in ids)
+
+
+def touch(path: Path, seconds_from_now: float) -> None:
+    """Give ``path`` a modification time relative to now (a rewrite within one mtime tick must still look changed)."""
+    when = time.time() + seconds_from_now
+    os.utime(path, (when, when))
+
+
+def expected_rows(files: Sequence[Path]) -> Counter[Row]:
+    """Every row of every file, as the table must hold it: each file exactly once, in its current content."""
+    rows: Counter[Row] = Counter()
+    for path in files:
+        with path.open(newline="") as stream:
+            for record in csv.DictReader(stream):
+                rows[(int(record["id"]), record["name"], os.path.abspath(path))] += 1
+    return rows
+
+
+def as_rows(records: Iterable[dict[str, Any]]) -> Counter[Row]:
+    return Counter((r["id"], r["name"], r["_source_file"]) for r in records)
+
+
+def content_hash(rows: Counter[Row]) -> str:
+    """A hash over the multiset of rows (order-free, duplicates counted)."""
+    digest = hashlib.sha256()
+    for row, count in sorted(rows.items()):
+        digest.update(repr((row, count)).encode())
+    return digest.hexdigest()
+
+
+def iceberg_rows(table: Table, branch: str) -> Counter[Row]:
+    """The branch head's rows read by pyiceberg."""
+    return as_rows(branch_rows(table, branch))
+
+
+def duckdb_rows(con: Any, table: Table, branch: str) -> Counter[Row]:
+    """The branch head's rows read by DuckDB's own Iceberg reader."""
+    names = [f.name for f in table.schema().fields]
+    at = [names.index(c) for c in SPEC_COLUMNS]
+    return Counter(tuple(row[i] for i in at) for row in duckdb_branch_rows(con, table, branch))  # type: ignore[misc]
+
+
+def marker_rows(location: str) -> Counter[Row]:
+    """The rows of the data files that the commit markers make visible (``catalog: none``), read by pyarrow."""
+    rows: Counter[Row] = Counter()
+    for uri in committed_files(location, S3Settings()):
+        rows += as_rows(pq.read_table(uri, columns=list(SPEC_COLUMNS)).to_pylist())
+    return rows
+
+
+def branch_snapshot_ids(table: Table, branch: str) -> list[int]:
+    head = table.snapshot_by_name(branch)
+    return [s.snapshot_id for s in ancestors_of(head, table.metadata)] if head is not None else []
+
+
+def materialization(result: dg.ExecuteInProcessResult, name: str) -> dict[str, Any]:
+    """Metadata values of the one materialization of asset ``name`` in ``result``."""
+    mats = [
+        e.materialization for e in result.get_asset_materialization_events()
+        if e.materialization.asset_key == dg.AssetKey(name)
+    ]
+    assert len(mats) == 1, mats
+    return {k: v.value for k, v in mats[0].metadata.items()}
+
+
+def parquet_files(location: str) -> set[str]:
+    """Every Parquet file under a table's ``data/`` folder, committed or not."""
+    return {str(p) for p in Path(location, "data").rglob("*.parquet")}
+
+
+def referenced_files(table: Table) -> set[str]:
+    """Data files that any snapshot of the table references (file:// stripped)."""
+    files = table.inspect.all_files()
+    return {p.removeprefix("file://") for p in files.column("file_path").to_pylist()} if files.num_rows else set()
+
+
+def materialize_concurrently(project: Any, runs: int) -> list[dg.ExecuteInProcessResult]:
+    """``runs`` materializations of the project's assets at the same time, one thread each, each with its own
+    instance and catalog client (as separate run workers would have), released together by a barrier."""
+    barrier = threading.Barrier(runs)
+
+    def one(_: int) -> dg.ExecuteInProcessResult:
+        barrier.wait(timeout=60)
+        return project.materialize()
+
+    with _serial_ast_parse(), ThreadPoolExecutor(max_workers=runs) as pool:
+        results = list(pool.map(one, range(runs)))
+        # the runs' SQLite connections die with their threads; SQLAlchemy's finalizers log an error with a
+        # traceback for each. Let them run now, not inside some later ast.parse (see _serial_ast_parse)
+        gc.collect()
+    return results
+
+
+@contextlib.contextmanager
+def _serial_ast_parse() -> Iterator[None]:
+    """CPython 3.11 keeps the AST converter's recursion depth per interpreter, not per thread. Formatting a
+    traceback parses source lines (for its carets); when that happens in another thread, or in a finalizer
+    that the garbage collector runs in the middle of a parse, the depth no longer matches and that parse
+    fails with "AST constructor recursion depth mismatch" (pytest's import hooks parse too). Run workers
+    are processes in a deployment; the threads standing in for them here parse one at a time."""
+    original = ast.parse
+    lock = threading.RLock()
+
+    def parse(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return original(*args, **kwargs)
+
+    ast.parse = parse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ast.parse = original
+
+
+def failures(result: dg.ExecuteInProcessResult) -> list[str]:
+    """The step failures of a run, with their descriptions, for assertion messages."""
+    out = []
+    for event in result.get_step_failure_events():
+        data = event.event_specific_data
+        user = getattr(data, "user_failure_data", None)
+        error = getattr(data, "error", None)
+        out.append(f"{event.step_key}: {user.description if user else error.to_string() if error else ''}")
+    return out

@@ -1,0 +1,205 @@
+"""Jobs and schedules from the specs, the maintenance job, and the Dagster instance settings (run retries)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dativo_dagster.definitions import build_definitions
+from dativo_dagster.jobs import MAINTENANCE_JOB
+from dativo_dagster.maintenance import remove_stale_staging, remove_unreferenced
+from dativo_dagster.markers import committed_files
+from dativo_dagster.storage import S3Settings
+from dativo_dagster_tests.conftest import Project, base_spec
+from dativo_dagster_tests.table_checks import (
+    csv_text,
+    expected_rows,
+    iceberg_rows,
+    incremental_spec,
+    marker_rows,
+    parquet_files,
+    referenced_files,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve(defs: dg.Definitions, selection: dg.AssetSelection | None) -> set[dg.AssetKey]:
+    assert selection is not None
+    return set(selection.resolve(defs.get_repository_def().asset_graph))
+
+
+def test_schedules_run_the_spec_s_own_job(project: Project) -> None:
+    project.write_spec(base_spec("hourly", schedule={"cron": "15 * * * *", "timezone": "Europe/Berlin"}))
+    project.write_spec(base_spec("unscheduled"))
+    defs = build_definitions(project.specs_dir)
+
+    schedules = {s.name: s for s in defs.schedules or []}
+    assert set(schedules) == {"hourly__schedule", f"{MAINTENANCE_JOB}__daily"}
+    schedule = schedules["hourly__schedule"]
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("15 * * * *", "Europe/Berlin")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert schedule.job_name == "hourly__job"
+    job = defs.resolve_job_def("hourly__job")
+    assert job.asset_layer.executable_asset_keys == {dg.AssetKey("hourly")}
+    maintenance = schedules[f"{MAINTENANCE_JOB}__daily"]
+    assert (maintenance.job_name, maintenance.cron_schedule) == (MAINTENANCE_JOB, "0 3 * * *")
+    assert maintenance.default_status == dg.DefaultScheduleStatus.STOPPED
+
+    data = schedule.evaluate_tick(dg.build_schedule_context())
+    assert len(data.run_requests or []) == 1
+
+
+def test_one_job_per_data_product_materializes_its_group(project: Project) -> None:
+    project.write_spec(base_spec("alpha", dataProduct="sales"))
+    project.write_spec(base_spec("beta", dataProduct="sales"))
+    project.write_spec(base_spec("gamma", dataProduct="hr"))
+    for name in ("alpha", "beta", "gamma"):
+        project.write_data(f"{name}.csv", csv_text([1, 2]))
+    defs = build_definitions(project.specs_dir)
+
+    jobs = {job.name for job in defs.resolve_all_job_defs()}
+    assert {"sales__group_job", "hr__group_job", MAINTENANCE_JOB} <= jobs
+    sales = defs.resolve_job_def("sales__group_job")
+    assert sales.asset_layer.executable_asset_keys == {dg.AssetKey("alpha"), dg.AssetKey("beta")}
+
+    with dg.instance_for_test() as instance:
+        result = sales.execute_in_process(instance=instance)
+    assert result.success
+    catalog = project.catalog()
+    assert {".".join(t) for t in catalog.list_tables("testdomain")} == {"testdomain.alpha", "testdomain.beta"}
+    assert len(iceberg_rows(catalog.load_table("testdomain.alpha"), "acme")) == 2
+
+
+def write_orphan(folder: Path, name: str, age_hours: float) -> Path:
+    """A Parquet file no commit references, last modified ``age_hours`` ago."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    pq.write_table(pa.table({"id": [1]}), path)
+    when = time.time() - age_hours * 3600
+    os.utime(path, (when, when))
+    return path
+
+
+def run_maintenance(project: Project, **config: Any) -> dg.ExecuteInProcessResult:
+    defs = build_definitions(project.specs_dir)
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+            run_config={"ops": {"remove_orphan_files": {"config": config}}}, instance=instance
+        )
+    assert result.success
+    return result
+
+
+def test_maintenance_removes_old_unreferenced_files_only(project: Project) -> None:
+    project.write_spec(incremental_spec())
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    assert project.materialize().success
+    table = project.table("testdomain.events")
+    location = Path(table.location().removeprefix("file://"))
+    committed = referenced_files(table)
+    assert committed and committed <= parquet_files(str(location))
+    old = write_orphan(location / "data" / "ingest_date=2025-01-01", "old-orphan.parquet", age_hours=30)
+    young = write_orphan(location / "data" / "ingest_date=2025-01-01", "young-orphan.parquet", age_hours=1)
+    stale_staging = project.root / ".dativo" / "staging" / "dead-run"
+    stale_staging.mkdir(parents=True)
+    os.utime(stale_staging, (time.time() - 48 * 3600,) * 2)
+
+    dry = run_maintenance(project, dry_run=True)
+    assert dry.output_for_node("remove_orphan_files") == 1
+    assert old.exists() and stale_staging.exists()
+
+    result = run_maintenance(project)  # default: older than 24 hours
+    assert result.output_for_node("remove_orphan_files") == 1
+    assert not old.exists() and young.exists() and not stale_staging.exists()
+    assert committed <= parquet_files(str(location))
+
+    run_maintenance(project, older_than_hours=0)
+    assert not young.exists()
+    assert parquet_files(str(location)) == committed
+    assert iceberg_rows(project.table("testdomain.events"), "acme") == expected_rows([a])
+
+
+def test_maintenance_keeps_files_of_older_snapshots_and_other_branches(project: Project) -> None:
+    project.write_spec(incremental_spec())
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    assert project.materialize().success
+    first_files = referenced_files(project.table("testdomain.events"))
+    project.write_data("events/a.csv", csv_text([3], tag="v2"))
+    os.utime(a, (time.time() + 5,) * 2)
+    assert project.materialize().success  # replaces a's rows: its first data file leaves the branch head
+
+    run_maintenance(project, older_than_hours=0)
+
+    table = project.table("testdomain.events")
+    location = table.location().removeprefix("file://")
+    assert first_files <= parquet_files(location), "a file an older snapshot references is still needed"
+    assert parquet_files(location) == referenced_files(table)
+    assert iceberg_rows(table, "acme") == expected_rows([a])
+
+
+def test_maintenance_for_catalog_none_keeps_every_marked_file(project: Project) -> None:
+    spec = incremental_spec()
+    spec["target"] = {"catalog": "none", "partitioning": ["ingest_date"]}
+    project.write_spec(spec)
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    assert project.materialize().success
+    location = project.warehouse / "testdomain" / "testproduct" / "events"
+    marked = set(committed_files(str(location), S3Settings()))
+    orphan = write_orphan(location / "data" / "ingest_date=2025-01-01", "orphan.parquet", age_hours=0)
+
+    result = run_maintenance(project, older_than_hours=0)
+
+    assert result.output_for_node("remove_orphan_files") == 1
+    assert not orphan.exists()
+    assert parquet_files(str(location)) == marked
+    assert marker_rows(str(location)) == expected_rows([a])
+
+
+def test_remove_unreferenced_and_stale_staging_as_plain_functions(tmp_path: Path) -> None:
+    location = tmp_path / "table"
+    kept = write_orphan(location / "data", "kept.parquet", age_hours=5)
+    gone = write_orphan(location / "data" / "p=1", "gone.parquet", age_hours=5)
+    (location / "data" / "notes.txt").write_text("not parquet")
+    (location / "metadata").mkdir()
+    meta = write_orphan(location / "metadata", "x.parquet", age_hours=5)
+
+    report = remove_unreferenced(str(location), [f"file://{kept}"], S3Settings(), older_than_seconds=3600)
+
+    assert report.removed == [str(gone)] and report.referenced == 1
+    assert kept.exists() and meta.exists() and (location / "data" / "notes.txt").exists()
+    assert remove_unreferenced(str(tmp_path / "missing"), [], S3Settings(), older_than_seconds=0).removed == []
+    staging = tmp_path / "staging"
+    (staging / "fresh").mkdir(parents=True)
+    assert remove_stale_staging(staging, 3600) == []
+    assert remove_stale_staging(tmp_path / "no-staging", 0) == []
+
+
+@pytest.mark.parametrize("path", ["dagster.yaml", "deploy/dagster.docker.yaml"])
+def test_instance_settings_enable_run_monitoring_and_run_retries(
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = yaml.safe_load((REPO_ROOT / path).read_text())
+    if "storage" in config:
+        # the deployment's PostgreSQL storage needs a server (see the integration tests); the rest loads here
+        config.pop("storage")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+    with dg.DagsterInstance.get() as instance:  # what `dagster dev`, the daemon and the code server load
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_max_resume_run_attempts == 0
+        assert instance.run_retries_enabled
+        assert instance.run_retries_max_retries == 2
+        assert instance.run_retries_retry_on_asset_or_op_failure is False
