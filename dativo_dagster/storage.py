@@ -379,9 +379,21 @@ def object_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
         if budget[key] >= len(value):
             out[key] = value
         else:
-            kept = re.sub(r"%[0-9A-Fa-f]?$", "", value[: budget[key] - len(ellipsis)])  # never half an escape
-            out[key] = kept + ellipsis
+            out[key] = _quoted_prefix(str(metadata[key]).strip(), budget[key] - len(ellipsis)) + ellipsis
     return out
+
+
+def _quoted_prefix(text: str, limit: int) -> str:
+    """The longest quoted prefix of ``text`` within ``limit`` characters, cut between characters (never
+    inside a percent-escape or between the bytes of one character)."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(quote(text[:middle], safe=_METADATA_SAFE)) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return quote(text[:low], safe=_METADATA_SAFE)
 
 
 def tag_safe(value: str, limit: int) -> str:
