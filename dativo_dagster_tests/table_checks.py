@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 
+from dativo_dagster.definitions import build_definitions
 from dativo_dagster.markers import committed_files
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import branch_rows, duckdb_branch_rows
@@ -123,10 +124,19 @@ def materialize_concurrently(project: Any, runs: int) -> list[dg.ExecuteInProces
     """``runs`` materializations of the project's assets at the same time, one thread each, each with its own
     instance and catalog client (as separate run workers would have), released together by a barrier."""
     barrier = threading.Barrier(runs)
+    # Dagster composes graph-backed assets on a process-wide stack: build each run's definitions one
+    # after the other (run workers are processes in a deployment), then start the runs together
+    all_defs = [build_definitions(project.specs_dir) for _ in range(runs)]
 
-    def one(_: int) -> dg.ExecuteInProcessResult:
+    def one(index: int) -> dg.ExecuteInProcessResult:
+        defs = all_defs[index]
         barrier.wait(timeout=60)
-        return project.materialize()
+        return dg.materialize(
+            list(defs.assets or []),
+            resources=defs.resources,
+            raise_on_error=False,
+            instance=dg.DagsterInstance.ephemeral(),
+        )
 
     with _serial_ast_parse(), ThreadPoolExecutor(max_workers=runs) as pool:
         results = list(pool.map(one, range(runs)))
