@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -29,17 +31,22 @@ from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import Snapshot, ancestors_of
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
-from dativo_dagster.incremental import SOURCE_STATE_KEY, table_source_state
 from dativo_dagster.table_schema import Partitioner
+from dativo_dagster.table_state import (
+    RUN_ID_KEY,
+    STATE_FILE_KEY,
+    BranchState,
+    delete_state_file,
+    read_branch_state,
+    write_state_file,
+)
 from dativo_dagster.write import WrittenFile
 
 log = logging.getLogger(__name__)
 
-RUN_ID_KEY = "dativo.run-id"
 ASSET_KEY = "dativo.asset"
 ROWS_KEY = "dativo.rows"
 MAIN = "main"
@@ -154,14 +161,23 @@ def _same_partitioning(a: PartitionSpec, b: PartitionSpec) -> bool:
     return key(a) == key(b)
 
 
-def find_run_commit(table: Table, branch: str, run_id: str) -> Snapshot | None:
-    """The newest snapshot on ``branch`` (or main) made by ``run_id``, if the run already committed."""
-    for ref in (branch, MAIN):
-        head = table.snapshot_by_name(ref)
-        for snapshot in ancestors_of(head, table.metadata):
-            summary = snapshot.summary
-            if summary is not None and summary.additional_properties.get(RUN_ID_KEY) == run_id:
-                return snapshot
+@dataclass(frozen=True)
+class CommittedRun:
+    """A run's earlier commit: its newest snapshot (which snapshot expiry may since have removed)."""
+
+    snapshot_id: int
+
+
+def find_run_commit(table: Table, branch: str, run_id: str, state: BranchState | None = None) -> CommittedRun | None:
+    """The newest snapshot on ``branch`` (or main) made by ``run_id``, if the run already committed.
+
+    Read from the branch state at the head (``state`` when the caller has it), so it costs the same however
+    long the history, and still knows runs whose snapshots were expired.
+    """
+    for ref in dict.fromkeys((branch, MAIN)):
+        runs = (state if state is not None and ref == branch else read_branch_state(table, ref)).runs
+        if run_id in runs:
+            return CommittedRun(runs[run_id])
     return None
 
 
@@ -244,6 +260,10 @@ def commit_files(
     ``record_sources`` a run whose sources brought no row at all (empty files, every row quarantined)
     still commits an empty snapshot recording their versions, so that later runs do not read them again.
 
+    Each commit also writes the branch's state before it (source files held, runs committed) to a small file
+    that its summary names (see ``table_state``), so the next commit and the next run read the state from the
+    head alone, and snapshot expiry forgets nothing.
+
     Idempotent per run: if ``run_id`` already committed to the branch, nothing is done again. A commit
     that loses a race with another writer is retried here on a fresh view of the table, checking again
     before each attempt whether the run's commit already landed and which sources the branch now holds.
@@ -265,39 +285,39 @@ def commit_files(
     data_files: list[DataFile] | None = None
     last_error: Exception | None = None
     table = _own_retries(table)
+    plan = functools.partial(_plan, branch=branch, run_id=run_id, files=files, sources=sources, overwrite=overwrite,
+                             replace_sources=replace_sources, record_sources=record_sources)
     for attempt in range(COMMIT_ATTEMPTS):
         if attempt:
             time.sleep(random.uniform(*COMMIT_BACKOFF_SECONDS) * min(attempt, 5) / 5)
             table = table.refresh()
-        previous = find_run_commit(table, branch, run_id)
-        if previous is not None:
-            log.info("run %s already committed snapshot %s to %s@%s", run_id, previous.snapshot_id, name, branch)
-            return result.model_copy(
-                update={"snapshot_id": previous.snapshot_id, "already_committed": True,
-                        "metadata_location": table.metadata_location, "table_rows": branch_row_count(table, branch)}
-            )
-        replaced: list[str] = []
-        unrecorded = False
-        if replace_sources and sources and not overwrite:
-            held = table_source_state(table, branch)
-            replaced = sorted(uri for uri in sources if uri in held)
-            # a source read at a version the branch does not hold yet must be recorded even when it
-            # brought no row (empty, or every row quarantined), or every later run reads it again
-            unrecorded = record_sources and any(held.get(uri) != version for uri, version in sources.items())
-        if not files and not overwrite and not replaced and not unrecorded:
-            return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
+        state_file: str | None = None
         try:
-            table = _ensure_branch(table, branch)
+            table, decided = _plan_on_branch(table, branch, plan)
+            if decided.previous is not None:
+                log.info("run %s already committed snapshot %s to %s@%s", run_id, decided.previous.snapshot_id, name,
+                         branch)
+                return result.model_copy(
+                    update={"snapshot_id": decided.previous.snapshot_id, "already_committed": True,
+                            "metadata_location": table.metadata_location,
+                            "table_rows": branch_row_count(table, branch)}
+                )
+            if not decided.needed:
+                return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
             if data_files is None:
                 data_files = _data_files(table, files, partitioner)
-            _commit_once(table, branch, data_files, snapshot_properties, overwrite, replaced)
-        except (CommitFailedException, CommitStateUnknownException) as exc:
-            last_error = exc
-        except ValueError as exc:
+            # the state before this commit, for the next one to read instead of this branch's whole history
+            state_file = write_state_file(table, decided.state, keep_sources=not overwrite)
+            _commit_once(table, branch, data_files, {**snapshot_properties, STATE_FILE_KEY: state_file}, overwrite,
+                         decided.replaced)
+        except CommitStateUnknownException as exc:
+            last_error = exc  # the commit may have landed, naming the state file: keep it
+        except (CommitFailedException, ValueError) as exc:
             # a concurrent commit on another branch can make ours stale: "Cannot add snapshot with
             # sequence number N older than last sequence number N"; pyiceberg does not retry it
-            if "sequence number" not in str(exc):
+            if isinstance(exc, ValueError) and "sequence number" not in str(exc):
                 raise
+            delete_state_file(table, state_file)  # refused: nothing names it
             last_error = exc
         except OSError as exc:
             if not is_transient(exc):
@@ -308,13 +328,58 @@ def commit_files(
             head = table.snapshot_by_name(branch)
             return result.model_copy(
                 update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
-                        "table_rows": branch_row_count(table, branch), "replaced_sources": replaced}
+                        "table_rows": branch_row_count(table, branch), "replaced_sources": decided.replaced}
             )
         # the text only: a log record holding the exception keeps its frames (tables, catalog connections)
         # alive for as long as any handler keeps the record
         log.warning("commit to %s@%s conflicted (attempt %d of %d): %s", name, branch, attempt + 1, COMMIT_ATTEMPTS,
                     str(last_error))
     raise CommitError(f"commit to {name}@{branch} failed after {COMMIT_ATTEMPTS} attempts: {last_error}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one commit attempt has to do, decided from the branch state at the head it will commit on."""
+
+    state: BranchState
+    previous: CommittedRun | None
+    replaced: list[str]
+    needed: bool
+
+
+def _plan(
+    table: Table,
+    branch: str,
+    run_id: str,
+    files: Sequence[WrittenFile],
+    sources: Mapping[str, str] | None,
+    *,
+    overwrite: bool,
+    replace_sources: bool,
+    record_sources: bool,
+) -> _Plan:
+    state = read_branch_state(table, branch)
+    previous = find_run_commit(table, branch, run_id, state)
+    replaced: list[str] = []
+    unrecorded = False
+    if replace_sources and sources and not overwrite:
+        replaced = sorted(uri for uri in sources if uri in state.sources)
+        # a source read at a version the branch does not hold yet must be recorded even when it
+        # brought no row (empty, or every row quarantined), or every later run reads it again
+        unrecorded = record_sources and any(state.sources.get(uri) != version for uri, version in sources.items())
+    needed = previous is None and bool(files or overwrite or replaced or unrecorded)
+    return _Plan(state, previous, replaced, needed)
+
+
+def _plan_on_branch(table: Table, branch: str, plan: Callable[[Table], _Plan]) -> tuple[Table, _Plan]:
+    """Plan the attempt; when it commits, make sure the branch exists, and plan again if that moved its head."""
+    decided = plan(table)
+    if decided.needed:
+        table = _ensure_branch(table, branch)
+        head = table.snapshot_by_name(branch)
+        if (head.snapshot_id if head is not None else None) != decided.state.head:
+            decided = plan(table)  # the branch was just made from main's head (by us or another run)
+    return table, decided
 
 
 def _own_retries(table: Table) -> Table:

@@ -2,49 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import ancestors_of
 
 from dativo_dagster.extract import SourceFile
+from dativo_dagster.table_state import SOURCE_STATE_KEY, parse_source_state, read_branch_state
 
-log = logging.getLogger(__name__)
-
-SOURCE_STATE_KEY = "dativo.source-state"
-
-
-def parse_source_state(text: str | None) -> dict[str, str]:
-    """The ``{uri: version}`` mapping stored in a snapshot summary or a commit marker."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        log.warning("ignoring unreadable source state %r", text[:80])
-        return {}
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+__all__ = ["SOURCE_STATE_KEY", "Selection", "marker_source_state", "parse_source_state", "select_files",
+           "table_source_state"]
 
 
 def table_source_state(table: Table, branch: str) -> dict[str, str]:
     """Every source file the branch holds rows of, at the version last committed.
 
-    Walks the branch's lineage from its head: the newest snapshot that names a file wins. The
-    committed table is the only truth; sensor cursors never decide what is read.
+    Read from the branch head: its own summary and the state file it names (see ``table_state``); tables
+    written before state files existed are read by walking the lineage, the newest snapshot naming a file
+    winning. The committed table is the only truth; sensor cursors never decide what is read.
     """
-    head = table.snapshot_by_name(branch)
-    state: dict[str, str] = {}
-    for snapshot in ancestors_of(head, table.metadata):
-        summary = snapshot.summary
-        if summary is None:
-            continue
-        for uri, version in parse_source_state(summary.additional_properties.get(SOURCE_STATE_KEY)).items():
-            state.setdefault(uri, version)
-    return state
+    return read_branch_state(table, branch).sources
 
 
 def marker_source_state(markers: Iterable[Mapping[str, object]]) -> dict[str, str]:

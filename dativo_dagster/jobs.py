@@ -1,17 +1,22 @@
 """Jobs, schedules and sensors derived from the specs, and the maintenance job."""
 
 # no ``from __future__ import annotations``: Dagster reads the op's annotations at definition time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
+from pyiceberg.table import Table
 
 from dativo_dagster.logging import logging_run_config
 from dativo_dagster.maintenance import (
+    expire_snapshots,
     iceberg_referenced_files,
     marker_referenced_files,
     remove_stale_staging,
     remove_unreferenced,
+    remove_unreferenced_metadata,
 )
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.sensors import build_sensor
@@ -60,6 +65,21 @@ def build_sensors(loaded: Sequence[LoadedSpec]) -> list[dg.SensorDefinition]:
     return [build_sensor(item) for item in loaded if item.spec.sensor is not None]
 
 
+class SnapshotExpiryConfig(dg.Config):
+    """Which snapshots the maintenance job expires (named after Iceberg's ``history.expire.*`` table properties)."""
+
+    max_snapshot_age_hours: float = Field(
+        default=120.0,
+        ge=0,
+        description="Expire snapshots older than this (Iceberg's default: 5 days). Time travel reaches no further"
+        " back; each snapshot kept costs every commit a little time.",
+    )
+    min_snapshots_to_keep: int = Field(
+        default=10, ge=1, description="Every branch keeps at least its newest N snapshots (its head included)."
+    )
+    dry_run: bool = Field(default=False, description="Report what would be expired, expire nothing.")
+
+
 class MaintenanceConfig(dg.Config):
     """How old an unreferenced file must be before it is removed (files of running runs are younger)."""
 
@@ -67,11 +87,53 @@ class MaintenanceConfig(dg.Config):
     dry_run: bool = False
 
 
+def _iceberg_tables(specs: Sequence[LoadedSpec], catalog_resource: CatalogResource) -> Iterator[tuple[str, Table]]:
+    """Every Iceberg table (and quarantine table) of the specs that exists, by name."""
+    catalog = None
+    for item in specs:
+        spec = item.spec
+        if spec.target.catalog is CatalogKind.NONE:
+            continue
+        for identifier in (spec.table_identifier, spec.rejects_identifier):
+            name = ".".join(identifier)
+            catalog = catalog or catalog_resource.load_catalog()
+            if catalog.table_exists(name):
+                yield name, catalog.load_table(name)
+
+
 def build_maintenance_job(loaded: Sequence[LoadedSpec]) -> dg.JobDefinition:
-    """A job that removes data files no commit references (runs killed mid-way) and stale staging."""
+    """A job that expires old snapshots, then removes files no snapshot references (expired snapshots' files,
+    files of runs killed mid-way) and stale staging."""
     specs = list(loaded)
 
-    @dg.op(name="remove_orphan_files")
+    @dg.op(name="expire_snapshots")
+    def expire_old_snapshots(
+        context: dg.OpExecutionContext, config: SnapshotExpiryConfig, dativo_catalog: CatalogResource
+    ) -> dg.Output[int]:
+        older_than = datetime.now(timezone.utc) - timedelta(hours=config.max_snapshot_age_hours)
+        expired: dict[str, int] = {}
+        history_kept: dict[str, list[str]] = {}
+        for name, table in _iceberg_tables(specs, dativo_catalog):
+            report = expire_snapshots(
+                table, older_than=older_than, keep_last=config.min_snapshots_to_keep, dry_run=config.dry_run
+            )
+            expired[name] = len(report.expired)
+            if report.expired:
+                verb = "would expire" if config.dry_run else "expired"
+                context.log.info(f"{name}: {verb} {len(report.expired)} snapshot(s), {report.kept} kept")
+            if report.history_kept:
+                history_kept[name] = report.history_kept
+                context.log.info(
+                    f"{name}: branch(es) {report.history_kept} keep their whole history until their next commit"
+                    " records its state file"
+                )
+        return dg.Output(
+            sum(expired.values()),
+            metadata={"expired_per_table": dg.MetadataValue.json(expired),
+                      "history_kept": dg.MetadataValue.json(history_kept), "dry_run": config.dry_run},
+        )
+
+    @dg.op(name="remove_orphan_files", ins={"after_expiry": dg.In(dg.Nothing)})
     def remove_orphan_files(
         context: dg.OpExecutionContext,
         config: MaintenanceConfig,
@@ -82,35 +144,45 @@ def build_maintenance_job(loaded: Sequence[LoadedSpec]) -> dg.JobDefinition:
         seconds = config.older_than_hours * 3600
         s3 = dativo_storage.s3_settings()
         removed: dict[str, int] = {}
-        catalog = None
+        metadata_removed: dict[str, int] = {}
         for item in specs:
             spec = item.spec
-            for identifier, suffix in ((spec.table_identifier, ""), (spec.rejects_identifier, "__rejects")):
-                name = ".".join(identifier)
-                if spec.target.catalog is CatalogKind.NONE:
+            if spec.target.catalog is CatalogKind.NONE:
+                for identifier, suffix in ((spec.table_identifier, ""), (spec.rejects_identifier, "__rejects")):
                     location = dativo_storage.table_location(spec, suffix)
-                    referenced = marker_referenced_files(location, s3)
-                else:
-                    catalog = catalog or dativo_catalog.load_catalog()
-                    if not catalog.table_exists(name):
-                        continue
-                    table = catalog.load_table(name)
-                    location, referenced = table.location(), iceberg_referenced_files(table)
-                report = remove_unreferenced(location, referenced, s3, older_than_seconds=seconds, dry_run=config.dry_run)
-                if report.removed:
-                    context.log.info(f"{name}: removed {len(report.removed)} unreferenced file(s): {report.removed[:5]}")
-                removed[name] = len(report.removed)
+                    report = remove_unreferenced(location, marker_referenced_files(location, s3), s3,
+                                                 older_than_seconds=seconds, dry_run=config.dry_run)
+                    _log_removed(context, ".".join(identifier), report.removed)
+                    removed[".".join(identifier)] = len(report.removed)
+        for name, table in _iceberg_tables(specs, dativo_catalog):
+            report = remove_unreferenced(table.location(), iceberg_referenced_files(table), s3,
+                                         older_than_seconds=seconds, dry_run=config.dry_run)
+            _log_removed(context, name, report.removed)
+            removed[name] = len(report.removed)
+            metadata = remove_unreferenced_metadata(table, s3, older_than_seconds=seconds, dry_run=config.dry_run)
+            metadata_removed[name] = len(metadata.removed)
         stale = [] if config.dry_run else remove_stale_staging(Path(dativo_staging.root), seconds)
         return dg.Output(
             sum(removed.values()),
-            metadata={"removed_per_table": dg.MetadataValue.json(removed), "staging_folders_removed": len(stale)},
+            metadata={"removed_per_table": dg.MetadataValue.json(removed),
+                      "metadata_files_removed_per_table": dg.MetadataValue.json(metadata_removed),
+                      "staging_folders_removed": len(stale)},
         )
 
-    @dg.job(name=MAINTENANCE_JOB, description="Remove data files that no commit references, and stale staging.")
+    @dg.job(
+        name=MAINTENANCE_JOB,
+        description="Expire old snapshots, then remove data and metadata files that no snapshot references, and"
+        " stale staging.",
+    )
     def maintenance():
-        remove_orphan_files()
+        remove_orphan_files(after_expiry=expire_old_snapshots())
 
     return maintenance
+
+
+def _log_removed(context: dg.OpExecutionContext, name: str, removed: list[str]) -> None:
+    if removed:
+        context.log.info(f"{name}: removed {len(removed)} unreferenced file(s): {removed[:5]}")
 
 
 def maintenance_schedule(job: dg.JobDefinition) -> dg.ScheduleDefinition:

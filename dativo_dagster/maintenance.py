@@ -1,21 +1,113 @@
-"""Maintenance: remove files that no commit references (left by runs killed mid-way) and stale staging."""
+"""Maintenance: expire old snapshots, remove files that no snapshot references any more, and stale staging."""
 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.table import Table
+from pyiceberg.table.refs import SnapshotRefType
+from pyiceberg.table.update import AssertRefSnapshotId, RemoveSnapshotsUpdate
+from pyiceberg.utils.datetime import datetime_to_millis
 
+from dativo_dagster.errors import CommitError
 from dativo_dagster.markers import read_commit_markers
 from dativo_dagster.storage import S3Settings, filesystem_for
+from dativo_dagster.table_state import STATE_FILE_PREFIX, read_branch_state, state_file_of
 
 log = logging.getLogger(__name__)
+
+EXPIRY_ATTEMPTS = 10
+EXPIRY_BACKOFF_SECONDS = (0.1, 2.0)
+
+
+@dataclass
+class ExpiryReport:
+    """What a snapshot expiry removed from one table, and what it kept."""
+
+    expired: list[int] = field(default_factory=list)
+    kept: int = 0
+    # branches whose whole history is kept: no commit has compacted their state into a state file yet
+    history_kept: list[str] = field(default_factory=list)
+
+
+def plan_expiry(table: Table, *, older_than_ms: int, keep_last: int) -> ExpiryReport:
+    """Which snapshots of ``table`` may be expired, and which are kept.
+
+    Kept: every branch head and tagged snapshot; on every branch its newest ``keep_last`` snapshots and every
+    snapshot younger than ``older_than_ms``, and every snapshot from the head down to the first that names a
+    readable state file (it holds the state of everything older: see ``table_state``). A branch that has no
+    state file yet (written before they existed) keeps its whole history, so that no loaded source file and
+    no committed run is forgotten; its next commit compacts it. Expired: every other snapshot older than
+    ``older_than_ms``, on a branch or on none (rolled back, or left by a removed branch).
+    """
+    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
+    kept: set[int] = set()
+    report = ExpiryReport()
+    for name, ref in sorted(table.metadata.refs.items()):
+        kept.add(ref.snapshot_id)
+        if ref.snapshot_ref_type != SnapshotRefType.BRANCH:
+            continue
+        state = read_branch_state(table, name)
+        needed = max(keep_last, state.snapshots_read) if state.compacted else None
+        snapshot, depth = by_id.get(ref.snapshot_id), 0
+        while snapshot is not None:
+            if depth >= (needed or keep_last) and snapshot.timestamp_ms < older_than_ms:
+                if needed is not None:
+                    break
+                if name not in report.history_kept:
+                    report.history_kept.append(name)  # would have expired, but its state is in these summaries
+            kept.add(snapshot.snapshot_id)
+            parent = snapshot.parent_snapshot_id
+            snapshot, depth = (by_id.get(parent) if parent is not None else None), depth + 1
+    report.expired = sorted(i for i, s in by_id.items() if i not in kept and s.timestamp_ms < older_than_ms)
+    report.kept = len(by_id) - len(report.expired)
+    return report
+
+
+def expire_snapshots(table: Table, *, older_than: datetime, keep_last: int, dry_run: bool = False) -> ExpiryReport:
+    """Expire the snapshots of ``table`` that ``plan_expiry`` allows, in one metadata commit.
+
+    The commit asserts that no branch or tag moved since the plan was made (pyiceberg's own
+    ``expire_snapshots()`` asserts nothing, and the catalog applies the removal to its current metadata, where
+    a ref moved meanwhile onto an expired snapshot would be dropped with it); when one did, the plan is made
+    again on a fresh view. Files are not deleted here: ``remove_unreferenced`` and
+    ``remove_unreferenced_metadata`` remove them once they are old enough.
+
+    Raises:
+        ValueError: ``keep_last`` is below 1.
+        CommitError: the table kept changing for every attempt (transient).
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (every branch keeps its head), got {keep_last}")
+    name = ".".join(table.name())
+    last_error: Exception | None = None
+    for attempt in range(EXPIRY_ATTEMPTS):
+        if attempt:
+            time.sleep(random.uniform(*EXPIRY_BACKOFF_SECONDS))  # noqa: S311 - spreading retries, not a secret
+            table = table.refresh()
+        report = plan_expiry(table, older_than_ms=datetime_to_millis(older_than), keep_last=keep_last)
+        if dry_run or not report.expired:
+            return report
+        refs = table.metadata.refs.items()
+        requirements = tuple(AssertRefSnapshotId(ref=ref_name, snapshot_id=ref.snapshot_id) for ref_name, ref in refs)
+        try:
+            table.catalog.commit_table(table, requirements, (RemoveSnapshotsUpdate(snapshot_ids=report.expired),))
+        except CommitFailedException as exc:
+            last_error = exc
+            log.info("expiring snapshots of %s conflicted with a commit (attempt %d): %s", name, attempt + 1, exc)
+            continue
+        log.info("expired %d snapshot(s) of %s; %d kept", len(report.expired), name, report.kept)
+        return report
+    raise CommitError(f"expiring snapshots of {name} failed after {EXPIRY_ATTEMPTS} attempts: {last_error}")
 
 
 @dataclass
@@ -27,10 +119,10 @@ class CleanupReport:
     referenced: int = 0
 
 
-def _listed_files(location: str, s3: S3Settings) -> list[pafs.FileInfo]:
-    fs, path = filesystem_for(f"{location.rstrip('/')}/data", s3)
+def _listed_files(folder: str, s3: S3Settings, wanted: Callable[[str], bool]) -> list[pafs.FileInfo]:
+    fs, path = filesystem_for(folder, s3)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    return [i for i in infos if i.type == pafs.FileType.File and wanted(i.base_name)]
 
 
 def _uri(location: str, path: str) -> str:
@@ -52,12 +144,27 @@ def remove_unreferenced(
     The age limit keeps the files of runs still in flight: only files last modified more than
     ``older_than_seconds`` ago are removed.
     """
+    return _remove_unreferenced(
+        f"{location.rstrip('/')}/data", lambda name: name.endswith(".parquet"), referenced, s3,
+        older_than_seconds=older_than_seconds, dry_run=dry_run,
+    )
+
+
+def _remove_unreferenced(
+    folder: str,
+    wanted: Callable[[str], bool],
+    referenced: Iterable[str],
+    s3: S3Settings,
+    *,
+    older_than_seconds: float,
+    dry_run: bool,
+) -> CleanupReport:
     keep = {_normalise(u) for u in referenced}
     report = CleanupReport(referenced=len(keep))
     cutoff_ns = (time.time() - older_than_seconds) * 1e9
-    fs, _ = filesystem_for(location, s3)
-    for info in _listed_files(location, s3):
-        uri = _uri(location, info.path)
+    fs, _ = filesystem_for(folder, s3)
+    for info in _listed_files(folder, s3, wanted):
+        uri = _uri(folder, info.path)
         if _normalise(uri) in keep:
             continue
         if info.mtime_ns is not None and info.mtime_ns > cutoff_ns:
@@ -76,6 +183,38 @@ def iceberg_referenced_files(table: Table) -> set[str]:
     """Every data file of every snapshot of every branch (time travel keeps them alive)."""
     files = table.inspect.all_files()
     return set(files.column("file_path").to_pylist()) if files.num_rows else set()
+
+
+def _is_snapshot_metadata(name: str) -> bool:
+    """Manifest lists, manifests and state files: what each commit adds to the metadata folder."""
+    return name.endswith(".avro") or (name.startswith(STATE_FILE_PREFIX) and name.endswith(".json"))
+
+
+def iceberg_referenced_metadata(table: Table) -> set[str]:
+    """The manifest lists and manifests of every snapshot kept, the state files they name, and statistics files."""
+    referenced: set[str] = set()
+    for snapshot in table.metadata.snapshots:
+        referenced.add(snapshot.manifest_list)
+        referenced.update(manifest.manifest_path for manifest in snapshot.manifests(table.io))
+        if state_file := state_file_of(snapshot):
+            referenced.add(state_file)
+    referenced.update(f.statistics_path for f in table.metadata.statistics)
+    referenced.update(f.statistics_path for f in table.metadata.partition_statistics)
+    return referenced
+
+
+def remove_unreferenced_metadata(
+    table: Table, s3: S3Settings, *, older_than_seconds: float, dry_run: bool = False
+) -> CleanupReport:
+    """Delete manifest lists, manifests and state files that no kept snapshot references and that are old enough.
+
+    They are what expired snapshots, and commits that the catalog refused, leave in the metadata folder. Table
+    metadata files (``*.metadata.json``) are never touched: the catalog and the metadata log refer to them.
+    """
+    return _remove_unreferenced(
+        table.location_provider().metadata_path, _is_snapshot_metadata, iceberg_referenced_metadata(table), s3,
+        older_than_seconds=older_than_seconds, dry_run=dry_run,
+    )
 
 
 def marker_referenced_files(location: str, s3: S3Settings) -> set[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from dativo_dagster.commit import (
     find_run_commit,
 )
 from dativo_dagster.errors import TerminalError
+from dativo_dagster.maintenance import expire_snapshots
 from dativo_dagster.markers import committed_files, committed_records, marker_uri, write_commit_marker
 from dativo_dagster.spec import AssetSpecModel, FieldSpec
 from dativo_dagster.storage import S3Settings
@@ -121,6 +122,26 @@ def test_a_run_is_recognised_below_the_branch_head(catalog: SqlCatalog, table: T
     assert found is not None and found.snapshot_id != table.snapshot_by_name(BRANCH).snapshot_id
     assert commit(table, "run-a", files_a).already_committed
     assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [1, 2]
+
+
+def test_a_run_is_recognised_after_its_snapshot_expired(catalog: SqlCatalog, table: Table) -> None:
+    """A re-executed commit step of a run whose snapshot was expired adds nothing: the branch's state
+    file remembers the run (the commit here is not incremental, so only the run id can tell)."""
+    files_a = write_files(table, "run-a", [1])
+    first = commit(table, "run-a", files_a)
+    for run, ids in (("run-b", [2]), ("run-c", [3])):
+        commit(catalog.load_table("testdomain.people"), run, write_files(table, run, ids))
+    table = catalog.load_table("testdomain.people")
+    report = expire_snapshots(table, older_than=datetime.now(timezone.utc) + timedelta(minutes=1), keep_last=1)
+    table = catalog.load_table("testdomain.people")
+    assert first.snapshot_id in report.expired and table.snapshot_by_id(first.snapshot_id) is None
+    metadata_location = table.metadata_location
+
+    again = commit(table, "run-a", files_a)
+
+    assert again.already_committed and again.snapshot_id == first.snapshot_id
+    assert catalog.load_table("testdomain.people").metadata_location == metadata_location
+    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [1, 2, 3]
 
 
 def test_the_branch_starts_at_main_and_main_gets_no_data(catalog: SqlCatalog, table: Table) -> None:

@@ -12,21 +12,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from pyiceberg.table import Table
 
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.jobs import MAINTENANCE_JOB
 from dativo_dagster.maintenance import remove_stale_staging, remove_unreferenced
 from dativo_dagster.markers import committed_files
 from dativo_dagster.storage import S3Settings
+from dativo_dagster.table_state import STATE_FILE_KEY, STATE_FILE_PREFIX
 from dativo_dagster_tests.conftest import Project, base_spec
 from dativo_dagster_tests.table_checks import (
+    as_rows,
+    branch_snapshot_ids,
     csv_text,
     expected_rows,
     iceberg_rows,
     incremental_spec,
     marker_rows,
+    materialization,
     parquet_files,
     referenced_files,
+    touch,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,11 +95,14 @@ def write_orphan(folder: Path, name: str, age_hours: float) -> Path:
     return path
 
 
-def run_maintenance(project: Project, **config: Any) -> dg.ExecuteInProcessResult:
+def run_maintenance(project: Project, expiry: dict[str, Any] | None = None, **config: Any) -> dg.ExecuteInProcessResult:
+    """The maintenance job; ``expiry`` configures its ``expire_snapshots`` op, the rest ``remove_orphan_files``."""
     defs = build_definitions(project.specs_dir)
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-            run_config={"ops": {"remove_orphan_files": {"config": config}}}, instance=instance
+            run_config={"ops": {"remove_orphan_files": {"config": config},
+                                "expire_snapshots": {"config": expiry or {}}}},
+            instance=instance,
         )
     assert result.success
     return result
@@ -162,6 +171,111 @@ def test_maintenance_for_catalog_none_keeps_every_marked_file(project: Project) 
     assert not orphan.exists()
     assert parquet_files(str(location)) == marked
     assert marker_rows(str(location)) == expected_rows([a])
+
+
+def snapshot_ids(table: Table) -> set[int]:
+    return {s.snapshot_id for s in table.metadata.snapshots}
+
+
+def metadata_files(table: Table) -> set[str]:
+    """Manifest lists, manifests and state files in the table's metadata folder."""
+    folder = Path(table.location_provider().metadata_path)
+    return {str(p) for p in [*folder.glob("*.avro"), *folder.glob(f"{STATE_FILE_PREFIX}*.json")]}
+
+
+def referenced_metadata(table: Table) -> set[str]:
+    """What the kept snapshots reference there, found without the maintenance code."""
+    out = set()
+    for snapshot in table.metadata.snapshots:
+        out.add(snapshot.manifest_list.removeprefix("file://"))
+        out.update(m.manifest_path.removeprefix("file://") for m in snapshot.manifests(table.io))
+        if state_file := snapshot.summary.additional_properties.get(STATE_FILE_KEY):
+            out.add(state_file)
+    return out
+
+
+def test_maintenance_expires_old_snapshots_but_keeps_heads_tags_and_the_newest(project: Project) -> None:
+    project.write_spec(incremental_spec())
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    assert project.materialize().success
+    tagged = project.table("testdomain.events").snapshot_by_name("acme").snapshot_id
+    project.table("testdomain.events").manage_snapshots().create_tag(tagged, "audit").commit()
+    b = project.write_data("events/b.csv", csv_text([3]))
+    assert project.materialize().success
+    project.write_data("events/a.csv", csv_text([4, 5], tag="v2"))
+    touch(a, 5)
+    assert project.materialize().success  # replaces a's rows: a delete and an append snapshot
+    table = project.table("testdomain.events")
+    heads = {name: table.snapshot_by_name(name).snapshot_id for name in ("acme", "main")}
+    newest_two = branch_snapshot_ids(table, "acme")[:2]
+    before = snapshot_ids(table)
+    assert len(before) == 5  # main's first, a, b, and a's replacement in two
+
+    dry = run_maintenance(project, expiry={"max_snapshot_age_hours": 0, "min_snapshots_to_keep": 2, "dry_run": True})
+    assert dry.output_for_node("expire_snapshots") == 1 and snapshot_ids(project.table("testdomain.events")) == before
+
+    result = run_maintenance(project, expiry={"max_snapshot_age_hours": 0, "min_snapshots_to_keep": 2})
+
+    table = project.table("testdomain.events")
+    assert result.output_for_node("expire_snapshots") == 1
+    assert snapshot_ids(table) == {*heads.values(), *newest_two, tagged}
+    assert {name: table.snapshot_by_name(name).snapshot_id for name in ("acme", "main")} == heads
+    assert table.snapshot_by_name("audit").snapshot_id == tagged
+    assert iceberg_rows(table, "acme") == expected_rows([a, b])
+    assert as_rows(table.scan(snapshot_id=tagged).to_arrow().to_pylist()) == as_rows(
+        {"id": i, "name": f"v1-{i}", "_source_file": str(a)} for i in (1, 2))
+
+
+def test_incremental_runs_after_expiry_skip_the_files_already_loaded(project: Project) -> None:
+    project.write_spec(incremental_spec())
+    files = []
+    for k in range(3):  # three runs, each reading one new file
+        files.append(project.write_data(f"events/{k}.csv", csv_text([k])))
+        assert project.materialize().success
+    run_maintenance(project, expiry={"max_snapshot_age_hours": 0, "min_snapshots_to_keep": 1}, older_than_hours=0)
+    table = project.table("testdomain.events")
+    assert snapshot_ids(table) == {table.snapshot_by_name(n).snapshot_id for n in ("acme", "main")}
+
+    again = project.materialize()
+
+    assert again.success and materialization(again, "events")["nothing_new"] is True
+    assert project.table("testdomain.events").metadata_location == table.metadata_location
+    changed = project.write_data("events/1.csv", csv_text([10, 11], tag="v2"))
+    touch(changed, 5)
+    files.append(project.write_data("events/3.csv", csv_text([3])))
+    result = project.materialize()
+    assert result.success
+    assert materialization(result, "events")["source_files"] == sorted(os.path.abspath(p) for p in (files[1], files[3]))
+    assert iceberg_rows(project.table("testdomain.events"), "acme") == expected_rows(files)
+
+
+def test_maintenance_removes_the_files_of_expired_snapshots_once_they_are_old_enough(project: Project) -> None:
+    project.write_spec(incremental_spec())
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    assert project.materialize().success
+    first_files = referenced_files(project.table("testdomain.events"))
+    project.write_data("events/a.csv", csv_text([3], tag="v2"))
+    touch(a, 5)
+    assert project.materialize().success
+    table = project.table("testdomain.events")
+    location = table.location().removeprefix("file://")
+    on_disk = metadata_files(table)
+
+    run_maintenance(project, expiry={"max_snapshot_age_hours": 0, "min_snapshots_to_keep": 1})  # files: 24 h
+    table = project.table("testdomain.events")
+    assert len(table.metadata.snapshots) == 2  # acme's head, main's
+    assert first_files <= parquet_files(location) and metadata_files(table) == on_disk, "young files stay"
+    assert referenced_metadata(table) < on_disk
+
+    result = run_maintenance(project, older_than_hours=0)
+
+    table = project.table("testdomain.events")
+    assert result.output_for_node("remove_orphan_files") == len(first_files)
+    assert parquet_files(location) == referenced_files(table) and not first_files & parquet_files(location)
+    assert metadata_files(table) == referenced_metadata(table)
+    assert iceberg_rows(table, "acme") == expected_rows([a])
+    assert project.materialize().success and iceberg_rows(project.table("testdomain.events"), "acme") == (
+        expected_rows([a]))
 
 
 def test_remove_unreferenced_and_stale_staging_as_plain_functions(tmp_path: Path) -> None:
