@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import dagster as dg
+import sqlalchemy.exc
 from pydantic import Field
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.rest import RestCatalog
@@ -24,6 +26,9 @@ CATALOG_NAME = "dativo"
 DEFAULT_SPECS_DIR = Path(__file__).resolve().parent.parent / "asset_specs"
 # the Iceberg REST spec's OAuth2 token endpoint, relative to the catalog URI
 REST_TOKEN_PATH = "/v1/oauth/tokens"  # noqa: S105 - a path, not a password
+# first runs on a new SQL catalog race to create pyiceberg's own tables: the loser tries again this often
+CATALOG_INIT_ATTEMPTS = 5
+CATALOG_INIT_BACKOFF_SECONDS = 0.1
 
 
 def project_root(specs_dir: Path) -> Path:
@@ -107,7 +112,9 @@ class CatalogResource(dg.ConfigurableResource):
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         with catalog_errors(self.display_uri, "connect", guard["secrets"]):
-            return GuardedSqlCatalog(CATALOG_NAME, **guard, uri=self.uri, warehouse=warehouse, **props)
+            return retry_catalog_tables_race(
+                lambda: GuardedSqlCatalog(CATALOG_NAME, **guard, uri=self.uri, warehouse=warehouse, **props)
+            )
 
     @property
     def is_rest(self) -> bool:
@@ -124,6 +131,32 @@ class CatalogResource(dg.ConfigurableResource):
     def display_uri(self) -> str:
         """The catalog URI with credentials masked."""
         return mask_uri(self.uri)
+
+
+def is_catalog_tables_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost race to create pyiceberg's catalog tables on a new SQL catalog database.
+
+    Two processes that find the tables missing both create them; the second fails with "table
+    iceberg_tables already exists" (SQLite), "relation ... already exists" or a duplicate key in
+    ``pg_type`` (PostgreSQL). The tables are there by then, so building the client again succeeds.
+    """
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return False
+    text = str(exc).lower()
+    return "already exists" in text or (isinstance(exc, sqlalchemy.exc.IntegrityError) and "duplicate key" in text)
+
+
+def retry_catalog_tables_race(build: Callable[[], Catalog]) -> Catalog:
+    """``build()``, tried again with a doubling pause (``CATALOG_INIT_ATTEMPTS`` tries in all) while it loses the
+    race to create the catalog's tables; any other error is raised at once."""
+    for attempt in range(CATALOG_INIT_ATTEMPTS - 1):
+        try:
+            return build()
+        except sqlalchemy.exc.DBAPIError as exc:
+            if not is_catalog_tables_race(exc):
+                raise
+        time.sleep(CATALOG_INIT_BACKOFF_SECONDS * 2**attempt)
+    return build()
 
 
 class StagingResource(dg.ConfigurableResource):
@@ -151,7 +184,6 @@ class StagingResource(dg.ConfigurableResource):
 def _catalog_failures() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the catalog is unreachable or refused the request (not a commit conflict)."""
     import requests  # noqa: PLC0415
-    import sqlalchemy.exc  # noqa: PLC0415
     from pyiceberg.exceptions import (  # noqa: PLC0415
         AuthorizationExpiredError,
         ForbiddenError,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 import sqlalchemy.exc
+from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
@@ -20,6 +23,7 @@ from dativo_dagster.resources import (
     StorageResource,
     catalog_errors,
     embedded_defaults,
+    is_catalog_tables_race,
     resources_from_env,
 )
 from dativo_dagster.spec import load_specs
@@ -128,6 +132,57 @@ def test_catalog_errors_translate_refusals_but_not_conflicts() -> None:
     with pytest.raises(CommitError) as scrubbed, catalog_errors("http://h", "load", ["pw"]):
         raise ConnectionError("refused with pw")
     assert "pw" not in str(scrubbed.value).replace("http://h", "")
+
+
+def build_at_once(resource: CatalogResource, threads: int) -> tuple[list[Catalog], list[BaseException]]:
+    """``threads`` clients of ``resource`` built at the same moment: the clients, and the errors raised."""
+    start = threading.Barrier(threads)
+    clients: list[Catalog] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        start.wait()
+        try:
+            clients.append(resource.load_catalog())
+        except BaseException as exc:  # noqa: BLE001 - collected for the caller's assertion
+            errors.append(exc)
+
+    workers = [threading.Thread(target=build) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return clients, errors
+
+
+@pytest.mark.parametrize("attempt", range(3))  # the race is lost in most rounds without the retry, not in all
+def test_first_runs_at_once_on_a_new_sqlite_catalog_all_get_a_client(tmp_path: Path, attempt: int) -> None:
+    """Clients built at the same moment on a new catalog database race to create pyiceberg's tables; the ones
+    that lose build theirs again instead of failing the run."""
+    resource = CatalogResource(uri=f"sqlite:///{tmp_path / 'new' / 'catalog.db'}", storage=storage(str(tmp_path)))
+
+    clients, errors = build_at_once(resource, threads=8)
+
+    assert errors == []
+    assert len(clients) == 8
+    first, last = clients[0], clients[-1]
+    first.create_namespace("race")
+    table = first.create_table("race.people", schema=pa.schema([pa.field("id", pa.int64())]))
+    table.append(pa.table({"id": [1, 2]}))
+    assert last.load_table("race.people").scan().to_arrow().column("id").to_pylist() == [1, 2]
+
+
+def test_only_the_lost_table_creation_race_is_retried() -> None:
+    create = "CREATE TABLE iceberg_tables"
+    exists = sqlalchemy.exc.OperationalError(create, {}, Exception("table iceberg_tables already exists"))
+    pg_type = 'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'
+    duplicate = sqlalchemy.exc.IntegrityError(create, {}, Exception(pg_type))
+    relation = sqlalchemy.exc.ProgrammingError(create, {}, Exception('relation "iceberg_tables" already exists'))
+    assert is_catalog_tables_race(exists) and is_catalog_tables_race(duplicate) and is_catalog_tables_race(relation)
+    locked = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("database is locked"))
+    refused = sqlalchemy.exc.OperationalError("connect", {}, Exception("connection refused"))
+    assert not is_catalog_tables_race(locked) and not is_catalog_tables_race(refused)
+    assert not is_catalog_tables_race(ValueError("table already exists"))
 
 
 def test_check_access_only_for_s3_warehouses(tmp_path: Path) -> None:
