@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
+
+# the parser that re.compile itself uses: the backtracking check below sees exactly the pattern re will run
+from re import _constants, _parser
 
 
 class DativoError(Exception):
@@ -91,18 +95,91 @@ def _type_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
 
+# retry_config.retryable_errors: each entry is matched against "<Class>: <message>" cut to this many characters,
+# so that a pattern's running time has a bound whatever an error's text holds (a message can quote a whole file)
+MAX_MATCHED_CHARS = 1000
+MAX_PATTERN_CHARS = 200
+# each long repeat (*, +, {n,}, {n,m} with m - n > 20) can multiply the matching time by the text's length:
+# ".*.*.*x" takes minutes on 1,000 characters, ".*.*x" a fraction of a second
+MAX_LONG_REPEATS = 2
+LONG_REPEAT_SPAN = 20
+
+
+def retryable_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be a ``retryable_errors`` entry, or ``None`` when it can.
+
+    An entry is a regular expression (a class name is one too) that must compile, be at most
+    ``MAX_PATTERN_CHARS`` long and be safe from catastrophic backtracking: no repeated group that itself
+    holds a variable repeat or an alternation (``(a+)+``, ``(a|ab)*``), at most ``MAX_LONG_REPEATS`` long
+    repeats (``*``, ``+``, ``{n,}``, ``{n,m}`` with m - n > 20).
+    """
+    if not pattern:
+        return "expected an exception class name or a regular expression; got an empty text"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"a pattern is at most {MAX_PATTERN_CHARS} characters; this one has {len(pattern)}"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"invalid regular expression {pattern!r}: {exc}"
+    repeats = (_constants.MAX_REPEAT, _constants.MIN_REPEAT, _constants.POSSESSIVE_REPEAT)
+    long_repeats = 0
+
+    def children(value: object) -> list[_parser.SubPattern]:
+        if isinstance(value, _parser.SubPattern):
+            return [value]
+        if isinstance(value, (tuple, list)):
+            return [child for item in value for child in children(item)]
+        return []
+
+    def walk(sub: _parser.SubPattern, repeated: bool) -> str | None:
+        nonlocal long_repeats
+        for op, value in sub:
+            if op in repeats:
+                low, high, body = value
+                if repeated and low != high:
+                    return "a repeat inside a repeated group"
+                if high - low > LONG_REPEAT_SPAN:
+                    long_repeats += 1
+                found = walk(body, repeated or high > 1)
+            elif op is _constants.BRANCH and repeated:
+                return "an alternation inside a repeated group"
+            else:
+                found = next(filter(None, (walk(child, repeated) for child in children(value))), None)
+            if found:
+                return found
+        return None
+
+    nested = walk(_parser.parse(pattern), repeated=False)
+    if nested:
+        return (
+            f"{pattern!r} has {nested}, which can take exponential time on some texts (catastrophic backtracking);"
+            " write it without repeating a group that repeats or alternates inside"
+        )
+    if long_repeats > MAX_LONG_REPEATS:
+        return (
+            f"{pattern!r} has {long_repeats} long repeats (*, +, {{n,}}, {{n,m}}); at most {MAX_LONG_REPEATS} are"
+            " allowed, as each can multiply the matching time by the length of the error text"
+        )
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str] | None:
+    """The pattern compiled, or ``None`` when it is not a safe regular expression (then it is plain text)."""
+    return re.compile(pattern) if retryable_pattern_problem(pattern) is None else None
+
+
 def _matches(exc: BaseException, patterns: Sequence[str]) -> bool:
     names = _type_names(exc)
-    text = f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}"[:MAX_MATCHED_CHARS]
     for pattern in patterns:
         if pattern in names:
             return True
-        try:
-            if re.search(pattern, text):
-                return True
-        except re.error:
-            if pattern in text:
-                return True
+        compiled = _compiled(pattern)
+        # specs refuse unsafe patterns; a caller that passes one anyway gets a plain substring test
+        found = compiled.search(text) if compiled is not None else pattern in text
+        if found:
+            return True
     return False
 
 

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from dativo_dagster.errors import SpecError
+from dativo_dagster.errors import MAX_PATTERN_CHARS, SpecError, retryable_pattern_problem
 from dativo_dagster.types import ColumnType, TypeKind
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -347,11 +347,20 @@ class TargetSpec(_Model):
         return [PartitionField.parse(entry) for entry in self.partitioning]
 
 
+def _retryable_pattern(value: str) -> str:
+    problem = retryable_pattern_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 class RetryConfig(_Model):
     max_retries: int = Field(default=3, ge=0, le=100, strict=True)
     retry_delay_seconds: float = Field(default=5, ge=0, strict=True)
     backoff: Literal["exponential", "linear", "none"] = "exponential"
-    retryable_errors: list[str] = Field(default_factory=list)
+    retryable_errors: list[
+        Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS), AfterValidator(_retryable_pattern)]
+    ] = Field(default_factory=list)
 
 
 class ScheduleSpec(_Model):

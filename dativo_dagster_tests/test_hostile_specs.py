@@ -5,7 +5,8 @@ values, 1 MiB + 1 byte, deep nesting, unknown partition field, minute 61, duplic
 repeated here. This file adds: a full billion-laughs document and the merge key, a 5 MB document and a node
 count bound (a 1 MiB flow list used to take a minute to load), tags in keys, verbatim tags and a document tag,
 names that are paths, look-alikes or too long, owners Dagster would refuse, partitions and crons in every
-wrong form, and more duplicate names.
+wrong form, more duplicate names, and ``retryable_errors`` patterns that do not compile or could backtrack for
+ages.
 
 Cases with fixed text live in ``cases/hostile/specs/<case>.yaml`` with the exact problem lines in
 ``<case>.expected``.
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from dativo_dagster.definitions import build_definitions
-from dativo_dagster.errors import SpecError
+from dativo_dagster.errors import SpecError, is_transient
 from dativo_dagster.spec import MAX_SPEC_BYTES, MAX_YAML_NODES, load_specs
 from dativo_dagster_tests.conftest import CASES, base_spec
 
@@ -250,3 +251,48 @@ def test_one_bad_spec_hides_nothing_of_the_others(specs_dir: Path) -> None:
     problems, seconds = timed_problems(specs_dir)
     assert problems == expected
     assert seconds < FAST_SECONDS
+
+
+# --- retry_config.retryable_errors -----------------------------------------------------------------------------------
+
+
+def test_retryable_errors_that_do_not_compile_or_can_backtrack_forever_are_refused(specs_dir: Path) -> None:
+    patterns = [
+        "ReadTimeout",  # a class name
+        "(?i)temporarily unavailable",
+        "connection (reset|refused)",
+        r"HTTP 50[0-4] \d{1,3}.*retry",
+        "quota [exceeded",  # does not compile
+        "(a+)+$",  # exponential: nested repeat
+        "(x|xx)*y",  # exponential: alternatives that overlap, repeated
+        ".*.*.*timeout",  # polynomial: three long repeats
+        "",
+        "x" * 201,
+    ]
+    write(specs_dir, "retry.yaml", base_spec(retry_config={"retryable_errors": patterns}))
+    problems, seconds = timed_problems(specs_dir)
+    key = "asset_specs/retry.yaml: retry_config.retryable_errors"
+    assert problems == [
+        f"{key}[4]: invalid regular expression 'quota [exceeded': unterminated character set at position 6",
+        f"{key}[5]: '(a+)+$' has a repeat inside a repeated group, which can take exponential time on some texts"
+        " (catastrophic backtracking); write it without repeating a group that repeats or alternates inside",
+        f"{key}[6]: '(x|xx)*y' has an alternation inside a repeated group, which can take exponential time on some"
+        " texts (catastrophic backtracking); write it without repeating a group that repeats or alternates inside",
+        f"{key}[7]: '.*.*.*timeout' has 3 long repeats (*, +, {{n,}}, {{n,m}}); at most 2 are allowed, as each can"
+        " multiply the matching time by the length of the error text",
+        f"{key}[8]: expected non-empty text",
+        f"{key}[9]: expected at most 200 characters; got 201",
+    ]
+    assert seconds < FAST_SECONDS
+
+
+def test_accepted_retryable_errors_match_long_error_texts_quickly(specs_dir: Path) -> None:
+    """The worst patterns a spec may hold, against a long hostile message: matched in its first 1,000 characters."""
+    patterns = [".*.*x", r"(\w+\s?)x", r"(?:ab)+c", "a{1,20}a{1,20}b"]
+    write(specs_dir, "retry.yaml", base_spec(retry_config={"retryable_errors": patterns}))
+    [loaded] = load_specs(specs_dir)
+    message = RuntimeError("a" * 1_000_000 + "x")
+    started = time.perf_counter()
+    assert is_transient(message, loaded.spec.retry_config.retryable_errors) is False  # the x is past the cut
+    assert is_transient(RuntimeError("abababc"), loaded.spec.retry_config.retryable_errors) is True
+    assert time.perf_counter() - started < FAST_SECONDS
