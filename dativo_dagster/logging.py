@@ -2,9 +2,15 @@
 
 Each line carries the run id, job, asset, step and event, the message, and for events that have them the
 counts (rows read, committed, rejected, files, bytes...), the check result or the error; see
-``docs/logging.md``. The variable replaces the code location's ``console`` logger; Dagster uses it in runs
-whose run config names it (``logging_run_config()``; ``dativo-dagster materialize`` always does). The
-default (variable unset, or ``text``) is Dagster's own coloured console logger.
+``docs/logging.md``. Two ways in, as Dagster makes a run's own loggers only from its run config:
+
+- the code location's ``console`` logger (``json_lines_logger``), used by runs whose run config names it
+  (``logging_run_config()``; ``dativo-dagster materialize`` and the code location's jobs do);
+- ``JsonLinesHandler``, a handler for the instance's ``python_logs`` in ``dagster.yaml``, which sees every run of
+  the instance, also those with an empty run config (the UI's Materialize button, Dagster's freshness sensor).
+
+A run that has both logs each line once. The default (variable unset, or ``text``) is Dagster's own coloured
+console logger.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -37,6 +44,15 @@ KEY_EVENTS = frozenset(
 )
 # string entries of a materialization that identify what was written (the rest is counts or detail)
 IDENTITY_KEYS = {"dagster/table_name": "table", "snapshot_id": "snapshot_id", "branch": "branch"}
+# runs of this process whose own loggers write the JSON lines (JsonLinesHandler leaves them alone); bounded,
+# as a code server or a test session runs many
+_RUNS_WITH_JSON_LOGGER: OrderedDict[str, None] = OrderedDict()
+_MAX_REMEMBERED_RUNS = 1024
+
+
+def _event_name(event: Any) -> str:
+    """The event type's name: ``RUN_SUCCESS``, where Dagster's stored value still says ``PIPELINE_SUCCESS``."""
+    return event.event_type.name
 
 
 def _asset_of(step_key: str | None, event: Any) -> str | None:
@@ -62,7 +78,7 @@ def _counts(metadata: Mapping[str, Any] | None) -> dict[str, int | float]:
 def _event_fields(event: Any) -> dict[str, Any]:
     """Counts, check results and errors carried by one Dagster event."""
     fields: dict[str, Any] = {}
-    kind = event.event_type_value
+    kind = _event_name(event)
     data = event.event_specific_data
     metadata: Mapping[str, Any] | None = None
     if kind == "ASSET_MATERIALIZATION":
@@ -98,7 +114,14 @@ def _event_fields(event: Any) -> dict[str, Any]:
 
 
 class JsonLineFormatter(logging.Formatter):
-    """One flat JSON object per record: timestamp, level, run_id, job, asset, step, event, message, counts."""
+    """One flat JSON object per record: timestamp, level, run_id, job, asset, step, event, message, counts.
+
+    Records below ``threshold`` (the key Dagster events that ``_LevelOrKeyEvent`` lets through) show as ``INFO``.
+    """
+
+    def __init__(self, threshold: int = logging.NOTSET):
+        super().__init__()
+        self.threshold = threshold
 
     def format(self, record: logging.LogRecord) -> str:
         meta: Mapping[str, Any] = getattr(record, DAGSTER_META, None) or {}
@@ -106,13 +129,13 @@ class JsonLineFormatter(logging.Formatter):
         step_key = meta.get("step_key") or (getattr(event, "step_key", None) if event is not None else None)
         line: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
+            "level": record.levelname if record.levelno >= self.threshold else "INFO",
             "run_id": meta.get("run_id"),
             "job": meta.get("job_name"),
             "asset": _asset_of(step_key, event),
             "step": step_key,
             "op": meta.get("op_name"),
-            "event": event.event_type_value if event is not None else "LOG",
+            "event": _event_name(event) if event is not None else "LOG",
             "message": meta.get("orig_message", record.getMessage()),
         }
         if event is not None:
@@ -123,7 +146,10 @@ class JsonLineFormatter(logging.Formatter):
 
 
 class _LevelOrKeyEvent(logging.Filter):
-    """Records at the configured level or above, and the key Dagster events whatever their level."""
+    """Records at the configured level or above, and the key Dagster events whatever their level.
+
+    It leaves the record as it is: Dagster hands the same record to the instance's other handlers.
+    """
 
     def __init__(self, level: int):
         super().__init__()
@@ -133,10 +159,7 @@ class _LevelOrKeyEvent(logging.Filter):
         if record.levelno >= self.level:
             return True
         event = (getattr(record, DAGSTER_META, None) or {}).get("dagster_event")
-        if event is not None and event.event_type_value in KEY_EVENTS:
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            return True
-        return False
+        return event is not None and _event_name(event) in KEY_EVENTS
 
 
 @dg.logger(
@@ -149,15 +172,57 @@ class _LevelOrKeyEvent(logging.Filter):
 def json_lines_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     """The console logger of the code location when ``DATIVO_LOG_FORMAT=json``."""
     config = init_context.logger_config
-    level = logging.getLevelName(str(config["log_level"]).upper())
-    if not isinstance(level, int):
-        raise ValueError(f"log_level: unknown level {config['log_level']!r}; expected DEBUG, INFO, WARNING or ERROR")
+    level = _level(config["log_level"])
+    if init_context.run_id:
+        _RUNS_WITH_JSON_LOGGER[init_context.run_id] = None
+        while len(_RUNS_WITH_JSON_LOGGER) > _MAX_REMEMBERED_RUNS:
+            _RUNS_WITH_JSON_LOGGER.popitem(last=False)
     logger = logging.Logger(config["name"], level=logging.DEBUG)  # the handler's filter decides what is shown
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLineFormatter())
+    handler.setFormatter(JsonLineFormatter(level))
     handler.addFilter(_LevelOrKeyEvent(level))
     logger.addHandler(handler)
     return logger
+
+
+def _level(name: object) -> int:
+    level = logging.getLevelName(str(name).upper())
+    if not isinstance(level, int):
+        raise ValueError(f"log_level: unknown level {name!r}; expected DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+class JsonLinesHandler(logging.StreamHandler):
+    """The JSON lines of every run of a Dagster instance, for ``python_logs`` in its ``dagster.yaml``::
+
+        python_logs:
+          dagster_handler_config:
+            handlers:
+              dativo_json:
+                class: dativo_dagster.logging.JsonLinesHandler
+                log_level: INFO          # optional; Dagster's key events are written at any level
+                stream: ext://sys.stderr # optional
+
+    Writes only when the run's process has ``DATIVO_LOG_FORMAT=json`` (read when Dagster makes the handler, at
+    the start of each run and step process), and leaves out the runs whose own ``console`` logger is the JSON
+    one, so no line comes twice. Use ``log_level``, not ``level``: Dagster drops records below a handler's
+    ``level`` before the handler sees them, also its key events.
+    """
+
+    def __init__(self, log_level: str = "INFO", stream: Any = None):
+        super().__init__(stream if stream is not None else sys.stderr)
+        self.enabled = os.environ.get(LOG_FORMAT_VAR, "").strip().lower() == "json"
+        level = _level(log_level)
+        self.setFormatter(JsonLineFormatter(level))
+        self.addFilter(_LevelOrKeyEvent(level))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.enabled:
+            return
+        run_id = (getattr(record, DAGSTER_META, None) or {}).get("run_id")
+        if run_id is not None and run_id in _RUNS_WITH_JSON_LOGGER:
+            return
+        super().emit(record)
 
 
 def logging_run_config() -> dict[str, Any]:
@@ -183,4 +248,11 @@ def loggers_from_env() -> dict[str, dg.LoggerDefinition]:
     raise ValueError(f"{LOG_FORMAT_VAR}={value!r} is not a log format; expected one of {', '.join(LOG_FORMATS)}")
 
 
-__all__ = ["LOG_FORMAT_VAR", "JsonLineFormatter", "json_lines_logger", "loggers_from_env", "logging_run_config"]
+__all__ = [
+    "LOG_FORMAT_VAR",
+    "JsonLineFormatter",
+    "JsonLinesHandler",
+    "json_lines_logger",
+    "loggers_from_env",
+    "logging_run_config",
+]

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
+import yaml
 
 from dativo_dagster.cli import main
 from dativo_dagster.definitions import build_definitions
@@ -18,6 +20,7 @@ from dativo_dagster.logging import LOG_FORMAT_VAR, json_lines_logger, logging_ru
 from dativo_dagster_tests.conftest import DEPLOYMENT_VARS, Project, base_spec, branch_rows
 
 VENV_BIN = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 LINE_KEYS = {"timestamp", "level", "run_id", "job", "asset", "step", "op", "event", "message"}
 # Dagster's default console format: "2026-01-01 10:00:00 +0000 - dagster - INFO - ..."
 DAGSTER_TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - dagster - [A-Z]+ - ")
@@ -87,8 +90,12 @@ def test_json_logs_of_a_run_carry_asset_run_step_event_and_counts(tmp_path: Path
     warned_rows = branch_rows(json_project.table("testdomain.warned"), "acme")
     assert {line["run_id"] for line in lines} == {warned_rows[0]["_run_id"]}
     assert {line["job"] for line in lines} == {"__ephemeral_asset_job__"}
-    assert {line["asset"] for line in lines} == {"good", "warned"}
-    for line in lines:
+    # the run's end is the one line about no asset and no step
+    run_end = _one(lines, event="RUN_SUCCESS")
+    assert (run_end["asset"], run_end["step"], run_end["level"]) == (None, None, "INFO")
+    step_lines = [line for line in lines if line is not run_end]
+    assert {line["asset"] for line in step_lines} == {"good", "warned"}
+    for line in step_lines:
         assert line["step"].startswith(f"{line['asset']}.{line['asset']}__"), line
         assert line["op"] == line["step"].split(".", 1)[1], line
         assert line["level"] in ("INFO", "WARNING", "ERROR"), line
@@ -168,6 +175,87 @@ def test_the_code_location_logs_json_in_runs_that_name_its_console_logger(tmp_pa
     assert {line["job"] for line in lines} == {"__ASSET_JOB"}
     assert {"STEP_SUCCESS", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION"} <= {line["event"] for line in lines}
     assert _one(lines, event="ASSET_MATERIALIZATION")["counts"]["rows_committed"] == 2
+
+
+def _dagster_materialize(project: Project, home: Path, run_config: dict[str, Any] | None) -> subprocess.Popen[str]:
+    """``dagster asset materialize`` of the asset ``good`` against the code location, in its own process."""
+    args = [str(VENV_BIN / "dagster"), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "good"]
+    if run_config is not None:
+        args += ["--config-json", json.dumps(run_config)]
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(DATIVO_ASSET_SPECS_DIR=str(project.specs_dir), DAGSTER_HOME=str(home), **{LOG_FORMAT_VAR: "json"}),
+    )
+
+
+def test_runs_with_an_empty_run_config_log_json_through_the_instance_s_handler(tmp_path: Path) -> None:
+    """The UI's Materialize button launches the implicit asset job with an empty run config: Dagster then uses
+    its default console logger, never the code location's. The ``python_logs`` handler of the project's
+    dagster.yaml writes the JSON lines of such runs; a run that names the JSON logger gets each line once."""
+    instance_config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    runs = {}
+    for name, run_config in (
+        ("ui", None),  # as the UI does: no run config at all
+        ("named", {"loggers": {"console": {}}, "execution": {"config": {"in_process": {}}}}),
+    ):
+        home = tmp_path / name / "dagster_home"
+        home.mkdir(parents=True)
+        (home / "dagster.yaml").write_text(yaml.safe_dump({"python_logs": instance_config["python_logs"]}))
+        runs[name] = _dagster_materialize(_project(tmp_path / name / "project", "good"), home, run_config)
+    out = {name: proc.communicate(timeout=300) for name, proc in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, out[name]
+
+    def json_lines(stderr: str) -> list[dict[str, Any]]:
+        # Dagster's default console logger still writes its text lines in a run without logger config
+        return _json_lines("\n".join(line for line in stderr.splitlines() if line.startswith("{")))
+
+    ui_lines = json_lines(out["ui"][1])
+    assert {line["job"] for line in ui_lines} == {"__ASSET_JOB"}
+    [run_id] = {line["run_id"] for line in ui_lines}
+    assert re.fullmatch(r"[0-9a-f-]{36}", run_id)
+    materialized = _one(ui_lines, event="ASSET_MATERIALIZATION", asset="good")
+    assert materialized["step"] == "good.good__commit"
+    assert materialized["counts"]["rows_committed"] == 2
+    assert _one(ui_lines, event="ASSET_CHECK_EVALUATION", check="validation")["passed"] is True
+    for op in ("extract", "validate", "write", "commit"):
+        assert _one(ui_lines, event="STEP_SUCCESS", step=f"good.good__{op}")["asset"] == "good"
+    assert _one(ui_lines, event="RUN_SUCCESS")["level"] == "INFO"
+    assert any(line["event"] == "LOG" and line["asset"] == "good" for line in ui_lines)
+
+    # the run's own JSON logger and the instance's handler: every line once, and no text line
+    named_stderr = out["named"][1]
+    assert not [line for line in named_stderr.splitlines() if DAGSTER_TEXT_LINE.match(line)], named_stderr
+    named_lines = json_lines(named_stderr)
+    assert _one(named_lines, event="ASSET_MATERIALIZATION")["counts"]["rows_committed"] == 2
+    assert _one(named_lines, event="RUN_SUCCESS")["job"] == "__ASSET_JOB"
+    keys = [(line["event"], line["step"], line["message"]) for line in named_lines]
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.filterwarnings("ignore:Handling yaml-defined logging configuration")
+def test_the_instance_handler_writes_nothing_unless_the_format_is_json(
+    project: Project, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    project.write_spec(base_spec("good"))
+    project.write_data("good.csv", "id,name\n1,Ann\n")
+    handlers = {"handlers": {"dativo_json": {"class": "dativo_dagster.logging.JsonLinesHandler"}}}
+    job = build_definitions(project.specs_dir).resolve_implicit_global_asset_job_def()
+    for value in ("", "text", "json"):
+        monkeypatch.setenv(LOG_FORMAT_VAR, value)
+        capfd.readouterr()
+        with dg.instance_for_test(overrides={"python_logs": {"dagster_handler_config": handlers}}) as instance:
+            result = job.execute_in_process(instance=instance)
+        assert result.success
+        stderr = capfd.readouterr().err
+        json_lines = [line for line in stderr.splitlines() if line.startswith("{")]
+        if value == "json":
+            assert {json.loads(line)["run_id"] for line in json_lines} == {result.run_id}
+        else:
+            assert json_lines == [], value
 
 
 def test_the_setting_replaces_the_console_logger(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
