@@ -201,17 +201,24 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "linear",
     ),
     "retry_config.retryable_errors": (
-        "Exception class names or regular expressions (matched against `Class: message`) that also count as transient.",
+        "Exception class names or regular expressions (matched against `Class: message`, cut to its first 1,000"
+        " characters) that also count as transient. Each must compile and be at most 200 characters; patterns that"
+        " can backtrack for ages are refused: a repeated group holding a repeat or an alternation (`(a+)+`,"
+        " `(a|ab)*`), more than two long repeats (`*`, `+`, `{n,}`, `{n,m}` with m - n > 20).",
         '["ReadTimeout", "(?i)temporarily unavailable"]',
     ),
     "schedule": (
-        "Run the asset's job `<name>__job` on a cron schedule `<name>__schedule` (created stopped).",
+        "Run the asset's job `<name>__job` on a cron schedule `<name>__schedule` (created stopped). The asset's"
+        " `freshness_check` warns when its last materialization is older than the cron's longest gap between two"
+        " ticks plus a grace (10 %, at least 15 minutes); see docs/ui.md.",
         '{cron: "0 * * * *"}',
     ),
     "schedule.cron": ("Cron expression with five fields, or `@hourly`, `@daily`...", '"0 2 * * *"'),
     "schedule.timezone": ("IANA time zone the cron expression is read in.", "Europe/Berlin"),
     "sensor": (
-        "Run the asset when new or changed source files appear: sensor `<name>__sensor` (created stopped).",
+        "Run the asset when new or changed source files appear: sensor `<name>__sensor` (created stopped). Without"
+        " `schedule`, the asset's `freshness_check` warns when no run materialized it for 10 × the interval plus"
+        " a grace (10 %, at least 15 minutes).",
         "{minimum_interval_seconds: 60}",
     ),
     "sensor.minimum_interval_seconds": ("Least time between two evaluations of the sensor, in seconds.", "300"),

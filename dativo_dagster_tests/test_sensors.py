@@ -13,6 +13,7 @@ import pytest
 
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.extract import SourceFile, list_source_files
+from dativo_dagster.freshness import FRESHNESS_SENSOR
 from dativo_dagster.sensors import evaluate, parse_cursor, run_key_for
 from dativo_dagster.spec import load_specs
 from dativo_dagster.storage import S3Settings
@@ -86,7 +87,7 @@ def test_the_sensor_targets_its_asset_and_starts_stopped(project: Project, senso
 
     assert sensor_def.minimum_interval_seconds == 30
     assert sensor_def.default_status == dg.DefaultSensorStatus.STOPPED
-    assert [s.name for s in defs.sensors or []] == [SENSOR]
+    assert [s.name for s in defs.sensors or []] == [SENSOR, FRESHNESS_SENSOR]  # freshness: test_freshness.py
     repository = defs.get_repository_def()
     assert sensor_def.asset_selection is not None
     assert sensor_def.asset_selection.resolve(repository.asset_graph) == {dg.AssetKey("events")}
@@ -255,5 +256,5 @@ def test_every_spec_with_a_sensor_gets_one(tmp_path: Path) -> None:
     project.write_spec(incremental_spec("three"))
     defs = build_definitions(project.specs_dir)
 
-    sensors = {s.name: s.minimum_interval_seconds for s in defs.sensors or []}
+    sensors = {s.name: s.minimum_interval_seconds for s in defs.sensors or [] if s.name != FRESHNESS_SENSOR}
     assert sensors == {"one__sensor": 5, "two__sensor": 60}

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dativo_dagster.assets import RECONCILIATION_CHECK, SCHEMA_DRIFT_CHECK, VALIDATION_CHECK
+from dativo_dagster.freshness import FRESHNESS_CHECK, freshness_limit
 from dativo_dagster.spec import LoadedSpec, load_specs
 from dativo_dagster_tests.conftest import DEPLOYMENT_VARS, Project, branch_rows
 
@@ -100,6 +101,11 @@ def demo_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoUI]:
             yield DemoUI(dev=dev, browser=browser, project=project, specs=specs, screenshots=root / "screenshots")
 
 
+def checks_of(item: LoadedSpec) -> tuple[str, ...]:
+    """The asset's checks: the three of every asset, and freshness for a spec with a schedule or a sensor."""
+    return CHECKS + ((FRESHNESS_CHECK,) if freshness_limit(item.spec) is not None else ())
+
+
 def _branch_state(project: Project, item: LoadedSpec) -> tuple[int, int, int]:
     """(rows on the branch, head snapshot id, quarantined rows) read back with pyiceberg."""
     spec = item.spec
@@ -130,8 +136,9 @@ def test_asset_graph_shows_every_asset_with_its_checks(demo_ui: DemoUI) -> None:
     text = demo_ui.browser.wait_for_text(
         names, until=lambda t: t.count("Materialized") >= len(names) and t.count("Passed") >= len(names)
     )
-    # one node per asset, each with its three checks counted ("2 / 3 Passed")
-    assert len(re.findall(rf"Asset checks\n\d / {len(CHECKS)} Passed", text)) == len(names), text
+    # one node per asset, each with its checks counted ("3 / 4 Passed")
+    counted = sorted(int(total) for total in re.findall(r"Asset checks\n\d / (\d) Passed", text))
+    assert counted == sorted(len(checks_of(item)) for item in demo_ui.specs), text
     # the graph opens zoomed onto the first group: zoom out until every group is in view
     demo_ui.browser.click("button [aria-label=zoom_out]", times=3)
     demo_ui.screenshot("asset-graph")
@@ -170,15 +177,19 @@ def test_asset_checks_tab_shows_every_check_with_its_result(demo_ui: DemoUI, nam
     spec = item.spec
     _, _, rejects = _branch_state(demo_ui.project, item)
     demo_ui.open(f"/assets/{spec.name}?view=checks")
-    text = demo_ui.browser.wait_for_text([f"Checks ({len(CHECKS)})", *CHECKS, "Latest execution"])
+    checks = checks_of(item)
+    text = demo_ui.browser.wait_for_text([f"Checks ({len(checks)})", *checks, "Latest execution"])
     results = {
         check: re.search(rf"\n{check}\n(?:{check}\n)?(Succeeded|Failed|Warning|Not evaluated)\n", text)
-        for check in CHECKS
+        for check in checks
     }
     shown = {check: match.group(1) if match else None for check, match in results.items()}
     assert shown[RECONCILIATION_CHECK] == "Succeeded", text
     assert shown[VALIDATION_CHECK] == ("Succeeded" if rejects == 0 else "Failed"), text
     assert shown[SCHEMA_DRIFT_CHECK] in ("Succeeded", "Failed"), text
+    if FRESHNESS_CHECK in checks:
+        # the run evaluates the asset's checks, the freshness check right after the materialization
+        assert shown[FRESHNESS_CHECK] == "Succeeded", text
     if spec.name == SHOWCASE:
         demo_ui.open(f"/assets/{spec.name}?view=checks&checkDetail={VALIDATION_CHECK}")
         demo_ui.browser.wait_for_text(["rows_rejected", "first_errors"])
