@@ -1,6 +1,7 @@
 """The asset factory: one spec becomes one graph-backed asset, extract -> validate -> write -> commit."""
 
 # no ``from __future__ import annotations``: Dagster reads the ops' annotations at definition time
+import logging
 import re
 import time
 import traceback
@@ -11,13 +12,14 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
-from dativo_dagster.errors import DativoError, is_transient, redact
-from dativo_dagster.extract import FileReport, SourceFile, iter_source_batches, list_source_files, text_schema
+from dativo_dagster.errors import DativoError, StorageError, is_transient, redact
+from dativo_dagster.extract import SourceFile, list_source_files
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
     Selection,
@@ -31,11 +33,12 @@ from dativo_dagster.io_managers import (
     TABLE_META,
     TABLE_PATH_META,
     WAREHOUSE_META,
-    ArrowSpill,
 )
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
+from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageError, StageFailure, run_pipeline
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
+from dativo_dagster.storage import filesystem_for
 from dativo_dagster.table_schema import (
     INGESTED_AT,
     RUN_ID,
@@ -46,15 +49,16 @@ from dativo_dagster.table_schema import (
     partition_spec,
     rejects_iceberg_schema,
 )
-from dativo_dagster.validate import ValidationReport, rejects_schema, typed_schema, validate_batch
-from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governance_metadata, write_batches
+from dativo_dagster.validate import ValidationReport
+from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governance_metadata
+
+log = logging.getLogger(__name__)
 
 STAGING_IO = "dativo_staging_io"
 TABLE_IO = "dativo_table_io"
 VALIDATION_CHECK = "validation"
 SCHEMA_DRIFT_CHECK = "schema_drift"
 RECONCILIATION_CHECK = "reconciliation"
-PROGRESS_SECONDS = 10.0
 MIB = 1 << 20
 
 
@@ -98,6 +102,7 @@ class WriteResult(BaseModel):
     columns_missing: dict[str, list[str]] = Field(default_factory=dict)
     incremental: bool = False
     nothing_new: bool = False
+    seconds: dict[str, float] = Field(default_factory=dict)  # busy time of each stage of the stream
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -202,7 +207,10 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
 
     @dg.op(
         name=f"{name}__extract",
-        out={"text": dg.Out(io_manager_key=STAGING_IO), "extract_report": dg.Out(ExtractReport, io_manager_key=STAGING_IO)},
+        out={
+            "stream": dg.Out(PipelineOutcome, io_manager_key=STAGING_IO),
+            "extract_report": dg.Out(ExtractReport, io_manager_key=STAGING_IO),
+        },
         retry_policy=policy,
         tags=op_tags,
     )
@@ -219,40 +227,40 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             context.log.info(f"{name}: nothing new to read; the table stays as it is")
         else:
             context.log.info(f"{name}: reading {len(files)} source file(s): {', '.join(f.uri for f in files)}")
-        reports: list[FileReport] = []
-        batches = _progress(iter_source_batches(files, loaded, s3, reports), context.log, name, len(files))
-        stream = pa.RecordBatchReader.from_batches(
-            text_schema(spec.fields), _guarded(batches, loaded, "extract", secrets)
+        extract_report = ExtractReport(
+            files=[{"uri": f.uri, "size": f.size, "version": f.version, "modified_ns": f.modified_ns} for f in files],
+            incremental=is_incremental(loaded),
+            new=selection.new,
+            changed=selection.changed,
+            unchanged=selection.unchanged,
+            too_old=selection.too_old,
         )
-        yield dg.Output(stream, "text")
-        for report in reports:
-            if report.extra_columns:
-                context.log.warning(f"{report.uri}: columns not in the spec, not loaded: {report.extra_columns}")
-            if report.missing_columns:
-                context.log.warning(f"{report.uri}: spec columns missing from the file, null: {report.missing_columns}")
-            if report.blank_records:
-                context.log.warning(f"{report.uri}: {report.blank_records} blank record(s) skipped")
+        outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
+        extract_report.file_reports = outcome.file_reports
+        for report in outcome.file_reports:
+            if report["extra_columns"]:
+                context.log.warning(f"{report['uri']}: columns not in the spec, not loaded: {report['extra_columns']}")
+            if report["missing_columns"]:
+                context.log.warning(f"{report['uri']}: spec columns missing from the file, null: {report['missing_columns']}")
+            if report["blank_records"]:
+                context.log.warning(f"{report['uri']}: {report['blank_records']} blank record(s) skipped")
         yield dg.Output(
-            ExtractReport(
-                files=[{"uri": f.uri, "size": f.size, "version": f.version} for f in files],
-                file_reports=[vars(r) for r in reports],
-                incremental=is_incremental(loaded),
-                new=selection.new,
-                changed=selection.changed,
-                unchanged=selection.unchanged,
-                too_old=selection.too_old,
-            ),
-            "extract_report",
-            metadata={"files": len(files), "rows": sum(r.rows for r in reports), "nothing_new": selection.nothing_new},
+            outcome,
+            "stream",
+            metadata={
+                "files": len(files),
+                "rows": sum(r["rows"] for r in outcome.file_reports),
+                "nothing_new": selection.nothing_new,
+                **_stage_seconds(outcome.seconds),
+            },
         )
+        yield dg.Output(extract_report, "extract_report")
 
     @dg.op(
         name=f"{name}__validate",
-        ins={"text": dg.In(), "extract_report": dg.In(ExtractReport)},
+        ins={"stream": dg.In(PipelineOutcome), "extract_report": dg.In(ExtractReport)},
         out={
-            "valid": dg.Out(io_manager_key=STAGING_IO),
-            "rejects": dg.Out(io_manager_key=STAGING_IO),
-            "validation": dg.Out(ValidationReport, io_manager_key=STAGING_IO),
+            "validated": dg.Out(PipelineOutcome, io_manager_key=STAGING_IO),
             "validation_check": dg.Out(dg.Nothing, is_required=False),
             "schema_drift_check": dg.Out(dg.Nothing, is_required=False),
         },
@@ -261,76 +269,58 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     )
     def validate(
         context: dg.OpExecutionContext,
-        text: pa.RecordBatchReader,
+        stream: PipelineOutcome,
         extract_report: ExtractReport,
         dativo_staging: StagingResource,
     ):
-        report = ValidationReport()
-        options = spec.source.options
+        # the rows were validated as they streamed past (pipeline.py): this step judges the report
+        report = stream.validation
         strict = spec.schema_validation_mode is ValidationMode.STRICT
-        # warn mode keeps every rejected row: they go to disk as they come, never into a list
-        spill = ArrowSpill(
-            dativo_staging.run_dir(context.run_id) / f"{name}.validate-spill" / "rejects.arrow",
-            rejects_schema(spec.fields),
-        )
-
-        def valid_batches() -> Iterator[pa.RecordBatch]:
-            for batch in text:
-                valid, rejects, tally = validate_batch(batch, spec.fields, options)
-                report.add(tally)
-                if rejects.num_rows and not strict:
-                    spill.write(rejects)
-                # strict: once a row failed nothing will be committed, so stop staging valid rows
-                if valid.num_rows and not (strict and report.rows_rejected):
-                    yield valid
-
-        try:
-            yield dg.Output(
-                pa.RecordBatchReader.from_batches(typed_schema(spec.fields), _guarded(valid_batches(), loaded, "validate", [])), "valid"
-            )
-        except BaseException:
-            spill.discard()
-            raise
-        yield dg.Output(spill, "rejects", metadata={"rows": spill.rows})
         yield dg.Output(
-            report, "validation", metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected}
+            stream,
+            "validated",
+            metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected},
         )
         yield _check_result(check_key, report, extract_report, strict)
         yield _drift_result(drift_spec.key, extract_report)
         if strict and report.rows_rejected:
-            # terminal: a re-execution would read the same staged text, so this run's staging goes now
+            # terminal: a re-execution would stream the same rows, so this run's staging goes now
             dativo_staging.remove_steps(context.run_id, f"{name}.")
-            raise dg.Failure(
-                description=f"{name}: strict validation failed; nothing was committed.\n{report.describe()}",
-                metadata={
-                    "rows_read": report.rows_read,
-                    "rows_rejected": report.rows_rejected,
-                    "errors": dg.MetadataValue.json(
-                        [{"field": e.field, "kind": e.kind, "count": e.count} for e in report.errors]
-                    ),
-                },
-                allow_retries=False,
-            )
+            raise _strict_failure(name, report)
 
     @dg.op(
         name=f"{name}__write",
-        ins={"valid": dg.In(), "rejects": dg.In(), "validation": dg.In(ValidationReport),
-             "extract_report": dg.In(ExtractReport)},
+        ins={"validated": dg.In(PipelineOutcome), "extract_report": dg.In(ExtractReport)},
         out=dg.Out(WriteResult, io_manager_key=STAGING_IO),
         retry_policy=policy,
         tags=op_tags,
     )
     def write(
         context: dg.OpExecutionContext,
-        valid: pa.RecordBatchReader,
-        rejects: pa.RecordBatchReader,
-        validation: ValidationReport,
+        validated: PipelineOutcome,
         extract_report: ExtractReport,
         dativo_storage: StorageResource,
         dativo_catalog: CatalogResource,
     ) -> WriteResult:
+        outcome = validated
+        if outcome.write_error is not None:
+            if context.retry_number == 0 and outcome.run_id == context.run_id:
+                raise _stage_failure(outcome.write_error)
+            # a retry of this step, or a re-execution of a run whose write failed: stream the same files again
+            context.log.info(f"{name}: writing failed before ({outcome.write_error.message}); streaming the files again")
+            files = [SourceFile(**f) for f in extract_report.files]
+            outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
+            if outcome.strict_failed:
+                raise _strict_failure(name, outcome.validation)
+            if outcome.write_error is not None:
+                raise _stage_failure(outcome.write_error)
         with failures(loaded, "write", _secrets(dativo_storage, dativo_catalog)):
-            return _write(context, loaded, valid, rejects, validation, extract_report, dativo_storage, dativo_catalog)
+            verify_written(outcome, dativo_storage.s3_settings())
+        context.log.info(
+            f"{name}: wrote {len(outcome.data_files)} data file(s), {outcome.rows_written} rows"
+            + (f"; {len(outcome.reject_files)} quarantine file(s)" if outcome.reject_files else "")
+        )
+        return _write_result(outcome, extract_report)
 
     @dg.op(
         name=f"{name}__commit",
@@ -350,10 +340,13 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         dativo_staging: StagingResource,
     ):
         secrets = _secrets(dativo_storage, dativo_catalog)
+        started = time.perf_counter()
         with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
             result = _commit(context, loaded, written, dativo_storage, dativo_catalog)
         dativo_staging.remove_steps(context.run_id, f"{name}.")
-        yield dg.Output(result, "result", metadata=_materialization_metadata(loaded, written, result, dativo_catalog))
+        metadata = _materialization_metadata(loaded, written, result, dativo_catalog)
+        metadata["commit_seconds"] = round(time.perf_counter() - started, 3)
+        yield dg.Output(result, "result", metadata=metadata)
         yield _reconciliation_result(reconciliation_spec.key, written, result)
 
     @dg.graph_asset(
@@ -379,9 +372,9 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         check_specs=[check_spec, drift_spec, reconciliation_spec],
     )
     def asset():
-        text, extract_report = extract()
-        valid, rejects, validation, validation_check, drift_check = validate(text, extract_report)
-        result, reconciliation_check = commit(write(valid, rejects, validation, extract_report))
+        stream, extract_report = extract()
+        validated, validation_check, drift_check = validate(stream, extract_report)
+        result, reconciliation_check = commit(write(validated, extract_report))
         return {
             "result": result,
             check_spec.get_python_identifier(): validation_check,
@@ -417,31 +410,6 @@ def select_sources(
     )
 
 
-def _progress(
-    batches: Iterator[pa.RecordBatch], log: Any, name: str, total_files: int
-) -> Iterator[pa.RecordBatch]:
-    """Log each file as it starts, and every PROGRESS_SECONDS the rows done, rows/s and the current file."""
-    started = last = time.monotonic()
-    rows = 0
-    current = None
-    index = 0
-    for batch in batches:
-        source = batch.column(SOURCE_FILE)[0].as_py() if batch.num_rows else current
-        if source != current:
-            current = source
-            index += 1
-            log.info(f"{name}: file {index} of {total_files}: {current}")
-        rows += batch.num_rows
-        now = time.monotonic()
-        if now - last >= PROGRESS_SECONDS:
-            last = now
-            log.info(f"{name}: {rows:,} rows read, {rows / (now - started):,.0f} rows/s, reading {current}")
-        yield batch
-    if rows:
-        elapsed = max(time.monotonic() - started, 1e-9)
-        log.info(f"{name}: read {rows:,} rows from {total_files} file(s) in {elapsed:.1f} s ({rows / elapsed:,.0f} rows/s)")
-
-
 def _drift_result(key: dg.AssetCheckKey, extract_report: ExtractReport) -> dg.AssetCheckResult:
     not_loaded = {r["uri"]: r["extra_columns"] for r in extract_report.file_reports if r["extra_columns"]}
     missing = {r["uri"]: r["missing_columns"] for r in extract_report.file_reports if r["missing_columns"]}
@@ -473,14 +441,6 @@ def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result
             "already_committed": result.already_committed,
         },
     )
-
-
-def _guarded(
-    batches: Iterator[pa.RecordBatch], loaded: LoadedSpec, step: str, secrets: Sequence[str | None]
-) -> Iterator[pa.RecordBatch]:
-    """Classify errors raised while a stream is consumed (by the IO manager), like errors of the step."""
-    with failures(loaded, step, secrets):
-        yield from batches
 
 
 _EMAIL = re.compile(r"^[^@\s<>()]+@[^@\s<>()]+\.[^@\s<>()]+$")
@@ -532,102 +492,190 @@ def _check_result(
     )
 
 
-def _write(
+def stream_sources(
     context: dg.OpExecutionContext,
     loaded: LoadedSpec,
-    valid: pa.RecordBatchReader,
-    rejects: pa.RecordBatchReader,
-    validation: ValidationReport,
-    extract_report: ExtractReport,
+    files: Sequence[SourceFile],
+    extract_report: "ExtractReport",
     storage: StorageResource,
     catalog_resource: CatalogResource,
-) -> WriteResult:
+) -> PipelineOutcome:
+    """Read, validate and write ``files`` in one streaming pass (pipeline.py) into uncommitted files.
+
+    A table this pass had to create is dropped again when nothing is going to be committed to it (strict
+    failure, failed write), so that a failed run leaves the catalog as it was.
+    """
     spec = loaded.spec
-    storage.check_access(spec)  # wrong S3 credentials fail here, clearly, before anything is created
-    s3 = storage.s3_settings()
-    ingested_at = datetime.now(timezone.utc)
+    secrets = _secrets(storage, catalog_resource)
     run_id = context.run_id
-    location = storage.table_location(spec)
-    rejects_location = storage.table_location(spec, "__rejects")
-    data_schema = iceberg_schema(spec.fields)
-    reject_schema = rejects_iceberg_schema(spec.fields)
-    if spec.target.catalog is CatalogKind.ICEBERG:
-        catalog = catalog_resource.load_catalog()
-        table = ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location)
-        data_schema, location = table.schema(), table.location()
-        if validation.rows_rejected:
-            reject_table = ensure_table(
-                catalog, spec.rejects_identifier, reject_schema, partition_spec_for_rejects, rejects_location
-            )
-            reject_schema, rejects_location = reject_table.schema(), reject_table.location()
-    partitioner = Partitioner(partition_spec(spec, data_schema), data_schema)
+    ingested_at = datetime.now(timezone.utc)
+    s3 = storage.s3_settings()
+    created: list[tuple[Any, str]] = []  # (catalog, identifier) of the tables this pass created
+    with failures(loaded, "write", secrets):
+        storage.check_access(spec)  # wrong S3 credentials fail here, clearly, before anything is created
+        location = storage.table_location(spec)
+        rejects_location = storage.table_location(spec, "__rejects")
+        data_schema = iceberg_schema(spec.fields)
+        catalog = None
+        if spec.target.catalog is CatalogKind.ICEBERG:
+            catalog = catalog_resource.load_catalog()
+            table = _ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location, created)
+            data_schema, location = table.schema(), table.location()
     metadata = governance_metadata(spec, branch=spec.branch, run_id=run_id, ingested_at=ingested_at)
     prefix = f"{ingested_at.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
-    file_schema = arrow_schema(data_schema)
-    writer = PartitionedParquetWriter(
-        location=f"{location}/data",
-        schema=file_schema,
-        partitioner=partitioner,
-        target_bytes=int(spec.target.parquet_target_size_mb * MIB),
-        file_prefix=prefix,
-        metadata=metadata,
-        s3=s3,
-        split_by_source=spec.target.catalog is CatalogKind.NONE and extract_report.incremental,
+    target_bytes = int(spec.target.parquet_target_size_mb * MIB)
+    split_by_source = spec.target.catalog is CatalogKind.NONE and extract_report.incremental
+    outcome = PipelineOutcome(
+        run_id=run_id, ingested_at=ingested_at.isoformat(), location=location, rejects_location=rejects_location
     )
-    ts = pa.scalar(ingested_at, pa.timestamp("us", tz="UTC"))
-    data_files = write_batches(_with_system_columns(valid, file_schema, ts, run_id), writer)
-    context.log.info(f"{spec.name}: wrote {len(data_files)} data file(s), {sum(f.record_count for f in data_files)} rows")
-    reject_files: list[WrittenFile] = []
-    if validation.rows_rejected:
-        reject_writer = PartitionedParquetWriter(
-            location=f"{rejects_location}/data",
+
+    def open_rejects() -> PartitionedParquetWriter:
+        reject_schema = rejects_iceberg_schema(spec.fields)
+        rejects_at = rejects_location
+        if catalog is not None:
+            reject_table = _ensure_table(
+                catalog, spec.rejects_identifier, reject_schema, partition_spec_for_rejects, rejects_location, created
+            )
+            reject_schema, rejects_at = reject_table.schema(), reject_table.location()
+            outcome.rejects_location = rejects_at
+        return PartitionedParquetWriter(
+            location=f"{rejects_at}/data",
             schema=arrow_schema(reject_schema),
             partitioner=Partitioner(partition_spec_for_rejects(reject_schema), reject_schema),
-            target_bytes=int(spec.target.parquet_target_size_mb * MIB),
+            target_bytes=target_bytes,
             file_prefix=prefix,
             metadata=metadata,
             s3=s3,
-            split_by_source=spec.target.catalog is CatalogKind.NONE and extract_report.incremental,
+            split_by_source=split_by_source,
         )
-        reject_files = write_batches(_with_system_columns(rejects, arrow_schema(reject_schema), ts, run_id), reject_writer)
-    return WriteResult(
+
+    sinks = Sinks(
+        data=PartitionedParquetWriter(
+            location=f"{location}/data",
+            schema=arrow_schema(data_schema),
+            partitioner=Partitioner(partition_spec(spec, data_schema), data_schema),
+            target_bytes=target_bytes,
+            file_prefix=prefix,
+            metadata=metadata,
+            s3=s3,
+            split_by_source=split_by_source,
+        ),
+        open_rejects=open_rejects,
+        ingested_at=pa.scalar(ingested_at, pa.timestamp("us", tz="UTC")),
         run_id=run_id,
-        ingested_at=ingested_at.isoformat(),
-        data_files=data_files,
-        reject_files=reject_files,
+    )
+    try:
+        run_pipeline(
+            loaded,
+            files,
+            s3=s3,
+            sinks=sinks,
+            outcome=outcome,
+            log_info=context.log.info,
+            secrets=secrets,
+            classify=lambda exc: is_transient(exc, spec.retry_config.retryable_errors),
+        )
+    except StageFailure as exc:
+        _drop_created(created)
+        raise to_failure(exc.error, loaded, exc.stage, secrets) from None
+    if outcome.strict_failed or outcome.write_error is not None:
+        _drop_created(created)
+    return outcome
+
+
+def _ensure_table(
+    catalog: Any, identifier: tuple[str, str], schema: Schema, spec_for: Any, location: str, created: list[Any]
+) -> Any:
+    name = ".".join(identifier)
+    existed = catalog.table_exists(name)
+    table = ensure_table(catalog, identifier, schema, spec_for, location)
+    if not existed:
+        created.append((catalog, name))
+    return table
+
+
+def _drop_created(created: list[tuple[Any, str]]) -> None:
+    """Drop the tables this run created, as long as nothing was committed to them (best effort)."""
+    for catalog, name in created:
+        try:
+            table = catalog.load_table(name)
+            if not table.metadata.snapshots:
+                catalog.drop_table(name)
+        except Exception:  # noqa: BLE001 - an empty table left behind is harmless; the run's own error matters
+            log.warning("could not drop the empty table %s this run created", name)
+
+
+def verify_written(outcome: PipelineOutcome, s3: Any) -> None:
+    """Every file the stream wrote is there, at the size it was written with.
+
+    Raises:
+        StorageError: a file is missing or has another size (transient: the step streams again).
+    """
+    for written in [*outcome.data_files, *outcome.reject_files]:
+        fs, path = filesystem_for(written.uri, s3)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound or info.size != written.size_bytes:
+            found = "missing" if info.type == pafs.FileType.NotFound else f"{info.size} bytes"
+            raise StorageError(f"{written.uri}: written with {written.size_bytes} bytes, now {found}")
+
+
+def _write_result(outcome: PipelineOutcome, extract_report: "ExtractReport") -> "WriteResult":
+    return WriteResult(
+        run_id=outcome.run_id,
+        ingested_at=outcome.ingested_at,
+        data_files=outcome.data_files,
+        reject_files=outcome.reject_files,
         source_state=extract_report.source_state,
-        rows_read=validation.rows_read,
-        rows_rejected=validation.rows_rejected,
-        location=location,
-        rejects_location=rejects_location,
-        columns_not_loaded={r["uri"]: r["extra_columns"] for r in extract_report.file_reports if r["extra_columns"]},
-        columns_missing={r["uri"]: r["missing_columns"] for r in extract_report.file_reports if r["missing_columns"]},
+        rows_read=outcome.validation.rows_read,
+        rows_rejected=outcome.validation.rows_rejected,
+        location=outcome.location,
+        rejects_location=outcome.rejects_location,
+        columns_not_loaded={r["uri"]: r["extra_columns"] for r in outcome.file_reports if r["extra_columns"]},
+        columns_missing={r["uri"]: r["missing_columns"] for r in outcome.file_reports if r["missing_columns"]},
         incremental=extract_report.incremental,
         nothing_new=extract_report.nothing_new,
+        seconds=outcome.seconds,
+    )
+
+
+def _stage_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """Busy seconds of each stage of the stream (``extract_seconds``, ``validate_seconds``, ``write_seconds``:
+    they overlap, so their sum exceeds the wall time) and the stream's wall time (``stream_seconds``)."""
+    return {f"{'stream' if stage == 'wall' else stage}_seconds": value for stage, value in seconds.items()}
+
+
+def _strict_failure(name: str, report: ValidationReport) -> dg.Failure:
+    return dg.Failure(
+        description=f"{name}: strict validation failed; nothing was committed.\n{report.describe()}",
+        metadata={
+            "step": "validate",
+            "rows_read": report.rows_read,
+            "rows_rejected": report.rows_rejected,
+            "errors": dg.MetadataValue.json(
+                [{"field": e.field, "kind": e.kind, "count": e.count} for e in report.errors]
+            ),
+        },
+        allow_retries=False,
+    )
+
+
+def _stage_failure(error: StageError) -> dg.Failure:
+    """A failure recorded by the stream, reported by the step it belongs to."""
+    return dg.Failure(
+        description=error.message,
+        metadata={
+            "step": error.stage,
+            "error_class": error.error_class,
+            "retryable": error.retryable,
+            "traceback": dg.MetadataValue.text(error.traceback),
+        },
+        allow_retries=error.retryable,
     )
 
 
 def partition_spec_for_rejects(schema: Schema) -> PartitionSpec:
     """The quarantine table is not partitioned: it stays small and is read whole."""
     return UNPARTITIONED_PARTITION_SPEC
-
-
-def _with_system_columns(
-    stream: pa.RecordBatchReader, file_schema: pa.Schema, ingested_at: pa.Scalar, run_id: str
-) -> Iterator[pa.RecordBatch]:
-    for batch in stream:
-        n = batch.num_rows
-        columns = []
-        for field in file_schema:
-            if field.name == INGESTED_AT:
-                columns.append(pa.repeat(ingested_at, n))
-            elif field.name == RUN_ID:
-                columns.append(pa.repeat(run_id, n))
-            elif field.name in batch.schema.names:
-                columns.append(batch.column(field.name).cast(field.type))
-            else:
-                columns.append(pa.nulls(n, field.type))
-        yield pa.RecordBatch.from_arrays(columns, schema=file_schema)
 
 
 def _commit(
@@ -738,6 +786,7 @@ def _materialization_metadata(
         "replaced_sources": dg.MetadataValue.json(result.replaced_sources),
         "source_files": dg.MetadataValue.json(sorted(written.source_state)),
         "ingested_at": written.ingested_at,
+        **_stage_seconds(written.seconds),
     }
     if spec.target.catalog is CatalogKind.ICEBERG:
         metadata["catalog"] = catalog.display_uri

@@ -1,8 +1,7 @@
-"""IO managers: Arrow streams staged as IPC files between ops, and ingested tables for downstream assets."""
+"""IO managers: small records staged as JSON between ops, and ingested tables for downstream assets."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,120 +22,36 @@ TABLE_PATH_META = "dativo/table_path"
 WAREHOUSE_META = "dativo/warehouse"
 
 
-def open_staged(path: Path) -> pa.RecordBatchReader:
-    """A reader over a staged IPC file, one batch in memory at a time.
-
-    Read with plain file reads rather than a memory map: mapped pages of a large staged file count
-    towards the process's resident memory until the reader closes, so memory would grow with input size.
-    """
-    source = pa.OSFile(str(path), "r")
-    reader = pa.ipc.open_file(source)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        try:
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-        finally:
-            source.close()
-
-    return pa.RecordBatchReader.from_batches(reader.schema, batches())
-
-
-def stage_stream(stream: pa.RecordBatchReader, path: Path) -> int:
-    """Write a stream of batches to an IPC file; returns the number of rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    tmp = path.with_suffix(".partial")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, stream.schema) as writer:
-        for batch in stream:
-            if batch.num_rows:
-                writer.write_batch(batch)
-                rows += batch.num_rows
-    tmp.replace(path)
-    return rows
-
-
-class ArrowSpill:
-    """Batches appended to an IPC file as they arrive, so one pass over a stream can feed two outputs.
-
-    Yield the spill itself as an op output: :class:`StagingIOManager` moves the file into place
-    instead of copying it, and downstream ops read it memory-mapped.
-    """
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path = path
-        self.schema = schema
-        self.rows = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._sink: pa.NativeFile | None = pa.OSFile(str(path), "wb")
-        self._writer: pa.ipc.RecordBatchFileWriter | None = pa.ipc.new_file(self._sink, schema)
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        """Append one batch (in the spill's schema)."""
-        if self._writer is None:
-            raise ValueError(f"spill {self.path} is already closed")
-        if batch.num_rows:
-            self._writer.write_batch(batch)
-            self.rows += batch.num_rows
-
-    def close(self) -> Path:
-        """Finish the file (idempotent); returns its path."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._sink is not None:
-            self._sink.close()
-            self._sink = None
-        return self.path
-
-    def discard(self) -> None:
-        """Close and delete the file."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-
-
 class StagingIOManager(dg.ConfigurableIOManager):
-    """Passes Arrow record-batch streams (as IPC files) and small typed records (as JSON) between ops.
+    """Passes the small typed records between an asset's ops (pydantic models, as JSON files).
 
-    Streams are never materialised as one table, so memory stays bounded and the ops also work
-    under the multiprocess executor.
+    The rows themselves never pass through here: they stream from the source into Parquet files within
+    one step (pipeline.py), and the ops exchange what the stream did. JSON files under the staging folder
+    also work under the multiprocess executor and for re-execution of a failed run.
     """
 
     staging: StagingResource
 
-    def _path(self, run_id: str, step_key: str, name: str, suffix: str) -> Path:
-        return self.staging.run_dir(run_id) / step_key / f"{name}{suffix}"
+    def _path(self, run_id: str, step_key: str, name: str) -> Path:
+        return self.staging.run_dir(run_id) / step_key / f"{name}.json"
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if isinstance(obj, ArrowSpill):
-            path = self._path(context.run_id, context.step_key, context.name, ".arrow")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            obj.close().replace(path)
-            context.log.debug(f"staged {obj.rows} spilled rows of {context.name} at {path}")
-        elif isinstance(obj, pa.RecordBatchReader):
-            path = self._path(context.run_id, context.step_key, context.name, ".arrow")
-            rows = stage_stream(obj, path)
-            context.log.debug(f"staged {rows} rows of {context.name} at {path}")
-        elif isinstance(obj, BaseModel):
-            path = self._path(context.run_id, context.step_key, context.name, ".json")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(obj.model_dump_json())
-        else:
+        if not isinstance(obj, BaseModel):
             raise TypeError(f"{context.step_key}.{context.name}: cannot stage {type(obj).__name__}")
+        path = self._path(context.run_id, context.step_key, context.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(obj.model_dump_json())
 
     def load_input(self, context: dg.InputContext) -> Any:
         upstream = context.upstream_output
         assert upstream is not None
         typ = context.dagster_type.typing_type
-        if isinstance(typ, type) and issubclass(typ, BaseModel):
-            path = self._path(upstream.run_id, upstream.step_key, upstream.name, ".json")
-            if not path.exists():
-                raise FileNotFoundError(f"staged input {upstream.step_key}.{upstream.name} missing at {path}")
-            return typ.model_validate_json(path.read_text())
-        path = self._path(upstream.run_id, upstream.step_key, upstream.name, ".arrow")
+        if not (isinstance(typ, type) and issubclass(typ, BaseModel)):
+            raise TypeError(f"{upstream.step_key}.{upstream.name}: cannot load a staged {typ}")
+        path = self._path(upstream.run_id, upstream.step_key, upstream.name)
         if not path.exists():
             raise FileNotFoundError(f"staged input {upstream.step_key}.{upstream.name} missing at {path}")
-        return open_staged(path)
+        return typ.model_validate_json(path.read_text())
 
 
 class IcebergTableIOManager(dg.ConfigurableIOManager):
@@ -200,4 +115,4 @@ def _meta_value(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-__all__ = ["ArrowSpill", "IcebergTableIOManager", "StagingIOManager", "open_staged", "stage_stream"]
+__all__ = ["IcebergTableIOManager", "StagingIOManager"]

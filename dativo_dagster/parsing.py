@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -145,9 +146,37 @@ def _as_string(text: pa.Array) -> pa.Array:
 
 
 def _null_mask(text: pa.Array, null_values: Sequence[str]) -> pa.Array:
+    """Cells that are null or spell one of ``null_values`` exactly.
+
+    Cheap tests come first: a column whose bytes lack the first character of every non-empty null text (a
+    memchr scan; numbers, dates and booleans rarely hold one) needs no lookup, and otherwise only the cells
+    of a null text's length are compared. Empty cells are found from the offsets alone.
+    """
     mask = pc.is_null(text)
-    if null_values:
-        mask = pc.or_(mask, pc.is_in(text, value_set=pa.array(list(null_values), pa.string())))
+    n = len(text)
+    if n == 0 or not null_values:
+        return mask
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=n + 1, offset=text.offset * 4)
+    lengths = offsets[1:] - offsets[:-1]
+    hit = lengths == 0 if "" in null_values else None
+    tokens = [value for value in null_values if value]
+    if tokens:
+        blob = _text_bytes(text)
+        if any(blob.find(token.encode()[:1]) >= 0 for token in tokens):
+            sizes = {len(token.encode()) for token in tokens}
+            candidates = None
+            for size in sizes:
+                same = lengths == size
+                candidates = same if candidates is None else candidates | same
+            rows = np.flatnonzero(candidates)
+            if len(rows):
+                found = pc.is_in(pc.take(text, pa.array(rows)), value_set=pa.array(tokens, pa.string()))
+                matched = rows[found.to_numpy(zero_copy_only=False)]
+                if len(matched):
+                    hit = np.zeros(n, dtype=bool) if hit is None else hit
+                    hit[matched] = True
+    if hit is not None and hit.any():
+        mask = pc.or_(mask, pa.array(hit))
     return mask
 
 

@@ -160,7 +160,7 @@ def retry_catalog_tables_race(build: Callable[[], Catalog]) -> Catalog:
 
 
 class StagingResource(dg.ConfigurableResource):
-    """A folder for Arrow IPC files passed between the ops of one run."""
+    """A folder for the small records (JSON) the ops of one run pass each other."""
 
     root: str = Field(description="Local folder for staged op outputs (removed once a run commits).")
 

@@ -103,29 +103,35 @@ def validate_batch(
     """Parse every column of a text batch at once; split it into valid typed rows and rejects."""
     n = batch.num_rows
     parse_error = batch.column(PARSE_ERROR)
-    invalid = parse_error.is_valid()
-    reasons = _prefixed(UNPARSEABLE, parse_error)
+    unparseable = parse_error.is_valid()
+    any_unparseable = parse_error.null_count < n
+    invalid = unparseable
+    reasons = _prefixed(UNPARSEABLE, parse_error) if any_unparseable else None
     typed: list[pa.Array] = []
     tally: dict[tuple[str, str], tuple[int, list[RejectExample]]] = {}
-    parsed_ok = pc.invert(invalid)
+    parsed_ok = pc.invert(unparseable) if any_unparseable else None
     for f in fields:
         text = batch.column(f.name)
         parsed = parse_column(text, f.type, null_values=options.null_values, required=f.required, fmt=f.format)
-        errors = pc.if_else(parsed_ok, parsed.errors, pa.nulls(n, pa.string()))
+        typed.append(parsed.values)
+        if parsed.errors.null_count == n:
+            continue  # the common case: every cell of the column is fine
+        # an unparseable record's cells are not judged one by one: the record is rejected as a whole
+        errors = parsed.errors if parsed_ok is None else pc.if_else(parsed_ok, parsed.errors, pa.nulls(n, pa.string()))
         has_error = errors.is_valid()
         if pc.any(has_error).as_py():
             invalid = pc.or_(invalid, has_error)
-            reasons = _join_reasons(reasons, _prefixed(f.name, errors))
+            prefixed = _prefixed(f.name, errors)
+            reasons = prefixed if reasons is None else _join_reasons(reasons, prefixed)
             _tally_field(tally, f.name, errors, text, batch)
-        typed.append(parsed.values)
-    unparseable = parse_error.is_valid()
-    if pc.any(unparseable).as_py():
+    if any_unparseable:
         _tally_field(tally, "(record)", pc.if_else(unparseable, UNPARSEABLE, None), batch.column(RAW_RECORD), batch)
-    valid_mask = pc.invert(invalid)
     typed.append(batch.column(SOURCE_FILE))
-    valid = pa.RecordBatch.from_arrays(typed, schema=typed_schema(fields)).filter(valid_mask)
+    valid = pa.RecordBatch.from_arrays(typed, schema=typed_schema(fields))
+    if reasons is not None:
+        valid = valid.filter(pc.invert(invalid))
     rejected_count = n - valid.num_rows
-    if rejected_count:
+    if rejected_count and reasons is not None:
         columns = [batch.column(f.name) for f in fields] + [
             reasons,
             batch.column(SOURCE_FILE),

@@ -29,18 +29,19 @@ from dativo_dagster.storage import (
     tag_safe,  # noqa: F401 - as MAX_TAGS
     upload_s3_file,
 )
+from dativo_dagster.table_schema import INGESTED_AT as INGESTED_AT_COLUMN
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
 from dativo_dagster.table_schema import Partitioner
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-ROW_GROUP_MAX_BYTES = 64 * MIB  # in-memory bytes per row group
+ROW_GROUP_MAX_BYTES = 32 * MIB  # in-memory bytes per row group (about 10 MB or more once encoded)
 # Row groups never get smaller than this, so a tiny target cannot make a file per handful of rows;
 # it binds only for targets under about 1 MiB, where the file-size rule cannot hold anyway.
 MIN_ROW_GROUP_BYTES = 64 * 1024
-TOTAL_BUFFER_BYTES = 192 * MIB  # in-memory bytes buffered across all partitions
-SPLIT_BYTES = 16 * MIB  # incoming in-memory bytes gathered before they are split by partition
+TOTAL_BUFFER_BYTES = 128 * MIB  # in-memory bytes buffered across all partitions
+SPLIT_BYTES = 8 * MIB  # incoming in-memory bytes gathered before they are split by partition
 INITIAL_RATIO = 1.0  # written/in-memory bytes before a partition's first row group tells better
 MAX_FILE_FRACTION = 1.10  # CONTRACT 4: no file but a partition's last may pass 110 % of the target
 CLOSE_FRACTION = 0.90  # a file is finished once it holds this share of the target
@@ -206,6 +207,13 @@ class PartitionedParquetWriter:
         self._incoming_bytes = 0
         self._base_footer = _empty_footer_bytes(schema, self._footer_metadata("", 0)) + 64
         self._string_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
+        # Dictionary pages pay off for repeated values (text, codes, dates, the system columns); for floating
+        # point and time stamps, which rarely repeat, hashing every value only to fall back to plain costs time.
+        self._dictionary_columns = [
+            f.name for f in schema
+            if not (pa.types.is_floating(f.type) or pa.types.is_decimal(f.type) or pa.types.is_timestamp(f.type))
+            or f.name == INGESTED_AT_COLUMN
+        ]
         self._statistics_bytes = 2 * 256 * len(self._string_columns)  # grows with the longest values written
 
     def write(self, table: pa.Table) -> None:
@@ -282,7 +290,8 @@ class PartitionedParquetWriter:
     def _flush(self, state: _PartitionState) -> None:
         if not state.buffer:
             return
-        data = pa.concat_tables(state.buffer).combine_chunks()
+        # the buffered pieces go in as chunks of one row group: no copy into one contiguous table
+        data = pa.concat_tables(state.buffer)
         in_memory = state.buffered_bytes
         self._buffered -= state.buffered_bytes
         state.buffer, state.buffered_bytes = [], 0
@@ -316,7 +325,9 @@ class PartitionedParquetWriter:
         name = f"{self.file_prefix}-{uuid.uuid4().hex}-{self._seq:05d}.parquet"
         folder = f"{self.location}/{state.path}" if state.path else self.location
         sink = _Sink(f"{folder}/{name}", self.s3)
-        writer = pq.ParquetWriter(sink, self.schema, compression="snappy", write_statistics=True, use_dictionary=True)
+        writer = pq.ParquetWriter(
+            sink, self.schema, compression="snappy", write_statistics=True, use_dictionary=self._dictionary_columns
+        )
         state.written = 0
         state.footer = self._base_footer + len(state.path.encode())
         state.rows_in_file = 0

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pytest
 
 from dativo_dagster.definitions import build_definitions
-from dativo_dagster.io_managers import ArrowSpill, open_staged
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 
@@ -91,18 +90,3 @@ def test_downstream_of_an_unmaterialized_asset_fails_clearly(project: Project) -
     [failure] = result.get_step_failure_events()
     assert "table testdomain.people does not exist" in failure.event_specific_data.error.to_string()
     assert received == {}
-
-
-def test_a_spill_becomes_a_staged_stream(tmp_path: Any) -> None:
-    schema = pa.schema([pa.field("x", pa.int64())])
-    spill = ArrowSpill(tmp_path / "spill" / "rejects.arrow", schema)
-    for start in range(0, 30, 10):
-        spill.write(pa.RecordBatch.from_pydict({"x": list(range(start, start + 10))}, schema=schema))
-    spill.write(pa.RecordBatch.from_pydict({"x": []}, schema=schema))
-    assert spill.rows == 30
-    path = spill.close()
-    reader = open_staged(path)
-    assert reader.schema == schema
-    assert [b.num_rows for b in reader] == [10, 10, 10]
-    with pytest.raises(ValueError, match="already closed"):
-        spill.write(pa.RecordBatch.from_pydict({"x": [1]}, schema=schema))
