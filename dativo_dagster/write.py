@@ -30,6 +30,7 @@ from dativo_dagster.storage import (
     upload_s3_file,
 )
 from dativo_dagster.table_schema import INGESTED_AT as INGESTED_AT_COLUMN
+from dativo_dagster.table_schema import RUN_ID as RUN_ID_COLUMN
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
 from dativo_dagster.table_schema import Partitioner
 
@@ -49,6 +50,7 @@ CLOSE_FRACTION = 0.90  # a file is finished once it holds this share of the targ
 # pages add their indices before parquet falls back to plain encoding; snappy only adds to random bytes).
 # Row groups are bounded by it, so a file stays under MAX_FILE_FRACTION whatever the data turns into.
 WORST_RATIO = 1.6
+REPEATED_COLUMNS = (SOURCE_FILE_COLUMN, RUN_ID_COLUMN)  # one value per source file / per run
 CHUNK_METADATA_BYTES = 160  # footer bytes per column chunk, besides min/max statistics
 MAX_STATISTICS_VALUE = 4096  # parquet drops min/max statistics longer than this
 
@@ -193,6 +195,18 @@ class PartitionedParquetWriter:
         # file can be replaced by hiding whole data files (see markers.committed_files)
         self.split_by_source = split_by_source
         self.schema = schema
+        # The system columns repeat one value per file or run: written as Arrow dictionaries, the Parquet writer
+        # neither hashes nor compares every row's copy (that was a third of its time). Readers see plain strings:
+        # the files carry no Arrow schema, only the Parquet one with its field ids.
+        self.file_schema = pa.schema(
+            [
+                f.with_type(pa.dictionary(pa.int32(), f.type))
+                if f.name in REPEATED_COLUMNS and pa.types.is_string(f.type)
+                else f
+                for f in schema
+            ],
+            metadata=schema.metadata,
+        )
         self.partitioner = partitioner
         self.target_bytes = max(int(target_bytes), 1)
         self.file_prefix = file_prefix
@@ -205,7 +219,7 @@ class PartitionedParquetWriter:
         self._seq = 0
         self._incoming: list[pa.Table] = []
         self._incoming_bytes = 0
-        self._base_footer = _empty_footer_bytes(schema, self._footer_metadata("", 0)) + 64
+        self._base_footer = _empty_footer_bytes(self.file_schema, self._footer_metadata("", 0)) + 64
         self._string_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
         # Dictionary pages pay off for repeated values (text, codes, dates, the system columns); for floating
         # point and time stamps, which rarely repeat, hashing every value only to fall back to plain costs time.
@@ -217,7 +231,8 @@ class PartitionedParquetWriter:
         self._statistics_bytes = 2 * 256 * len(self._string_columns)  # grows with the longest values written
 
     def write(self, table: pa.Table) -> None:
-        """Add rows (already in the file schema)."""
+        """Add rows (in ``schema``; the repeated system columns may already be dictionary-encoded)."""
+        table = _encode_repeated(table, self.file_schema)
         self._incoming.append(table)
         self._incoming_bytes += table.nbytes
         if self._incoming_bytes >= SPLIT_BYTES:
@@ -314,7 +329,10 @@ class PartitionedParquetWriter:
         """Footer bytes a written row group adds: chunk metadata and min/max of its string columns."""
         statistics = 0
         for name in self._string_columns:
-            longest = pc.max(pc.binary_length(data.column(name))).as_py() or 0
+            column = data.column(name)
+            if pa.types.is_dictionary(column.type):
+                column = pa.chunked_array([c.dictionary for c in column.chunks], column.type.value_type)
+            longest = pc.max(pc.binary_length(column)).as_py() or 0
             statistics += 2 * longest if longest <= MAX_STATISTICS_VALUE else 0
         self._statistics_bytes = max(self._statistics_bytes, statistics)
         return len(self.schema) * CHUNK_METADATA_BYTES + statistics
@@ -326,7 +344,12 @@ class PartitionedParquetWriter:
         folder = f"{self.location}/{state.path}" if state.path else self.location
         sink = _Sink(f"{folder}/{name}", self.s3)
         writer = pq.ParquetWriter(
-            sink, self.schema, compression="snappy", write_statistics=True, use_dictionary=self._dictionary_columns
+            sink,
+            self.file_schema,
+            compression="snappy",
+            write_statistics=True,
+            use_dictionary=self._dictionary_columns,
+            store_schema=False,
         )
         state.written = 0
         state.footer = self._base_footer + len(state.path.encode())
@@ -393,7 +416,9 @@ def _row_bytes(table: pa.Table) -> np.ndarray:
     fixed = 0.0
     for column in table.columns:
         kind = column.type
-        if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        if pa.types.is_dictionary(kind):
+            fixed += kind.index_type.bit_width / 8
+        elif pa.types.is_string(kind) or pa.types.is_binary(kind):
             lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
             per_row += np.nan_to_num(lengths.astype(np.float64)) + 4
         elif pa.types.is_boolean(kind):
@@ -408,10 +433,41 @@ def _row_bytes(table: pa.Table) -> np.ndarray:
 def _empty_footer_bytes(schema: pa.Schema, metadata: Mapping[str, str]) -> int:
     """Footer size of a file with this schema and metadata and no rows."""
     buffer = pa.BufferOutputStream()
-    writer = pq.ParquetWriter(buffer, schema, compression="snappy")
+    writer = pq.ParquetWriter(buffer, schema, compression="snappy", store_schema=False)
     writer.add_key_value_metadata(dict(metadata))
     writer.close()
     return buffer.getvalue().size
+
+
+def _encode_repeated(table: pa.Table, file_schema: pa.Schema) -> pa.Table:
+    """The table with its repeated system columns as dictionaries of the file schema."""
+    for i, f in enumerate(table.schema):
+        if f.name not in REPEATED_COLUMNS or not pa.types.is_string(f.type):
+            continue
+        target = file_schema.field(f.name).type
+        if pa.types.is_dictionary(target):
+            column = pa.chunked_array([_dictionary(chunk) for chunk in table.column(i).chunks], target)
+            table = table.set_column(i, file_schema.field(f.name), column)
+    return table
+
+
+def _dictionary(chunk: pa.Array) -> pa.Array:
+    """A string array as a dictionary array; cheap when every value is the same (the usual batch)."""
+    n = len(chunk)
+    if n and chunk.null_count == 0:
+        first = chunk[0].as_py()
+        if first == chunk[n - 1].as_py():
+            data = first.encode()
+            _, offsets, values = chunk.buffers()
+            starts = np.frombuffer(offsets, dtype=np.int32, count=n + 1, offset=chunk.offset * 4)
+            size = int(starts[-1] - starts[0])
+            if size == len(data) * n:
+                blob = values.slice(int(starts[0]), size).to_pybytes() if values is not None else b""
+                if not data or blob.count(data) == n:
+                    return pa.DictionaryArray.from_arrays(
+                        pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([first], pa.string())
+                    )
+    return pc.dictionary_encode(chunk).cast(pa.dictionary(pa.int32(), pa.string()))
 
 
 def remove_file(uri: str, s3: S3Settings) -> None:

@@ -138,7 +138,8 @@ def test_a_strict_failure_at_the_end_removes_the_files_already_finished(
     assert project.materialize().success
     before = project.table(TABLE).metadata_location
     first_files = parquet_files(project)
-    project.write_data("people.csv", people_csv(ROWS, bad_line=ROWS + 1))
+    rows = 4 * ROWS  # several combined batches: files are finished before the last one's bad row
+    project.write_data("people.csv", people_csv(rows, bad_line=rows + 1))
     finished: list[str] = []
     close = write_module.PartitionedParquetWriter._close
 
