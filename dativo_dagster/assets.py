@@ -14,6 +14,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
+from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
@@ -50,7 +51,7 @@ from dativo_dagster.table_schema import (
     rejects_iceberg_schema,
 )
 from dativo_dagster.validate import ValidationReport
-from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governance_metadata
+from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governance_metadata, remove_file
 
 log = logging.getLogger(__name__)
 
@@ -576,10 +577,10 @@ def stream_sources(
             classify=lambda exc: is_transient(exc, spec.retry_config.retryable_errors),
         )
     except StageFailure as exc:
-        _drop_created(created)
+        _drop_created(created, s3)
         raise to_failure(exc.error, loaded, exc.stage, secrets) from None
     if outcome.strict_failed or outcome.write_error is not None:
-        _drop_created(created)
+        _drop_created(created, s3)
     return outcome
 
 
@@ -594,8 +595,11 @@ def _ensure_table(
     return table
 
 
-def _drop_created(created: list[tuple[Any, str]]) -> None:
-    """Drop the tables this run created, as long as nothing was committed to them (best effort)."""
+def _drop_created(created: list[tuple[Any, str]], s3: Any) -> None:
+    """Drop the tables this run created, as long as nothing was committed to them (best effort), with the
+    metadata files creating them wrote: once the table is dropped no catalog names them, so nothing else
+    would ever remove them (S3 objects are deleted with boto3: pyarrow's filesystem would leave a folder marker
+    object in their place). A REST catalog wrote its files itself and keeps them its own way."""
     for catalog, name in created:
         try:
             table = catalog.load_table(name)
@@ -603,6 +607,14 @@ def _drop_created(created: list[tuple[Any, str]]) -> None:
                 catalog.drop_table(name)
         except Exception:  # noqa: BLE001 - an empty table left behind is harmless; the run's own error matters
             log.warning("could not drop the empty table %s this run created", name)
+            continue
+        if isinstance(catalog, RestCatalog) or table.metadata.snapshots:
+            continue
+        for path in {table.metadata_location, *(entry.metadata_file for entry in table.metadata.metadata_log)}:
+            try:
+                remove_file(path, s3)
+            except Exception:  # noqa: BLE001 - as above: a stray metadata file is harmless
+                log.warning("could not remove %s of the dropped table %s", path, name)
 
 
 def verify_written(outcome: PipelineOutcome, s3: Any) -> None:

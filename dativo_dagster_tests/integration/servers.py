@@ -371,9 +371,16 @@ class SeaweedFS:
         assert last_error is not None
         raise last_error
 
-    def restart(self) -> SeaweedFS:
-        """Stop and start again on the same ports, data and credentials (data survives)."""
+    def halt(self) -> None:
+        """Stop the server as an outage would (SIGTERM), keeping its folder, ports and credentials so that
+        :meth:`restart` brings it back with its data."""
         if self.process is None:
+            raise ServerError("SeaweedFS not running")
+        self._terminate()
+
+    def restart(self) -> SeaweedFS:
+        """Stop (unless halted) and start again on the same ports, data and credentials (data survives)."""
+        if not self.ports or self.base_dir is None or not self.access_key:
             raise ServerError("SeaweedFS not started")
         self._terminate()
         assert self.base_dir is not None
