@@ -20,7 +20,7 @@ from pyiceberg.utils.datetime import datetime_to_millis
 
 from dativo_dagster.errors import CommitError
 from dativo_dagster.markers import read_commit_markers
-from dativo_dagster.storage import S3Settings, filesystem_for
+from dativo_dagster.storage import S3Settings, delete_s3_object, filesystem_for, is_s3_uri
 from dativo_dagster.table_state import STATE_FILE_PREFIX, read_branch_state, state_file_of
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,11 @@ def _remove_unreferenced(
             continue
         if not dry_run:
             try:
-                fs.delete_file(info.path)
+                if is_s3_uri(uri):
+                    # boto3, not pyarrow: pyarrow's delete leaves an empty "folder" object where the file was
+                    delete_s3_object(uri, s3)
+                else:
+                    fs.delete_file(info.path)
             except FileNotFoundError:
                 continue
         report.removed.append(uri)

@@ -455,18 +455,10 @@ def _dictionary(chunk: pa.Array) -> pa.Array:
     """A string array as a dictionary array; cheap when every value is the same (the usual batch)."""
     n = len(chunk)
     if n and chunk.null_count == 0:
-        first = chunk[0].as_py()
-        if first == chunk[n - 1].as_py():
-            data = first.encode()
-            _, offsets, values = chunk.buffers()
-            starts = np.frombuffer(offsets, dtype=np.int32, count=n + 1, offset=chunk.offset * 4)
-            size = int(starts[-1] - starts[0])
-            if size == len(data) * n:
-                blob = values.slice(int(starts[0]), size).to_pybytes() if values is not None else b""
-                if not data or blob.count(data) == n:
-                    return pa.DictionaryArray.from_arrays(
-                        pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([first], pa.string())
-                    )
+        first = chunk[0]
+        # one comparison kernel (it runs without the GIL), no hashing
+        if first == chunk[n - 1] and pc.all(pc.equal(chunk, first)).as_py():
+            return pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([first.as_py()]))
     return pc.dictionary_encode(chunk).cast(pa.dictionary(pa.int32(), pa.string()))
 
 
