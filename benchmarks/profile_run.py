@@ -40,13 +40,13 @@ ASSET = "bench_person5m"
 RATE = 100  # samples per second
 TOP = 12
 
-# The innermost of these on a stack names the step the sample belongs to. The ops stream their data: the
-# extract op's reader runs while the staging IO manager consumes it, so the op functions themselves are
-# often not on the stack, but these generators and functions are.
+# The innermost of these on a stack names the stage the sample belongs to. The rows stream through three
+# threads at once inside the extract step (pipeline.py): the reader, the validator and the writer (the step's
+# own thread), so samples are attributed by the stage's functions, not by the step that was running.
 STEP_MARKERS = (
     ("commit", ("_commit (", "commit_files (")),
-    ("write", ("_write (", "write_batches (")),
-    ("validate", ("valid_batches (", "validate_batch (")),
+    ("write", ("_write_stage (", "write_batches (")),
+    ("validate", ("validate_batch (",)),
     ("extract", ("iter_source_batches (", "read_source_file (")),
 )
 
@@ -191,10 +191,15 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
         f"- **dativo-dagster**: {code_version(runner.code, args.code)}",
         f"- **how**: `py-spy record --rate {RATE} {' '.join(native)}` around "
         f"`dativo-dagster materialize --select {ASSET}` "
-        f"(one run, sampling slows it a little: {proc.wall:.1f} s in all); RSS sampled every 50 ms "
-        "(RssAnon = heap and Arrow buffers, RssFile = file-backed pages such as memory-mapped staging files).",
+        f"(one run; sampling three busy threads with native frames slows it severalfold: {proc.wall:.1f} s in all, "
+        "so read the shares, not the seconds); RSS sampled every 50 ms "
+        "(RssAnon = heap and Arrow buffers, RssFile = file-backed pages such as shared libraries).",
         "",
         "## Time and memory per step",
+        "",
+        "The rows stream through reading, validation and writing at once inside the extract step (README, Design):",
+        "samples are attributed to those stages by the functions on each thread's stack, the event-log seconds",
+        "and memory to the step that was running.",
         "",
         "| step | seconds (event log) | samples | share of samples | peak RssAnon MiB | peak RssFile MiB |",
         "|---|---:|---:|---:|---:|---:|",

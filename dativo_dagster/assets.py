@@ -651,9 +651,15 @@ def _write_result(outcome: PipelineOutcome, extract_report: "ExtractReport") -> 
 
 
 def _stage_seconds(seconds: dict[str, float]) -> dict[str, float]:
-    """Busy seconds of each stage of the stream (``extract_seconds``, ``validate_seconds``, ``write_seconds``:
-    they overlap, so their sum exceeds the wall time) and the stream's wall time (``stream_seconds``)."""
-    return {f"{'stream' if stage == 'wall' else stage}_seconds": value for stage, value in seconds.items()}
+    """Busy seconds of each stage of the stream (they overlap, so their sum exceeds the wall time) and the
+    stream's wall time."""
+    keys = {
+        "extract": "extract_seconds",
+        "validate": "validate_seconds",
+        "write": "write_seconds",
+        "wall": "stream_seconds",
+    }
+    return {keys[stage]: value for stage, value in seconds.items() if stage in keys}
 
 
 def _strict_failure(name: str, report: ValidationReport) -> dg.Failure:

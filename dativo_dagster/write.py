@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from dativo_dagster.errors import StorageError
 from dativo_dagster.storage import (
     MAX_TAGS,  # noqa: F401 - part of this module's interface since the S3 helpers moved to storage
     S3Settings,
@@ -90,10 +91,14 @@ class _Sink:
         self.closed = False
 
     def write(self, data: Any) -> int:
-        if self._handle is None:
-            self._handle = open(self.local_path, self._mode)  # noqa: SIM115 - released after each row group
-            self._mode = "ab"
-        written = self._handle.write(data)
+        try:
+            if self._handle is None:
+                self._handle = open(self.local_path, self._mode)  # noqa: SIM115 - released after each row group
+                self._mode = "ab"
+            written = self._handle.write(data)
+        except OSError as exc:
+            # a full disk or a refused folder: name the file (the local copy, for an object on S3)
+            raise StorageError(f"{self.local_path}: cannot write: {exc}") from None
         self._position += written
         return written
 
