@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import random
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -101,15 +100,6 @@ class SlowDown:
             return None
         headers = {"Content-Type": "application/xml", "x-amz-request-id": "injected"}
         return AWSResponse(request.url, 503, headers, _Body(SLOW_DOWN_BODY))
-
-
-@pytest.fixture
-def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The temporary folder, where the S3 sink stages data files before uploading them."""
-    folder = tmp_path / "staging"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def staged_files(staging: Path) -> list[Path]:
@@ -403,5 +393,106 @@ def test_s3_going_down_during_the_uploads_fails_the_write_step_and_a_run_after_i
         # no object is left but the referenced ones (not even an empty "folder" marker where the orphan was)
         assert data_keys(deployment, "people") == referenced
         assert table_rows(catalog.load_table("testdomain.people")) == first + second
+    finally:
+        server.stop()
+
+
+def test_s3_down_before_the_run_fails_it_at_once_with_nothing_written_and_the_next_run_loads_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
+) -> None:
+    server = SeaweedFS()
+    server.start()
+    try:
+        deployment = make_deployment("sqlite", server, None, tmp_path)
+        deployment.apply(monkeypatch)
+        project = Project(tmp_path / "project")
+        project.write_spec(regions_spec("people"))
+        first = write_source(project, "people", "a.csv", range(1, 31))
+        assert run(project).success
+        files_before = data_keys(deployment, "people")
+        second = write_source(project, "people", "b.csv", range(31, 61))
+
+        server.halt()
+        instance = dg.DagsterInstance.ephemeral()
+        result = run(project, instance=instance)
+        server.restart()
+
+        assert not result.success
+        [message] = failure_messages(result)
+        # met first by loading the table's metadata from the bucket (botocore and pyarrow word it differently)
+        assert "Could not connect" in message, message
+        # unreachable storage is transient: the step that met it was retried, then the run failed
+        assert retries_of(result, "__extract") == RETRIES
+        assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
+        catalog = deployment.catalog()
+        assert table_rows(catalog.load_table("testdomain.people")) == first
+        assert data_keys(deployment, "people") == files_before  # nothing was written
+        assert staged_files(staging) == []
+
+        assert run(project).success
+        table = catalog.load_table("testdomain.people")
+        assert table_rows(table) == first + second
+        assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
+    finally:
+        server.stop()
+
+
+def test_s3_down_after_the_write_fails_the_commit_with_the_table_unchanged_and_the_next_run_loads_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
+) -> None:
+    import dativo_dagster.assets as assets_module  # noqa: PLC0415 - the commit step's function is patched
+
+    server = SeaweedFS()
+    server.start()
+    try:
+        deployment = make_deployment("sqlite", server, None, tmp_path)
+        deployment.apply(monkeypatch)
+        project = Project(tmp_path / "project")
+        project.write_spec(regions_spec("people"))
+        first = write_source(project, "people", "a.csv", range(1, 31))
+        assert run(project).success
+        catalog = deployment.catalog()
+        head_before = catalog.load_table("testdomain.people").snapshot_by_name(BRANCH)
+        assert head_before is not None
+        second = write_source(project, "people", "b.csv", range(31, 61))
+
+        commit = assets_module._commit
+
+        halted: list[bool] = []
+
+        def go_down_then_commit(*args: Any, **kwargs: Any) -> Any:
+            if not halted:  # the data files are uploaded; the catalog commit must write metadata to S3
+                server.halt()
+                halted.append(True)
+            return commit(*args, **kwargs)
+
+        monkeypatch.setattr(assets_module, "_commit", go_down_then_commit)
+        instance = dg.DagsterInstance.ephemeral()
+        result = run(project, instance=instance)
+        monkeypatch.setattr(assets_module, "_commit", commit)
+        server.restart()
+
+        assert not result.success
+        assert retries_of(result, "__commit") == RETRIES
+        [message] = failure_messages(result)
+        assert "Could not connect" in message or "Connection refused" in message, message
+        assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
+        table = catalog.load_table("testdomain.people")
+        head = table.snapshot_by_name(BRANCH)
+        assert head is not None and head.snapshot_id == head_before.snapshot_id
+        assert table_rows(table) == first
+        orphans = data_keys(deployment, "people") - referenced_keys(table, deployment.bucket)
+        assert len(orphans) == len(REGIONS)  # the run's files: uploaded, never referenced
+
+        assert run(project).success
+        table = catalog.load_table("testdomain.people")
+        assert table_rows(table) == first + second
+        assert duckdb_table_rows(server, table) == first + second
+        maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+            run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
+            instance=dg.DagsterInstance.ephemeral(),
+        )
+        assert maintenance.success
+        assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
     finally:
         server.stop()

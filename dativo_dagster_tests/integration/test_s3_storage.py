@@ -44,15 +44,6 @@ def s3(seaweedfs: SeaweedFS) -> S3Settings:
     return S3Settings(seaweedfs.s3_endpoint, seaweedfs.region, seaweedfs.access_key, seaweedfs.secret_key)
 
 
-@pytest.fixture
-def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The folder where the S3 sink stages files before uploading them."""
-    folder = tmp_path / "staging"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
 def loaded_with(tmp_path: Path, *paths: str) -> LoadedSpec:
     project = Project(tmp_path / unique("p"))
     project.write_spec(base_spec("people", source={"type": "csv", "files": [{"path": p} for p in paths]}))
