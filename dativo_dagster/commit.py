@@ -239,6 +239,23 @@ def _ensure_branch(table: Table, branch: str) -> Table:
     return table.refresh()
 
 
+def _try_write_state_file(table: Table, state: Any, *, keep_sources: bool) -> str | None:
+    """The commit's state file, or None when the table's metadata folder refuses it.
+
+    A REST catalog may let clients write only Iceberg's own files under its metadata folder (SeaweedFS's does:
+    Access Denied). Without the file the commit is still complete: its summary holds its own source state and
+    readers walk the branch's history instead (slower on a long history, which snapshot expiry keeps short).
+    """
+    try:
+        return write_state_file(table, state, keep_sources=keep_sources)
+    except OSError as exc:
+        log.warning(
+            "could not write the branch state file of %s (%s); the state is read from the history",
+            ".".join(table.name()), exc,
+        )
+        return None
+
+
 def commit_files(
     table: Table,
     *,
@@ -307,8 +324,9 @@ def commit_files(
             if data_files is None:
                 data_files = _data_files(table, files, partitioner)
             # the state before this commit, for the next one to read instead of this branch's whole history
-            state_file = write_state_file(table, decided.state, keep_sources=not overwrite)
-            _commit_once(table, branch, data_files, {**snapshot_properties, STATE_FILE_KEY: state_file}, overwrite,
+            state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite)
+            state_property = {STATE_FILE_KEY: state_file} if state_file is not None else {}
+            _commit_once(table, branch, data_files, {**snapshot_properties, **state_property}, overwrite,
                          decided.replaced)
         except CommitStateUnknownException as exc:
             last_error = exc  # the commit may have landed, naming the state file: keep it

@@ -367,7 +367,9 @@ def read_source_file(
                 held = out
             break
         except _RecordTooLong as exc:
-            if block_size >= MAX_BLOCK_SIZE:
+            # a record with no line break for MAX_BLOCK_SIZE characters cannot fit any block: refuse it now,
+            # without passes over the file with ever larger blocks (pyarrow reads dozens of blocks ahead)
+            if block_size >= MAX_BLOCK_SIZE or not _line_break_within(source, options, s3, exc.line, MAX_BLOCK_SIZE):
                 raise SourceError(
                     f"the record starting here is longer than {MAX_BLOCK_SIZE >> 20} MiB, the most one record may"
                     " hold; is this a CSV file with the declared delimiter and quote character?",
@@ -689,6 +691,34 @@ def _text_from_line(source: SourceFile, options: CsvOptions, s3: S3Settings, lin
             if not chunk:
                 break
     return "".join(found).removeprefix("\ufeff")
+
+
+def _line_break_within(source: SourceFile, options: CsvOptions, s3: S3Settings, line: int, limit: int) -> bool:
+    """Whether a line break (or the end of the file) follows within ``limit`` characters of physical ``line``'s
+    start: a record can only end at one, so without it the record is longer than ``limit``."""
+    decoder = codecs.getincrementaldecoder(_codec_name(options))(errors="replace")
+    breaks = re.compile(r"\r\n|\r|\n")
+    to_skip = line - 1
+    seen = 0  # characters of the line read so far
+    with _open(source, s3) as stream:
+        while True:
+            chunk = stream.read(BLOCK_SIZE)
+            if not chunk:
+                return True  # the end of the file ends the record
+            text = decoder.decode(chunk)
+            if to_skip:
+                for match in breaks.finditer(text):
+                    to_skip -= 1
+                    if to_skip == 0:
+                        text = text[match.end():]
+                        break
+                else:
+                    continue
+            if "\n" in text or "\r" in text:
+                return True
+            seen += len(text)
+            if seen > limit:
+                return False
 
 
 def _ends_inside_quotes(record: str, delimiter: str, quote: str) -> bool:

@@ -139,14 +139,14 @@ def test_catalog_down_before_the_commit_is_retried_then_fails_and_the_table_is_u
         assert run(project).success  # a first run commits normally
         project.write_data("people.csv", "id,name\n2,Bob\n")
 
-        write = assets_module._write
+        write = assets_module._write_result  # what the write step returns, once its files are in place
 
         def write_then_lose_the_catalog(*args: Any, **kwargs: Any) -> Any:
             written = write(*args, **kwargs)
             cluster.stop()  # the real server goes away between the write and the commit
             return written
 
-        monkeypatch.setattr(assets_module, "_write", write_then_lose_the_catalog)
+        monkeypatch.setattr(assets_module, "_write_result", write_then_lose_the_catalog)
         instance = dg.DagsterInstance.ephemeral()
         result = run(project, instance=instance)
         assert not result.success
