@@ -4,7 +4,6 @@
 import logging
 import re
 import time
-import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
-from dativo_dagster.errors import DativoError, StorageError, is_transient, redact
+from dativo_dagster.errors import StorageError, is_transient
 from dativo_dagster.extract import SourceFile, list_source_files
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
@@ -36,7 +35,7 @@ from dativo_dagster.io_managers import (
     WAREHOUSE_META,
 )
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
-from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageError, StageFailure, run_pipeline
+from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageError, StageFailure, run_pipeline, stage_error
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
 from dativo_dagster.storage import filesystem_for
@@ -126,20 +125,8 @@ def to_failure(
     The original exception is not chained (its text may hold credentials): its redacted traceback
     goes into the failure's metadata instead.
     """
-    transient = is_transient(exc, loaded.spec.retry_config.retryable_errors)
-    message = str(exc) if isinstance(exc, DativoError) else f"{type(exc).__name__}: {exc}"
-    if where and where.rstrip(": ").rsplit(" ", 1)[-1] in message:
-        where = ""  # the message names the place already
-    return dg.Failure(
-        description=redact(f"{where}{message}", secrets),
-        metadata={
-            "step": step,
-            "error_class": type(exc).__name__,
-            "retryable": transient,
-            "traceback": dg.MetadataValue.text(redact("".join(traceback.format_exception(exc)), secrets)),
-        },
-        allow_retries=transient,
-    )
+    retryable = loaded.spec.retry_config.retryable_errors
+    return _stage_failure(stage_error(step, exc, secrets, lambda e: is_transient(e, retryable), where))
 
 
 @contextmanager

@@ -298,10 +298,10 @@ def _write_stage(
         begun = time.perf_counter()
         try:
             if kind == "valid":
-                sinks.data.write(_table_with_system_columns(batch, sinks.data.schema, sinks.ingested_at, sinks.run_id))
+                sinks.data.write(_table_with_system_columns(batch, sinks.data, sinks.ingested_at, sinks.run_id))
             else:
                 writer = sinks.rejects_writer()
-                writer.write(_table_with_system_columns(batch, writer.schema, sinks.ingested_at, sinks.run_id))
+                writer.write(_table_with_system_columns(batch, writer, sinks.ingested_at, sinks.run_id))
         except Exception as exc:  # noqa: BLE001 - recorded, reported by the write step
             outcome.write_error = stage_error("write", exc, secrets, classify)
         progress.busy["write"] += time.perf_counter() - begun
@@ -317,37 +317,54 @@ def _write_stage(
 
 
 def stage_error(
-    stage: str, exc: BaseException, secrets: Sequence[str | None], classify: Callable[[BaseException], bool]
+    stage: str,
+    exc: BaseException,
+    secrets: Sequence[str | None],
+    classify: Callable[[BaseException], bool],
+    where: str = "",
 ) -> StageError:
-    """A redacted, classified record of ``exc``."""
+    """A redacted, classified record of ``exc``; ``where`` prefixes the message unless it names the place."""
     message = str(exc) if isinstance(exc, DativoError) else f"{type(exc).__name__}: {exc}"
+    if where and where.rstrip(": ").rsplit(" ", 1)[-1] in message:
+        where = ""
     return StageError(
         stage=stage,
         error_class=type(exc).__name__,
-        message=redact(message, secrets),
+        message=redact(f"{where}{message}", secrets),
         traceback=redact("".join(traceback.format_exception(exc)), secrets),
         retryable=classify(exc),
     )
 
 
 def _table_with_system_columns(
-    batch: pa.RecordBatch, file_schema: pa.Schema, ingested_at: pa.Scalar, run_id: str
+    batch: pa.RecordBatch, writer: PartitionedParquetWriter, ingested_at: pa.Scalar, run_id: str
 ) -> pa.Table:
-    """A validated batch in the file schema: the spec's columns, then the system columns."""
+    """A validated batch for ``writer``: the spec's columns, then the system columns.
+
+    ``_run_id`` is made in the writer's dictionary form at once (one value, no per-row copies); the other
+    columns keep their logical type and the writer encodes ``_source_file`` itself.
+    """
     n = batch.num_rows
     columns = []
+    fields = []
     names = batch.schema.names
-    for f in file_schema:
-        if f.name == INGESTED_AT:
+    for logical, physical in zip(writer.schema, writer.file_schema, strict=True):
+        field = logical
+        if logical.name == INGESTED_AT:
             columns.append(pa.repeat(ingested_at, n))
-        elif f.name == RUN_ID:
+        elif logical.name == RUN_ID and pa.types.is_dictionary(physical.type):
+            indices = pa.repeat(pa.scalar(0, pa.int32()), n)
+            columns.append(pa.DictionaryArray.from_arrays(indices, pa.array([run_id])))
+            field = physical
+        elif logical.name == RUN_ID:
             columns.append(pa.repeat(run_id, n))
-        elif f.name in names:
-            column = batch.column(f.name)
-            columns.append(column if column.type == f.type else column.cast(f.type))
+        elif logical.name in names:
+            column = batch.column(logical.name)
+            columns.append(column if column.type == logical.type else column.cast(logical.type))
         else:
-            columns.append(pa.nulls(n, f.type))
-    return pa.Table.from_arrays(columns, schema=file_schema)
+            columns.append(pa.nulls(n, logical.type))
+        fields.append(field)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=writer.schema.metadata))
 
 
 __all__ = ["PipelineOutcome", "Sinks", "StageError", "StageFailure", "run_pipeline"]

@@ -7,7 +7,6 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
-import pytest
 
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
