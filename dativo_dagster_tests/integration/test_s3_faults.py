@@ -321,178 +321,171 @@ def test_throttled_multipart_uploads_are_retried_and_a_failed_one_leaves_no_part
     assert staged_files(staging) == []
 
 
-def test_s3_going_down_during_the_uploads_fails_the_write_step_and_a_run_after_it_is_back_loads_every_row_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
-) -> None:
-    # a server of its own: this one is stopped in the middle of a run
-    server = SeaweedFS()
-    server.start()
+@pytest.fixture
+def server() -> Iterator[SeaweedFS]:
+    """A SeaweedFS of the test's own: these tests stop it in the middle of a run."""
+    own = SeaweedFS()
+    own.start()
     try:
-        deployment = make_deployment("sqlite", server, None, tmp_path)
-        deployment.apply(monkeypatch)
-        project = Project(tmp_path / "project")
-        project.write_spec(regions_spec("people"))
-        first = write_source(project, "people", "a.csv", range(1, 31))
-        assert run(project).success
-        catalog = deployment.catalog()
-        head_before = catalog.load_table("testdomain.people").snapshot_by_name(BRANCH)
-        files_before = data_keys(deployment, "people")
-        assert head_before is not None and len(files_before) == len(REGIONS)
-        second = write_source(project, "people", "b.csv", range(31, 61))
-
-        uploaded: list[str] = []
-        upload = write_module.upload_s3_file
-
-        def upload_then_go_down(local_path: str, uri: str, *args: Any, **kwargs: Any) -> None:
-            upload(local_path, uri, *args, **kwargs)
-            uploaded.append(uri)
-            if len(uploaded) == 1:
-                server.halt()  # the first data file is in; the server is gone before the second
-
-        monkeypatch.setattr(write_module, "upload_s3_file", upload_then_go_down)
-        instance = dg.DagsterInstance.ephemeral()
-        result = run(project, instance=instance)
-        monkeypatch.setattr(write_module, "upload_s3_file", upload)
-
-        assert not result.success
-        assert len(uploaded) == 1
-        assert retries_of(result, "__write") == RETRIES and retries_of(result, "__extract") == 0
-        [message] = failure_messages(result)
-        assert f"s3://{deployment.bucket}/warehouse" in message and "Could not connect to the endpoint" in message
-        assert failure_metadata(result, "__write")["retryable"] is True
-        assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
-        assert staged_files(staging) == []
-
-        server.restart()  # same ports, credentials and data
-
-        # the failed run changed nothing; the file it uploaded before the outage is not referenced
-        table = catalog.load_table("testdomain.people")
-        head = table.snapshot_by_name(BRANCH)
-        assert head is not None and head.snapshot_id == head_before.snapshot_id
-        assert table_rows(table) == first
-        [orphan] = [uri.removeprefix(f"s3://{deployment.bucket}/") for uri in uploaded]
-        assert data_keys(deployment, "people") == files_before | {orphan}
-
-        result = run(project)
-
-        assert result.success, failure_messages(result)
-        table = catalog.load_table("testdomain.people")
-        assert table_rows(table) == first + second
-        assert duckdb_table_rows(server, table) == first + second
-        referenced = referenced_keys(table, deployment.bucket)
-        assert len(referenced) == 2 * len(REGIONS) and orphan not in referenced
-        assert data_keys(deployment, "people") == referenced | {orphan}
-
-        maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-            run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
-            instance=dg.DagsterInstance.ephemeral(),
-        )
-
-        assert maintenance.success
-        assert maintenance.output_for_node("remove_orphan_files") == 1
-        # no object is left but the referenced ones (not even an empty "folder" marker where the orphan was)
-        assert data_keys(deployment, "people") == referenced
-        assert table_rows(catalog.load_table("testdomain.people")) == first + second
+        yield own
     finally:
-        server.stop()
+        own.stop()
+
+
+def after_a_first_run(
+    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Deployment, Project, Counter[Row]]:
+    """A deployment on ``server`` whose table ``people`` holds a first file's rows (returned)."""
+    deployment = make_deployment("sqlite", server, None, tmp_path)
+    deployment.apply(monkeypatch)
+    project = Project(tmp_path / "project")
+    project.write_spec(regions_spec("people"))
+    first = write_source(project, "people", "a.csv", range(1, 31))
+    assert run(project).success
+    return deployment, project, first
+
+
+def test_s3_going_down_during_the_uploads_fails_the_write_step_and_a_run_after_it_is_back_loads_every_row_once(
+    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
+) -> None:
+    deployment, project, first = after_a_first_run(server, tmp_path, monkeypatch)
+    catalog = deployment.catalog()
+    head_before = catalog.load_table("testdomain.people").snapshot_by_name(BRANCH)
+    files_before = data_keys(deployment, "people")
+    assert head_before is not None and len(files_before) == len(REGIONS)
+    second = write_source(project, "people", "b.csv", range(31, 61))
+
+    uploaded: list[str] = []
+    upload = write_module.upload_s3_file
+
+    def upload_then_go_down(local_path: str, uri: str, *args: Any, **kwargs: Any) -> None:
+        upload(local_path, uri, *args, **kwargs)
+        uploaded.append(uri)
+        if len(uploaded) == 1:
+            server.halt()  # the first data file is in; the server is gone before the second
+
+    monkeypatch.setattr(write_module, "upload_s3_file", upload_then_go_down)
+    instance = dg.DagsterInstance.ephemeral()
+    result = run(project, instance=instance)
+    monkeypatch.setattr(write_module, "upload_s3_file", upload)
+
+    assert not result.success
+    assert len(uploaded) == 1
+    assert retries_of(result, "__write") == RETRIES and retries_of(result, "__extract") == 0
+    [message] = failure_messages(result)
+    assert f"s3://{deployment.bucket}/warehouse" in message and "Could not connect to the endpoint" in message
+    assert failure_metadata(result, "__write")["retryable"] is True
+    assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
+    assert staged_files(staging) == []
+
+    server.restart()  # same ports, credentials and data
+
+    # the failed run changed nothing; the file it uploaded before the outage is not referenced
+    table = catalog.load_table("testdomain.people")
+    head = table.snapshot_by_name(BRANCH)
+    assert head is not None and head.snapshot_id == head_before.snapshot_id
+    assert table_rows(table) == first
+    [orphan] = [uri.removeprefix(f"s3://{deployment.bucket}/") for uri in uploaded]
+    assert data_keys(deployment, "people") == files_before | {orphan}
+
+    result = run(project)
+
+    assert result.success, failure_messages(result)
+    table = catalog.load_table("testdomain.people")
+    assert table_rows(table) == first + second
+    assert duckdb_table_rows(server, table) == first + second
+    referenced = referenced_keys(table, deployment.bucket)
+    assert len(referenced) == 2 * len(REGIONS) and orphan not in referenced
+    assert data_keys(deployment, "people") == referenced | {orphan}
+
+    maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+        run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+
+    assert maintenance.success
+    assert maintenance.output_for_node("remove_orphan_files") == 1
+    # no object is left but the referenced ones (not even an empty "folder" marker where the orphan was)
+    assert data_keys(deployment, "people") == referenced
+    assert table_rows(catalog.load_table("testdomain.people")) == first + second
 
 
 def test_s3_down_before_the_run_fails_it_at_once_with_nothing_written_and_the_next_run_loads_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
+    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
 ) -> None:
-    server = SeaweedFS()
-    server.start()
-    try:
-        deployment = make_deployment("sqlite", server, None, tmp_path)
-        deployment.apply(monkeypatch)
-        project = Project(tmp_path / "project")
-        project.write_spec(regions_spec("people"))
-        first = write_source(project, "people", "a.csv", range(1, 31))
-        assert run(project).success
-        files_before = data_keys(deployment, "people")
-        second = write_source(project, "people", "b.csv", range(31, 61))
+    deployment, project, first = after_a_first_run(server, tmp_path, monkeypatch)
+    files_before = data_keys(deployment, "people")
+    second = write_source(project, "people", "b.csv", range(31, 61))
 
-        server.halt()
-        instance = dg.DagsterInstance.ephemeral()
-        result = run(project, instance=instance)
-        server.restart()
+    server.halt()
+    instance = dg.DagsterInstance.ephemeral()
+    result = run(project, instance=instance)
+    server.restart()
 
-        assert not result.success
-        [message] = failure_messages(result)
-        # met first by loading the table's metadata from the bucket (botocore and pyarrow word it differently)
-        assert "Could not connect" in message, message
-        # unreachable storage is transient: the step that met it was retried, then the run failed
-        assert retries_of(result, "__extract") == RETRIES
-        assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
-        catalog = deployment.catalog()
-        assert table_rows(catalog.load_table("testdomain.people")) == first
-        assert data_keys(deployment, "people") == files_before  # nothing was written
-        assert staged_files(staging) == []
+    assert not result.success
+    [message] = failure_messages(result)
+    # met first by loading the table's metadata from the bucket (botocore and pyarrow word it differently)
+    assert "Could not connect" in message, message
+    # unreachable storage is transient: the step that met it was retried, then the run failed
+    assert retries_of(result, "__extract") == RETRIES
+    assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
+    catalog = deployment.catalog()
+    assert table_rows(catalog.load_table("testdomain.people")) == first
+    assert data_keys(deployment, "people") == files_before  # nothing was written
+    assert staged_files(staging) == []
 
-        assert run(project).success
-        table = catalog.load_table("testdomain.people")
-        assert table_rows(table) == first + second
-        assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
-    finally:
-        server.stop()
+    assert run(project).success
+    table = catalog.load_table("testdomain.people")
+    assert table_rows(table) == first + second
+    assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
 
 
 def test_s3_down_after_the_write_fails_the_commit_with_the_table_unchanged_and_the_next_run_loads_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
+    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
 ) -> None:
     import dativo_dagster.assets as assets_module  # noqa: PLC0415 - the commit step's function is patched
 
-    server = SeaweedFS()
-    server.start()
-    try:
-        deployment = make_deployment("sqlite", server, None, tmp_path)
-        deployment.apply(monkeypatch)
-        project = Project(tmp_path / "project")
-        project.write_spec(regions_spec("people"))
-        first = write_source(project, "people", "a.csv", range(1, 31))
-        assert run(project).success
-        catalog = deployment.catalog()
-        head_before = catalog.load_table("testdomain.people").snapshot_by_name(BRANCH)
-        assert head_before is not None
-        second = write_source(project, "people", "b.csv", range(31, 61))
+    deployment, project, first = after_a_first_run(server, tmp_path, monkeypatch)
+    catalog = deployment.catalog()
+    head_before = catalog.load_table("testdomain.people").snapshot_by_name(BRANCH)
+    assert head_before is not None
+    second = write_source(project, "people", "b.csv", range(31, 61))
 
-        commit = assets_module._commit
+    commit = assets_module._commit
 
-        halted: list[bool] = []
+    halted: list[bool] = []
 
-        def go_down_then_commit(*args: Any, **kwargs: Any) -> Any:
-            if not halted:  # the data files are uploaded; the catalog commit must write metadata to S3
-                server.halt()
-                halted.append(True)
-            return commit(*args, **kwargs)
+    def go_down_then_commit(*args: Any, **kwargs: Any) -> Any:
+        if not halted:  # the data files are uploaded; the catalog commit must write metadata to S3
+            server.halt()
+            halted.append(True)
+        return commit(*args, **kwargs)
 
-        monkeypatch.setattr(assets_module, "_commit", go_down_then_commit)
-        instance = dg.DagsterInstance.ephemeral()
-        result = run(project, instance=instance)
-        monkeypatch.setattr(assets_module, "_commit", commit)
-        server.restart()
+    monkeypatch.setattr(assets_module, "_commit", go_down_then_commit)
+    instance = dg.DagsterInstance.ephemeral()
+    result = run(project, instance=instance)
+    monkeypatch.setattr(assets_module, "_commit", commit)
+    server.restart()
 
-        assert not result.success
-        assert retries_of(result, "__commit") == RETRIES
-        [message] = failure_messages(result)
-        assert "Could not connect" in message or "Connection refused" in message, message
-        assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
-        table = catalog.load_table("testdomain.people")
-        head = table.snapshot_by_name(BRANCH)
-        assert head is not None and head.snapshot_id == head_before.snapshot_id
-        assert table_rows(table) == first
-        orphans = data_keys(deployment, "people") - referenced_keys(table, deployment.bucket)
-        assert len(orphans) == len(REGIONS)  # the run's files: uploaded, never referenced
+    assert not result.success
+    assert retries_of(result, "__commit") == RETRIES
+    [message] = failure_messages(result)
+    assert "Could not connect" in message or "Connection refused" in message, message
+    assert all(secret not in run_text(instance, result.run_id) for secret in deployment.secrets)
+    table = catalog.load_table("testdomain.people")
+    head = table.snapshot_by_name(BRANCH)
+    assert head is not None and head.snapshot_id == head_before.snapshot_id
+    assert table_rows(table) == first
+    orphans = data_keys(deployment, "people") - referenced_keys(table, deployment.bucket)
+    assert len(orphans) == len(REGIONS)  # the run's files: uploaded, never referenced
 
-        assert run(project).success
-        table = catalog.load_table("testdomain.people")
-        assert table_rows(table) == first + second
-        assert duckdb_table_rows(server, table) == first + second
-        maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-            run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
-            instance=dg.DagsterInstance.ephemeral(),
-        )
-        assert maintenance.success
-        assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
-    finally:
-        server.stop()
+    assert run(project).success
+    table = catalog.load_table("testdomain.people")
+    assert table_rows(table) == first + second
+    assert duckdb_table_rows(server, table) == first + second
+    maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+        run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert maintenance.success
+    assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
