@@ -146,12 +146,12 @@ def duckdb_connection() -> Iterator[Any]:
     con.close()
 
 
-def duckdb_branch_rows(con: Any, table: Table, branch: str) -> list[tuple[Any, ...]]:
-    """Rows of the branch head read by DuckDB's own Iceberg reader."""
+def duckdb_branch_rows(con: Any, table: Table, branch: str, columns: str = "*") -> list[tuple[Any, ...]]:
+    """Rows (``columns``: a select list) of the branch head read by DuckDB's own Iceberg reader."""
     head = table.snapshot_by_name(branch)
     assert head is not None
     return con.execute(
-        f"SELECT * FROM iceberg_scan('{table.metadata_location}', snapshot_from_id={head.snapshot_id})"
+        f"SELECT {columns} FROM iceberg_scan('{table.metadata_location}', snapshot_from_id={head.snapshot_id})"
     ).fetchall()
 
 

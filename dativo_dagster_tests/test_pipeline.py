@@ -14,6 +14,7 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dativo_dagster import write as write_module
@@ -205,3 +206,31 @@ def test_run_pipeline_hands_a_reader_error_to_the_caller_and_aborts_the_sinks(pr
     assert raised.value.stage == "extract"
     assert list((tmp_path / "out").rglob("*.parquet")) == []
     assert logged == [f"people: file 1 of 1: {path}"]
+
+
+def test_system_columns_read_back_as_plain_strings_from_the_files_and_the_table(project: Project) -> None:
+    """CONTRACT 4: ``_source_file`` and ``_run_id`` are strings. They go to Parquet dictionary-encoded; every
+    reader still sees plain strings with the right values, and the files carry the columns' field ids."""
+    project.write_spec(small_files_spec())
+    source = project.write_data("people.csv", people_csv(ROWS))
+
+    result = project.materialize()
+
+    assert result.success
+    files = parquet_files(project)
+    assert len(files) > 1
+    for path in files:
+        schema = pq.read_schema(path)
+        for name in ("_source_file", "_run_id"):
+            field = schema.field(name)
+            assert field.type == pa.string(), (path, name, field.type)
+            assert field.metadata and b"PARQUET:field_id" in field.metadata
+        values = pq.read_table(path, columns=["_source_file", "_run_id"])
+        assert set(values.column("_source_file").to_pylist()) == {str(source)}
+        assert set(values.column("_run_id").to_pylist()) == {result.run_id}
+    table = project.table(TABLE)
+    head = table.snapshot_by_name("acme")
+    assert head is not None
+    scanned = table.scan(snapshot_id=head.snapshot_id, selected_fields=("_source_file", "_run_id")).to_arrow()
+    assert scanned.schema.field("_source_file").type in (pa.string(), pa.large_string())
+    assert scanned.num_rows == ROWS and set(scanned.column("_run_id").to_pylist()) == {result.run_id}

@@ -23,7 +23,7 @@ import dativo_dagster.storage as storage_module
 import dativo_dagster.write as write_module
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.jobs import MAINTENANCE_JOB
-from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, duckdb_branch_rows
 
 from .deployment import Deployment, failure_messages, list_keys, make_deployment, run, run_text
 from .servers import SeaweedFS
@@ -143,14 +143,9 @@ def table_rows(table: Table) -> Counter[Row]:
 
 
 def duckdb_table_rows(server: SeaweedFS, table: Table) -> Counter[Row]:
-    head = table.snapshot_by_name(BRANCH)
-    assert head is not None
     con = duckdb_for(server)
     try:
-        rows = con.execute(
-            f"SELECT id, name, region, _source_file FROM iceberg_scan('{table.metadata_location}', "  # noqa: S608
-            f"snapshot_from_id={head.snapshot_id})"
-        ).fetchall()
+        rows = duckdb_branch_rows(con, table, BRANCH, columns="id, name, region, _source_file")
     finally:
         con.close()
     return Counter(tuple(row) for row in rows)  # type: ignore[misc]
