@@ -15,7 +15,8 @@ WORKDIR /opt/dagster/app
 # Dependencies first, read from pyproject.toml alone, so that a code change does not reinstall them.
 # dagster-postgres (same release as dagster) backs the instance's run/event/schedule storage.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# The pandas extra too: downstream assets in a deployment may take ingested tables as DataFrames.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['pandas']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt dagster-postgres==0.29.27 \
     && rm /tmp/requirements.txt

@@ -144,7 +144,9 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
     data = datasets()
     ensure_data([data[SPEC]], Path(args.make_data))
     pyspy = ensure_pyspy()
-    runner = Runner(code=code_snapshot(args.code), dlt_python=None, keep=True, data=datasets())
+    runner = Runner(
+        code=code_snapshot(args.code), dlt_python=None, product_python=Path(sys.executable), keep=True, data=datasets()
+    )
     out_dir = DATA / "profiles"
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = DATA / "runs" / f"profile-{SPEC}"

@@ -6,8 +6,9 @@
 
 Every measured run is a fresh process on the same generated files, with its own warehouse, SQLite catalog,
 staging folder and Dagster instance; the reported figure is the median of ``--runs`` runs. Generated data,
-tools and run folders live under ``benchmarks/.data``, ``benchmarks/.tools`` and ``benchmarks/.venv-dlt``
-(git-ignored) and are created on demand. The exit code is 1 when a result is wrong (row counts, rejected
+tools, run folders and venvs live under ``benchmarks/.data``, ``benchmarks/.tools``, ``benchmarks/.venv-dlt``
+and ``benchmarks/.venv-product`` (dativo-dagster's dependencies alone, as a user installs them; git-ignored)
+and are created on demand. The exit code is 1 when a result is wrong (row counts, rejected
 counts, table contents, the file-size rule of CONTRACT section 4), 2 when the benchmark could not run,
 and never depends on speed. See benchmarks/README.md for what is measured and how.
 """
@@ -30,6 +31,7 @@ import sys
 import tarfile
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,7 @@ DATA = BENCH / ".data"
 RUNS = DATA / "runs"
 TOOLS = BENCH / ".tools"
 DLT_VENV = BENCH / ".venv-dlt"
+PRODUCT_VENV = BENCH / ".venv-product"
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_MAKE_DATA = PROJECT.parent / "shared" / "bench" / "make_data.py"
 
@@ -299,6 +302,37 @@ def ensure_dlt_venv() -> Path:
     return python
 
 
+def product_requirements() -> list[str]:
+    """The project's own dependencies (pyproject.toml), without extras: what `pip install dativo-dagster` gives."""
+    with open(PROJECT / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["project"]["dependencies"])
+
+
+def ensure_product_venv() -> Path:
+    """benchmarks/.venv-product: the project's dependencies and nothing else; remade when they change.
+
+    dativo-dagster is measured as a user installs it. The project's own venv also holds the test tools and the
+    pandas extra (for DataFrame inputs downstream), and pyarrow imports pandas whenever it is installed: about
+    40 MB more per process. The code itself comes from PYTHONPATH (the snapshot, or the working tree).
+    """
+    python = PRODUCT_VENV / "bin" / "python"
+    stamp = PRODUCT_VENV / ".requirements"
+    wanted = "\n".join(product_requirements())
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    print(f"creating {PRODUCT_VENV.relative_to(PROJECT)} with the project's dependencies (about a minute)", flush=True)
+    shutil.rmtree(PRODUCT_VENV, ignore_errors=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(PRODUCT_VENV)],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *product_requirements()],
+    ]
+    for cmd in steps:
+        if subprocess.run(cmd, check=False).returncode != 0:  # noqa: S603
+            raise BenchmarkSetupError(f"could not create the product venv: {' '.join(cmd)} failed")
+    stamp.write_text(wanted)
+    return python
+
+
 def ensure_pyspy() -> Path:
     binary = TOOLS / "bin" / "py-spy"
     if not binary.exists():
@@ -342,6 +376,7 @@ class Runner:
 
     code: Path | None
     dlt_python: Path | None
+    product_python: Path
     keep: bool
     data: dict[str, Dataset]
     max_wait: float = 0.0
@@ -415,7 +450,10 @@ class Runner:
             BENCH_STEP_TIMES=str(step_file),
         )
         # the console script's own code path (see dativo_cli.py), on Dagster's ephemeral instance like a CI user
-        cmd = [sys.executable, str(BENCH / "dativo_cli.py"), "materialize", "--specs", str(SPECS), "--select", asset]
+        cmd = [str(self.product_python), str(BENCH / "dativo_cli.py"), "materialize", "--specs", str(SPECS)]
+        cmd += ["--select", asset]
+        if self.code is None:  # the working tree: the product venv does not hold the package itself
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
         proc = run_process(cmd, env=env, cwd=run_dir, log_dir=run_dir / "log", sample=True)
         stdout = (run_dir / "log" / "stdout.txt").read_text(errors="replace")
         expected_code = 1 if dataset.invalid else 0
@@ -611,6 +649,7 @@ def versions(dlt_python: Path | None) -> str:
             check=False,
         ).stdout.strip()
         found.append(f"dlt {dlt_version} (own venv)")
+    found.append("dativo-dagster in its own venv with its dependencies only (benchmarks/.venv-product: no pandas)")
     return ", ".join(found)
 
 
@@ -828,7 +867,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     data = datasets()  # the dirty file's invalid count, now that it exists
     dlt_python = ensure_dlt_venv() if any(c.tool == "dlt" for c in cases) else None
     runner = Runner(
-        code=code_snapshot(args.code), dlt_python=dlt_python, keep=args.keep, data=data, max_wait=args.max_wait
+        code=code_snapshot(args.code),
+        dlt_python=dlt_python,
+        product_python=ensure_product_venv(),
+        keep=args.keep,
+        data=data,
+        max_wait=args.max_wait,
     )
     summaries: list[Summary] = []
     errors: list[str] = []

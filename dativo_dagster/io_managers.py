@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ class IcebergTableIOManager(dg.ConfigurableIOManager):
             data = self._read_branch(identifier, _meta_value(metadata.get(BRANCH_META)) or "main")
         typ = context.dagster_type.typing_type
         if getattr(typ, "__name__", "") == "DataFrame":
-            return data.to_pandas()
+            return _to_pandas(data, context)
         return data
 
     def _read_branch(self, identifier: str, branch: str) -> pa.Table:
@@ -109,6 +110,15 @@ class IcebergTableIOManager(dg.ConfigurableIOManager):
             fs, path = filesystem_for(uri, s3)
             tables.append(pq.read_table(path, filesystem=fs))
         return pa.concat_tables(tables, promote_options="default")
+
+
+def _to_pandas(data: pa.Table, context: dg.InputContext) -> Any:
+    if importlib.util.find_spec("pandas") is None:
+        raise ImportError(
+            f"input {context.name!r} of {context.op_def.name} asks for {context.asset_key.to_user_string()} as a"
+            " pandas DataFrame, but pandas is not installed: install dativo-dagster[pandas]"
+        )
+    return data.to_pandas()
 
 
 def _meta_value(value: Any) -> Any:
