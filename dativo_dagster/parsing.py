@@ -203,6 +203,16 @@ def _text_bytes(text: pa.Array) -> bytes:
     return data.slice(start, end - start).to_pybytes()
 
 
+def _cell_bytes(text: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The data buffer as bytes (numpy, no copy) and each cell's start in it and length."""
+    _, offsets, data = text.buffers()
+    n = len(text)
+    if n == 0 or offsets is None or data is None:
+        return np.zeros(0, np.uint8), np.zeros(n, np.int32), np.zeros(n, np.int32)
+    bounds = np.frombuffer(offsets, dtype=np.int32, count=n + 1, offset=text.offset * 4)
+    return np.frombuffer(data, dtype=np.uint8), bounds[:-1], bounds[1:] - bounds[:-1]
+
+
 def _contains(text: pa.Array, chars: bytes) -> bool:
     """Whether any of the bytes ``chars`` occurs in the cells' text."""
     blob = _text_bytes(text)
@@ -371,11 +381,29 @@ def _parse_timestamp(work: pa.Array, column_type: ColumnType, fmt: str | None) -
 def _offset_marks(work: pa.Array) -> int:
     """How many cells carry a UTC offset, provided every cell is ISO date-time text: each such cell has one
     'Z', '+' or third '-', and the others none."""
-    blob = _text_bytes(work)
-    marks = blob.count(b"-") - 2 * (len(work) - work.null_count)
-    if b"Z" in blob or b"+" in blob:
-        marks += blob.count(b"Z") + blob.count(b"+")
-    return marks
+    data, starts, lengths = _cell_bytes(work)
+    if not len(starts):
+        return 0
+    chars = data[starts[0] : starts[-1] + lengths[-1]]
+    marks = int(np.count_nonzero(chars == ord("-"))) - 2 * (len(work) - work.null_count)
+    return marks + int(np.count_nonzero(chars == ord("Z"))) + int(np.count_nonzero(chars == ord("+")))
+
+
+def _colons_at_13(work: pa.Array) -> bool:
+    """Whether every cell of text that Arrow's zoned cast took has ':' after the hour (index 13).
+
+    Such text starts with 'YYYY-MM-DD', 'T' or ' ' and a two-digit hour, so no ':' comes earlier; only the
+    hour-only extra ('2024-01-15T10+05:30') lacks it there.
+    """
+    data, starts, lengths = _cell_bytes(work)
+    if work.null_count:
+        valid = work.is_valid().to_numpy(zero_copy_only=False)
+        starts, lengths = starts[valid], lengths[valid]
+    if not len(starts):
+        return True
+    if int(lengths.min()) <= 13:
+        return False
+    return bool((data[starts + 13] == ord(":")).all())
 
 
 def _try_naive_iso(work: pa.Array) -> pa.Array | None:
@@ -399,11 +427,9 @@ def _parse_timestamptz(work: pa.Array, column_type: ColumnType, fmt: str | None)
             return pc.cast(values, _TSTZ), []
     elif marks == len(work) - work.null_count:
         values = _try_cast(work, _TSTZ)
-        if values is not None:
-            # Hour-only text such as '2024-01-15T10+05:30' is the zoned extra; real times have ':' at 13.
-            colon = pc.min_max(pc.find_substring(work, ":"))
-            if colon["min"].as_py() in (None, 13) and colon["max"].as_py() in (None, 13):
-                return values, []
+        # Hour-only text such as '2024-01-15T10+05:30' is the zoned extra; real times have ':' at 13.
+        if values is not None and _colons_at_13(work):
+            return values, []
     ok = pc.match_substring_regex(work, _TIMESTAMPTZ_RE)
     bad = _rejected(work, ok)
     src = _keep(work, ok) if _any(bad) else work
