@@ -71,6 +71,27 @@ def _json_lines(stderr: str) -> list[dict[str, Any]]:
     return lines
 
 
+def _json_objects_in(mixed: str) -> list[dict[str, Any]]:
+    """The JSON log lines in stderr that several processes (a run's orchestrator and its step processes) fill
+    with Dagster's text lines too. A pipe write above 4 KiB is not atomic, so a short JSON line can land inside
+    a long text line: objects are looked for anywhere, not only at line starts."""
+    decoder = json.JSONDecoder()
+    found = []
+    start = mixed.find('{"')
+    while start >= 0:
+        try:
+            parsed, end = decoder.raw_decode(mixed, start)
+        except json.JSONDecodeError:
+            start = mixed.find('{"', start + 1)
+            continue
+        if isinstance(parsed, dict) and LINE_KEYS <= parsed.keys():
+            found.append(parsed)
+            start = mixed.find('{"', end)
+        else:
+            start = mixed.find('{"', start + 1)
+    return found
+
+
 def _one(lines: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
     found = [line for line in lines if all(line.get(k) == v for k, v in match.items())]
     assert len(found) == 1, (match, found)
@@ -209,11 +230,8 @@ def test_runs_with_an_empty_run_config_log_json_through_the_instance_s_handler(t
     for name, proc in runs.items():
         assert proc.returncode == 0, out[name]
 
-    def json_lines(stderr: str) -> list[dict[str, Any]]:
-        # Dagster's default console logger still writes its text lines in a run without logger config
-        return _json_lines("\n".join(line for line in stderr.splitlines() if line.startswith("{")))
-
-    ui_lines = json_lines(out["ui"][1])
+    # Dagster's default console logger still writes its text lines in a run without logger config
+    ui_lines = _json_objects_in(out["ui"][1])
     assert {line["job"] for line in ui_lines} == {"__ASSET_JOB"}
     [run_id] = {line["run_id"] for line in ui_lines}
     assert re.fullmatch(r"[0-9a-f-]{36}", run_id)
@@ -229,7 +247,7 @@ def test_runs_with_an_empty_run_config_log_json_through_the_instance_s_handler(t
     # the run's own JSON logger and the instance's handler: every line once, and no text line
     named_stderr = out["named"][1]
     assert not [line for line in named_stderr.splitlines() if DAGSTER_TEXT_LINE.match(line)], named_stderr
-    named_lines = json_lines(named_stderr)
+    named_lines = _json_lines("\n".join(line for line in named_stderr.splitlines() if line.startswith("{")))
     assert _one(named_lines, event="ASSET_MATERIALIZATION")["counts"]["rows_committed"] == 2
     assert _one(named_lines, event="RUN_SUCCESS")["job"] == "__ASSET_JOB"
     keys = [(line["event"], line["step"], line["message"]) for line in named_lines]
