@@ -300,6 +300,12 @@ class _LineTracker:
         n = len(breaks)
         if n == 0:
             return np.zeros(0, np.int64), []
+        if not self.pending and not breaks.any():
+            # the common batch: one line per record, nothing skipped
+            starts = np.arange(self.next_line, self.next_line + n, dtype=np.int64)
+            self.next_line += n
+            self.next_record += n
+            return starts, []
         self.pending.sort()
         numbers = np.array([number for number, _ in self.pending], dtype=np.int64)
         # the j-th skipped record comes before the i-th parsed one when gaps[j] <= i
