@@ -853,6 +853,21 @@ def plan(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
+def schedule(cases: list[Case]) -> list[tuple[int, Case, int]]:
+    """(case index, case, run number) in the order to run them: the tools on one file take turns, run by run.
+
+    The machine's speed drifts within minutes (shared hosts); alternating keeps each ratio to the baseline
+    between runs made close together, instead of all baseline runs first and all of a tool's runs minutes later.
+    """
+    order: list[tuple[int, Case, int]] = []
+    datasets_in_order = list(dict.fromkeys(case.dataset for case in cases))
+    for dataset in datasets_in_order:
+        group = [(index, case) for index, case in enumerate(cases) if case.dataset == dataset]
+        for i in range(max(case.runs for _, case in group)):
+            order += [(index, case, i) for index, case in group if i < case.runs]
+    return order
+
+
 def warm(path: Path) -> None:
     """Read a file once so that every tool starts with it in the page cache."""
     with open(path, "rb") as f:
@@ -874,37 +889,39 @@ def run_benchmark(args: argparse.Namespace) -> int:
         data=data,
         max_wait=args.max_wait,
     )
-    summaries: list[Summary] = []
     errors: list[str] = []
     started = time.time()
     warmed: set[str] = set()
-    for case in cases:
+    measured: dict[int, list[Measurement]] = {index: [] for index in range(len(cases))}
+    failed: set[int] = set()
+    for index, case, i in schedule(cases):
+        if index in failed:
+            continue
         if case.dataset not in warmed:
             warm(data[case.dataset].path)
             warmed.add(case.dataset)
-        runs: list[Measurement] = []
-        for i in range(case.runs):
-            try:
-                m = runner.run(case, i)
-            except (RuntimeError, ValueError, OSError) as exc:
-                errors.append(str(exc))
-                print(
-                    f"  {case.tool:8s} {case.spec:15s} run {i + 1}/{case.runs}: FAILED: {str(exc).splitlines()[0]}",
-                    flush=True,
-                )
-                break
-            runs.append(m)
-            errors += m.errors
+        runs = measured[index]
+        try:
+            m = runner.run(case, i)
+        except (RuntimeError, ValueError, OSError) as exc:
+            errors.append(str(exc))
             print(
-                f"  {case.tool:8s} {case.spec:15s} run {i + 1}/{case.runs}: {m.seconds:7.2f} s work, "
-                f"{m.wall:7.2f} s process, "
-                f"{m.rss_mib:6.0f} MiB, {m.cpu:6.2f} s CPU, others {m.foreign_cores:.1f} cores"
-                + (f"  steps {' '.join(f'{k}={v:.2f}' for k, v in m.steps.items())}" if m.steps else "")
-                + ("  WRONG" if m.errors else ""),
+                f"  {case.tool:8s} {case.spec:15s} run {i + 1}/{case.runs}: FAILED: {str(exc).splitlines()[0]}",
                 flush=True,
             )
-        if runs:
-            summaries.append(Summary(case, runs))
+            failed.add(index)
+            continue
+        runs.append(m)
+        errors += m.errors
+        print(
+            f"  {case.tool:8s} {case.spec:15s} run {i + 1}/{case.runs}: {m.seconds:7.2f} s work, "
+            f"{m.wall:7.2f} s process, "
+            f"{m.rss_mib:6.0f} MiB, {m.cpu:6.2f} s CPU, others {m.foreign_cores:.1f} cores"
+            + (f"  steps {' '.join(f'{k}={v:.2f}' for k, v in m.steps.items())}" if m.steps else "")
+            + ("  WRONG" if m.errors else ""),
+            flush=True,
+        )
+    summaries = [Summary(case, measured[index]) for index, case in enumerate(cases) if measured[index]]
     header = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
