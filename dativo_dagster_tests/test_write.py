@@ -383,3 +383,27 @@ def test_governance_metadata_keys():
         "ingest-timestamp": "2025-11-07T09:30:00Z",
         "run-id": "run-9",
     }
+
+
+def test_mostly_unique_columns_are_written_without_dictionary_pages(tmp_path):
+    writer = make_writer(tmp_path / "data", [], 128 * MIB)
+    [written] = write_all(writer, realistic_table(writer, 200_000, seed=7, categories=5))
+    meta = pq.ParquetFile(written.uri).metadata
+    names = [meta.schema.column(j).name for j in range(meta.num_columns)]
+    for i in range(meta.num_row_groups):
+        chunks = {name: meta.row_group(i).column(j) for j, name in enumerate(names)}
+        dictionary = {name for name, chunk in chunks.items() if chunk.has_dictionary_page}
+        # random ids and names: plain; categories, the constant stamp and the system columns repeat
+        assert dictionary == {"cat", "_ingested_at", "_source_file", "_run_id"}, (i, dictionary)
+        assert chunks["id"].statistics.has_min_max and chunks["name"].statistics.has_min_max
+    expected = realistic_table(writer, 200_000, seed=7, categories=5)
+    assert pq.read_table(written.uri, columns=["id", "name"]).to_pylist() == expected.select(["id", "name"]).to_pylist()
+
+
+def test_a_column_that_repeats_keeps_its_dictionary_pages(tmp_path):
+    writer = make_writer(tmp_path / "data", [], 128 * MIB)
+    table = realistic_table(writer, 100_000, seed=8)
+    table = table.set_column(0, writer.schema.field("id"), pa.array(np.arange(100_000) % 50, pa.int64()))
+    [written] = write_all(writer, table)
+    chunk = pq.ParquetFile(written.uri).metadata.row_group(0).column(0)
+    assert chunk.path_in_schema == "id" and chunk.has_dictionary_page
