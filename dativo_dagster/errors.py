@@ -79,7 +79,10 @@ _TRANSIENT_TEXT = re.compile(
 )
 _TERMINAL_TEXT = re.compile(
     r"access ?denied|accessdenied|invalidaccesskeyid|signaturedoesnotmatch|forbidden|"
-    r"not authori[sz]ed|unauthori[sz]ed|no such bucket|nosuchbucket|authentication failed|" + _STATUS.format("40[13]"),
+    r"not authori[sz]ed|unauthori[sz]ed|no such bucket|nosuchbucket|authentication failed|"
+    # a full disk or quota: the retry would stream everything again into the same wall (a spec can still list
+    # them in retryable_errors when space is freed by something else)
+    r"no space left on device|file too large|disk quota exceeded|" + _STATUS.format("40[13]"),
     re.IGNORECASE,
 )
 # programming errors: retrying cannot help

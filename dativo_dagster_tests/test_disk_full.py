@@ -43,7 +43,7 @@ def materialize(project: Project, tmp: Path, *, limited: bool) -> subprocess.Com
 def test_a_full_disk_fails_the_write_step_commits_nothing_and_leaves_no_data_file(
     project: Project, tmp_path: Path, duckdb_connection: Any
 ) -> None:
-    # one retry: the step streams the files again and meets the same full disk
+    # max_retries 1, but a full disk is terminal: no retry streams the files into the same wall again
     project.write_spec(base_spec("people", retry_config={"max_retries": 1, "retry_delay_seconds": 0}))
     rnd = random.Random(11)  # noqa: S311 - reproducible test data
     source = project.write_data(

@@ -107,6 +107,10 @@ TERMINAL = [
     ValidationFailedError("strict validation failed"),
     SpecError(["x.yaml: name: required"]),
     caused(SourceError("cannot open", path="/x.csv"), ConnectionResetError("reset")),
+    OSError(28, "No space left on device"),
+    OSError(27, "File too large"),
+    OSError(122, "Disk quota exceeded"),
+    StorageError("/w/t/data/x.parquet: cannot write: [Errno 28] No space left on device"),
 ]
 
 
