@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from run import (
     code_version,
     datasets,
     ensure_data,
+    ensure_product_venv,
     ensure_pyspy,
     machine,
     run_process,
@@ -116,11 +118,11 @@ def analyse(collapsed: Path) -> dict[str, dict[str, collections.Counter]]:
     return result
 
 
-def import_times(env: dict[str, str]) -> list[tuple[float, str]]:
+def import_times(env: dict[str, str], python: Path) -> list[tuple[float, str]]:
     """Cumulative import time (s) of the top-level packages the command loads, from ``-X importtime``."""
     code = "import dativo_dagster.cli, dagster; from dativo_dagster.definitions import build_definitions"
     proc = subprocess.run(  # noqa: S603
-        [sys.executable, "-X", "importtime", "-c", code], env=env, capture_output=True, text=True, check=False
+        [str(python), "-X", "importtime", "-c", code], env=env, capture_output=True, text=True, check=False
     )
     top: dict[str, float] = {}
     for line in proc.stderr.splitlines():
@@ -131,12 +133,12 @@ def import_times(env: dict[str, str]) -> list[tuple[float, str]]:
     return sorted(((s, n) for n, s in top.items()), reverse=True)
 
 
-def idle_rss(env: dict[str, str]) -> str:
+def idle_rss(env: dict[str, str], python: Path) -> str:
     code = (
         "import re, dagster, dativo_dagster.cli; from dativo_dagster.definitions import build_definitions; "
         "s=open('/proc/self/status').read(); print(*re.findall(r'(RssAnon|RssFile):\\s+(\\d+)', s))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)  # noqa: S603
+    proc = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=False)  # noqa: S603
     return proc.stdout.strip()
 
 
@@ -145,7 +147,7 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
     ensure_data([data[SPEC]], Path(args.make_data))
     pyspy = ensure_pyspy()
     runner = Runner(
-        code=code_snapshot(args.code), dlt_python=None, product_python=Path(sys.executable), keep=True, data=datasets()
+        code=code_snapshot(args.code), dlt_python=None, product_python=ensure_product_venv(), keep=True, data=datasets()
     )
     out_dir = DATA / "profiles"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,10 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
         BENCH_STEP_TIMES=str(step_file),
     )
     collapsed = out_dir / f"{SPEC}.collapsed.txt"
-    command = [sys.executable, str(BENCH / "dativo_cli.py"), "materialize", "--specs", str(SPECS), "--select", ASSET]
+    if runner.code is None:  # the working tree: the product venv does not hold the package itself
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH.parent), env.get("PYTHONPATH")]))
+    python = runner.product_python
+    command = [str(python), str(BENCH / "dativo_cli.py"), "materialize", "--specs", str(SPECS), "--select", ASSET]
     native = ["--native"] if not args.quick else []
     cmd = [
         str(pyspy),
@@ -221,7 +226,7 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
         "",
         f"Peak of the whole process: RssAnon {peak_anon:.0f} MiB, RssFile {peak_file:.0f} MiB "
         f"(ru_maxrss {proc.maxrss_mib:.0f} MiB, py-spy's own included). After imports and definitions alone: "
-        f"{idle_rss(env)} (kB).",
+        f"{idle_rss(env, python)} (kB).",
     ]
     for step in (*STEPS, "imports", "other (Dagster, definitions, exit)"):
         if step not in profile:
@@ -243,7 +248,7 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
             lines += [f"| `{name}` | {c / n:.0%} |" for name, c in bucket["inclusive"].most_common(TOP)]
     lines += ["", "## Import time of the command (python -X importtime, cumulative per top-level package)", ""]
     lines += ["| package | seconds |", "|---|---:|"]
-    lines += [f"| {name} | {seconds:.2f} |" for seconds, name in import_times(env)[:TOP]]
+    lines += [f"| {name} | {seconds:.2f} |" for seconds, name in import_times(env, python)[:TOP]]
     text = "\n".join(lines) + "\n"
     output = Path(args.output) if args.output else BENCH / "PROFILE.md"
     output.write_text(text)
