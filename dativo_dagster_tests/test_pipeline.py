@@ -92,7 +92,7 @@ def test_a_write_failure_midstream_is_the_write_steps_and_a_retry_loads_every_ro
 ) -> None:
     project.write_spec(small_files_spec(retry_config={"max_retries": 2, "retry_delay_seconds": 0}))
     project.write_data("people.csv", people_csv(ROWS))
-    calls = fail_flushes(monkeypatch, after=3, times=1, error=OSError(28, "No space left on device"))
+    calls = fail_flushes(monkeypatch, after=3, times=1, error=OSError(5, "Input/output error"))
 
     result = project.materialize()
 
