@@ -156,8 +156,7 @@ def _null_mask(text: pa.Array, null_values: Sequence[str]) -> pa.Array:
     n = len(text)
     if n == 0 or not null_values:
         return mask
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=n + 1, offset=text.offset * 4)
-    lengths = offsets[1:] - offsets[:-1]
+    _, _, lengths = _cell_bytes(text)
     hit = lengths == 0 if "" in null_values else None
     tokens = [value for value in null_values if value]
     if tokens:
@@ -190,19 +189,6 @@ def _errors(length: int, checks: _Checks) -> pa.Array:
     return errors if errors is not None else pa.nulls(length, pa.string())
 
 
-def _text_bytes(text: pa.Array) -> bytes:
-    """The raw characters of all cells, concatenated (a null's bytes included, normally none).
-
-    Scanning this is far cheaper than a per-row kernel; it only ever chooses between a fast and a slow path.
-    """
-    _, offsets, data = text.buffers()
-    if len(text) == 0 or offsets is None or data is None:
-        return b""
-    bounds = pa.Array.from_buffers(pa.int32(), len(text) + 1, [None, offsets], offset=text.offset)
-    start, end = bounds[0].as_py(), bounds[-1].as_py()
-    return data.slice(start, end - start).to_pybytes()
-
-
 def _cell_bytes(text: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The data buffer as bytes (numpy, no copy) and each cell's start in it and length."""
     _, offsets, data = text.buffers()
@@ -211,6 +197,18 @@ def _cell_bytes(text: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.zeros(0, np.uint8), np.zeros(n, np.int32), np.zeros(n, np.int32)
     bounds = np.frombuffer(offsets, dtype=np.int32, count=n + 1, offset=text.offset * 4)
     return np.frombuffer(data, dtype=np.uint8), bounds[:-1], bounds[1:] - bounds[:-1]
+
+
+def _span(text: pa.Array) -> np.ndarray:
+    """The raw characters of all cells, back to back (numpy, no copy; a null's bytes included, normally none)."""
+    data, starts, lengths = _cell_bytes(text)
+    return data[starts[0] : starts[-1] + lengths[-1]] if len(starts) else data[:0]
+
+
+def _text_bytes(text: pa.Array) -> bytes:
+    """:func:`_span` as bytes: scanning it (memchr) is far cheaper than a per-row kernel; it only ever chooses
+    between a fast and a slow path."""
+    return _span(text).tobytes()
 
 
 def _contains(text: pa.Array, chars: bytes) -> bool:
@@ -381,10 +379,7 @@ def _parse_timestamp(work: pa.Array, column_type: ColumnType, fmt: str | None) -
 def _offset_marks(work: pa.Array) -> int:
     """How many cells carry a UTC offset, provided every cell is ISO date-time text: each such cell has one
     'Z', '+' or third '-', and the others none."""
-    data, starts, lengths = _cell_bytes(work)
-    if not len(starts):
-        return 0
-    chars = data[starts[0] : starts[-1] + lengths[-1]]
+    chars = _span(work)
     marks = int(np.count_nonzero(chars == ord("-"))) - 2 * (len(work) - work.null_count)
     return marks + int(np.count_nonzero(chars == ord("Z"))) + int(np.count_nonzero(chars == ord("+")))
 
