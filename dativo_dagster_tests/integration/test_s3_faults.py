@@ -178,12 +178,38 @@ def failure_metadata(result: dg.ExecuteInProcessResult, step_suffix: str) -> dic
     return {k: v.value for k, v in data.metadata.items()}
 
 
+def sqlite_deployment(
+    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Deployment, Project]:
+    """A deployment on ``server`` with the SQLite catalog, applied to the environment, and an empty project."""
+    deployment = make_deployment("sqlite", server, None, tmp_path)
+    deployment.apply(monkeypatch)
+    return deployment, Project(tmp_path / "project")
+
+
+def after_a_first_run(
+    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Deployment, Project, Counter[Row]]:
+    """A deployment on ``server`` whose table ``people`` holds a first file's rows (returned)."""
+    deployment, project = sqlite_deployment(server, tmp_path, monkeypatch)
+    project.write_spec(regions_spec("people"))
+    first = write_source(project, "people", "a.csv", range(1, 31))
+    assert run(project).success
+    return deployment, project, first
+
+
+def remove_orphans(project: Project) -> dg.ExecuteInProcessResult:
+    """The maintenance job, removing every unreferenced file at once."""
+    return build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+        run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+
+
 def test_s3_slowdowns_are_retried_by_botocore_then_by_the_write_step_and_every_row_lands_once(
     seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
 ) -> None:
-    deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
-    deployment.apply(monkeypatch)
-    project = Project(tmp_path / "project")
+    deployment, project = sqlite_deployment(seaweedfs, tmp_path, monkeypatch)
     project.write_spec(regions_spec("people"))
     expected = write_source(project, "people", "a.csv", range(1, 301))
     # the first upload goes through; the next seven are throttled: the second file's six attempts (botocore's
@@ -213,12 +239,7 @@ def test_s3_slowdowns_are_retried_by_botocore_then_by_the_write_step_and_every_r
 def test_s3_slowdown_that_never_ends_fails_the_write_step_after_its_retries_and_leaves_nothing(
     seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: Path
 ) -> None:
-    deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
-    deployment.apply(monkeypatch)
-    project = Project(tmp_path / "project")
-    project.write_spec(regions_spec("people"))
-    first = write_source(project, "people", "a.csv", range(1, 31))
-    assert run(project).success  # the table exists with a first file's rows
+    deployment, project, first = after_a_first_run(seaweedfs, tmp_path, monkeypatch)
     catalog = deployment.catalog()
     before = catalog.load_table("testdomain.people")
     head_before, files_before = before.snapshot_by_name(BRANCH), data_keys(deployment, "people")
@@ -271,9 +292,7 @@ def test_throttled_multipart_uploads_are_retried_and_a_failed_one_leaves_no_part
 ) -> None:
     monkeypatch.setattr(storage_module, "MULTIPART_THRESHOLD", 5 << 20)
     monkeypatch.setattr(storage_module, "MULTIPART_CHUNK", 5 << 20)  # S3's smallest part
-    deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
-    deployment.apply(monkeypatch)
-    project = Project(tmp_path / "project")
+    deployment, project = sqlite_deployment(seaweedfs, tmp_path, monkeypatch)
     project.write_spec(base_spec("wide", source={"type": "csv", "files": [{"path": "data/wide.csv"}]}))
     rnd = random.Random(7)  # noqa: S311 - reproducible test data
     rows = 120_000
@@ -325,19 +344,6 @@ def server() -> Iterator[SeaweedFS]:
         yield own
     finally:
         own.stop()
-
-
-def after_a_first_run(
-    server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Deployment, Project, Counter[Row]]:
-    """A deployment on ``server`` whose table ``people`` holds a first file's rows (returned)."""
-    deployment = make_deployment("sqlite", server, None, tmp_path)
-    deployment.apply(monkeypatch)
-    project = Project(tmp_path / "project")
-    project.write_spec(regions_spec("people"))
-    first = write_source(project, "people", "a.csv", range(1, 31))
-    assert run(project).success
-    return deployment, project, first
 
 
 def test_s3_going_down_during_the_uploads_fails_the_write_step_and_a_run_after_it_is_back_loads_every_row_once(
@@ -393,10 +399,7 @@ def test_s3_going_down_during_the_uploads_fails_the_write_step_and_a_run_after_i
     assert len(referenced) == 2 * len(REGIONS) and orphan not in referenced
     assert data_keys(deployment, "people") == referenced | {orphan}
 
-    maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-        run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    maintenance = remove_orphans(project)
 
     assert maintenance.success
     assert maintenance.output_for_node("remove_orphan_files") == 1
@@ -478,9 +481,6 @@ def test_s3_down_after_the_write_fails_the_commit_with_the_table_unchanged_and_t
     table = catalog.load_table("testdomain.people")
     assert table_rows(table) == first + second
     assert duckdb_table_rows(server, table) == first + second
-    maintenance = build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-        run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    maintenance = remove_orphans(project)
     assert maintenance.success
     assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)
