@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -162,8 +161,6 @@ def run_profile(args) -> int:  # noqa: PLR0915 - one report, section after secti
         BENCH_STEP_TIMES=str(step_file),
     )
     collapsed = out_dir / f"{SPEC}.collapsed.txt"
-    if runner.code is None:  # the working tree: the product venv does not hold the package itself
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH.parent), env.get("PYTHONPATH")]))
     python = runner.product_python
     command = [str(python), str(BENCH / "dativo_cli.py"), "materialize", "--specs", str(SPECS), "--select", ASSET]
     native = ["--native"] if not args.quick else []

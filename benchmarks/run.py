@@ -32,6 +32,7 @@ import tarfile
 import threading
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,24 +283,29 @@ def ensure_data(needed: list[Dataset], make_data: Path) -> None:
         raise BenchmarkSetupError("make_data.py failed")
 
 
-def ensure_dlt_venv() -> Path:
-    """benchmarks/.venv-dlt with the pinned dlt set; remade when the pins change."""
-    python = DLT_VENV / "bin" / "python"
-    stamp = DLT_VENV / ".requirements"
-    wanted = "\n".join(DLT_REQUIREMENTS)
+def ensure_venv(venv: Path, requirements: Sequence[str], what: str) -> Path:
+    """``venv`` with exactly ``requirements`` installed; made again when they change. Returns its python."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".requirements"
+    wanted = "\n".join(requirements)
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
-    print(f"creating {DLT_VENV.relative_to(PROJECT)} with {' '.join(DLT_REQUIREMENTS)} (about a minute)", flush=True)
-    shutil.rmtree(DLT_VENV, ignore_errors=True)
+    print(f"creating {venv.relative_to(PROJECT)} with {what} (about a minute)", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
     steps = [
-        [sys.executable, "-m", "venv", str(DLT_VENV)],
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *DLT_REQUIREMENTS],
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
     ]
     for cmd in steps:
         if subprocess.run(cmd, check=False).returncode != 0:  # noqa: S603
-            raise BenchmarkSetupError(f"could not create the dlt venv: {' '.join(cmd)} failed")
+            raise BenchmarkSetupError(f"could not create {venv.name}: {' '.join(cmd)} failed")
     stamp.write_text(wanted)
     return python
+
+
+def ensure_dlt_venv() -> Path:
+    """benchmarks/.venv-dlt with the pinned dlt set."""
+    return ensure_venv(DLT_VENV, DLT_REQUIREMENTS, " ".join(DLT_REQUIREMENTS))
 
 
 def product_requirements() -> list[str]:
@@ -309,28 +315,13 @@ def product_requirements() -> list[str]:
 
 
 def ensure_product_venv() -> Path:
-    """benchmarks/.venv-product: the project's dependencies and nothing else; remade when they change.
+    """benchmarks/.venv-product: the project's dependencies and nothing else.
 
     dativo-dagster is measured as a user installs it. The project's own venv also holds the test tools and the
     pandas extra (for DataFrame inputs downstream), and pyarrow imports pandas whenever it is installed: about
     40 MB more per process. The code itself comes from PYTHONPATH (the snapshot, or the working tree).
     """
-    python = PRODUCT_VENV / "bin" / "python"
-    stamp = PRODUCT_VENV / ".requirements"
-    wanted = "\n".join(product_requirements())
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    print(f"creating {PRODUCT_VENV.relative_to(PROJECT)} with the project's dependencies (about a minute)", flush=True)
-    shutil.rmtree(PRODUCT_VENV, ignore_errors=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(PRODUCT_VENV)],
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *product_requirements()],
-    ]
-    for cmd in steps:
-        if subprocess.run(cmd, check=False).returncode != 0:  # noqa: S603
-            raise BenchmarkSetupError(f"could not create the product venv: {' '.join(cmd)} failed")
-    stamp.write_text(wanted)
-    return python
+    return ensure_venv(PRODUCT_VENV, product_requirements(), "the project's dependencies")
 
 
 def ensure_pyspy() -> Path:
@@ -383,8 +374,9 @@ class Runner:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATIVO_", "DAGSTER_"))}
-        if self.code is not None:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.code), os.environ.get("PYTHONPATH")]))
+        # the package from the snapshot or the working tree (the product venv does not hold it)
+        package = self.code if self.code is not None else PROJECT
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package), os.environ.get("PYTHONPATH")]))
         env.update(extra)
         return env
 
@@ -452,8 +444,6 @@ class Runner:
         # the console script's own code path (see dativo_cli.py), on Dagster's ephemeral instance like a CI user
         cmd = [str(self.product_python), str(BENCH / "dativo_cli.py"), "materialize", "--specs", str(SPECS)]
         cmd += ["--select", asset]
-        if self.code is None:  # the working tree: the product venv does not hold the package itself
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
         proc = run_process(cmd, env=env, cwd=run_dir, log_dir=run_dir / "log", sample=True)
         stdout = (run_dir / "log" / "stdout.txt").read_text(errors="replace")
         expected_code = 1 if dataset.invalid else 0
