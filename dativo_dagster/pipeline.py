@@ -49,7 +49,7 @@ COMBINE_BYTES = 4 << 20  # text batches (about 1 MiB of CSV each) are combined u
 PROGRESS_SECONDS = 10.0
 # While the stages run, a thread waiting for the GIL gets it after this long at most (Python's default: 5 ms).
 # The stages hand the GIL back and forth around every pyarrow call; with the default a stage that finished a
-# kernel could wait a whole interval for the glue code of another (measured: person5m's pass ~8 % faster).
+# kernel could wait a whole interval for the glue code of another (measured: person5m's pass ~5 % faster).
 SWITCH_INTERVAL = 0.001
 _POLL_SECONDS = 0.5
 
