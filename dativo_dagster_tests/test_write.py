@@ -385,25 +385,77 @@ def test_governance_metadata_keys():
     }
 
 
-def test_mostly_unique_columns_are_written_without_dictionary_pages(tmp_path):
-    writer = make_writer(tmp_path / "data", [], 128 * MIB)
-    [written] = write_all(writer, realistic_table(writer, 200_000, seed=7, categories=5))
-    meta = pq.ParquetFile(written.uri).metadata
-    names = [meta.schema.column(j).name for j in range(meta.num_columns)]
+def column_encodings(uri: str) -> list[dict[str, tuple[bool, set[str]]]]:
+    """Per row group: column name -> (has a dictionary page, the chunk's value encodings)."""
+    meta = pq.ParquetFile(uri).metadata
+    groups = []
     for i in range(meta.num_row_groups):
-        chunks = {name: meta.row_group(i).column(j) for j, name in enumerate(names)}
-        dictionary = {name for name, chunk in chunks.items() if chunk.has_dictionary_page}
-        # random ids and names: plain; categories, the constant stamp and the system columns repeat
-        assert dictionary == {"cat", "_ingested_at", "_source_file", "_run_id"}, (i, dictionary)
-        assert chunks["id"].statistics.has_min_max and chunks["name"].statistics.has_min_max
-    expected = realistic_table(writer, 200_000, seed=7, categories=5)
-    assert pq.read_table(written.uri, columns=["id", "name"]).to_pylist() == expected.select(["id", "name"]).to_pylist()
+        group = meta.row_group(i)
+        chunks = [group.column(j) for j in range(meta.num_columns)]
+        groups.append(
+            {c.path_in_schema: (c.has_dictionary_page, set(c.encodings) - {"RLE", "BIT_PACKED"}) for c in chunks}
+        )
+    return groups
 
 
-def test_a_column_that_repeats_keeps_its_dictionary_pages(tmp_path):
-    writer = make_writer(tmp_path / "data", [], 128 * MIB)
-    table = realistic_table(writer, 100_000, seed=8)
-    table = table.set_column(0, writer.schema.field("id"), pa.array(np.arange(100_000) % 50, pa.int64()))
+def test_each_column_gets_the_encoding_that_suits_its_type_and_values(tmp_path):
+    columns = [
+        {"name": "id", "type": "integer"},
+        {"name": "code", "type": "integer"},
+        {"name": "name", "type": "string"},
+        {"name": "cat", "type": "string"},
+        {"name": "amount", "type": "double"},
+        {"name": "day", "type": "date"},
+        {"name": "born", "type": "date"},
+        {"name": "ts", "type": "timestamp"},
+        {"name": "hour", "type": "timestamp"},
+        {"name": "flag", "type": "boolean"},
+    ]
+    writer = make_writer(tmp_path / "data", [], 128 * MIB, columns=columns)
+    n = 200_000
+    rng = np.random.default_rng(7)
+    start = int(datetime(2025, 11, 1).timestamp() * 1e6)
+    table = pa.table(
+        {
+            "id": np.arange(n, dtype=np.int64) + 10_000,  # ascending ids
+            "code": rng.integers(0, 40, n),  # a few codes
+            "name": random_strings(rng, n, 4, 24),  # mostly unique text
+            "cat": pa.array(np.array(["a", "b", "c"])[rng.integers(0, 3, n)]),
+            "amount": rng.random(n).round(2) * 1000,
+            "day": pa.array(rng.integers(19_000, 19_030, n).astype(np.int32), pa.int32()).cast(pa.date32()),
+            "born": pa.array(rng.permutation(n).astype(np.int32), pa.int32()).cast(pa.date32()),  # every day once
+            "ts": pa.array(start + np.arange(n) * 1_000_003, pa.timestamp("us")),  # ascending event times
+            "hour": pa.array(start + rng.integers(0, 48, n) * 3_600_000_000, pa.timestamp("us")),
+            "flag": rng.random(n) < 0.5,
+            "_ingested_at": pa.repeat(pa.scalar(INGESTED_AT, pa.timestamp("us", tz="UTC")), n),
+            "_source_file": pa.repeat(pa.scalar("/data/people.csv"), n),
+            "_run_id": pa.repeat(pa.scalar("run-1"), n),
+        }
+    ).cast(writer.schema)
     [written] = write_all(writer, table)
-    chunk = pq.ParquetFile(written.uri).metadata.row_group(0).column(0)
-    assert chunk.path_in_schema == "id" and chunk.has_dictionary_page
+    delta = (False, {"DELTA_BINARY_PACKED"})
+    plain = (False, {"PLAIN"})
+    dictionary = (True, {"PLAIN", "RLE_DICTIONARY"})  # the dictionary page itself is PLAIN
+    expected = {
+        "id": delta,
+        "code": delta,
+        "name": plain,
+        "cat": dictionary,
+        "amount": plain,
+        "day": dictionary,
+        "born": delta,
+        "ts": delta,
+        "hour": plain,
+        "flag": plain,  # Parquet has no dictionary pages for booleans (bit-packed)
+        "_ingested_at": dictionary,
+        "_source_file": dictionary,
+        "_run_id": dictionary,
+    }
+    for group in column_encodings(written.uri):
+        assert group == expected
+    # the delta-encoded ascending ids take next to nothing; values and statistics read back unchanged
+    meta = pq.ParquetFile(written.uri).metadata
+    id_bytes = sum(meta.row_group(i).column(0).total_compressed_size for i in range(meta.num_row_groups))
+    assert id_bytes < n // 100
+    assert meta.row_group(0).column(0).statistics.min == 10_000
+    assert pq.read_table(written.uri).select(table.column_names).to_pylist() == table.to_pylist()
