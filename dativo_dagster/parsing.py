@@ -71,7 +71,9 @@ _TSTZ = pa.timestamp("us", tz="UTC")
 _FORMAT_KINDS = (TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ)
 
 _Checks = list[tuple[pa.Array, ErrorKind]]
-_Parser = Callable[[pa.Array, ColumnType, str | None], tuple[pa.Array, _Checks]]
+# A parser gets the non-null cells to convert, the type, the layout and the bytes of the column's cells (the
+# null ones included): the bytes only choose between a fast and a slow path, so having more is safe.
+_Parser = Callable[[pa.Array, ColumnType, str | None, bytes], tuple[pa.Array, _Checks]]
 
 
 def parse_column(
@@ -123,16 +125,20 @@ def _parse_array(
 ) -> ParsedColumn:
     text = _as_string(text)
     kind = column_type.kind
+    blob = _text_bytes(text)  # the one copy of the cells' bytes, searched by the cheap checks below
     if kind is TypeKind.STRING:
-        null = _null_mask(text, null_values)
-        values = _keep(text, pc.invert(null)) if _any(null) else text
+        null = _null_mask(text, null_values, blob)
+        values = text if null is None else _keep(text, pc.invert(null))
         checks: _Checks = []
     else:
-        trimmed = pc.ascii_trim(text, characters=_BLANKS) if _contains(text, b" \t") else text
-        null = _null_mask(trimmed, [value.strip(_BLANKS) for value in null_values])
-        work = _keep(trimmed, pc.invert(null)) if _any(null) else trimmed
-        values, checks = _PARSERS[kind](work, column_type, fmt)
-    if required:
+        trimmed = text
+        if _contains(blob, _BLANKS.encode()):
+            trimmed = pc.ascii_trim(text, characters=_BLANKS)
+            blob = _text_bytes(trimmed)
+        null = _null_mask(trimmed, [value.strip(_BLANKS) for value in null_values], blob)
+        work = trimmed if null is None else _keep(trimmed, pc.invert(null))
+        values, checks = _PARSERS[kind](work, column_type, fmt, blob)
+    if required and null is not None:
         checks.insert(0, (null, ErrorKind.MISSING_REQUIRED))
     return ParsedColumn(values, _errors(len(text), checks))
 
@@ -145,37 +151,35 @@ def _as_string(text: pa.Array) -> pa.Array:
     raise TypeError(f"expected a string column, got {text.type}")
 
 
-def _null_mask(text: pa.Array, null_values: Sequence[str]) -> pa.Array:
-    """Cells that are null or spell one of ``null_values`` exactly.
+def _null_mask(text: pa.Array, null_values: Sequence[str], blob: bytes) -> pa.Array | None:
+    """Cells that are null or spell one of ``null_values`` exactly; None when there are none (the usual column).
 
-    Cheap tests come first: a column whose bytes lack the first character of every non-empty null text (a
-    memchr scan; numbers, dates and booleans rarely hold one) needs no lookup, and otherwise only the cells
+    Cheap tests come first: a column whose bytes (``blob``) lack the first character of every non-empty null text
+    (a memchr scan; numbers, dates and booleans rarely hold one) needs no lookup, and otherwise only the cells
     of a null text's length are compared. Empty cells are found from the offsets alone.
     """
-    mask = pc.is_null(text)
+    mask = pc.is_null(text) if text.null_count else None
     n = len(text)
     if n == 0 or not null_values:
         return mask
     _, _, lengths = _cell_bytes(text)
     hit = lengths == 0 if "" in null_values else None
     tokens = [value for value in null_values if value]
-    if tokens:
-        blob = _text_bytes(text)
-        if any(blob.find(token.encode()[:1]) >= 0 for token in tokens):
-            sizes = {len(token.encode()) for token in tokens}
-            candidates = None
-            for size in sizes:
-                same = lengths == size
-                candidates = same if candidates is None else candidates | same
-            rows = np.flatnonzero(candidates)
-            if len(rows):
-                found = pc.is_in(pc.take(text, pa.array(rows)), value_set=pa.array(tokens, pa.string()))
-                matched = rows[found.to_numpy(zero_copy_only=False)]
-                if len(matched):
-                    hit = np.zeros(n, dtype=bool) if hit is None else hit
-                    hit[matched] = True
+    if tokens and any(blob.find(token.encode()[:1]) >= 0 for token in tokens):
+        sizes = {len(token.encode()) for token in tokens}
+        candidates = None
+        for size in sizes:
+            same = lengths == size
+            candidates = same if candidates is None else candidates | same
+        rows = np.flatnonzero(candidates)
+        if len(rows):
+            found = pc.is_in(pc.take(text, pa.array(rows)), value_set=pa.array(tokens, pa.string()))
+            matched = rows[found.to_numpy(zero_copy_only=False)]
+            if len(matched):
+                hit = np.zeros(n, dtype=bool) if hit is None else hit
+                hit[matched] = True
     if hit is not None and hit.any():
-        mask = pc.or_(mask, pa.array(hit))
+        mask = pa.array(hit) if mask is None else pc.or_(mask, pa.array(hit))
     return mask
 
 
@@ -183,7 +187,7 @@ def _errors(length: int, checks: _Checks) -> pa.Array:
     """Combine row masks into one error column; earlier checks win."""
     errors = None
     for mask, kind in reversed(checks):
-        rows = pc.fill_null(mask, False)
+        rows = pc.fill_null(mask, False) if mask.null_count else mask
         if _any(rows):
             errors = pc.if_else(rows, kind.value, errors if errors is not None else pa.nulls(length, pa.string()))
     return errors if errors is not None else pa.nulls(length, pa.string())
@@ -211,14 +215,13 @@ def _text_bytes(text: pa.Array) -> bytes:
     return _span(text).tobytes()
 
 
-def _contains(text: pa.Array, chars: bytes) -> bool:
-    """Whether any of the bytes ``chars`` occurs in the cells' text."""
-    blob = _text_bytes(text)
-    return any(bytes([char]) in blob for char in chars)
+def _contains(blob: bytes, chars: bytes) -> bool:
+    """Whether any of the bytes ``chars`` occurs in ``blob``."""
+    return any(blob.find(chars[i : i + 1]) >= 0 for i in range(len(chars)))
 
 
 def _any(mask: pa.Array) -> bool:
-    return pc.any(mask).as_py() is True
+    return mask.true_count > 0  # counted in place, no kernel call
 
 
 def _keep(values: pa.Array, mask: pa.Array) -> pa.Array:
@@ -250,8 +253,8 @@ def _try_cast(text: pa.Array, target: pa.DataType) -> pa.Array | None:
 # The cheap checks also keep a cast that is bound to fail on most rows (a layout for the slow path) from running.
 
 
-def _parse_integer(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
-    if not _contains(work, b"xX+"):
+def _parse_integer(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
+    if not _contains(blob, b"xX+"):
         values = _try_cast(work, pa.int64())
         if values is not None:
             return values, []
@@ -279,8 +282,8 @@ def _int64_overflow(src: pa.Array) -> pa.Array:
     return pc.fill_null(over, False)
 
 
-def _parse_float(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
-    values = None if _contains(work, b"(") else _try_cast(work, pa.float64())
+def _parse_float(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
+    values = None if _contains(blob, b"(") else _try_cast(work, pa.float64())
     checks: _Checks = []
     if values is None:
         ok = pc.match_substring_regex(work, _FLOAT_RE)
@@ -297,18 +300,18 @@ def _parse_float(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tu
     return values, checks
 
 
-def _parse_boolean(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
+def _parse_boolean(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
     index = pc.index_in(pc.ascii_lower(work), value_set=pa.array(TRUE_WORDS + FALSE_WORDS))
     values = pc.less(index, len(TRUE_WORDS))
     return values, [(pc.and_(pc.is_valid(work), pc.is_null(index)), ErrorKind.INVALID_BOOLEAN)]
 
 
-def _parse_decimal(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
+def _parse_decimal(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
     target = column_type.arrow_type
-    if not _contains(work, b"eE"):
+    if not _contains(blob, b"eE"):
         # Arrow refuses digits it would have to drop but takes '1.50' for scale 1, so count fraction digits.
         values = _try_cast(work, target)
-        if values is not None and _max_fraction_digits(work) <= column_type.scale:
+        if values is not None and _max_fraction_digits(work, blob) <= column_type.scale:
             return values, []
     fits = pc.match_substring_regex(work, _decimal_fit_re(column_type.precision, column_type.scale))
     syntax = pc.match_substring_regex(work, _DECIMAL_RE)
@@ -319,8 +322,8 @@ def _parse_decimal(work: pa.Array, column_type: ColumnType, fmt: str | None) -> 
     return values, [(bad, ErrorKind.INVALID_DECIMAL), (over, ErrorKind.OUT_OF_RANGE)]
 
 
-def _max_fraction_digits(work: pa.Array) -> int:
-    if not _contains(work, b"."):
+def _max_fraction_digits(work: pa.Array, blob: bytes) -> int:
+    if not _contains(blob, b"."):
         return 0
     point = pc.find_substring(work, ".")
     digits = pc.subtract(pc.subtract(pc.binary_length(work), point), 1)
@@ -338,7 +341,7 @@ def _decimal_fit_re(precision: int, scale: int) -> str:
     return "|".join(f"^{option}$" for option in options)
 
 
-def _parse_date(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
+def _parse_date(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
     if fmt is not None:
         stamps, bad = _strptime(work, fmt)
         midnight = pc.equal(stamps, pc.floor_temporal(stamps, unit="day"))
@@ -363,7 +366,7 @@ def _parse_date(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tup
     return values, [(bad, ErrorKind.INVALID_DATE), (impossible, ErrorKind.INVALID_DATE)]
 
 
-def _parse_timestamp(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
+def _parse_timestamp(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
     if fmt is not None:
         values, bad = _strptime(work, fmt)
         return values, [(bad, ErrorKind.INVALID_TIMESTAMP)]
@@ -409,7 +412,9 @@ def _try_naive_iso(work: pa.Array) -> pa.Array | None:
     return _try_cast(work, _TS)
 
 
-def _parse_timestamptz(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
+def _parse_timestamptz(
+    work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes
+) -> tuple[pa.Array, _Checks]:
     if fmt is not None:
         values, bad = _strptime(work, fmt)
         # Without %z the wall time is taken as UTC; the cast only attaches the zone.
@@ -446,8 +451,8 @@ def _years_checked(parse: _Parser) -> _Parser:
     0000, strptime any year, and an offset can push zoned text past either end; no Python reader could hold
     such values."""
 
-    def checked(work: pa.Array, column_type: ColumnType, fmt: str | None) -> tuple[pa.Array, _Checks]:
-        values, checks = parse(work, column_type, fmt)
+    def checked(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
+        values, checks = parse(work, column_type, fmt, blob)
         if pa.types.is_date32(values.type):
             numbers, low, high = values.view(pa.int32()), _MIN_DAY, _MAX_DAY
         else:
