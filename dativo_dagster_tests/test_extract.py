@@ -70,7 +70,9 @@ def test_text_schema_is_spec_columns_then_source_columns():
     schema = text_schema(_fields(["b", "a"]))
     assert schema.names == ["b", "a", SOURCE_FILE, SOURCE_LINE, PARSE_ERROR, RAW_RECORD]
     assert schema.field(SOURCE_LINE).type == pa.int64()
-    assert all(schema.field(n).type == pa.string() for n in ("b", "a", SOURCE_FILE, PARSE_ERROR, RAW_RECORD))
+    assert all(schema.field(n).type == pa.string() for n in ("b", "a", PARSE_ERROR, RAW_RECORD))
+    # one file per batch: its URI is a dictionary's one entry, not a copy per row
+    assert schema.field(SOURCE_FILE).type == pa.dictionary(pa.int32(), pa.string())
 
 
 def test_utf8_with_header():
