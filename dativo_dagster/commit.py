@@ -31,6 +31,7 @@ from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
@@ -222,10 +223,19 @@ def _ensure_branch(table: Table, branch: str) -> Table:
     if branch == MAIN or table.metadata.refs.get(branch) is not None:
         return table
     if table.current_snapshot() is None:
-        # a table without any snapshot refuses writes to a branch: give main an empty one first
-        with table.transaction() as tx:
-            tx.update_snapshot(snapshot_properties={"dativo.operation": "init"}, branch=MAIN).fast_append().commit()
+        # a table without any snapshot refuses writes to a branch: give main an empty one and start the branch
+        # there, in one commit (a new table's first run makes one catalog commit less)
+        try:
+            with table.transaction() as tx:
+                tx.update_snapshot(snapshot_properties={"dativo.operation": "init"}, branch=MAIN).fast_append().commit()
+                head = tx.table_metadata.current_snapshot_id
+                assert head is not None
+                ManageSnapshots(tx).create_branch(head, branch).commit()
+        except CommitFailedException:
+            pass  # another run gave main its first snapshot: start the branch at main's head as below
         table = table.refresh()
+        if table.metadata.refs.get(branch) is not None:
+            return table
     snapshot = table.current_snapshot()
     assert snapshot is not None
     try:

@@ -145,8 +145,13 @@ def test_a_run_is_recognised_after_its_snapshot_expired(catalog: SqlCatalog, tab
 
 
 def test_the_branch_starts_at_main_and_main_gets_no_data(catalog: SqlCatalog, table: Table) -> None:
+    created = table.metadata_location
     result = commit(table, "run-a", write_files(table, "run-a", [1]))
     table = catalog.load_table("testdomain.people")
+    # a new table's first run: main's empty snapshot and the branch in one metadata version, then the append
+    earlier = [entry.metadata_file for entry in table.metadata.metadata_log]
+    assert len(earlier) == 2 and earlier[0] == created
+    assert table.metadata.snapshots[0].summary.additional_properties["dativo.operation"] == "init"
 
     main = table.snapshot_by_name("main")
     head = table.snapshot_by_name(BRANCH)
