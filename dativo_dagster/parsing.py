@@ -387,16 +387,30 @@ def _offset_marks(work: pa.Array) -> int:
     return marks + int(np.count_nonzero(chars == ord("Z"))) + int(np.count_nonzero(chars == ord("+")))
 
 
+def _valid_cells(work: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_cell_bytes` of the non-null cells."""
+    data, starts, lengths = _cell_bytes(work)
+    if work.null_count:
+        valid = work.is_valid().to_numpy(zero_copy_only=False)
+        starts, lengths = starts[valid], lengths[valid]
+    return data, starts, lengths
+
+
+def _ends_with_z(work: pa.Array) -> bool:
+    """Whether there is a cell and every one ends in 'Z' (read from the raw buffers)."""
+    data, starts, lengths = _valid_cells(work)
+    if not len(starts) or int(lengths.min()) == 0:
+        return False
+    return bool((data[starts + lengths - 1] == ord("Z")).all())
+
+
 def _colons_at_13(work: pa.Array) -> bool:
     """Whether every cell of text that Arrow's zoned cast took has ':' after the hour (index 13).
 
     Such text starts with 'YYYY-MM-DD', 'T' or ' ' and a two-digit hour, so no ':' comes earlier; only the
     hour-only extra ('2024-01-15T10+05:30') lacks it there.
     """
-    data, starts, lengths = _cell_bytes(work)
-    if work.null_count:
-        valid = work.is_valid().to_numpy(zero_copy_only=False)
-        starts, lengths = starts[valid], lengths[valid]
+    data, starts, lengths = _valid_cells(work)
     if not len(starts):
         return True
     if int(lengths.min()) <= 13:
@@ -420,12 +434,14 @@ def _parse_timestamptz(
         # Without %z the wall time is taken as UTC; the cast only attaches the zone.
         return pc.cast(values, _TSTZ), [(bad, ErrorKind.INVALID_TIMESTAMPTZ)]
     # Arrow parses text without offset only into a naive type and text with one only into a zoned type.
-    marks = _offset_marks(work)
+    cells = len(work) - work.null_count
+    # every cell ending in 'Z' (UTC, the usual export) tells that every cell has an offset without a scan
+    marks = cells if _ends_with_z(work) else _offset_marks(work)
     if marks == 0:
         values = _try_naive_iso(work)
         if values is not None:
             return pc.cast(values, _TSTZ), []
-    elif marks == len(work) - work.null_count:
+    elif marks == cells:
         values = _try_cast(work, _TSTZ)
         # Hour-only text such as '2024-01-15T10+05:30' is the zoned extra; real times have ':' at 13.
         if values is not None and _colons_at_13(work):
