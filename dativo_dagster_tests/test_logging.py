@@ -232,6 +232,9 @@ def test_runs_with_an_empty_run_config_log_json_through_the_instance_s_handler(t
 
     # Dagster's default console logger still writes its text lines in a run without logger config
     ui_lines = _json_objects_in(out["ui"][1])
+    # pytest shows this only when an assertion below fails: the raw stderr the run's step processes shared
+    # (the parsed lines alone could not tell whether a line was lost or mangled when this test failed once)
+    print(out["ui"][1])
     assert {line["job"] for line in ui_lines} == {"__ASSET_JOB"}
     [run_id] = {line["run_id"] for line in ui_lines}
     assert re.fullmatch(r"[0-9a-f-]{36}", run_id)
