@@ -421,8 +421,9 @@ def _encodings(first: pa.Table) -> dict[str, Any]:
       person file: 47 instead of 67 MB, flights x10 1.6 instead of 1.9 s to write).
     - dates and time stamps: dictionary pages when they repeat (dates) or plain (time stamps, whose dictionary
       rarely pays), DELTA_BINARY_PACKED when mostly unique (event times, usually ascending);
-    - text and booleans: dictionary pages unless mostly unique: the encoder otherwise hashes every id or e-mail
-      address until the dictionary outgrows its page (1 MiB), in every row group, for a larger file;
+    - text: dictionary pages unless mostly unique: the encoder otherwise hashes every id or e-mail address until
+      the dictionary outgrows its page (1 MiB), in every row group, for a larger file (booleans are bit-packed
+      whatever is asked);
     - floating point and decimals: plain (they rarely repeat); the repeated system columns (Arrow dictionaries,
       the constant ingest time): dictionary pages.
     Readers (Arrow, DuckDB, Spark, Trino, pyiceberg) read every one of these encodings.
