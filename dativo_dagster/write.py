@@ -51,8 +51,9 @@ UNIQUE_FRACTION = 0.5
 INITIAL_RATIO = 1.0  # written/in-memory bytes before a partition's first row group tells better
 MAX_FILE_FRACTION = 1.10  # CONTRACT 4: no file but a partition's last may pass 110 % of the target
 CLOSE_FRACTION = 0.90  # a file is finished once it holds this share of the target
-# Written/in-memory bytes never exceed this (measured: up to 1.5 for never-repeating dates, where dictionary
-# pages add their indices before parquet falls back to plain encoding; snappy only adds to random bytes).
+# Written/in-memory bytes never exceed this (measured: up to 1.5 for dates that repeat in a file's first rows,
+# so they get dictionary pages, and never after: the pages add their indices before parquet falls back to
+# plain encoding; snappy only adds to random bytes).
 # Row groups are bounded by it, so a file stays under MAX_FILE_FRACTION whatever the data turns into.
 WORST_RATIO = 1.6
 REPEATED_COLUMNS = (SOURCE_FILE_COLUMN, RUN_ID_COLUMN)  # one value per source file / per run

@@ -172,14 +172,17 @@ def test_file_sizes_hold_when_compressibility_changes_mid_stream(tmp_path):
 
 
 def test_a_single_partition_of_unique_short_values_stays_under_the_bound(tmp_path):
-    """Dictionary pages of never-repeating short values make written bytes exceed in-memory bytes."""
+    """Dictionary pages of never-repeating short values make written bytes exceed in-memory bytes: the first
+    file's sample repeats (so its dates get dictionary pages), every later date is new."""
     columns = [{"name": "d", "type": "date"}, {"name": "i", "type": "integer"}]
     writer = make_writer(tmp_path / "data", [], 1 * MIB, columns=columns)
     n = 600_000
     rng = np.random.default_rng(2)
+    days = rng.permutation(n).astype(np.int32) - n // 2
+    days[: write_module.DICTIONARY_SAMPLE_ROWS + 5_000] %= 100
     table = pa.table(
         {
-            "d": pa.array(rng.permutation(n).astype(np.int32) - n // 2, pa.int32()).cast(pa.date32()),
+            "d": pa.array(days, pa.int32()).cast(pa.date32()),
             "i": rng.integers(0, 2**62, n),
             "_ingested_at": pa.repeat(pa.scalar(INGESTED_AT, pa.timestamp("us", tz="UTC")), n),
             "_source_file": pa.repeat(pa.scalar("/x.csv"), n),
@@ -189,6 +192,11 @@ def test_a_single_partition_of_unique_short_values_stays_under_the_bound(tmp_pat
     files = write_all(writer, table)
     assert len(files) > 3
     assert_size_rule(files, 1 * MIB)
+    # the worst case was reached: dictionary pages that outweigh the dates' own 4 bytes
+    first = pq.ParquetFile(files[0].uri).metadata
+    chunks = [first.row_group(i).column(0) for i in range(first.num_row_groups)]
+    assert chunks[0].path_in_schema == "d" and chunks[0].has_dictionary_page
+    assert max(c.total_compressed_size / (c.num_values * 4) for c in chunks) > 1.2
 
 
 def test_files_land_in_hive_folders_and_hold_one_partition_each(tmp_path):
