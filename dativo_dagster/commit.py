@@ -35,6 +35,7 @@ from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
+from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
 from dativo_dagster.table_schema import Partitioner
 from dativo_dagster.table_state import (
     RUN_ID_KEY,
@@ -54,7 +55,6 @@ MAIN = "main"
 COMMIT_ATTEMPTS = 20
 COMMIT_BACKOFF_SECONDS = (0.05, 2.0)
 PYICEBERG_RETRIES = "commit.retry.num-retries"
-SOURCE_FILE_COLUMN = "_source_file"
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "snappy",
     "write.format.default": "parquet",

@@ -31,17 +31,13 @@ from dativo_dagster.storage import (
     list_s3_objects,
     split_s3_uri,
 )
+from dativo_dagster.table_schema import REPEATED_TYPE, SOURCE_FILE, repeated
 
 log = logging.getLogger(__name__)
 
-SOURCE_FILE = "_source_file"
 SOURCE_LINE = "_source_line"
 PARSE_ERROR = "_parse_error"
 RAW_RECORD = "_raw_record"
-# A batch's rows come from one file: its URI is one dictionary entry, not a copy per row (nor a per-row compare
-# when the writer makes the Parquet dictionary).
-SOURCE_FILE_TYPE = pa.dictionary(pa.int32(), pa.string())
-_ZERO = pa.scalar(0, pa.int32())
 BLOCK_SIZE = 1 << 20
 # A record must fit in one block of pyarrow's reader: a longer one restarts the file with blocks this many
 # times larger, up to MAX_BLOCK_SIZE; a record longer than that fails the file (CONTRACT: never a crash or hang).
@@ -77,17 +73,12 @@ def text_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
     return pa.schema(
         [pa.field(f.name, pa.string()) for f in fields]
         + [
-            pa.field(SOURCE_FILE, SOURCE_FILE_TYPE),
+            pa.field(SOURCE_FILE, REPEATED_TYPE),  # a batch's rows come from one file
             pa.field(SOURCE_LINE, pa.int64()),
             pa.field(PARSE_ERROR, pa.string()),
             pa.field(RAW_RECORD, pa.string()),
         ]
     )
-
-
-def source_file_column(uri: str, rows: int) -> pa.DictionaryArray:
-    """``_source_file`` of ``rows`` rows read from ``uri``."""
-    return pa.DictionaryArray.from_arrays(pa.repeat(_ZERO, rows), pa.array([uri], pa.string()))
 
 
 def resolve_path(path: str, loaded: LoadedSpec) -> str:
@@ -560,7 +551,7 @@ def _number_batch(
     columns = []
     for f in schema:
         if f.name == SOURCE_FILE:
-            columns.append(source_file_column(source.uri, n))
+            columns.append(repeated(source.uri, n))
         elif f.name == SOURCE_LINE:
             columns.append(pa.array(lines, pa.int64()))
         elif f.name in mapping:
@@ -588,7 +579,7 @@ def _skipped_batch(
     columns = []
     for f in schema:
         if f.name == SOURCE_FILE:
-            columns.append(source_file_column(source.uri, n))
+            columns.append(repeated(source.uri, n))
         elif f.name == SOURCE_LINE:
             columns.append(pa.array([line for line, _ in records], pa.int64()))
         elif f.name == PARSE_ERROR:

@@ -38,7 +38,7 @@ from dativo_dagster.errors import DativoError, redact
 from dativo_dagster.extract import FileReport, SourceFile, iter_source_batches
 from dativo_dagster.spec import LoadedSpec, ValidationMode
 from dativo_dagster.storage import S3Settings
-from dativo_dagster.table_schema import INGESTED_AT, RUN_ID
+from dativo_dagster.table_schema import INGESTED_AT, RUN_ID, repeated
 from dativo_dagster.validate import ValidationReport, validate_batch
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile
 
@@ -363,12 +363,9 @@ def _table_with_system_columns(
         field = logical
         if logical.name == INGESTED_AT:
             columns.append(pa.repeat(ingested_at, n))
-        elif logical.name == RUN_ID and pa.types.is_dictionary(physical.type):
-            indices = pa.repeat(pa.scalar(0, pa.int32()), n)
-            columns.append(pa.DictionaryArray.from_arrays(indices, pa.array([run_id])))
-            field = physical
         elif logical.name == RUN_ID:
-            columns.append(pa.repeat(run_id, n))
+            columns.append(repeated(run_id, n))
+            field = physical
         elif logical.name in names:
             column = batch.column(logical.name)
             if column.type == physical.type:

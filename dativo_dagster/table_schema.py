@@ -22,12 +22,22 @@ from dativo_dagster.spec import AssetSpecModel, FieldSpec, PartitionField
 INGESTED_AT = "_ingested_at"
 SOURCE_FILE = "_source_file"
 RUN_ID = "_run_id"
+# ``_source_file`` and ``_run_id`` hold one value per source file and per run: they travel as Arrow dictionaries
+# of one entry (no copy of the value per row, and the Parquet writer neither hashes nor compares every row's
+# copy); readers of the files and the table see plain strings.
+REPEATED_TYPE = pa.dictionary(pa.int32(), pa.string())
+_ZERO = pa.scalar(0, pa.int32())
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 MAX_FOLDER_VALUE = 120
 PARTITION_FIELD_ID_START = 1000
 _UNSAFE = re.compile(r"[^a-z0-9_.-]")
 _DOTS = re.compile(r"\.{2,}")
 _NAN = float("nan")
+
+
+def repeated(value: str, rows: int) -> pa.DictionaryArray:
+    """``value`` on ``rows`` rows, as a dictionary of one entry (:data:`REPEATED_TYPE`)."""
+    return pa.DictionaryArray.from_arrays(pa.repeat(_ZERO, rows), pa.array([value], pa.string()))
 
 
 def iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
-from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_FILE_TYPE, SOURCE_LINE
+from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE
 from dativo_dagster.parsing import parse_column
 from dativo_dagster.spec import CsvOptions, FieldSpec
+from dativo_dagster.table_schema import REPEATED_TYPE
 
 REJECT_REASON = "_reject_reason"
 UNPARSEABLE = "unparseable_record"
@@ -80,7 +81,7 @@ class BatchTally:
 def typed_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
     """Schema of validated batches: the spec's typed columns, then the source file."""
     return pa.schema(
-        [pa.field(f.name, f.type.arrow_type) for f in fields] + [pa.field(SOURCE_FILE, SOURCE_FILE_TYPE)]
+        [pa.field(f.name, f.type.arrow_type) for f in fields] + [pa.field(SOURCE_FILE, REPEATED_TYPE)]
     )
 
 
@@ -90,7 +91,7 @@ def rejects_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
         [pa.field(f.name, pa.string()) for f in fields]
         + [
             pa.field(REJECT_REASON, pa.string()),
-            pa.field(SOURCE_FILE, SOURCE_FILE_TYPE),
+            pa.field(SOURCE_FILE, REPEATED_TYPE),
             pa.field(SOURCE_LINE, pa.int64()),
             pa.field(RAW_RECORD, pa.string()),
         ]

@@ -31,9 +31,9 @@ from dativo_dagster.storage import (
     upload_s3_file,
 )
 from dativo_dagster.table_schema import INGESTED_AT as INGESTED_AT_COLUMN
+from dativo_dagster.table_schema import REPEATED_TYPE, Partitioner
 from dativo_dagster.table_schema import RUN_ID as RUN_ID_COLUMN
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
-from dativo_dagster.table_schema import Partitioner
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,12 @@ class PartitionedParquetWriter:
         # file can be replaced by hiding whole data files (see markers.committed_files)
         self.split_by_source = split_by_source
         self.schema = schema
-        # The system columns repeat one value per file or run: written as Arrow dictionaries, the Parquet writer
-        # neither hashes nor compares every row's copy (that was a third of its time). Readers see plain strings:
-        # the files carry no Arrow schema, only the Parquet one with its field ids.
+        # The system columns repeat one value per file or run: written as Arrow dictionaries (REPEATED_TYPE), the
+        # Parquet writer neither hashes nor compares every row's copy (that was a third of its time). Readers see
+        # plain strings: the files carry no Arrow schema, only the Parquet one with its field ids.
         self.file_schema = pa.schema(
             [
-                f.with_type(pa.dictionary(pa.int32(), f.type))
+                f.with_type(REPEATED_TYPE)
                 if f.name in REPEATED_COLUMNS and pa.types.is_string(f.type)
                 else f
                 for f in schema
@@ -485,26 +485,16 @@ def _empty_footer_bytes(schema: pa.Schema, metadata: Mapping[str, str]) -> int:
 
 
 def _encode_repeated(table: pa.Table, file_schema: pa.Schema) -> pa.Table:
-    """The table with its repeated system columns as dictionaries of the file schema."""
+    """The table with its repeated system columns as dictionaries of the file schema.
+
+    The pipeline hands them over as dictionaries already (``table_schema.repeated``); plain strings, from other
+    callers of the writer, are encoded here.
+    """
     for i, f in enumerate(table.schema):
-        if f.name not in REPEATED_COLUMNS or not pa.types.is_string(f.type):
-            continue
-        target = file_schema.field(f.name).type
-        if pa.types.is_dictionary(target):
-            column = pa.chunked_array([_dictionary(chunk) for chunk in table.column(i).chunks], target)
-            table = table.set_column(i, file_schema.field(f.name), column)
+        if f.name in REPEATED_COLUMNS and pa.types.is_string(f.type):
+            target = file_schema.field(f.name)
+            table = table.set_column(i, target, table.column(i).dictionary_encode().cast(target.type))
     return table
-
-
-def _dictionary(chunk: pa.Array) -> pa.Array:
-    """A string array as a dictionary array; cheap when every value is the same (the usual batch)."""
-    n = len(chunk)
-    if n and chunk.null_count == 0:
-        first = chunk[0]
-        # one comparison kernel (it runs without the GIL), no hashing
-        if first == chunk[n - 1] and pc.all(pc.equal(chunk, first)).as_py():
-            return pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), n), pa.array([first.as_py()]))
-    return pc.dictionary_encode(chunk).cast(pa.dictionary(pa.int32(), pa.string()))
 
 
 def remove_file(uri: str, s3: S3Settings) -> None:
