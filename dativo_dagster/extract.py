@@ -191,15 +191,29 @@ def _line_breaks(text: str) -> int:
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
-def _may_hold_line_breaks(column: pa.Array) -> bool:
-    """Whether any value of a string column can hold a line break (its whole data buffer is searched)."""
-    buffers = column.buffers()
-    data = buffers[2] if len(buffers) > 2 else None
-    if data is None or data.size == 0:
-        return False
-    # one copy and memchr (bytes.find): far cheaper than a vectorised comparison over the buffer
-    raw = data.to_pybytes()
-    return raw.find(b"\n") >= 0 or raw.find(b"\r") >= 0
+def _scan_text(batch: pa.RecordBatch) -> list[bool]:
+    """Whether each string column of a reader batch may hold a line break; checks that its values are UTF-8.
+
+    The reader does not check UTF-8 value by value (``check_utf8=False``): one copy of a column's data buffer
+    shows, by ``bytes.isascii`` (a word at a time), that almost every column is ASCII and so valid UTF-8, and
+    by memchr whether any value holds a line break. Only a column with other bytes has its values checked one
+    by one (bytes of two values could make a valid character together, so the buffer as a whole cannot tell).
+
+    Raises:
+        pa.ArrowInvalid: a value is not valid UTF-8 (the reader's own error, for ``_read_error``).
+    """
+    multiline = []
+    for column in batch.columns:
+        buffers = column.buffers()
+        data = buffers[2] if len(buffers) > 2 else None
+        if data is None or data.size == 0:
+            multiline.append(False)
+            continue
+        raw = data.to_pybytes()  # one copy, then C loops: far cheaper than vectorised comparisons over the buffer
+        if not raw.isascii():
+            column.validate(full=True)
+        multiline.append(raw.find(b"\n") >= 0 or raw.find(b"\r") >= 0)
+    return multiline
 
 
 def _line_breaks_in_column(column: pa.Array) -> np.ndarray:
@@ -454,7 +468,7 @@ def _parse_pass(
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
         null_values=[],
-        check_utf8=True,
+        check_utf8=False,  # _scan_text checks UTF-8 far cheaper, together with its search for line breaks
     )
     stream = _open(source, s3)
     try:
@@ -467,12 +481,13 @@ def _parse_pass(
         while True:
             try:
                 batch = reader.read_next_batch()
+                multiline = _scan_text(batch)
             except StopIteration:
                 break
             except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
                 raise _read_error(exc, source, options, s3, tracker) from None
             out, last_line = _number_batch(
-                batch, tracker, mapping=mapping, schema=schema, source=source, report=report,
+                batch, tracker, multiline, mapping=mapping, schema=schema, source=source, report=report,
                 resume_line=state.resume_line,
             )
             if batch.num_rows:
@@ -517,6 +532,7 @@ def _map_header(
 def _number_batch(
     batch: pa.RecordBatch,
     tracker: _LineTracker,
+    multiline: Sequence[bool],
     *,
     mapping: dict[str, str],
     schema: pa.Schema,
@@ -526,14 +542,16 @@ def _number_batch(
 ) -> tuple[pa.RecordBatch, int | None]:
     """One pyarrow batch in :func:`text_schema`, with lines, skipped records in place, blank ones gone.
 
+    ``multiline`` tells which of the batch's columns may hold line breaks (:func:`_scan_text`).
+
     Rows and skipped records starting before ``resume_line`` (produced by an earlier pass) are left out.
     Returns the batch and the line its last parsed record starts on (None for an empty batch).
     """
     n = batch.num_rows
     breaks = np.zeros(n, dtype=np.int64)
-    for col in batch.columns:
+    for col, may_break in zip(batch.columns, multiline, strict=True):
         # quoted line breaks are rare: most batches skip the per-value count
-        if _may_hold_line_breaks(col):
+        if may_break:
             breaks += _line_breaks_in_column(col)
     lines, skipped = tracker.place(breaks)
     last_line = int(lines[-1]) if n else None

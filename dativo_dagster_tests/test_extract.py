@@ -259,6 +259,19 @@ def test_invalid_utf8_far_into_a_crlf_file_names_the_line(tmp_path):
     assert info.value.line == 1 + 2 * 150_000 + 1
 
 
+def test_half_characters_in_neighbouring_values_are_not_utf8_although_their_bytes_would_join(tmp_path):
+    # "\xc3" then "\xa9" is "é"; split over two records of one column they sit side by side in the column's
+    # data buffer, and over two fields of one record in the file: each value alone is not UTF-8
+    head = "id,name,city\n1,Zoë,Bern\n".encode()
+    for name, body in (("records.csv", b"2,\xc3,x\n3,\xa9,y\n"), ("fields.csv", b"2,\xc3,\xa9\n")):
+        with pytest.raises(SourceError) as info:
+            read(write_bytes(tmp_path, name, head + body))
+        assert info.value.line == 3, name
+        assert "not valid utf-8" in str(info.value), name
+    rows, _ = read(write_bytes(tmp_path, "ok.csv", head + "2,Ann,Genève\n".encode()))
+    assert [(r["name"], r["city"]) for r in rows] == [("Zoë", "Bern"), ("Ann", "Genève")]
+
+
 @pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
 def test_undecodable_utf16_names_the_line(tmp_path, codec):
     bom = b"\xff\xfe" if codec == "utf-16-le" else b"\xfe\xff"
