@@ -61,6 +61,14 @@ TABLE_PROPERTIES = {
     # our own loop retries conflicts, re-reading the committed source state each time; pyiceberg's
     # rebasing retry would re-apply a stale delete and could load a file twice
     PYICEBERG_RETRIES: "0",
+    # Each run appends one manifest; once a branch's head lists ``commit.manifest.min-count-to-merge`` of them (100
+    # unless set), the next append merges them into manifests of ``commit.manifest.target-size-bytes`` (8 MB), as
+    # Iceberg's Java appends do: a table loaded every few minutes would otherwise make every reader open one
+    # manifest per run ever committed.
+    "commit.manifest-merge.enabled": "true",
+    # Every commit writes a metadata file: keep the newest 100 (the metadata log) and delete older ones.
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "100",
 }
 
 
@@ -311,7 +319,7 @@ def commit_files(
     snapshot_properties = {**properties, RUN_ID_KEY: run_id, ROWS_KEY: str(result.rows)}
     data_files: list[DataFile] | None = None
     last_error: Exception | None = None
-    table = _own_retries(table)
+    table = _own_properties(table)
     plan = functools.partial(_plan, branch=branch, run_id=run_id, files=files, sources=sources, overwrite=overwrite,
                              replace_sources=replace_sources, record_sources=record_sources)
     for attempt in range(COMMIT_ATTEMPTS):
@@ -410,15 +418,20 @@ def _plan_on_branch(table: Table, branch: str, plan: Callable[[Table], _Plan]) -
     return table, decided
 
 
-def _own_retries(table: Table) -> Table:
-    """Make sure pyiceberg does not retry commits by itself on this table (see TABLE_PROPERTIES)."""
-    if table.metadata.properties.get(PYICEBERG_RETRIES) == TABLE_PROPERTIES[PYICEBERG_RETRIES]:
+def _own_properties(table: Table) -> Table:
+    """Give a table made before a property of TABLE_PROPERTIES existed that property, and make sure pyiceberg does not
+    retry commits by itself; any other property a user has set on the table stays as it is."""
+    properties = table.metadata.properties
+    missing = {key: value for key, value in TABLE_PROPERTIES.items() if key not in properties}
+    if properties.get(PYICEBERG_RETRIES) != TABLE_PROPERTIES[PYICEBERG_RETRIES]:
+        missing[PYICEBERG_RETRIES] = TABLE_PROPERTIES[PYICEBERG_RETRIES]
+    if not missing:
         return table
     try:
         with table.transaction() as tx:
-            tx.set_properties({PYICEBERG_RETRIES: TABLE_PROPERTIES[PYICEBERG_RETRIES]})
+            tx.set_properties(missing)
     except CommitFailedException:
-        pass  # another writer set it (or changed the table): the next refresh shows it
+        pass  # another writer set them (or changed the table): the next refresh shows it
     return table.refresh()
 
 
@@ -442,7 +455,8 @@ def _commit_once(
         if data_files or not overwrite:
             # without data files (a changed source now empty, a new one without valid rows) the append
             # is empty: its snapshot records the source state all the same
-            with tx.update_snapshot(snapshot_properties=properties, branch=branch).fast_append() as append:
+            # merge_append: a fast append that merges the branch's manifests once there are enough (TABLE_PROPERTIES)
+            with tx.update_snapshot(snapshot_properties=properties, branch=branch).merge_append() as append:
                 for data_file in data_files:
                     append.append_data_file(data_file)
 

@@ -16,6 +16,7 @@ from pyiceberg.types import LongType, StringType
 
 from dativo_dagster.commit import (
     RUN_ID_KEY,
+    TABLE_PROPERTIES,
     commit_files,
     ensure_table,
     find_run_commit,
@@ -27,7 +28,7 @@ from dativo_dagster.spec import AssetSpecModel, FieldSpec
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schema, partition_spec
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, write_batches
-from dativo_dagster_tests.conftest import base_spec, branch_rows
+from dativo_dagster_tests.conftest import base_spec, branch_rows, duckdb_branch_rows
 
 BRANCH = "acme"
 
@@ -179,6 +180,63 @@ def test_overwrite_replaces_everything_in_one_metadata_version(catalog: SqlCatal
     again = commit(table, "run-c", write_files(table, "run-c", [9]), overwrite=True)
     assert again.already_committed
     assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [7, 8]
+
+
+def set_properties(table: Table, **properties: str) -> Table:
+    with table.transaction() as tx:
+        tx.set_properties({key.replace("__", ".").replace("_", "-"): value for key, value in properties.items()})
+    return table.refresh()
+
+
+def test_the_manifests_of_many_runs_are_merged_and_every_file_stays_listed_once(
+    catalog: SqlCatalog, table: Table, duckdb_connection: Any
+) -> None:
+    table = set_properties(table, commit__manifest__min_count_to_merge="4")  # 100 unless set
+    written = []
+    for k in range(9):
+        files = write_files(table, f"run-{k}", [k])
+        written += [f.uri for f in files]
+        commit(catalog.load_table("testdomain.people"), f"run-{k}", files)
+        head = catalog.load_table("testdomain.people").snapshot_by_name(BRANCH)
+        assert len(head.manifests(table.io)) < 4 + 1, f"after run {k}"  # a fast append would list k + 1
+    table = catalog.load_table("testdomain.people")
+    head = table.snapshot_by_name(BRANCH)
+    listed = [task.file.file_path for task in table.scan(snapshot_id=head.snapshot_id).plan_files()]
+    assert sorted(listed) == sorted(written) and len(written) == 9
+    assert ids_on(table, BRANCH) == list(range(9))
+    assert int(head.summary["total-data-files"]) == 9 and int(head.summary["total-records"]) == 9
+    # a merged manifest lists the earlier runs' files as existing ones, under the snapshots that added them
+    existing = [m for m in head.manifests(table.io) if m.existing_files_count]
+    assert existing and sum(m.existing_files_count for m in existing) >= 4
+    assert sorted(duckdb_branch_rows(duckdb_connection, table, BRANCH, "id")) == [(k,) for k in range(9)]
+
+
+def test_old_metadata_files_are_deleted_beyond_the_newest_ones_kept(catalog: SqlCatalog, table: Table) -> None:
+    table = set_properties(table, write__metadata__previous_versions_max="2")  # 100 unless set
+    folder = Path(table.metadata_location.removeprefix("file://")).parent
+    for k in range(6):
+        commit(catalog.load_table("testdomain.people"), f"run-{k}", write_files(table, f"run-{k}", [k]))
+    table = catalog.load_table("testdomain.people")
+    kept = {Path(entry.metadata_file.removeprefix("file://")) for entry in table.metadata.metadata_log}
+    on_disk = set(folder.glob("*.metadata.json"))
+    assert len(kept) == 2 and on_disk == kept | {Path(table.metadata_location.removeprefix("file://"))}
+    assert ids_on(table, BRANCH) == list(range(6))
+
+
+def test_a_table_made_without_the_properties_gets_them_at_its_next_commit_and_keeps_its_own(
+    catalog: SqlCatalog, table: Table
+) -> None:
+    with table.transaction() as tx:
+        tx.remove_properties("commit.manifest-merge.enabled", "write.metadata.delete-after-commit.enabled")
+        tx.set_properties({"write.metadata.previous-versions-max": "7", "commit.retry.num-retries": "4"})
+    commit(table.refresh(), "run-a", write_files(table, "run-a", [1]))
+    properties = catalog.load_table("testdomain.people").metadata.properties
+    assert properties["commit.manifest-merge.enabled"] == "true"
+    assert properties["write.metadata.delete-after-commit.enabled"] == "true"
+    assert properties["write.metadata.previous-versions-max"] == "7"  # the table's own setting stays
+    assert properties["commit.retry.num-retries"] == "0"  # except this one: our own loop retries (TABLE_PROPERTIES)
+    assert {key: properties[key] for key in TABLE_PROPERTIES} == {**TABLE_PROPERTIES,
+                                                                  "write.metadata.previous-versions-max": "7"}
 
 
 def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table) -> None:
