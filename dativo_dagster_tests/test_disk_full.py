@@ -15,6 +15,7 @@ from typing import Any
 
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, duckdb_branch_rows
 from dativo_dagster_tests.test_cli_materialize import DATIVO_DAGSTER, clean_env
+from dativo_dagster_tests.test_logging import _json_objects_in
 
 FILE_SIZE_LIMIT = 512 << 10  # bytes: room for the catalog, table metadata and step records, not for the data
 ROWS = 40_000  # 64 random hex digits each: about 3 MB of Parquet that snappy cannot shrink
@@ -27,12 +28,14 @@ def limit_file_size() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def materialize(project: Project, tmp: Path, *, limited: bool) -> subprocess.CompletedProcess[str]:
+def materialize(
+    project: Project, tmp: Path, *, limited: bool, log_level: str = "ERROR", **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(DATIVO_DAGSTER), "materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"],
+        [str(DATIVO_DAGSTER), "materialize", "--specs", str(project.specs_dir), "--log-level", log_level],
         capture_output=True,
         text=True,
-        env=clean_env(TMPDIR=str(tmp)),
+        env=clean_env(TMPDIR=str(tmp), **env),
         cwd="/",
         preexec_fn=limit_file_size if limited else None,
         timeout=300,
@@ -52,7 +55,7 @@ def test_a_full_disk_fails_the_write_step_commits_nothing_and_leaves_no_data_fil
     tmp = tmp_path / "tmp"
     tmp.mkdir()
 
-    failed = materialize(project, tmp, limited=True)
+    failed = materialize(project, tmp, limited=True, log_level="INFO", DATIVO_LOG_FORMAT="json")
 
     assert failed.returncode == 2, failed.stderr[-3000:]
     [line] = failed.stdout.splitlines()
@@ -63,6 +66,12 @@ def test_a_full_disk_fails_the_write_step_commits_nothing_and_leaves_no_data_fil
         line,
     ), line
     assert "Traceback" not in failed.stdout
+    # the write step failed once and was not retried (a full disk is terminal)
+    events = [(line["event"], line["step"]) for line in _json_objects_in(failed.stderr)]
+    assert ("STEP_FAILURE", "people.people__write") in events, failed.stderr[-3000:]
+    assert [e for e in events if e[0] in ("STEP_FAILURE", "STEP_UP_FOR_RETRY")] == [
+        ("STEP_FAILURE", "people.people__write")
+    ], events
     # nothing committed: the table the failed run created is dropped again, with its metadata files; no data
     # file is left (the partial one was removed)
     assert not project.catalog().table_exists("testdomain.people")
