@@ -258,11 +258,12 @@ def _ensure_branch(table: Table, branch: str) -> Table:
 
 
 def _try_write_state_file(table: Table, state: Any, *, keep_sources: bool) -> str | None:
-    """The commit's state file, or None when the table's metadata folder refuses it.
+    """The commit's state file, or None when no folder of the table takes it.
 
     A REST catalog may let clients write only Iceberg's own files under its metadata folder (SeaweedFS's does:
-    Access Denied). Without the file the commit is still complete: its summary holds its own source state and
-    readers walk the branch's history instead (slower on a long history, which snapshot expiry keeps short).
+    Access Denied); the file then goes to ``<table location>/_dativo_state/`` (``table_state.write_state_file``).
+    Without any file the commit is still complete: its summary holds its own source state and readers walk the
+    branch's history instead (slower on a long history, which snapshot expiry keeps short).
     """
     try:
         return write_state_file(table, state, keep_sources=keep_sources)

@@ -21,7 +21,7 @@ from pyiceberg.utils.datetime import datetime_to_millis
 from dativo_dagster.errors import CommitError
 from dativo_dagster.markers import read_commit_markers
 from dativo_dagster.storage import S3Settings, delete_s3_object, filesystem_for, is_s3_uri
-from dativo_dagster.table_state import STATE_FILE_PREFIX, read_branch_state, state_file_of
+from dativo_dagster.table_state import STATE_FILE_PREFIX, read_branch_state, state_file_folders, state_file_of
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,13 @@ def iceberg_referenced_files(table: Table) -> set[str]:
     return set(files.column("file_path").to_pylist()) if files.num_rows else set()
 
 
+def _is_state_file(name: str) -> bool:
+    return name.startswith(STATE_FILE_PREFIX) and name.endswith(".json")
+
+
 def _is_snapshot_metadata(name: str) -> bool:
     """Manifest lists, manifests and state files: what each commit adds to the metadata folder."""
-    return name.endswith(".avro") or (name.startswith(STATE_FILE_PREFIX) and name.endswith(".json"))
+    return name.endswith(".avro") or _is_state_file(name)
 
 
 def iceberg_referenced_metadata(table: Table) -> set[str]:
@@ -212,13 +216,20 @@ def remove_unreferenced_metadata(
 ) -> CleanupReport:
     """Delete manifest lists, manifests and state files that no kept snapshot references and that are old enough.
 
-    They are what expired snapshots, and commits that the catalog refused, leave in the metadata folder. Table
+    They are what expired snapshots, and commits that the catalog refused, leave in the metadata folder (and
+    state files in the folder used where the metadata folder refuses them, ``table_state.STATE_FOLDER``). Table
     metadata files (``*.metadata.json``) are never touched: the catalog and the metadata log refer to them.
     """
-    return _remove_unreferenced(
-        table.location_provider().metadata_path, _is_snapshot_metadata, iceberg_referenced_metadata(table), s3,
-        older_than_seconds=older_than_seconds, dry_run=dry_run,
+    referenced = iceberg_referenced_metadata(table)
+    metadata_folder, state_folder = state_file_folders(table)
+    report = _remove_unreferenced(
+        metadata_folder, _is_snapshot_metadata, referenced, s3, older_than_seconds=older_than_seconds, dry_run=dry_run
     )
+    states = _remove_unreferenced(
+        state_folder, _is_state_file, referenced, s3, older_than_seconds=older_than_seconds, dry_run=dry_run
+    )
+    return CleanupReport(removed=report.removed + states.removed, kept_recent=report.kept_recent + states.kept_recent,
+                         referenced=report.referenced)
 
 
 def marker_referenced_files(location: str, s3: S3Settings) -> set[str]:

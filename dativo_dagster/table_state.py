@@ -14,6 +14,9 @@ would make each commit rewrite megabytes per snapshot kept. A summary carries on
 Tables written before the file existed (or whose file is gone) are read as before: by walking the branch
 lineage from the head and merging each snapshot's own share, the newest first, down to the first snapshot
 that names a readable state file, or to the root.
+
+State files live in the table's metadata folder, or in ``<table location>/_dativo_state/`` where a REST catalog
+refuses other files there; with neither writable a commit names none, and readers walk the history.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ SOURCE_STATE_KEY = "dativo.source-state"
 RUN_ID_KEY = "dativo.run-id"
 STATE_FILE_KEY = "dativo.state-file"
 STATE_FILE_PREFIX = "dativo-state-"
+# Where state files go when the metadata folder refuses them: a REST catalog may let clients write there only
+# Iceberg's own files. SeaweedFS's takes *.avro and *.metadata.json under metadata/, *.parquet under data/, and
+# elsewhere under the table location only folders named like hidden ones (a leading underscore, no hyphen), which
+# Hadoop and Spark listings skip too.
+STATE_FOLDER = "_dativo_state"
 STATE_FILE_FORMAT = 1
 # a run re-executed after this many later commits to its branch is no longer recognised by its run id (an
 # incremental spec still finds its files in the source state); ~80 bytes each, so the file stays under 1 MB
@@ -139,22 +147,39 @@ def _read_state_file(table: Table, location: str | None) -> StateFile | None:
     return state_file
 
 
+def state_file_folders(table: Table) -> list[str]:
+    """Where state files are written, in the order tried: the metadata folder, then ``STATE_FOLDER``."""
+    return [table.location_provider().metadata_path.rstrip("/"), f"{table.location().rstrip('/')}/{STATE_FOLDER}"]
+
+
 def write_state_file(table: Table, state: BranchState, *, keep_sources: bool = True) -> str:
     """Write ``state`` as the state file of the next commit on its branch; returns the file's location.
 
     With ``keep_sources`` False (a commit that replaces every row) the file lists no source file: the commit's
     own summary names the only ones the branch will hold. Runs are kept either way, newest first, at most
     ``RUNS_REMEMBERED``.
+
+    Raises:
+        OSError: no folder of :func:`state_file_folders` accepts the file (the last folder's error).
     """
     content = StateFile(
         sources=dict(sorted(state.sources.items())) if keep_sources else {},
         runs=list(state.runs.items())[:RUNS_REMEMBERED],
-    )
-    location = table.location_provider().new_metadata_location(f"{STATE_FILE_PREFIX}{uuid.uuid4()}.json")
-    # a fresh name: nothing to overwrite, and no existence check (one request less on object storage)
-    with table.io.new_output(location).create(overwrite=True) as stream:
-        stream.write(content.model_dump_json().encode())
-    return location
+    ).model_dump_json().encode()
+    name = f"{STATE_FILE_PREFIX}{uuid.uuid4()}.json"
+    folders = state_file_folders(table)
+    for i, folder in enumerate(folders):
+        location = f"{folder}/{name}"
+        try:
+            # a fresh name: nothing to overwrite, and no existence check (one request less on object storage)
+            with table.io.new_output(location).create(overwrite=True) as stream:
+                stream.write(content)
+            return location
+        except OSError as exc:
+            if i == len(folders) - 1:
+                raise
+            log.debug("%s refused the state file (%s); trying %s", folder, exc, folders[i + 1])
+    raise AssertionError("unreachable")
 
 
 def delete_state_file(table: Table, location: str | None) -> None:

@@ -21,13 +21,15 @@ from dativo_dagster import commit as commit_module
 from dativo_dagster import table_state
 from dativo_dagster.commit import CommitResult, commit_files, ensure_table
 from dativo_dagster.errors import TerminalError
-from dativo_dagster.maintenance import expire_snapshots
+from dativo_dagster.maintenance import expire_snapshots, remove_unreferenced_metadata
 from dativo_dagster.spec import AssetSpecModel
+from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schema, partition_spec
 from dativo_dagster.table_state import (
     RUN_ID_KEY,
     SOURCE_STATE_KEY,
     STATE_FILE_PREFIX,
+    STATE_FOLDER,
     read_branch_state,
     source_state_of,
     state_file_of,
@@ -208,6 +210,48 @@ def test_a_refused_commit_removes_its_state_file(catalog: SqlCatalog, monkeypatc
     named = {state_file_of(s) for s in table.metadata.snapshots} - {None}
     assert len(calls) == 2 and state_files(table) == named and len(named) == 2
     assert read_branch_state(table, BRANCH).sources == {"/a.csv": "1", "/b.csv": "1"}
+
+
+def test_a_metadata_folder_that_refuses_state_files_gets_them_in_the_state_folder(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SeaweedFS's REST catalog does: Iceberg's own files only under metadata/ (Access Denied for ours)."""
+    io_class = type(catalog.load_table(NAME).io)
+    real_new_output = io_class.new_output
+    refused = []
+
+    def new_output(self: object, location: str) -> object:
+        if f"/metadata/{STATE_FILE_PREFIX}" in location:
+            refused.append(location)
+            raise PermissionError(f"Access Denied: {location}")
+        return real_new_output(self, location)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io_class, "new_output", new_output)
+    load(catalog, "run-1", {"/a.csv": "1"}, ids=2)
+    load(catalog, "run-2", {"/b.csv": "1"}, ids=1)
+    load(catalog, "run-3", {"/a.csv": "2"}, ids=1)  # a changed: its rows are replaced
+    table = catalog.load_table(NAME)
+
+    folder = Path(table.location()) / STATE_FOLDER
+    # one per commit (run-3's delete and append snapshots name the same one)
+    named = {state_file_of(s) for s in ancestors_of(table.snapshot_by_name(BRANCH), table.metadata)} - {None}
+    assert len(refused) == 3 and state_files(table) == set()
+    assert {str(p) for p in folder.glob(f"{STATE_FILE_PREFIX}*.json")} == named and len(named) == 3
+    state = read_branch_state(table, BRANCH)
+    assert (state.snapshots_read, state.compacted) == (1, True)  # the head's file, no walk through the history
+    assert state.sources == {"/a.csv": "2", "/b.csv": "1"} == walked_state(table, BRANCH)
+    assert list(state.runs) == ["run-3", "run-2", "run-1"]
+    assert sorted(r["id"] for r in branch_rows(table, BRANCH)) == [0, 0]
+
+    # expiry, then the maintenance clean-up: the expired snapshots' state files go, the head's stays
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)
+    expire_snapshots(table, older_than=later, keep_last=1)
+    table = catalog.load_table(NAME)
+    report = remove_unreferenced_metadata(table, S3Settings(), older_than_seconds=0)
+    head_file = state_file_of(table.snapshot_by_name(BRANCH))
+    assert {str(p) for p in folder.glob("*")} == {head_file}
+    assert named - {head_file} <= set(report.removed)
+    assert read_branch_state(table, BRANCH).sources == {"/a.csv": "2", "/b.csv": "1"}
 
 
 def test_expiry_keeps_the_history_of_a_branch_until_a_commit_compacts_its_state(catalog: SqlCatalog) -> None:

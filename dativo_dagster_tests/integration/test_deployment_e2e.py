@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from dativo_dagster.commit import RUN_ID_KEY
+from dativo_dagster.table_state import STATE_FILE_KEY, STATE_FILE_PREFIX, STATE_FOLDER, read_branch_state
 from dativo_dagster_tests.conftest import Project, base_spec
 
 from .deployment import (
@@ -126,6 +127,13 @@ def test_s3_deployment_end_to_end(
     ours = [s for s in summaries if s.get(RUN_ID_KEY) == run_id]
     assert ours
     assert json.loads(ours[-1]["dativo.source-state"]) == etags
+    # the head names a state file with the branch's state before it, so the next run reads the head alone; the
+    # REST catalog takes only Iceberg's own files under metadata/, so there it lives in _dativo_state/
+    state_file = head.summary.additional_properties[STATE_FILE_KEY]
+    folder = STATE_FOLDER if kind == "rest" else "metadata"
+    assert state_file.startswith(f"{location}/{folder}/{STATE_FILE_PREFIX}"), state_file
+    state = read_branch_state(table, "acme")
+    assert (state.compacted, state.snapshots_read, list(state.runs)) == (True, 1, [run_id])
 
     # ---- the same rows through DuckDB's own Iceberg reader, straight from the bucket
     con = duckdb_for(seaweedfs)
