@@ -798,7 +798,19 @@ def targets(by_key: dict[tuple[str, str], Summary]) -> list[str]:
         row(
             f">= {TARGET_NAIVE_SPEEDUP:g}x faster than naive",
             "person1m",
-            f"{speedup:.1f}x (four steps vs loop)",
+            f"{speedup:.1f}x (four steps vs loop, the same file)",
+            speedup >= TARGET_NAIVE_SPEEDUP,
+        )
+    # The targets are stated on person5m, the naive loader runs on its first 1M rows (issue 5): its cost is per row
+    # (5M rows take 4.9x its 1M time, measured), so rows per second compare the two files.
+    dat5m = by_key.get(("dativo", "person5m"))
+    if naive and dat5m:
+        naive_rate = naive.runs[0].rows / naive.median("seconds")
+        speedup = dat5m.runs[0].rows / dat5m.median("seconds") / naive_rate
+        row(
+            f">= {TARGET_NAIVE_SPEEDUP:g}x faster than naive",
+            "person5m / person1m",
+            f"{speedup:.1f}x (rows/s: four steps on person5m vs the loop on person1m)",
             speedup >= TARGET_NAIVE_SPEEDUP,
         )
     one, ten = by_key.get(("dativo", "flights")), by_key.get(("dativo", "flights10x"))
