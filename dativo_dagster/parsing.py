@@ -379,19 +379,22 @@ def _parse_timestamp(work: pa.Array, column_type: ColumnType, fmt: str | None, b
     return values, [(bad, ErrorKind.INVALID_TIMESTAMP), (impossible, ErrorKind.INVALID_TIMESTAMP)]
 
 
-def _offset_marks(work: pa.Array) -> int:
+_Cells = tuple[np.ndarray, np.ndarray, np.ndarray]  # the data buffer, and the non-null cells' starts and lengths
+
+
+def _offset_marks(work: pa.Array, cells: _Cells) -> int:
     """How many cells carry a UTC offset, provided every cell is ISO date-time text: each such cell has one
     'Z', '+' or third '-', and the others none. Cells that all end in 'Z' (UTC, the usual export) are told
-    from their last characters, without counting over every byte."""
-    cells = len(work) - work.null_count
-    if _ends_with_z(work):
-        return cells
+    from their last characters, without counting over every byte. ``cells``: :func:`_valid_cells` of ``work``."""
+    count = len(work) - work.null_count
+    if _ends_with_z(cells):
+        return count
     chars = _span(work)
-    marks = int(np.count_nonzero(chars == ord("-"))) - 2 * cells
+    marks = int(np.count_nonzero(chars == ord("-"))) - 2 * count
     return marks + int(np.count_nonzero(chars == ord("Z"))) + int(np.count_nonzero(chars == ord("+")))
 
 
-def _valid_cells(work: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _valid_cells(work: pa.Array) -> _Cells:
     """:func:`_cell_bytes` of the non-null cells."""
     data, starts, lengths = _cell_bytes(work)
     if work.null_count:
@@ -400,21 +403,21 @@ def _valid_cells(work: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, starts, lengths
 
 
-def _ends_with_z(work: pa.Array) -> bool:
+def _ends_with_z(cells: _Cells) -> bool:
     """Whether there is a cell and every one ends in 'Z' (read from the raw buffers)."""
-    data, starts, lengths = _valid_cells(work)
+    data, starts, lengths = cells
     if not len(starts) or int(lengths.min()) == 0:
         return False
     return bool((data[starts + lengths - 1] == ord("Z")).all())
 
 
-def _colons_at_13(work: pa.Array) -> bool:
+def _colons_at_13(cells: _Cells) -> bool:
     """Whether every cell of text that Arrow's zoned cast took has ':' after the hour (index 13).
 
     Such text starts with 'YYYY-MM-DD', 'T' or ' ' and a two-digit hour, so no ':' comes earlier; only the
     hour-only extra ('2024-01-15T10+05:30') lacks it there.
     """
-    data, starts, lengths = _valid_cells(work)
+    data, starts, lengths = cells
     if not len(starts):
         return True
     if int(lengths.min()) <= 13:
@@ -438,7 +441,8 @@ def _parse_timestamptz(
         # Without %z the wall time is taken as UTC; the cast only attaches the zone.
         return pc.cast(values, _TSTZ), [(bad, ErrorKind.INVALID_TIMESTAMPTZ)]
     # Arrow parses text without offset only into a naive type and text with one only into a zoned type.
-    marks = _offset_marks(work)
+    cells = _valid_cells(work)  # the non-null cells' bytes, for both checks on the raw text below
+    marks = _offset_marks(work, cells)
     if marks == 0:
         values = _try_naive_iso(work)
         if values is not None:
@@ -446,7 +450,7 @@ def _parse_timestamptz(
     elif marks == len(work) - work.null_count:
         values = _try_cast(work, _TSTZ)
         # Hour-only text such as '2024-01-15T10+05:30' is the zoned extra; real times have ':' at 13.
-        if values is not None and _colons_at_13(work):
+        if values is not None and _colons_at_13(cells):
             return values, []
     ok = pc.match_substring_regex(work, _TIMESTAMPTZ_RE)
     bad = _rejected(work, ok)
