@@ -167,19 +167,23 @@ def write_state_file(table: Table, state: BranchState, *, keep_sources: bool = T
         runs=list(state.runs.items())[:RUNS_REMEMBERED],
     ).model_dump_json().encode()
     name = f"{STATE_FILE_PREFIX}{uuid.uuid4()}.json"
-    folders = state_file_folders(table)
-    for i, folder in enumerate(folders):
-        location = f"{folder}/{name}"
+    # the folder of the head's own state file goes first: a folder that refused it is not asked at every commit
+    head = table.snapshot_by_id(state.head) if state.head is not None else None
+    previous = state_file_of(head) if head is not None else None
+    folders = sorted(state_file_folders(table), key=lambda f: not (previous or "").startswith(f"{f}/"))
+    for folder in folders[:-1]:
         try:
-            # a fresh name: nothing to overwrite, and no existence check (one request less on object storage)
-            with table.io.new_output(location).create(overwrite=True) as stream:
-                stream.write(content)
-            return location
+            return _write_new(table, f"{folder}/{name}", content)
         except OSError as exc:
-            if i == len(folders) - 1:
-                raise
-            log.debug("%s refused the state file (%s); trying %s", folder, exc, folders[i + 1])
-    raise AssertionError("unreachable")
+            log.debug("%s refused the state file (%s); trying the next folder", folder, exc)
+    return _write_new(table, f"{folders[-1]}/{name}", content)
+
+
+def _write_new(table: Table, location: str, content: bytes) -> str:
+    # a fresh name: nothing to overwrite, and no existence check (one request less on object storage)
+    with table.io.new_output(location).create(overwrite=True) as stream:
+        stream.write(content)
+    return location
 
 
 def delete_state_file(table: Table, location: str | None) -> None:
