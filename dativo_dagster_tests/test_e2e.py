@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyiceberg import transforms as tf
@@ -428,6 +429,11 @@ def test_warn_mode_commits_valid_rows_and_quarantines_the_rest(project: Project)
     assert rows[3]["_raw_record"] is not None and "7,Gus,7,extra" in rows[3]["_raw_record"]
     assert {r["_source_file"] for r in rows} == {where}
     assert {r["_run_id"] for r in rows} == {result.run_id}
+    # CONTRACT 4: the system columns are strings in the quarantine's files too (dictionary-encoded inside)
+    head = rejects.snapshot_by_name("acme")
+    for task in rejects.scan(snapshot_id=head.snapshot_id).plan_files():
+        schema = pq.read_schema(task.file.file_path.removeprefix("file://"))
+        assert [schema.field(name).type for name in ("_source_file", "_run_id")] == [pa.string(), pa.string()]
 
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert sorted(checks) == ["reconciliation", "schema_drift", "validation"]
