@@ -68,6 +68,7 @@ TARGET_STEPS_RATIO = 1.3
 TARGET_COMMAND_OVERHEAD_S = 5.0
 TARGET_DLT_SPEEDUP = 2.5
 TARGET_NAIVE_SPEEDUP = 35.0
+NAIVE_5M_RUNS = 3  # the naive loader on person5m: about two minutes a run
 TARGET_RSS_MIB = 400
 TARGET_RSS_FLAT = 1.15
 SIZE_LOW, SIZE_HIGH = 0.5, 1.1  # CONTRACT section 4: all but the last file of a partition
@@ -792,27 +793,20 @@ def targets(by_key: dict[tuple[str, str], Summary]) -> list[str]:
         if dat:
             rss = dat.median("rss_mib")
             row(f"peak RSS <= {TARGET_RSS_MIB} MiB", ds, f"{rss:.0f} MiB", rss <= TARGET_RSS_MIB)
-    naive, dat1m = by_key.get(("naive", "person1m")), by_key.get(("dativo", "person1m"))
-    if naive and dat1m:
-        speedup = naive.median("seconds") / dat1m.median("seconds")
-        row(
-            f">= {TARGET_NAIVE_SPEEDUP:g}x faster than naive",
-            "person1m",
-            f"{speedup:.1f}x (four steps vs loop, the same file)",
-            speedup >= TARGET_NAIVE_SPEEDUP,
-        )
-    # The targets are stated on person5m, the naive loader runs on its first 1M rows (issue 5): its cost is per row
-    # (5M rows take 4.9x its 1M time, measured), so rows per second compare the two files.
-    dat5m = by_key.get(("dativo", "person5m"))
-    if naive and dat5m:
-        naive_rate = naive.runs[0].rows / naive.median("seconds")
-        speedup = dat5m.runs[0].rows / dat5m.median("seconds") / naive_rate
-        row(
-            f">= {TARGET_NAIVE_SPEEDUP:g}x faster than naive",
-            "person5m / person1m",
-            f"{speedup:.1f}x (rows/s: four steps on person5m vs the loop on person1m)",
-            speedup >= TARGET_NAIVE_SPEEDUP,
-        )
+    # The targets are stated on person5m and flights x10 (issue 5): the naive loader is measured against the four
+    # steps on person5m, the same file. On person1m, where issue 5 also runs it, the run's fixed costs (commit,
+    # Dagster's steps) weigh five times as much: shown, but not a target file.
+    for ds in ("person5m", "person1m"):
+        naive, dat = by_key.get(("naive", ds)), by_key.get(("dativo", ds))
+        if naive and dat:
+            speedup = naive.median("seconds") / dat.median("seconds")
+            row(
+                f">= {TARGET_NAIVE_SPEEDUP:g}x faster than naive",
+                ds,
+                f"{speedup:.1f}x (four steps vs the loop, the same file)"
+                + ("" if ds == "person5m" else "; not a target file"),
+                speedup >= TARGET_NAIVE_SPEEDUP if ds == "person5m" else None,
+            )
     one, ten = by_key.get(("dativo", "flights")), by_key.get(("dativo", "flights10x"))
     if one and ten:
         flat = ten.median("rss_mib") / one.median("rss_mib")
@@ -850,7 +844,10 @@ def plan(args: argparse.Namespace) -> list[Case]:
     if not args.skip_dlt:
         cases += [Case("dlt", ds, ds, n) for ds in ("flights10x", "person5m")]
     if not args.skip_naive:
+        # issue 5 runs the naive loader on person1m; its targets are stated on person5m, so it runs there too
+        # (about two minutes a run: three runs are enough for a median whatever --runs says)
         cases.append(Case("naive", "person1m", "person1m", n))
+        cases.append(Case("naive", "person5m", "person5m", min(n, NAIVE_5M_RUNS)))
     cases += [Case("dativo", s, s.removesuffix("_8mb"), 1, timed=False) for s in ("flights10x_8mb", "person5m_8mb")]
     return cases
 
@@ -955,7 +952,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per case (median reported; default 3)")
     parser.add_argument("--skip-dlt", action="store_true", help="leave out dlt (no benchmarks/.venv-dlt needed)")
     parser.add_argument(
-        "--skip-naive", action="store_true", help="leave out the naive per-row loader (about a minute a run)"
+        "--skip-naive",
+        action="store_true",
+        help="leave out the naive per-row loader (about 25 s a run on person1m, 2 min on person5m)",
     )
     parser.add_argument(
         "--code",
