@@ -1,6 +1,6 @@
 """The benchmark: dativo-dagster against pyarrow's own CSV-to-Parquet, dlt and the naive per-row loader.
 
-    .venv/bin/python benchmarks/run.py            # full run (about 20-30 minutes on 2 cores), writes RESULTS.md
+    .venv/bin/python benchmarks/run.py            # full run (about 30 minutes on 2 cores), writes RESULTS.md
     .venv/bin/python benchmarks/run.py --quick    # smoke run for CI: flights + the dirty file, 1 run each, no dlt
     .venv/bin/python benchmarks/run.py --profile  # py-spy profile of dativo-dagster on person5m -> PROFILE.md
 
