@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from dativo_dagster.commit import CommitResult
+from dativo_dagster.errors import DativoError
 from dativo_dagster.storage import (
     S3Settings,
     filesystem_for,
@@ -19,9 +23,19 @@ from dativo_dagster.storage import (
     list_s3_objects,
     put_s3_bytes,
 )
+from dativo_dagster.table_state import STATE_FOLDER
 from dativo_dagster.write import WrittenFile
 
+log = logging.getLogger(__name__)
+
 COMMITS_FOLDER = "_commits"
+# Runs read every marker (their source state, the rows they make visible). A marker never changes once written,
+# so the markers read are kept in one compressed file beside them, the marker cache, which readers never need:
+# a run lists _commits/, reads the cache and fetches only the markers it does not hold (each checked against
+# the listing's ETag or modification time). The cache is rewritten once a read fetched this many markers.
+MARKER_CACHE = f"{STATE_FOLDER}/commit-markers.json.gz"
+CACHE_AFTER_FETCHED = 16
+CACHE_FORMAT = 1
 
 
 def marker_uri(location: str, run_id: str) -> str:
@@ -91,23 +105,99 @@ def _marker_exists(uri: str, s3: S3Settings) -> bool:
 
 
 def read_commit_markers(location: str, s3: S3Settings) -> list[dict[str, Any]]:
-    """Every commit marker under ``location``, oldest commit first."""
+    """Every commit marker under ``location``, oldest commit first.
+
+    The listing of ``_commits/`` decides which markers exist; their contents come from the marker cache where it
+    holds the same version of a marker (see ``MARKER_CACHE``), else from the marker itself.
+    """
     folder = f"{location.rstrip('/')}/{COMMITS_FOLDER}"
+    listed = _list_markers(folder, s3)
+    cached = _read_cache(location, s3)
+    markers: dict[str, dict[str, Any]] = {}
+    versions: dict[str, str] = {}
+    fetched = 0
+    for name, (uri, version) in listed.items():
+        entry = cached.get(name)
+        if entry is not None and entry.get("version") == version and isinstance(entry.get("marker"), dict):
+            markers[name] = entry["marker"]
+        else:
+            markers[name] = json.loads(_read_bytes(uri, s3))
+            fetched += 1
+        versions[name] = version
+    if fetched >= CACHE_AFTER_FETCHED:
+        _write_cache(location, {n: {"version": versions[n], "marker": m} for n, m in markers.items()}, s3)
+    return sorted(markers.values(), key=lambda m: (m.get("committed_at", ""), m["run_id"]))
+
+
+def _list_markers(folder: str, s3: S3Settings) -> dict[str, tuple[str, str]]:
+    """Marker file name -> (URI, version: the ETag on S3, size and modification time elsewhere)."""
     if is_s3_uri(folder):
-        markers = [
-            json.loads(get_s3_bytes(item.uri, s3))
+        return {
+            item.key.rsplit("/", 1)[-1]: (item.uri, item.etag)
             for item in list_s3_objects(f"{folder}/", s3, delimiter="/")
             if item.key.endswith(".json")
-        ]
-        return sorted(markers, key=lambda m: (m.get("committed_at", ""), m["run_id"]))
+        }
     fs, path = filesystem_for(folder, s3)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    markers = []
-    for info in infos:
-        if info.type == pafs.FileType.File and info.path.endswith(".json"):
-            with fs.open_input_stream(info.path) as stream:
-                markers.append(json.loads(stream.read()))
-    return sorted(markers, key=lambda m: (m.get("committed_at", ""), m["run_id"]))
+    return {
+        info.base_name: (info.path, f"{info.size}:{info.mtime_ns}")
+        for info in infos
+        if info.type == pafs.FileType.File and info.path.endswith(".json")
+    }
+
+
+def _read_bytes(uri: str, s3: S3Settings) -> bytes:
+    if is_s3_uri(uri):
+        return get_s3_bytes(uri, s3)
+    fs, path = filesystem_for(uri, s3)
+    with fs.open_input_stream(path, compression=None) as stream:  # the bytes as stored, even for a .gz name
+        return stream.read()
+
+
+def cache_uri(location: str) -> str:
+    """``<table location>/_dativo_state/commit-markers.json.gz``."""
+    return f"{location.rstrip('/')}/{MARKER_CACHE}"
+
+
+def _read_cache(location: str, s3: S3Settings) -> dict[str, dict[str, Any]]:
+    """The marker cache's entries by marker name; empty when there is none or it cannot be read."""
+    uri = cache_uri(location)
+    try:
+        if is_s3_uri(uri):
+            if head_s3_object(uri, s3) is None:
+                return {}
+            data = get_s3_bytes(uri, s3)
+        else:
+            fs, path = filesystem_for(uri, s3)
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                return {}
+            data = _read_bytes(uri, s3)
+        body = json.loads(gzip.decompress(data))
+    except (DativoError, OSError, EOFError, ValueError) as exc:
+        log.warning("ignoring the commit marker cache %s (%s); reading every marker", uri, exc)
+        return {}
+    if not isinstance(body, dict) or body.get("format") != CACHE_FORMAT or not isinstance(body.get("markers"), dict):
+        log.warning("ignoring the commit marker cache %s (not a format %s cache)", uri, CACHE_FORMAT)
+        return {}
+    return body["markers"]
+
+
+def _write_cache(location: str, entries: Mapping[str, Any], s3: S3Settings) -> None:
+    """Replace the marker cache; a failure only costs the next run the reads the cache would have saved."""
+    uri = cache_uri(location)
+    data = gzip.compress(json.dumps({"format": CACHE_FORMAT, "markers": entries}).encode(), compresslevel=6)
+    try:
+        if is_s3_uri(uri):
+            put_s3_bytes(uri, data, s3, content_type="application/gzip")
+            return
+        fs, path = filesystem_for(uri, s3)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with fs.open_output_stream(tmp, compression=None) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except (DativoError, OSError) as exc:
+        log.warning("could not write the commit marker cache %s (%s)", uri, exc)
 
 
 def visible_files(markers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.types import LongType, StringType
 
+from dativo_dagster import markers
 from dativo_dagster.commit import (
     RUN_ID_KEY,
     TABLE_PROPERTIES,
@@ -23,7 +26,15 @@ from dativo_dagster.commit import (
 )
 from dativo_dagster.errors import TerminalError
 from dativo_dagster.maintenance import expire_snapshots
-from dativo_dagster.markers import committed_files, committed_records, marker_uri, write_commit_marker
+from dativo_dagster.markers import (
+    CACHE_AFTER_FETCHED,
+    cache_uri,
+    committed_files,
+    committed_records,
+    marker_uri,
+    read_commit_markers,
+    write_commit_marker,
+)
 from dativo_dagster.spec import AssetSpecModel, FieldSpec
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schema, partition_spec
@@ -321,3 +332,68 @@ def test_commit_markers_list_exactly_the_committed_files(tmp_path: Path) -> None
     assert committed_files(location, s3) == [f"{location}/data/c.parquet"]
     assert committed_records(location, s3) == 1
     assert not list(Path(location, "_commits").glob("*.tmp"))
+
+
+def test_marker_cache_saves_the_reads_of_markers_already_read_and_never_changes_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    location = str(tmp_path / "events")
+    s3 = S3Settings()
+    runs = CACHE_AFTER_FETCHED + 4
+    for i in range(runs):
+        write_commit_marker(
+            location=location, run_id=f"run-{i:02d}", files=[written(f"{location}/data/{i:02d}.parquet", i + 1)],
+            properties={}, s3=s3, table="d.events",
+        )
+    fetched: list[str] = []
+    read_bytes = markers._read_bytes
+
+    def counting(uri: str, s3: S3Settings) -> bytes:
+        if "/_commits/" in uri:
+            fetched.append(uri.rsplit("/", 1)[-1])
+        return read_bytes(uri, s3)
+
+    monkeypatch.setattr(markers, "_read_bytes", counting)
+
+    def files() -> list[str]:
+        return [f["uri"].rsplit("/", 1)[-1] for m in read_commit_markers(location, s3) for f in m["files"]]
+
+    # the first read fetches every marker and keeps them; readers' markers are untouched
+    assert files() == [f"{i:02d}.parquet" for i in range(runs)]
+    assert len(fetched) == runs
+    cache = Path(cache_uri(location))
+    assert cache.parent.name == "_dativo_state" and cache.parent.parent == Path(location)
+    cached = json.loads(gzip.decompress(cache.read_bytes()))["markers"]
+    assert sorted(cached) == [f"run-{i:02d}.json" for i in range(runs)]
+    assert sorted(p.name for p in Path(location, "_commits").iterdir()) == sorted(cached)
+
+    # the next read fetches nothing; a new marker is fetched alone
+    fetched.clear()
+    assert files() == [f"{i:02d}.parquet" for i in range(runs)]
+    assert fetched == []
+    write_commit_marker(
+        location=location, run_id="run-99", files=[written(f"{location}/data/99.parquet", 7)], properties={},
+        s3=s3, table="d.events",
+    )
+    assert files()[-1] == "99.parquet" and fetched == ["run-99.json"]
+
+    # the listing decides: a removed marker is gone, a marker written again under its name is read again
+    fetched.clear()
+    Path(marker_uri(location, "run-03")).unlink()
+    replaced = Path(marker_uri(location, "run-05"))
+    body = json.loads(replaced.read_text())
+    body["files"][0]["uri"] = f"{location}/data/05-again.parquet"
+    replaced.write_text(json.dumps(body))
+    os.utime(replaced, ns=(1, 1))
+    names = files()
+    assert "03.parquet" not in names and "05.parquet" not in names and "05-again.parquet" in names
+    # (run-99 is read again too: the cache is only rewritten once a read fetched CACHE_AFTER_FETCHED markers)
+    assert fetched == ["run-05.json", "run-99.json"]
+    assert committed_records(location, s3) == sum(range(1, runs + 1)) - 4 + 7
+
+    # a damaged cache is ignored (every marker read, the same answer) and replaced
+    cache.write_bytes(b"not gzip")
+    fetched.clear()
+    assert files() == names
+    assert len(fetched) == runs
+    assert len(json.loads(gzip.decompress(cache.read_bytes()))["markers"]) == runs

@@ -3,6 +3,7 @@ helper, the documented DuckDB query, the downstream IO manager) see exactly the 
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -13,8 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dativo_dagster.markers import committed_files, committed_files_sql, marker_uri
+from dativo_dagster import markers
+from dativo_dagster.markers import (
+    CACHE_AFTER_FETCHED,
+    cache_uri,
+    committed_files,
+    committed_files_sql,
+    marker_uri,
+    write_commit_marker,
+)
 from dativo_dagster.storage import S3Settings
+from dativo_dagster.write import WrittenFile
 from dativo_dagster_tests.conftest import Project, base_spec
 
 from .deployment import CONTRACT_METADATA_KEYS, list_keys, make_deployment, run
@@ -129,6 +139,56 @@ def test_overwrite_marker_hides_earlier_files_for_every_reader(
     finally:
         con.close()
 
+
+
+def test_marker_cache_on_s3_spares_a_run_the_markers_already_read(seaweedfs: SeaweedFS, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
+    location = f"{deployment.warehouse}/testdomain/testproduct/many"
+    s3 = S3Settings(seaweedfs.s3_endpoint, seaweedfs.region, seaweedfs.access_key, seaweedfs.secret_key)
+    runs = CACHE_AFTER_FETCHED + 1
+    expected = []
+    for i in range(runs):
+        uri = f"{location}/data/{i:02d}.parquet"
+        expected.append(uri)
+        write_commit_marker(
+            location=location, run_id=f"run-{i:02d}", s3=s3, table="d.many", properties={},
+            files=[WrittenFile(uri=uri, size_bytes=10, record_count=1, partition_path="", partition_values=[])],
+        )
+    fetched: list[str] = []
+    get = markers.get_s3_bytes
+
+    def counting(uri: str, settings: S3Settings) -> bytes:
+        fetched.append(uri.rsplit("/", 1)[-1])
+        return get(uri, settings)
+
+    monkeypatch.setattr(markers, "get_s3_bytes", counting)
+    assert committed_files(location, s3) == expected
+    assert len([name for name in fetched if name.startswith("run-")]) == runs
+
+    # the cache is one gzip object beside the markers, holding each marker with the ETag S3 listed for it
+    client = seaweedfs.boto3_client()
+    bucket = deployment.bucket
+    key = cache_uri(location).removeprefix(f"s3://{bucket}/")
+    assert key.endswith("/many/_dativo_state/commit-markers.json.gz")
+    cached = json.loads(gzip.decompress(client.get_object(Bucket=bucket, Key=key)["Body"].read()))["markers"]
+    etags = {
+        k.rsplit("/", 1)[-1]: client.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')
+        for k in list_keys(seaweedfs, bucket, key.rsplit("/_dativo_state/", 1)[0] + "/_commits/")
+    }
+    assert {name: entry["version"] for name, entry in cached.items()} == etags
+
+    # the next reader fetches the cache alone
+    fetched.clear()
+    assert committed_files(location, s3) == expected
+    assert fetched == ["commit-markers.json.gz"]
+
+    # and DuckDB's documented query, which reads the markers themselves, agrees
+    con = duckdb_for(seaweedfs)
+    try:
+        assert sorted(uri for (uri,) in con.execute(committed_files_sql(location)).fetchall()) == expected
+    finally:
+        con.close()
 
 def _body(client: Any, bucket: str, uri: str) -> pa.BufferReader:
     return pa.BufferReader(client.get_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))["Body"].read())
