@@ -33,15 +33,10 @@ class StagingIOManager(dg.ConfigurableIOManager):
 
     staging: StagingResource
 
-    def _path(self, run_id: str, step_key: str, name: str) -> Path:
-        return self.staging.run_dir(run_id) / step_key / f"{name}.json"
-
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if not isinstance(obj, BaseModel):
             raise TypeError(f"{context.step_key}.{context.name}: cannot stage {type(obj).__name__}")
-        path = self._path(context.run_id, context.step_key, context.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(obj.model_dump_json())
+        self.staging.write(context.run_id, context.step_key, context.name, obj.model_dump_json())
 
     def load_input(self, context: dg.InputContext) -> Any:
         upstream = context.upstream_output
@@ -49,10 +44,7 @@ class StagingIOManager(dg.ConfigurableIOManager):
         typ = context.dagster_type.typing_type
         if not (isinstance(typ, type) and issubclass(typ, BaseModel)):
             raise TypeError(f"{upstream.step_key}.{upstream.name}: cannot load a staged {typ}")
-        path = self._path(upstream.run_id, upstream.step_key, upstream.name)
-        if not path.exists():
-            raise FileNotFoundError(f"staged input {upstream.step_key}.{upstream.name} missing at {path}")
-        return typ.model_validate_json(path.read_text())
+        return typ.model_validate_json(self.staging.read(upstream.run_id, upstream.step_key, upstream.name))
 
 
 class IcebergTableIOManager(dg.ConfigurableIOManager):

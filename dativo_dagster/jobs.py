@@ -3,7 +3,6 @@
 # no ``from __future__ import annotations``: Dagster reads the op's annotations at definition time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -161,7 +160,7 @@ def build_maintenance_job(loaded: Sequence[LoadedSpec]) -> dg.JobDefinition:
             removed[name] = len(report.removed)
             metadata = remove_unreferenced_metadata(table, s3, older_than_seconds=seconds, dry_run=config.dry_run)
             metadata_removed[name] = len(metadata.removed)
-        stale = [] if config.dry_run else remove_stale_staging(Path(dativo_staging.root), seconds)
+        stale = [] if config.dry_run else remove_stale_staging(dativo_staging.root, seconds, s3)
         return dg.Output(
             sum(removed.values()),
             metadata={"removed_per_table": dg.MetadataValue.json(removed),

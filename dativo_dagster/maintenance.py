@@ -20,7 +20,7 @@ from pyiceberg.utils.datetime import datetime_to_millis
 
 from dativo_dagster.errors import CommitError
 from dativo_dagster.markers import read_commit_markers
-from dativo_dagster.storage import S3Settings, delete_s3_object, filesystem_for, is_s3_uri
+from dativo_dagster.storage import S3Object, S3Settings, delete_s3_object, filesystem_for, is_s3_uri, list_s3_objects
 from dativo_dagster.table_state import STATE_FILE_PREFIX, read_branch_state, state_file_folders, state_file_of
 
 log = logging.getLogger(__name__)
@@ -237,12 +237,30 @@ def marker_referenced_files(location: str, s3: S3Settings) -> set[str]:
     return {f["uri"] for marker in read_commit_markers(location, s3) for f in marker["files"]}
 
 
-def remove_stale_staging(root: Path, older_than_seconds: float) -> list[str]:
-    """Delete run staging folders untouched for longer than ``older_than_seconds``."""
+def remove_stale_staging(root: str | Path, older_than_seconds: float, s3: S3Settings | None = None) -> list[str]:
+    """Delete run staging folders untouched for longer than ``older_than_seconds``.
+
+    ``root`` is a local folder or an ``s3://`` prefix (then a run's folder is stale when its newest record is).
+    """
+    cutoff = time.time() - older_than_seconds
+    if is_s3_uri(str(root)):
+        settings = s3 or S3Settings()
+        base = str(root).rstrip("/")
+        runs: dict[str, list[S3Object]] = {}
+        for item in list_s3_objects(f"{base}/", settings):
+            run_id = item.uri.removeprefix(f"{base}/").split("/", 1)[0]
+            runs.setdefault(run_id, []).append(item)
+        removed = []
+        for run_id, items in sorted(runs.items()):
+            if all(i.last_modified is not None and i.last_modified.timestamp() < cutoff for i in items):
+                for item in items:
+                    delete_s3_object(item.uri, settings)
+                removed.append(f"{base}/{run_id}")
+        return removed
     removed = []
+    root = Path(root)
     if not root.is_dir():
         return removed
-    cutoff = time.time() - older_than_seconds
     for run_dir in root.iterdir():
         if run_dir.is_dir() and run_dir.stat().st_mtime < cutoff:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -20,7 +20,19 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 from dativo_dagster.errors import CommitError
 from dativo_dagster.spec import AssetSpecModel
-from dativo_dagster.storage import S3Settings, check_s3_access, is_s3_uri, join_uri, mask_uri, scrub
+from dativo_dagster.storage import (
+    S3Settings,
+    check_s3_access,
+    delete_s3_object,
+    get_s3_bytes,
+    head_s3_object,
+    is_s3_uri,
+    join_uri,
+    list_s3_objects,
+    mask_uri,
+    put_s3_bytes,
+    scrub,
+)
 
 CATALOG_NAME = "dativo"
 DEFAULT_SPECS_DIR = Path(__file__).resolve().parent.parent / "asset_specs"
@@ -160,18 +172,54 @@ def retry_catalog_tables_race(build: Callable[[], Catalog]) -> Catalog:
 
 
 class StagingResource(dg.ConfigurableResource):
-    """A folder for the small records (JSON) the ops of one run pass each other."""
+    """Where the small records (JSON) the ops of one run pass each other are kept: a local folder, or an
+    ``s3://`` prefix when the steps of a run may run on different machines (Kubernetes, Celery executors)."""
 
-    root: str = Field(description="Local folder for staged op outputs (removed once a run commits).")
+    root: str = Field(
+        description="Folder for staged op outputs (DATIVO_STAGING_DIR): a local path, or s3://bucket/prefix where "
+        "the steps of a run run on different machines. A run's records are removed once it commits."
+    )
+    storage: StorageResource
 
-    def run_dir(self, run_id: str) -> Path:
-        """This run's staging folder."""
-        path = Path(self.root) / run_id
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def _uri(self, run_id: str, step_key: str, name: str) -> str:
+        return join_uri(self.root, run_id, step_key, f"{name}.json")
+
+    def write(self, run_id: str, step_key: str, name: str, text: str) -> None:
+        """Keep one record of ``run_id``'s step ``step_key``."""
+        uri = self._uri(run_id, step_key, name)
+        if is_s3_uri(uri):
+            put_s3_bytes(uri, text.encode(), self.storage.s3_settings())
+            return
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # a step killed while writing leaves no half record under the real name
+
+    def read(self, run_id: str, step_key: str, name: str) -> str:
+        """A record :meth:`write` kept.
+
+        Raises:
+            FileNotFoundError: there is none (its step never finished, or the run's records were removed).
+        """
+        uri = self._uri(run_id, step_key, name)
+        if is_s3_uri(uri):
+            settings = self.storage.s3_settings()
+            if head_s3_object(uri, settings) is None:
+                raise FileNotFoundError(f"staged record {step_key}.{name} missing at {uri}")
+            return get_s3_bytes(uri, settings).decode()
+        path = Path(uri)
+        if not path.exists():
+            raise FileNotFoundError(f"staged record {step_key}.{name} missing at {path}")
+        return path.read_text()
 
     def remove_steps(self, run_id: str, step_prefix: str) -> None:
-        """Delete the staged files of one asset's steps; the run folder goes once it is empty."""
+        """Delete the staged records of one asset's steps; a local run folder goes once it is empty."""
+        if is_s3_uri(self.root):
+            settings = self.storage.s3_settings()
+            for item in list_s3_objects(join_uri(self.root, run_id, step_prefix), settings):
+                delete_s3_object(item.uri, settings)
+            return
         run_dir = Path(self.root) / run_id
         for path in run_dir.glob(f"{step_prefix}*"):
             shutil.rmtree(path, ignore_errors=True)
@@ -316,5 +364,5 @@ def resources_from_env(specs_dir: Path) -> dict[str, object]:
         credential=_env("DATIVO_CATALOG_CREDENTIAL"),
         storage=storage,
     )
-    staging = StagingResource(root=_env("DATIVO_STAGING_DIR") or defaults["staging"])
+    staging = StagingResource(root=_env("DATIVO_STAGING_DIR") or defaults["staging"], storage=storage)
     return {"dativo_storage": storage, "dativo_catalog": catalog, "dativo_staging": staging}
