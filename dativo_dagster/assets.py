@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
+from pyiceberg.utils.concurrent import ExecutorFactory
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
 from dativo_dagster.errors import StorageError, is_transient
@@ -38,7 +39,7 @@ from dativo_dagster.markers import committed_records, read_commit_markers, write
 from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageError, StageFailure, run_pipeline, stage_error
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
-from dativo_dagster.storage import filesystem_for
+from dativo_dagster.storage import filesystem_for, is_s3_uri
 from dativo_dagster.table_schema import (
     INGESTED_AT,
     RUN_ID,
@@ -607,12 +608,21 @@ def _drop_created(created: list[tuple[Any, str]], s3: Any) -> None:
 def verify_written(outcome: PipelineOutcome, s3: Any) -> None:
     """Every file the stream wrote is there, at the size it was written with.
 
+    Object stores are asked on pyiceberg's shared thread pool (a request per file; a day-partitioned run writes
+    hundreds of files).
+
     Raises:
         StorageError: a file is missing or has another size (transient: the step streams again).
     """
-    for written in [*outcome.data_files, *outcome.reject_files]:
+    files = [*outcome.data_files, *outcome.reject_files]
+
+    def file_info(written: WrittenFile) -> pafs.FileInfo:
         fs, path = filesystem_for(written.uri, s3)
-        info = fs.get_file_info(path)
+        return fs.get_file_info(path)
+
+    remote = len(files) > 1 and any(is_s3_uri(written.uri) for written in files)
+    infos = ExecutorFactory.get_or_create().map(file_info, files) if remote else map(file_info, files)
+    for written, info in zip(files, infos, strict=True):
         if info.type == pafs.FileType.NotFound or info.size != written.size_bytes:
             found = "missing" if info.type == pafs.FileType.NotFound else f"{info.size} bytes"
             raise StorageError(f"{written.uri}: written with {written.size_bytes} bytes, now {found}")

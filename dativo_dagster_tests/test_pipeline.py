@@ -18,11 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from dativo_dagster import write as write_module
+from dativo_dagster.assets import verify_written
+from dativo_dagster.errors import StorageError
 from dativo_dagster.extract import SourceFile
 from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageFailure, run_pipeline
 from dativo_dagster.spec import load_specs
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schema, partition_spec
+from dativo_dagster.write import WrittenFile
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 ROWS = 60_000
@@ -234,3 +237,22 @@ def test_system_columns_read_back_as_plain_strings_from_the_files_and_the_table(
     scanned = table.scan(snapshot_id=head.snapshot_id, selected_fields=("_source_file", "_run_id")).to_arrow()
     assert scanned.schema.field("_source_file").type in (pa.string(), pa.large_string())
     assert scanned.num_rows == ROWS and set(scanned.column("_run_id").to_pylist()) == {result.run_id}
+
+
+def test_the_write_step_finds_a_local_file_gone_or_changed(tmp_path: Path) -> None:
+    files = []
+    for i in range(3):
+        path = tmp_path / f"day={i}" / "f.parquet"
+        path.parent.mkdir()
+        path.write_bytes(b"x" * (10 + i))
+        files.append(WrittenFile(uri=str(path), size_bytes=10 + i, record_count=1, partition_path=f"day={i}",
+                                 partition_values=[i]))
+    outcome = PipelineOutcome(run_id="r", ingested_at="", data_files=files)
+    verify_written(outcome, S3Settings())
+    (tmp_path / "day=1" / "f.parquet").write_bytes(b"x")
+    with pytest.raises(StorageError, match=r"day=1/f.parquet: written with 11 bytes, now 1 bytes"):
+        verify_written(outcome, S3Settings())
+    (tmp_path / "day=2" / "f.parquet").unlink()
+    (tmp_path / "day=1" / "f.parquet").write_bytes(b"x" * 11)
+    with pytest.raises(StorageError, match=r"day=2/f.parquet: written with 12 bytes, now missing"):
+        verify_written(outcome, S3Settings())

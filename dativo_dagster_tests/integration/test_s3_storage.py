@@ -20,8 +20,10 @@ from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
 import dativo_dagster.storage as storage_module
-from dativo_dagster.errors import SourceError
+from dativo_dagster.assets import verify_written
+from dativo_dagster.errors import SourceError, StorageError
 from dativo_dagster.extract import FileReport, list_source_files, read_source_file
+from dativo_dagster.pipeline import PipelineOutcome
 from dativo_dagster.spec import CsvOptions, FieldSpec, LoadedSpec, load_specs
 from dativo_dagster.storage import (
     MAX_USER_METADATA_BYTES,
@@ -32,7 +34,7 @@ from dativo_dagster.storage import (
     upload_s3_file,
 )
 from dativo_dagster.table_schema import Partitioner
-from dativo_dagster.write import PartitionedParquetWriter, write_batches
+from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, write_batches
 from dativo_dagster_tests.conftest import Project, base_spec
 
 from .deployment import list_keys, unique
@@ -229,3 +231,25 @@ def test_long_and_non_ascii_governance_values_are_accepted_by_s3(
     assert unquote(head["Metadata"]["owner"]) == values["owner"]  # percent-encoding is reversible
     stored = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=bucket, Key="k")["TagSet"]}
     assert stored == tags and len(stored) <= 10 and all(len(v) <= 256 for v in stored.values())
+
+
+def test_the_write_step_finds_a_file_gone_or_changed_among_many_on_s3(seaweedfs: SeaweedFS, s3: S3Settings) -> None:
+    bucket = unique("verify-")
+    seaweedfs.create_bucket(bucket)
+    client = seaweedfs.boto3_client()
+    files = []
+    for i in range(12):
+        key = f"t/data/day={i:02d}/f.parquet"
+        client.put_object(Bucket=bucket, Key=key, Body=b"x" * (100 + i))
+        files.append(WrittenFile(uri=f"s3://{bucket}/{key}", size_bytes=100 + i, record_count=1,
+                                 partition_path=f"day={i:02d}", partition_values=[i]))
+    outcome = PipelineOutcome(run_id="r", ingested_at="", data_files=files[:10], reject_files=files[10:])
+    verify_written(outcome, s3)  # every file there at its size: no error
+
+    client.put_object(Bucket=bucket, Key="t/data/day=07/f.parquet", Body=b"short")
+    with pytest.raises(StorageError, match=r"s3://.*/t/data/day=07/f.parquet: written with 107 bytes, now 5 bytes"):
+        verify_written(outcome, s3)
+    client.put_object(Bucket=bucket, Key="t/data/day=07/f.parquet", Body=b"x" * 107)
+    client.delete_object(Bucket=bucket, Key="t/data/day=11/f.parquet")  # a quarantine file
+    with pytest.raises(StorageError, match=r"s3://.*/t/data/day=11/f.parquet: written with 111 bytes, now missing"):
+        verify_written(outcome, s3)
