@@ -6,8 +6,9 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
+from pyiceberg.utils.concurrent import ExecutorFactory
 
 from dativo_dagster.errors import StorageError
 from dativo_dagster.storage import (
@@ -368,7 +370,10 @@ class PartitionedParquetWriter:
         metadata = {**self.metadata, "partition": path, "record-count": str(rows)}
         return {f"dativo.{k}": v for k, v in metadata.items()}
 
-    def _close(self, state: _PartitionState) -> None:
+    def _close(
+        self, state: _PartitionState, uploads: list[tuple[_Sink, dict[str, str], WrittenFile]] | None = None
+    ) -> None:
+        """Finish the partition's file; publish it now, or add it to ``uploads`` for :meth:`close`."""
         if state.writer is None or state.sink is None:
             return
         state.writer.add_key_value_metadata(self._footer_metadata(state.path, state.rows_in_file))
@@ -381,27 +386,74 @@ class PartitionedParquetWriter:
             "record-count": str(state.rows_in_file),
             "file-size-bytes": str(size),
         }
-        state.sink.publish(metadata)
-        self.files.append(
-            WrittenFile(
-                uri=state.sink.uri,
-                size_bytes=size,
-                record_count=state.rows_in_file,
-                partition_path=state.path,
-                partition_values=self.partitioner.to_json(state.values),
-                sources=[state.source] if state.source is not None else [],
-            )
+        written = WrittenFile(
+            uri=state.sink.uri,
+            size_bytes=size,
+            record_count=state.rows_in_file,
+            partition_path=state.path,
+            partition_values=self.partitioner.to_json(state.values),
+            sources=[state.source] if state.source is not None else [],
         )
+        sink = state.sink
         state.writer, state.sink = None, None
         state.written, state.footer, state.rows_in_file = 0, 0, 0
+        if uploads is None:
+            sink.publish(metadata)
+            self.files.append(written)
+        else:
+            uploads.append((sink, metadata, written))
 
     def close(self) -> list[WrittenFile]:
-        """Flush every buffer, finish every file; returns all files written."""
+        """Flush every buffer, finish every file; returns all files written.
+
+        The files still open (one per partition) are finished first and then published together: on object
+        storage their uploads go out on pyiceberg's shared thread pool (a day-partitioned run ends with hundreds).
+        """
         self._route()
-        for state in list(self._states.values()):
-            self._flush(state)
-            self._close(state)
+        uploads: list[tuple[_Sink, dict[str, str], WrittenFile]] = []
+        try:
+            for state in list(self._states.values()):
+                self._flush(state)
+                self._close(state, uploads)
+        except BaseException:
+            for sink, _, _ in uploads:
+                sink.discard()
+            raise
+        self._publish(uploads)
         return self.files
+
+    def _publish(self, uploads: Sequence[tuple[_Sink, dict[str, str], WrittenFile]]) -> None:
+        """Publish finished files. Once one fails no more are started; every file that went up is recorded (so
+        that abort() removes it) before the first error is raised."""
+        if len(uploads) < 2 or not is_s3_uri(self.location):
+            for sink, metadata, written in uploads:
+                sink.publish(metadata)  # a no-op for local files
+                self.files.append(written)
+            return
+        failed = threading.Event()
+
+        def publish(sink: _Sink, metadata: dict[str, str]) -> bool:
+            if failed.is_set():  # an upload failed: the run fails, so the files not yet started stay local
+                sink.discard()
+                return False
+            try:
+                sink.publish(metadata)
+            except BaseException:
+                failed.set()
+                raise
+            return True
+
+        executor = ExecutorFactory.get_or_create()
+        futures = [executor.submit(publish, sink, metadata) for sink, metadata, _ in uploads]
+        error: BaseException | None = None
+        for (_, _, written), future in zip(uploads, futures, strict=True):
+            try:
+                if future.result():
+                    self.files.append(written)
+            except BaseException as exc:  # the first is raised once no upload is under way any more
+                error = error or exc
+        if error is not None:
+            raise error
 
     def abort(self) -> None:
         """Close and remove everything this writer wrote (a failed run leaves no files)."""

@@ -6,10 +6,12 @@ unchanged; either way the bucket holds no data object that the table does not re
 from __future__ import annotations
 
 import functools
+import os
 import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.retries.standard import ExponentialBackoff
 from pyiceberg.table import Table
+from pyiceberg.utils.concurrent import ExecutorFactory
 
 import dativo_dagster.storage as storage_module
 import dativo_dagster.write as write_module
@@ -52,6 +55,18 @@ class _Body:
     def stream(self, **_: Any) -> Iterator[bytes]:
         yield self.data
 
+
+
+@pytest.fixture(autouse=True)
+def uploads_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The files still open at the end of a run go up on pyiceberg's thread pool; with one thread they go in
+    order, so that the faults below fall on the uploads these tests count (the pool's own failure handling with
+    several threads: ``test_s3_storage.py``)."""
+    serial = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(ExecutorFactory, "_instance", serial)
+    monkeypatch.setattr(ExecutorFactory, "_instance_pid", os.getpid())
+    yield
+    serial.shutdown()
 
 class SlowDown:
     """S3 throttling injected into every boto3 client of the package: a botocore ``before-send`` handler on the

@@ -6,20 +6,24 @@ from __future__ import annotations
 import io
 import random
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC
+from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
+from pyiceberg.transforms import BucketTransform
 from pyiceberg.types import LongType, NestedField, StringType
 
 import dativo_dagster.storage as storage_module
+import dativo_dagster.write as write_module
 from dativo_dagster.assets import verify_written
 from dativo_dagster.errors import SourceError, StorageError
 from dativo_dagster.extract import FileReport, list_source_files, read_source_file
@@ -205,6 +209,56 @@ def test_a_failed_upload_removes_the_staging_file_and_leaves_nothing(
     assert list_keys(seaweedfs, bucket) == []
     assert not list(staging.iterdir())
 
+
+
+def partitioned_writer(location: str, s3: S3Settings) -> PartitionedParquetWriter:
+    spec = PartitionSpec(PartitionField(source_id=1, field_id=1000, transform=BucketTransform(16), name="id_bucket"))
+    plain = writer_for(location, s3, target_bytes=128 << 20)
+    return PartitionedParquetWriter(
+        location=location, schema=plain.schema, partitioner=Partitioner(spec, SCHEMA), target_bytes=128 << 20,
+        file_prefix="test", metadata=plain.metadata, s3=s3,
+    )
+
+
+def test_the_files_open_at_the_end_go_up_together_and_a_failed_upload_leaves_nothing(
+    seaweedfs: SeaweedFS, s3: S3Settings, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = unique("many-")
+    seaweedfs.create_bucket(bucket)
+    client = seaweedfs.boto3_client()
+    upload = write_module.upload_s3_file
+    threads: set[str] = set()
+    attempts: list[str] = []
+
+    def recorded(local_path: str, uri: str, *args: Any, **kwargs: Any) -> None:
+        threads.add(threading.current_thread().name)
+        attempts.append(uri)
+        if "fail-" in uri and "id_bucket=7/" in uri:
+            raise StorageError(f"{uri}: injected upload failure")
+        upload(local_path, uri, *args, **kwargs)
+
+    monkeypatch.setattr(write_module, "upload_s3_file", recorded)
+    files = write_batches(random_batches(8_000), partitioned_writer(f"s3://{bucket}/t/data", s3))
+    assert len(files) == 16 and sum(f.record_count for f in files) == 8_000
+    assert len(threads) > 1  # the sixteen uploads went out on the pool, not one after the other
+    for written in files:
+        head = client.head_object(Bucket=bucket, Key=written.uri.removeprefix(f"s3://{bucket}/"))
+        assert head["Metadata"]["record-count"] == str(written.record_count)
+        assert head["ContentLength"] == written.size_bytes
+        assert written.uri.rsplit("/", 2)[-2] == written.partition_path
+    assert not list(staging.iterdir())
+
+    # one upload fails: the error comes out, no upload starts after it, and abort() removes those that went up
+    bucket = unique("fail-")
+    seaweedfs.create_bucket(bucket)
+    attempts.clear()
+    writer = partitioned_writer(f"s3://{bucket}/t/data", s3)
+    with pytest.raises(StorageError, match=r"id_bucket=7/.*injected upload failure"):
+        write_batches(random_batches(8_000), writer)
+    assert any("id_bucket=7/" in uri for uri in attempts)
+    assert len(writer.files) == len(attempts) - 1  # every upload that started, but the failed one, was recorded
+    assert list_keys(seaweedfs, bucket) == []
+    assert not list(staging.iterdir())
 
 def test_long_and_non_ascii_governance_values_are_accepted_by_s3(
     seaweedfs: SeaweedFS, s3: S3Settings, tmp_path: Path
