@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -17,11 +16,11 @@ from dativo_dagster.errors import DativoError
 from dativo_dagster.storage import (
     S3Settings,
     filesystem_for,
-    get_s3_bytes,
     head_s3_object,
     is_s3_uri,
     list_s3_objects,
-    put_s3_bytes,
+    read_small_object,
+    write_small_object,
 )
 from dativo_dagster.table_state import STATE_FOLDER
 from dativo_dagster.write import WrittenFile
@@ -84,16 +83,7 @@ def write_commit_marker(
         "files": [f.model_dump() for f in files],
         "properties": dict(properties),
     }
-    data = json.dumps(body, indent=1).encode()
-    if is_s3_uri(uri):
-        put_s3_bytes(uri, data, s3)  # one PUT: the object appears whole or not at all
-        return result
-    fs, path = filesystem_for(uri, s3)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
+    write_small_object(uri, json.dumps(body, indent=1).encode(), s3)  # whole or not at all
     return result
 
 
@@ -114,18 +104,19 @@ def read_commit_markers(location: str, s3: S3Settings) -> list[dict[str, Any]]:
     listed = _list_markers(folder, s3)
     cached = _read_cache(location, s3)
     markers: dict[str, dict[str, Any]] = {}
-    versions: dict[str, str] = {}
     fetched = 0
     for name, (uri, version) in listed.items():
         entry = cached.get(name)
         if entry is not None and entry.get("version") == version and isinstance(entry.get("marker"), dict):
             markers[name] = entry["marker"]
-        else:
-            markers[name] = json.loads(_read_bytes(uri, s3))
-            fetched += 1
-        versions[name] = version
+            continue
+        data = read_small_object(uri, s3)
+        if data is None:  # removed since the listing
+            continue
+        markers[name] = json.loads(data)
+        fetched += 1
     if fetched >= CACHE_AFTER_FETCHED:
-        _write_cache(location, {n: {"version": versions[n], "marker": m} for n, m in markers.items()}, s3)
+        _write_cache(location, {n: {"version": listed[n][1], "marker": m} for n, m in markers.items()}, s3)
     return sorted(markers.values(), key=lambda m: (m.get("committed_at", ""), m["run_id"]))
 
 
@@ -146,14 +137,6 @@ def _list_markers(folder: str, s3: S3Settings) -> dict[str, tuple[str, str]]:
     }
 
 
-def _read_bytes(uri: str, s3: S3Settings) -> bytes:
-    if is_s3_uri(uri):
-        return get_s3_bytes(uri, s3)
-    fs, path = filesystem_for(uri, s3)
-    with fs.open_input_stream(path, compression=None) as stream:  # the bytes as stored, even for a .gz name
-        return stream.read()
-
-
 def cache_uri(location: str) -> str:
     """``<table location>/_dativo_state/commit-markers.json.gz``."""
     return f"{location.rstrip('/')}/{MARKER_CACHE}"
@@ -163,15 +146,9 @@ def _read_cache(location: str, s3: S3Settings) -> dict[str, dict[str, Any]]:
     """The marker cache's entries by marker name; empty when there is none or it cannot be read."""
     uri = cache_uri(location)
     try:
-        if is_s3_uri(uri):
-            if head_s3_object(uri, s3) is None:
-                return {}
-            data = get_s3_bytes(uri, s3)
-        else:
-            fs, path = filesystem_for(uri, s3)
-            if fs.get_file_info(path).type != pafs.FileType.File:
-                return {}
-            data = _read_bytes(uri, s3)
+        data = read_small_object(uri, s3)
+        if data is None:
+            return {}
         body = json.loads(gzip.decompress(data))
     except (DativoError, OSError, EOFError, ValueError) as exc:
         log.warning("ignoring the commit marker cache %s (%s); reading every marker", uri, exc)
@@ -187,15 +164,7 @@ def _write_cache(location: str, entries: Mapping[str, Any], s3: S3Settings) -> N
     uri = cache_uri(location)
     data = gzip.compress(json.dumps({"format": CACHE_FORMAT, "markers": entries}).encode(), compresslevel=6)
     try:
-        if is_s3_uri(uri):
-            put_s3_bytes(uri, data, s3, content_type="application/gzip")
-            return
-        fs, path = filesystem_for(uri, s3)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(tmp, compression=None) as out:
-            out.write(data)
-        fs.move(tmp, path)
+        write_small_object(uri, data, s3, content_type="application/gzip")
     except (DativoError, OSError) as exc:
         log.warning("could not write the commit marker cache %s (%s)", uri, exc)
 

@@ -24,14 +24,13 @@ from dativo_dagster.storage import (
     S3Settings,
     check_s3_access,
     delete_s3_object,
-    get_s3_bytes,
-    head_s3_object,
     is_s3_uri,
     join_uri,
     list_s3_objects,
     mask_uri,
-    put_s3_bytes,
+    read_small_object,
     scrub,
+    write_small_object,
 )
 
 CATALOG_NAME = "dativo"
@@ -185,16 +184,8 @@ class StagingResource(dg.ConfigurableResource):
         return join_uri(self.root, run_id, step_key, f"{name}.json")
 
     def write(self, run_id: str, step_key: str, name: str, text: str) -> None:
-        """Keep one record of ``run_id``'s step ``step_key``."""
-        uri = self._uri(run_id, step_key, name)
-        if is_s3_uri(uri):
-            put_s3_bytes(uri, text.encode(), self.storage.s3_settings())
-            return
-        path = Path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)  # a step killed while writing leaves no half record under the real name
+        """Keep one record of ``run_id``'s step ``step_key`` (whole or not at all)."""
+        write_small_object(self._uri(run_id, step_key, name), text.encode(), self.storage.s3_settings())
 
     def read(self, run_id: str, step_key: str, name: str) -> str:
         """A record :meth:`write` kept.
@@ -203,15 +194,10 @@ class StagingResource(dg.ConfigurableResource):
             FileNotFoundError: there is none (its step never finished, or the run's records were removed).
         """
         uri = self._uri(run_id, step_key, name)
-        if is_s3_uri(uri):
-            settings = self.storage.s3_settings()
-            if head_s3_object(uri, settings) is None:
-                raise FileNotFoundError(f"staged record {step_key}.{name} missing at {uri}")
-            return get_s3_bytes(uri, settings).decode()
-        path = Path(uri)
-        if not path.exists():
-            raise FileNotFoundError(f"staged record {step_key}.{name} missing at {path}")
-        return path.read_text()
+        data = read_small_object(uri, self.storage.s3_settings())
+        if data is None:
+            raise FileNotFoundError(f"staged record {step_key}.{name} missing at {uri}")
+        return data.decode()
 
     def remove_steps(self, run_id: str, step_prefix: str) -> None:
         """Delete the staged records of one asset's steps; a local run folder goes once it is empty."""

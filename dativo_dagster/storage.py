@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import posixpath
 import re
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -274,7 +276,7 @@ def head_s3_object(uri: str, s3: S3Settings) -> S3Object | None:
     try:
         head = s3.boto3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+        if _is_missing(exc):
             return None
         raise s3_error(exc, action="read", uri=uri, s3=s3) from None
     except _boto_errors() as exc:
@@ -286,6 +288,11 @@ def head_s3_object(uri: str, s3: S3Settings) -> S3Object | None:
         etag=str(head.get("ETag", "")).strip('"'),
         last_modified=head.get("LastModified"),
     )
+
+
+def _is_missing(exc: Any) -> bool:
+    """Whether a botocore ``ClientError`` says the object is not there."""
+    return str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
 
 
 def check_s3_access(uri: str, s3: S3Settings) -> None:
@@ -347,6 +354,57 @@ def get_s3_bytes(uri: str, s3: S3Settings) -> bytes:
         return bytes(s3.boto3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     except _boto_errors() as exc:
         raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+
+
+def write_small_object(uri: str, data: bytes, s3: S3Settings, *, content_type: str = "application/json") -> None:
+    """Write a small object or local file that readers see whole or not at all: one PUT on S3, elsewhere a
+    temporary name moved into place (a process killed meanwhile leaves no half file under the real name).
+
+    Raises:
+        StorageAccessError, StorageError: S3 refused or could not be reached.
+        OSError: the local file could not be written.
+    """
+    if is_s3_uri(uri):
+        put_s3_bytes(uri, data, s3, content_type=content_type)
+        return
+    fs, path = filesystem_for(uri, s3)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as out:  # the bytes as given, even for a .gz name
+            out.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
+def read_small_object(uri: str, s3: S3Settings) -> bytes | None:
+    """A small object or local file whole, as stored (never decompressed by its name); None when there is none.
+
+    Raises:
+        StorageAccessError, StorageError: S3 refused or could not be reached.
+        OSError: the local file could not be read.
+    """
+    if is_s3_uri(uri):
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            return bytes(s3.boto3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if _is_missing(exc):
+                return None
+            raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+        except _boto_errors() as exc:
+            raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+    fs, path = filesystem_for(uri, s3)
+    try:
+        with fs.open_input_stream(path, compression=None) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
 
 
 def delete_s3_object(uri: str, s3: S3Settings) -> None:

@@ -346,14 +346,14 @@ def test_marker_cache_saves_the_reads_of_markers_already_read_and_never_changes_
             properties={}, s3=s3, table="d.events",
         )
     fetched: list[str] = []
-    read_bytes = markers._read_bytes
+    read = markers.read_small_object
 
-    def counting(uri: str, s3: S3Settings) -> bytes:
+    def counting(uri: str, s3: S3Settings) -> bytes | None:
         if "/_commits/" in uri:
             fetched.append(uri.rsplit("/", 1)[-1])
-        return read_bytes(uri, s3)
+        return read(uri, s3)
 
-    monkeypatch.setattr(markers, "_read_bytes", counting)
+    monkeypatch.setattr(markers, "read_small_object", counting)
 
     def files() -> list[str]:
         return [f["uri"].rsplit("/", 1)[-1] for m in read_commit_markers(location, s3) for f in m["files"]]

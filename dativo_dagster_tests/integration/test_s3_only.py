@@ -156,13 +156,13 @@ def test_marker_cache_on_s3_spares_a_run_the_markers_already_read(seaweedfs: Sea
             files=[WrittenFile(uri=uri, size_bytes=10, record_count=1, partition_path="", partition_values=[])],
         )
     fetched: list[str] = []
-    get = markers.get_s3_bytes
+    read = markers.read_small_object
 
-    def counting(uri: str, settings: S3Settings) -> bytes:
+    def counting(uri: str, settings: S3Settings) -> bytes | None:
         fetched.append(uri.rsplit("/", 1)[-1])
-        return get(uri, settings)
+        return read(uri, settings)
 
-    monkeypatch.setattr(markers, "get_s3_bytes", counting)
+    monkeypatch.setattr(markers, "read_small_object", counting)
     assert committed_files(location, s3) == expected
     assert len([name for name in fetched if name.startswith("run-")]) == runs
 
