@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.utils.concurrent import ExecutorFactory
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
 from dativo_dagster.errors import StorageError, is_transient
@@ -39,7 +38,7 @@ from dativo_dagster.markers import committed_records, read_commit_markers, write
 from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageError, StageFailure, run_pipeline, stage_error
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
-from dativo_dagster.storage import filesystem_for, is_s3_uri
+from dativo_dagster.storage import filesystem_for, map_per_object
 from dativo_dagster.table_schema import (
     INGESTED_AT,
     RUN_ID,
@@ -608,8 +607,7 @@ def _drop_created(created: list[tuple[Any, str]], s3: Any) -> None:
 def verify_written(outcome: PipelineOutcome, s3: Any) -> None:
     """Every file the stream wrote is there, at the size it was written with.
 
-    Object stores are asked on pyiceberg's shared thread pool (a request per file; a day-partitioned run writes
-    hundreds of files).
+    Object stores are asked for all files at once (``storage.map_per_object``).
 
     Raises:
         StorageError: a file is missing or has another size (transient: the step streams again).
@@ -620,9 +618,7 @@ def verify_written(outcome: PipelineOutcome, s3: Any) -> None:
         fs, path = filesystem_for(written.uri, s3)
         return fs.get_file_info(path)
 
-    remote = len(files) > 1 and any(is_s3_uri(written.uri) for written in files)
-    infos = ExecutorFactory.get_or_create().map(file_info, files) if remote else map(file_info, files)
-    for written, info in zip(files, infos, strict=True):
+    for written, info in zip(files, map_per_object(file_info, files), strict=True):
         if info.type == pafs.FileType.NotFound or info.size != written.size_bytes:
             found = "missing" if info.type == pafs.FileType.NotFound else f"{info.size} bytes"
             raise StorageError(f"{written.uri}: written with {written.size_bytes} bytes, now {found}")

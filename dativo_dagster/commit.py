@@ -33,10 +33,9 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
-from pyiceberg.utils.concurrent import ExecutorFactory
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
-from dativo_dagster.storage import is_s3_uri
+from dativo_dagster.storage import map_per_object
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
 from dativo_dagster.table_schema import Partitioner
 from dativo_dagster.table_state import (
@@ -203,9 +202,8 @@ def branch_row_count(table: Table, branch: str) -> int:
 def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partitioner) -> list[DataFile]:
     """The Iceberg entries of the written files, with column statistics from their footers.
 
-    On object storage the footers are fetched on pyiceberg's shared thread pool (as its own ``add_files`` does):
-    each costs a round trip or two, and a run partitioned by day writes hundreds of files. Local footers are read
-    one after the other: there the work is the Python that turns them into statistics, which threads only slow.
+    On object storage the footers are fetched all at once (``storage.map_per_object``), as pyiceberg's own
+    ``add_files`` does; local ones one after the other.
     """
     schema = table.schema()
     stats_plan = compute_statistics_plan(schema, table.metadata.properties)
@@ -215,10 +213,8 @@ def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partiti
         with table.io.new_input(written.uri).open() as stream:
             return pq.read_metadata(stream)
 
-    remote = len(files) > 1 and any(is_s3_uri(written.uri) for written in files)
-    footers = ExecutorFactory.get_or_create().map(footer, files) if remote else map(footer, files)
     out = []
-    for written, parquet_metadata in zip(files, footers, strict=True):
+    for written, parquet_metadata in zip(files, map_per_object(footer, files), strict=True):
         statistics = data_file_statistics_from_parquet_metadata(
             parquet_metadata=parquet_metadata, stats_columns=stats_plan, parquet_column_mapping=column_mapping
         )

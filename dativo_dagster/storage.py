@@ -7,7 +7,7 @@ import functools
 import posixpath
 import re
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -354,6 +354,17 @@ def get_s3_bytes(uri: str, s3: S3Settings) -> bytes:
         return bytes(s3.boto3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     except _boto_errors() as exc:
         raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+
+
+def map_per_object(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+    """``fn`` over ``items`` (each naming its object by ``.uri``), results in order: on pyiceberg's shared thread
+    pool when they are on object storage (a round trip or two each, and a run may write hundreds of files), one
+    after the other for local files (where the work is the caller's Python, which threads only slow)."""
+    if len(items) > 1 and any(is_s3_uri(item.uri) for item in items):
+        from pyiceberg.utils.concurrent import ExecutorFactory  # noqa: PLC0415
+
+        return ExecutorFactory.get_or_create().map(fn, items)
+    return map(fn, items)
 
 
 def write_small_object(uri: str, data: bytes, s3: S3Settings, *, content_type: str = "application/json") -> None:

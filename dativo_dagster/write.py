@@ -170,6 +170,9 @@ class _Sink:
             os.unlink(self.local_path)
 
 
+_Upload = tuple[_Sink, dict[str, str], WrittenFile]  # a finished file waiting to be published, with its object metadata
+
+
 @dataclass
 class _PartitionState:
     values: tuple[Any, ...]
@@ -371,7 +374,7 @@ class PartitionedParquetWriter:
         return {f"dativo.{k}": v for k, v in metadata.items()}
 
     def _close(
-        self, state: _PartitionState, uploads: list[tuple[_Sink, dict[str, str], WrittenFile]] | None = None
+        self, state: _PartitionState, uploads: list[_Upload] | None = None
     ) -> None:
         """Finish the partition's file; publish it now, or add it to ``uploads`` for :meth:`close`."""
         if state.writer is None or state.sink is None:
@@ -410,7 +413,7 @@ class PartitionedParquetWriter:
         storage their uploads go out on pyiceberg's shared thread pool (a day-partitioned run ends with hundreds).
         """
         self._route()
-        uploads: list[tuple[_Sink, dict[str, str], WrittenFile]] = []
+        uploads: list[_Upload] = []
         try:
             for state in list(self._states.values()):
                 self._flush(state)
@@ -422,7 +425,7 @@ class PartitionedParquetWriter:
         self._publish(uploads)
         return self.files
 
-    def _publish(self, uploads: Sequence[tuple[_Sink, dict[str, str], WrittenFile]]) -> None:
+    def _publish(self, uploads: Sequence[_Upload]) -> None:
         """Publish finished files. Once one fails no more are started; every file that went up is recorded (so
         that abort() removes it) before the first error is raised."""
         if len(uploads) < 2 or not is_s3_uri(self.location):
