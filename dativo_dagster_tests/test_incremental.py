@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 
+from dativo_dagster import markers as markers_module
 from dativo_dagster.extract import SourceFile
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
@@ -17,7 +20,7 @@ from dativo_dagster.incremental import (
     select_files,
     table_source_state,
 )
-from dativo_dagster.markers import read_commit_markers
+from dativo_dagster.markers import cache_uri, read_commit_markers
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.table_checks import (
@@ -254,7 +257,12 @@ def test_overwrite_specs_read_everything_every_run(project: Project) -> None:
     assert iceberg_rows(project.table(TABLE), BRANCH) == expected_rows([a])
 
 
-def test_catalog_none_reads_only_new_and_changed_files_and_shows_each_once(project: Project) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["markers", "marker-cache"])
+def test_catalog_none_reads_only_new_and_changed_files_and_shows_each_once(
+    project: Project, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    if cached:  # every read that fetched a marker rewrites the cache, so the runs decide from the cache
+        monkeypatch.setattr(markers_module, "CACHE_AFTER_FETCHED", 1)
     spec = incremental_spec()
     spec["target"] = {"catalog": "none", "partitioning": ["ingest_date"]}
     project.write_spec(spec)
@@ -281,3 +289,4 @@ def test_catalog_none_reads_only_new_and_changed_files_and_shows_each_once(proje
     assert materialization(run(project), "events")["nothing_new"] is True
     assert len(read_commit_markers(location, S3Settings())) == 2
     assert marker_rows(location) == expected_rows([a, b, c])
+    assert Path(cache_uri(location)).is_file() == cached

@@ -41,7 +41,7 @@ from dativo_dagster.table_schema import Partitioner
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, write_batches
 from dativo_dagster_tests.conftest import Project, base_spec
 
-from .deployment import list_keys, unique
+from .deployment import CONTRACT_METADATA_KEYS, CONTRACT_TAG_KEYS, list_keys, unique
 from .servers import SeaweedFS
 
 
@@ -242,10 +242,16 @@ def test_the_files_open_at_the_end_go_up_together_and_a_failed_upload_leaves_not
     assert len(files) == 16 and sum(f.record_count for f in files) == 8_000
     assert len(threads) > 1  # the sixteen uploads went out on the pool, not one after the other
     for written in files:
-        head = client.head_object(Bucket=bucket, Key=written.uri.removeprefix(f"s3://{bucket}/"))
+        key = written.uri.removeprefix(f"s3://{bucket}/")
+        head = client.head_object(Bucket=bucket, Key=key)
         assert head["Metadata"]["record-count"] == str(written.record_count)
         assert head["ContentLength"] == written.size_bytes
         assert written.uri.rsplit("/", 2)[-2] == written.partition_path
+        # CONTRACT 4's metadata and tags on every object, uploaded on the pool as one by one
+        assert set(head["Metadata"]) == CONTRACT_METADATA_KEYS
+        assert head["Metadata"]["partition"] == written.partition_path
+        tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+        assert set(tags) == CONTRACT_TAG_KEYS and tags["domain"] == "d"
     assert not list(staging.iterdir())
 
     # one upload fails: the error comes out, no upload starts after it, and abort() removes those that went up
