@@ -270,29 +270,35 @@ def head_s3_object(uri: str, s3: S3Settings) -> S3Object | None:
     Raises:
         StorageAccessError, StorageError: as :func:`list_s3_objects`.
     """
-    from botocore.exceptions import ClientError  # noqa: PLC0415
-
-    bucket, key = split_s3_uri(uri)
-    try:
-        head = s3.boto3_client().head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if _is_missing(exc):
-            return None
-        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
-    except _boto_errors() as exc:
-        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+    head = _unless_missing(uri, s3, lambda client, bucket, key: client.head_object(Bucket=bucket, Key=key))
+    if head is None:
+        return None
     return S3Object(
         uri=uri,
-        key=key,
+        key=split_s3_uri(uri)[1],
         size=int(head.get("ContentLength", 0)),
         etag=str(head.get("ETag", "")).strip('"'),
         last_modified=head.get("LastModified"),
     )
 
 
-def _is_missing(exc: Any) -> bool:
-    """Whether a botocore ``ClientError`` says the object is not there."""
-    return str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
+def _unless_missing(uri: str, s3: S3Settings, request: Callable[[Any, str, str], Any]) -> Any:
+    """``request(client, bucket, key)`` for the object at ``uri``, or None when S3 says it is not there.
+
+    Raises:
+        StorageAccessError, StorageError: as :func:`list_s3_objects`.
+    """
+    from botocore.exceptions import ClientError  # noqa: PLC0415
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        return request(s3.boto3_client(), bucket, key)
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+    except _boto_errors() as exc:
+        raise s3_error(exc, action="read", uri=uri, s3=s3) from None
 
 
 def check_s3_access(uri: str, s3: S3Settings) -> None:
@@ -399,17 +405,9 @@ def read_small_object(uri: str, s3: S3Settings) -> bytes | None:
         OSError: the local file could not be read.
     """
     if is_s3_uri(uri):
-        from botocore.exceptions import ClientError  # noqa: PLC0415
-
-        bucket, key = split_s3_uri(uri)
-        try:
-            return bytes(s3.boto3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
-        except ClientError as exc:
-            if _is_missing(exc):
-                return None
-            raise s3_error(exc, action="read", uri=uri, s3=s3) from None
-        except _boto_errors() as exc:
-            raise s3_error(exc, action="read", uri=uri, s3=s3) from None
+        return _unless_missing(
+            uri, s3, lambda client, bucket, key: bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        )
     fs, path = filesystem_for(uri, s3)
     try:
         with fs.open_input_stream(path, compression=None) as stream:
