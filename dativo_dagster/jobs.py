@@ -1,8 +1,9 @@
 """Jobs, schedules and sensors derived from the specs, and the maintenance job."""
 
 # no ``from __future__ import annotations``: Dagster reads the op's annotations at definition time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -40,8 +41,16 @@ def group_jobs(loaded: Sequence[LoadedSpec]) -> list:
     ]
 
 
-def build_schedules(loaded: Sequence[LoadedSpec]) -> list[dg.ScheduleDefinition]:
-    """One schedule (on the spec's own job) per spec that has ``schedule``; created stopped."""
+def asset_jobs(loaded: Sequence[LoadedSpec]) -> dict[str, Any]:
+    """Every spec's own job ``<name>__job``, by spec name."""
+    return {item.spec.name: asset_job(item) for item in loaded}
+
+
+def build_schedules(
+    loaded: Sequence[LoadedSpec], jobs: Mapping[str, Any] | None = None
+) -> list[dg.ScheduleDefinition]:
+    """One schedule (on the spec's own job, from ``jobs`` when given) per spec that has ``schedule``; created
+    stopped."""
     schedules = []
     for item in loaded:
         spec = item.spec
@@ -50,7 +59,7 @@ def build_schedules(loaded: Sequence[LoadedSpec]) -> list[dg.ScheduleDefinition]
         schedules.append(
             dg.ScheduleDefinition(
                 name=f"{spec.name}__schedule",
-                job=asset_job(item),
+                job=jobs[spec.name] if jobs is not None else asset_job(item),
                 cron_schedule=spec.schedule.cron,
                 execution_timezone=spec.schedule.timezone,
                 default_status=dg.DefaultScheduleStatus.STOPPED,

@@ -64,6 +64,31 @@ def test_schedules_run_the_spec_s_own_job(project: Project) -> None:
     assert len(data.run_requests or []) == 1
 
 
+def test_every_spec_has_its_own_job_targeting_exactly_its_asset(project: Project) -> None:
+    """README: every asset gets a job ``<name>__job``, with or without a schedule or sensor."""
+    project.write_spec(base_spec("hourly", schedule={"cron": "15 * * * *"}))
+    project.write_spec(base_spec("plain"))
+    project.write_spec(base_spec("other", dataProduct="other"))
+    sensed = incremental_spec()
+    sensed["sensor"] = {"minimum_interval_seconds": 60}
+    project.write_spec(sensed)
+    project.write_data("plain.csv", csv_text([1, 2]))
+    defs = build_definitions(project.specs_dir)
+
+    names = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert names == {"hourly", "plain", "other", "events"}
+    jobs = {job.name: job for job in defs.resolve_all_job_defs()}
+    for name in names:
+        assert f"{name}__job" in jobs, f"no job for {name}: {sorted(jobs)}"
+        assert jobs[f"{name}__job"].asset_layer.executable_asset_keys == {dg.AssetKey(name)}
+    assert {s.name: s.job_name for s in defs.schedules or []}["hourly__schedule"] == "hourly__job"
+
+    with dg.instance_for_test() as instance:
+        result = jobs["plain__job"].execute_in_process(instance=instance)
+    assert result.success
+    assert len(iceberg_rows(project.table("testdomain.plain"), "acme")) == 2
+
+
 def test_one_job_per_data_product_materializes_its_group(project: Project) -> None:
     project.write_spec(base_spec("alpha", dataProduct="sales"))
     project.write_spec(base_spec("beta", dataProduct="sales"))
