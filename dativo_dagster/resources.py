@@ -196,7 +196,10 @@ class StagingResource(dg.ConfigurableResource):
         uri = self._uri(run_id, step_key, name)
         data = read_small_object(uri, self.storage.s3_settings())
         if data is None:
-            raise FileNotFoundError(f"staged record {step_key}.{name} missing at {uri}")
+            raise FileNotFoundError(
+                f"staged record {step_key}.{name} missing at {uri}: its step never finished, or the maintenance job"
+                f" removed run {run_id}'s records (older than its older_than_hours); materialize the asset in a new run"
+            )
         return data.decode()
 
     def remove_steps(self, run_id: str, step_prefix: str) -> None:
