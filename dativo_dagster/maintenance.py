@@ -321,8 +321,8 @@ def remove_stale_staging(root: str | Path, older_than_seconds: float, s3: S3Sett
         for run_id, items in sorted(runs.items()):
             if not stale(items):
                 continue
-            current = list_s3_objects(f"{base}/{run_id}/", settings)  # again, right before deleting
-            if not stale(current):
+            current = list(list_s3_objects(f"{base}/{run_id}/", settings))  # again, right before deleting
+            if not current or not stale(current):
                 continue
             for item in current:
                 delete_s3_object(item.uri, settings)
