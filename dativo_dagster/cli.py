@@ -23,16 +23,26 @@ def _specs_dir(arg: str | None) -> Path:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check every spec; print each problem; 0 when all are valid, else 2."""
-    from dativo_dagster.errors import SpecError  # noqa: PLC0415
+    from dativo_dagster.errors import DeploymentError, SpecError  # noqa: PLC0415
+    from dativo_dagster.resources import check_deployment  # noqa: PLC0415
     from dativo_dagster.spec import load_specs  # noqa: PLC0415
 
     specs_dir = _specs_dir(args.specs)
+    try:
+        check_deployment()
+    except DeploymentError as exc:
+        print(exc, file=sys.stderr)  # the specs are checked all the same
+        deployment_failed = True
+    else:
+        deployment_failed = False
     try:
         loaded = load_specs(specs_dir)
     except SpecError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) found in {specs_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    if deployment_failed:
         return EXIT_FAILED
     for item in loaded:
         print(f"{item.display_path}: ok ({item.spec.name} -> {item.spec.domain}.{item.spec.name})")
@@ -49,7 +59,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg  # noqa: PLC0415
 
     from dativo_dagster.definitions import build_definitions  # noqa: PLC0415
-    from dativo_dagster.errors import SpecError  # noqa: PLC0415
+    from dativo_dagster.errors import DeploymentError, SpecError  # noqa: PLC0415
 
     specs_dir = _specs_dir(args.specs)
     try:
@@ -58,6 +68,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) found; nothing was materialized", file=sys.stderr)
+        return EXIT_FAILED
+    except DeploymentError as exc:
+        print(f"{exc} Nothing was materialized.", file=sys.stderr)
         return EXIT_FAILED
     assets = list(defs.assets or [])
     names = sorted(a.key.to_user_string() for a in assets)  # type: ignore[union-attr]

@@ -199,19 +199,30 @@ def branch_row_count(table: Table, branch: str) -> int:
     return int(head.summary.get("total-records") or 0)
 
 
-def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partitioner) -> list[DataFile]:
+def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partitioner, run_id: str) -> list[DataFile]:
     """The Iceberg entries of the written files, with column statistics from their footers.
 
     On object storage the footers are fetched all at once (``storage.map_per_object``), as pyiceberg's own
     ``add_files`` does; local ones one after the other.
+
+    Raises:
+        TerminalError: a written file is gone (the maintenance job removes unreferenced files once they are old
+            enough, e.g. before a run re-executed days later commits): the commit never names a missing file.
     """
     schema = table.schema()
     stats_plan = compute_statistics_plan(schema, table.metadata.properties)
     column_mapping = parquet_path_to_id_mapping(schema)
 
     def footer(written: WrittenFile) -> pq.FileMetaData:
-        with table.io.new_input(written.uri).open() as stream:
-            return pq.read_metadata(stream)
+        try:
+            with table.io.new_input(written.uri).open() as stream:
+                return pq.read_metadata(stream)
+        except FileNotFoundError:
+            raise TerminalError(
+                f"run {run_id}: data file {written.uri} written for this commit to {'.'.join(table.name())} is gone"
+                " (the maintenance job removes files no commit references once they are old enough); nothing was"
+                " committed: materialize the asset again in a new run"
+            ) from None
 
     out = []
     for written, parquet_metadata in zip(files, map_per_object(footer, files), strict=True):
@@ -349,7 +360,7 @@ def commit_files(
             if not decided.needed:
                 return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
             if data_files is None:
-                data_files = _data_files(table, files, partitioner)
+                data_files = _data_files(table, files, partitioner, run_id)
             # the state before this commit, for the next one to read instead of this branch's whole history
             state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite)
             state_property = {STATE_FILE_KEY: state_file} if state_file is not None else {}

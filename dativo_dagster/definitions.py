@@ -10,7 +10,14 @@ import dagster as dg
 from dativo_dagster.assets import STAGING_IO, TABLE_IO, build_asset
 from dativo_dagster.freshness import build_freshness_checks, build_freshness_sensor
 from dativo_dagster.io_managers import IcebergTableIOManager, StagingIOManager
-from dativo_dagster.jobs import build_maintenance_job, build_schedules, build_sensors, group_jobs, maintenance_schedule
+from dativo_dagster.jobs import (
+    asset_jobs,
+    build_maintenance_job,
+    build_schedules,
+    build_sensors,
+    group_jobs,
+    maintenance_schedule,
+)
 from dativo_dagster.logging import loggers_from_env
 from dativo_dagster.resources import DEFAULT_SPECS_DIR, resources_from_env
 from dativo_dagster.spec import load_specs
@@ -29,13 +36,14 @@ def build_definitions(specs_dir: Path) -> dg.Definitions:
     loaded = load_specs(specs_dir)
     resources = resources_from_env(specs_dir)
     maintenance = build_maintenance_job(loaded)
+    jobs = asset_jobs(loaded)
     freshness_checks = build_freshness_checks(loaded)
     freshness_sensor = build_freshness_sensor(freshness_checks)
     return dg.Definitions(
         assets=[build_asset(item) for item in loaded],
         asset_checks=freshness_checks,
-        jobs=[*group_jobs(loaded), maintenance],
-        schedules=[*build_schedules(loaded), maintenance_schedule(maintenance)],
+        jobs=[*jobs.values(), *group_jobs(loaded), maintenance],
+        schedules=[*build_schedules(loaded, jobs), maintenance_schedule(maintenance)],
         sensors=[*build_sensors(loaded), *([freshness_sensor] if freshness_sensor else [])],
         resources={
             **resources,

@@ -36,6 +36,14 @@ class SpecError(TerminalError):
         )
 
 
+class DeploymentError(TerminalError):
+    """The deployment's environment variables are set only in part (CONTRACT 6); ``missing`` names the unset ones."""
+
+    def __init__(self, message: str, *, missing: Sequence[str]):
+        self.missing = list(missing)
+        super().__init__(message)
+
+
 class SourceError(TerminalError):
     """A source file cannot be found, decoded or parsed; names the file and, where known, the line."""
 

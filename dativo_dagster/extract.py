@@ -11,7 +11,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,13 +153,38 @@ def _list_s3(pattern: str, s3: S3Settings, has_glob: bool) -> list[SourceFile]:
 
 
 def _glob_match(pattern: Sequence[str], key: Sequence[str]) -> bool:
-    """Whether key levels match pattern levels; a ``**`` level matches any number of levels."""
-    if not pattern:
-        return not key
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_glob_match(rest, key[i:]) for i in range(len(key) + 1))
-    return bool(key) and fnmatch.fnmatchcase(key[0], head) and _glob_match(rest, key[1:])
+    """Whether key levels match pattern levels; a ``**`` level matches any number of levels (zero included).
+
+    One pass over the key, keeping the set of pattern positions reached so far (a glob is a regular language):
+    at most ``len(key) * len(pattern)`` level comparisons, however many ``**`` there are. Trying every way to
+    split the key among the ``**`` instead costs about ``len(key) ** k`` for ``k`` of them.
+    """
+    end = len(pattern)
+
+    def reach(positions: Iterable[int]) -> set[int]:
+        """``positions`` and every position after a run of ``**`` there (each may match no level)."""
+        out = set()
+        for i in positions:
+            out.add(i)
+            while i < end and pattern[i] == "**":
+                i += 1
+                out.add(i)
+        return out
+
+    states = reach([0])
+    for level in key:
+        moved = set()
+        for i in states:
+            if i == end:
+                continue
+            if pattern[i] == "**":
+                moved.add(i)  # takes this level and may take more
+            elif fnmatch.fnmatchcase(level, pattern[i]):
+                moved.add(i + 1)
+        if not moved:
+            return False
+        states = reach(moved)
+    return end in states
 
 
 def _s3_source_file(item: S3Object) -> SourceFile:

@@ -1,8 +1,10 @@
 """Jobs, schedules and sensors derived from the specs, and the maintenance job."""
 
 # no ``from __future__ import annotations``: Dagster reads the op's annotations at definition time
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -10,6 +12,8 @@ from pyiceberg.table import Table
 
 from dativo_dagster.logging import logging_run_config
 from dativo_dagster.maintenance import (
+    MIN_AGE_HOURS,
+    current_references,
     expire_snapshots,
     iceberg_referenced_files,
     marker_referenced_files,
@@ -40,8 +44,16 @@ def group_jobs(loaded: Sequence[LoadedSpec]) -> list:
     ]
 
 
-def build_schedules(loaded: Sequence[LoadedSpec]) -> list[dg.ScheduleDefinition]:
-    """One schedule (on the spec's own job) per spec that has ``schedule``; created stopped."""
+def asset_jobs(loaded: Sequence[LoadedSpec]) -> dict[str, Any]:
+    """Every spec's own job ``<name>__job``, by spec name."""
+    return {item.spec.name: asset_job(item) for item in loaded}
+
+
+def build_schedules(
+    loaded: Sequence[LoadedSpec], jobs: Mapping[str, Any] | None = None
+) -> list[dg.ScheduleDefinition]:
+    """One schedule (on the spec's own job, from ``jobs`` when given) per spec that has ``schedule``; created
+    stopped."""
     schedules = []
     for item in loaded:
         spec = item.spec
@@ -50,7 +62,7 @@ def build_schedules(loaded: Sequence[LoadedSpec]) -> list[dg.ScheduleDefinition]
         schedules.append(
             dg.ScheduleDefinition(
                 name=f"{spec.name}__schedule",
-                job=asset_job(item),
+                job=jobs[spec.name] if jobs is not None else asset_job(item),
                 cron_schedule=spec.schedule.cron,
                 execution_timezone=spec.schedule.timezone,
                 default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -80,10 +92,16 @@ class SnapshotExpiryConfig(dg.Config):
 
 
 class MaintenanceConfig(dg.Config):
-    """How old an unreferenced file must be before it is removed (files of running runs are younger)."""
+    """How old an unreferenced file or a run's staged records must be before they are removed."""
 
-    older_than_hours: float = 24.0
-    dry_run: bool = False
+    older_than_hours: float = Field(
+        default=MIN_AGE_HOURS,
+        ge=MIN_AGE_HOURS,
+        description=f"Remove unreferenced data and metadata files, and runs' staged records, last modified more than"
+        f" this many hours ago; at least {MIN_AGE_HOURS:g}: younger ones may belong to a run that has not committed"
+        " yet (a retried step, a run re-executed from failure).",
+    )
+    dry_run: bool = Field(default=False, description="Report what would be removed, remove nothing.")
 
 
 def _iceberg_tables(specs: Sequence[LoadedSpec], catalog_resource: CatalogResource) -> Iterator[tuple[str, Table]]:
@@ -149,12 +167,12 @@ def build_maintenance_job(loaded: Sequence[LoadedSpec]) -> dg.JobDefinition:
             if spec.target.catalog is CatalogKind.NONE:
                 for identifier, suffix in ((spec.table_identifier, ""), (spec.rejects_identifier, "__rejects")):
                     location = dativo_storage.table_location(spec, suffix)
-                    report = remove_unreferenced(location, marker_referenced_files(location, s3), s3,
-                                                 older_than_seconds=seconds, dry_run=config.dry_run)
+                    report = remove_unreferenced(location, functools.partial(marker_referenced_files, location, s3),
+                                                 s3, older_than_seconds=seconds, dry_run=config.dry_run)
                     _log_removed(context, ".".join(identifier), report.removed)
                     removed[".".join(identifier)] = len(report.removed)
         for name, table in _iceberg_tables(specs, dativo_catalog):
-            report = remove_unreferenced(table.location(), iceberg_referenced_files(table), s3,
+            report = remove_unreferenced(table.location(), current_references(table, iceberg_referenced_files), s3,
                                          older_than_seconds=seconds, dry_run=config.dry_run)
             _log_removed(context, name, report.removed)
             removed[name] = len(report.removed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 
 EXPIRY_ATTEMPTS = 10
 EXPIRY_BACKOFF_SECONDS = (0.1, 2.0)
+# Unreferenced files and staged records younger than this are never removed. A run writes its data files (and
+# stages its records) before it commits; a retried step, a run re-executed from failure or a slow run commits
+# them later. A day is longer than any retry window Dagster's run retries and a spec's retry_config give in
+# practice; a commit that still comes later finds its files gone and fails, naming them (commit._data_files).
+MIN_AGE_HOURS = 24.0
+# unreferenced files are deleted in batches; the table's references are read again right before each batch
+DELETE_BATCH = 100
 
 
 @dataclass
@@ -112,11 +120,30 @@ def expire_snapshots(table: Table, *, older_than: datetime, keep_last: int, dry_
 
 @dataclass
 class CleanupReport:
-    """What a clean-up removed."""
+    """What a clean-up removed; how many files it kept for being too young; how many files the commits reference."""
 
     removed: list[str] = field(default_factory=list)
     kept_recent: int = 0
     referenced: int = 0
+
+
+def wall_clock() -> float:
+    """Now, in seconds since the epoch: every age limit of this module is measured against it."""
+    return time.time()
+
+
+def check_min_age(older_than_seconds: float, what: str = "older_than_seconds") -> None:
+    """Refuse an age limit below ``MIN_AGE_HOURS``.
+
+    Raises:
+        ValueError: ``older_than_seconds`` is below the floor (0 and negative values included).
+    """
+    floor = MIN_AGE_HOURS * 3600
+    if not older_than_seconds >= floor:  # NaN too
+        raise ValueError(
+            f"{what} must be at least {floor:g} seconds ({MIN_AGE_HOURS:g} hours), got {older_than_seconds}: a younger"
+            " file may belong to a run that has not committed yet (a retried step, a re-executed run)"
+        )
 
 
 def _listed_files(folder: str, s3: S3Settings, wanted: Callable[[str], bool]) -> list[pafs.FileInfo]:
@@ -136,13 +163,21 @@ def _normalise(uri: str) -> str:
     return uri
 
 
+References = Callable[[], Iterable[str]]
+"""Reads what the table's commits reference now (called right before each batch of deletions)."""
+
+
 def remove_unreferenced(
-    location: str, referenced: Iterable[str], s3: S3Settings, *, older_than_seconds: float, dry_run: bool = False
+    location: str, referenced: References, s3: S3Settings, *, older_than_seconds: float, dry_run: bool = False
 ) -> CleanupReport:
     """Delete Parquet files under ``<location>/data`` that no commit references and that are old enough.
 
-    The age limit keeps the files of runs still in flight: only files last modified more than
-    ``older_than_seconds`` ago are removed.
+    The age limit (at least ``MIN_AGE_HOURS``) keeps the files of runs still in flight: only files last modified
+    more than ``older_than_seconds`` ago are removed. ``referenced`` is read right before each batch of deletions
+    (after the folder was listed), so a file that a commit came to reference meanwhile is kept.
+
+    Raises:
+        ValueError: ``older_than_seconds`` is below ``MIN_AGE_HOURS``.
     """
     return _remove_unreferenced(
         f"{location.rstrip('/')}/data", lambda name: name.endswith(".parquet"), referenced, s3,
@@ -153,33 +188,39 @@ def remove_unreferenced(
 def _remove_unreferenced(
     folder: str,
     wanted: Callable[[str], bool],
-    referenced: Iterable[str],
+    referenced: References,
     s3: S3Settings,
     *,
     older_than_seconds: float,
     dry_run: bool,
 ) -> CleanupReport:
-    keep = {_normalise(u) for u in referenced}
-    report = CleanupReport(referenced=len(keep))
-    cutoff_ns = (time.time() - older_than_seconds) * 1e9
+    check_min_age(older_than_seconds)
+    cutoff_ns = (wall_clock() - older_than_seconds) * 1e9
     fs, _ = filesystem_for(folder, s3)
+    report = CleanupReport()
+    candidates = []
     for info in _listed_files(folder, s3, wanted):
-        uri = _uri(folder, info.path)
-        if _normalise(uri) in keep:
+        if info.mtime_ns is None or info.mtime_ns > cutoff_ns:
+            report.kept_recent += 1  # no time known counts as young
             continue
-        if info.mtime_ns is not None and info.mtime_ns > cutoff_ns:
-            report.kept_recent += 1
-            continue
-        if not dry_run:
-            try:
-                if is_s3_uri(uri):
-                    # boto3, not pyarrow: pyarrow's delete leaves an empty "folder" object where the file was
-                    delete_s3_object(uri, s3)
-                else:
-                    fs.delete_file(info.path)
-            except FileNotFoundError:
+        candidates.append((_uri(folder, info.path), info.path))
+    for start in range(0, len(candidates), DELETE_BATCH):
+        # read right before each batch, not once before the listing: a commit may have landed since
+        keep = {_normalise(u) for u in referenced()}
+        report.referenced = len(keep)
+        for uri, path in candidates[start:start + DELETE_BATCH]:
+            if _normalise(uri) in keep:
                 continue
-        report.removed.append(uri)
+            if not dry_run:
+                try:
+                    if is_s3_uri(uri):
+                        # boto3, not pyarrow: pyarrow's delete leaves an empty "folder" object where the file was
+                        delete_s3_object(uri, s3)
+                    else:
+                        fs.delete_file(path)
+                except FileNotFoundError:
+                    continue
+            report.removed.append(uri)
     return report
 
 
@@ -187,6 +228,21 @@ def iceberg_referenced_files(table: Table) -> set[str]:
     """Every data file of every snapshot of every branch (time travel keeps them alive)."""
     files = table.inspect.all_files()
     return set(files.column("file_path").to_pylist()) if files.num_rows else set()
+
+
+def current_references(table: Table, referenced: Callable[[Table], set[str]]) -> References:
+    """``referenced(table)`` as the catalog has the table at each call: the table is refreshed every time, and
+    read again only when a commit changed its metadata since the previous call."""
+    seen: dict[str, set[str]] = {}
+
+    def read() -> set[str]:
+        table.refresh()
+        if table.metadata_location not in seen:
+            seen.clear()
+            seen[table.metadata_location] = referenced(table)
+        return seen[table.metadata_location]
+
+    return read
 
 
 def _is_state_file(name: str) -> bool:
@@ -220,7 +276,7 @@ def remove_unreferenced_metadata(
     state files in the folder used where the metadata folder refuses them, ``table_state.STATE_FOLDER``). Table
     metadata files (``*.metadata.json``) are never touched: the catalog and the metadata log refer to them.
     """
-    referenced = iceberg_referenced_metadata(table)
+    referenced = current_references(table, iceberg_referenced_metadata)
     metadata_folder, state_folder = state_file_folders(table)
     report = _remove_unreferenced(
         metadata_folder, _is_snapshot_metadata, referenced, s3, older_than_seconds=older_than_seconds, dry_run=dry_run
@@ -229,7 +285,7 @@ def remove_unreferenced_metadata(
         state_folder, _is_state_file, referenced, s3, older_than_seconds=older_than_seconds, dry_run=dry_run
     )
     return CleanupReport(removed=report.removed + states.removed, kept_recent=report.kept_recent + states.kept_recent,
-                         referenced=report.referenced)
+                         referenced=max(report.referenced, states.referenced))
 
 
 def marker_referenced_files(location: str, s3: S3Settings) -> set[str]:
@@ -238,31 +294,58 @@ def marker_referenced_files(location: str, s3: S3Settings) -> set[str]:
 
 
 def remove_stale_staging(root: str | Path, older_than_seconds: float, s3: S3Settings | None = None) -> list[str]:
-    """Delete run staging folders untouched for longer than ``older_than_seconds``.
+    """Delete the staged records of runs whose newest record is older than ``older_than_seconds``.
 
-    ``root`` is a local folder or an ``s3://`` prefix (then a run's folder is stale when its newest record is).
+    ``root`` is a local folder or an ``s3://`` prefix. A run re-executed from failure reads its parent run's
+    records, so the age limit is at least ``MIN_AGE_HOURS``; each run's records are listed again right before
+    they are deleted, and a run that wrote one meanwhile keeps them all. A re-execution that comes later still
+    fails naming the missing record (``StagingResource.read``).
+
+    Raises:
+        ValueError: ``older_than_seconds`` is below ``MIN_AGE_HOURS``.
     """
-    cutoff = time.time() - older_than_seconds
+    check_min_age(older_than_seconds)
+    cutoff = wall_clock() - older_than_seconds
+    removed: list[str] = []
     if is_s3_uri(str(root)):
         settings = s3 or S3Settings()
         base = str(root).rstrip("/")
+
+        def stale(items: Iterable[S3Object]) -> bool:
+            return all(i.last_modified is not None and i.last_modified.timestamp() < cutoff for i in items)
+
         runs: dict[str, list[S3Object]] = {}
         for item in list_s3_objects(f"{base}/", settings):
             run_id = item.uri.removeprefix(f"{base}/").split("/", 1)[0]
             runs.setdefault(run_id, []).append(item)
-        removed = []
         for run_id, items in sorted(runs.items()):
-            if all(i.last_modified is not None and i.last_modified.timestamp() < cutoff for i in items):
-                for item in items:
-                    delete_s3_object(item.uri, settings)
-                removed.append(f"{base}/{run_id}")
+            if not stale(items):
+                continue
+            current = list(list_s3_objects(f"{base}/{run_id}/", settings))  # again, right before deleting
+            if not current or not stale(current):
+                continue
+            for item in current:
+                delete_s3_object(item.uri, settings)
+            removed.append(f"{base}/{run_id}")
         return removed
-    removed = []
     root = Path(root)
     if not root.is_dir():
         return removed
-    for run_dir in root.iterdir():
-        if run_dir.is_dir() and run_dir.stat().st_mtime < cutoff:
+    for run_dir in sorted(root.iterdir()):
+        # the newest time in the folder, read right before it goes: a step that staged a record meanwhile keeps it
+        if run_dir.is_dir() and _newest_mtime(run_dir) < cutoff:
             shutil.rmtree(run_dir, ignore_errors=True)
             removed.append(str(run_dir))
     return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time of ``folder`` and of everything below it."""
+    newest = folder.stat().st_mtime
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in (*dirnames, *filenames):
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+    return newest

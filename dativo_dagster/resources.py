@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -18,7 +18,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 
-from dativo_dagster.errors import CommitError
+from dativo_dagster.errors import CommitError, DeploymentError
 from dativo_dagster.spec import AssetSpecModel
 from dativo_dagster.storage import (
     S3Settings,
@@ -196,7 +196,10 @@ class StagingResource(dg.ConfigurableResource):
         uri = self._uri(run_id, step_key, name)
         data = read_small_object(uri, self.storage.s3_settings())
         if data is None:
-            raise FileNotFoundError(f"staged record {step_key}.{name} missing at {uri}")
+            raise FileNotFoundError(
+                f"staged record {step_key}.{name} missing at {uri}: its step never finished, or the maintenance job"
+                f" removed run {run_id}'s records (older than its older_than_hours); materialize the asset in a new run"
+            )
         return data.decode()
 
     def remove_steps(self, run_id: str, step_prefix: str) -> None:
@@ -321,6 +324,36 @@ def _env(name: str) -> dg.EnvVar | None:
     return dg.EnvVar(name) if os.environ.get(name) else None
 
 
+# The variables that make a deployment (CONTRACT 6). AWS_* alone are not one (they may be set in any user's shell
+# for other tools), nor are DATIVO_ASSET_SPECS_DIR and DATIVO_STAGING_DIR (they only move folders).
+DEPLOYMENT_VARIABLES = ("DATIVO_WAREHOUSE", "DATIVO_CATALOG_URI", "DATIVO_CATALOG_CREDENTIAL", "DATIVO_S3_ENDPOINT")
+# a deployment that sets any of them sets these two
+REQUIRED_VARIABLES = ("DATIVO_WAREHOUSE", "DATIVO_CATALOG_URI")
+
+
+def check_deployment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a partial deployment: one of ``DEPLOYMENT_VARIABLES`` set without both ``REQUIRED_VARIABLES``.
+
+    The embedded default applies only when none is set; otherwise a pod that got its warehouse but not its
+    catalog would commit to a throwaway SQLite catalog and lose the incremental state. Names variables only,
+    never their values (a catalog URI or credential holds secrets).
+
+    Raises:
+        DeploymentError: names the variables that are set and those that are missing.
+    """
+    env = os.environ if environ is None else environ
+    present = [name for name in DEPLOYMENT_VARIABLES if env.get(name)]
+    missing = [name for name in REQUIRED_VARIABLES if not env.get(name)]
+    if present and missing:
+        raise DeploymentError(
+            f"partial deployment: {', '.join(present)} {'is' if len(present) == 1 else 'are'} set but "
+            + " and ".join(f"{name} is not set" for name in missing)
+            + f"; set {' and '.join(REQUIRED_VARIABLES)} together. The embedded default (a local warehouse and a"
+            f" SQLite catalog under .dativo/) applies only when none of {', '.join(DEPLOYMENT_VARIABLES)} is set.",
+            missing=missing,
+        )
+
+
 def embedded_defaults(specs_dir: Path) -> dict[str, str]:
     """The embedded default: a warehouse folder and a SQLite catalog under ``<project>/.dativo``."""
     base = project_root(specs_dir) / ".dativo"
@@ -335,8 +368,12 @@ def resources_from_env(specs_dir: Path) -> dict[str, object]:
     """Resources for the deployment that the environment describes (CONTRACT section 6).
 
     Each setting is a ``dg.EnvVar`` when its variable is set, so secrets stay out of config and
-    the UI; unset ones fall back to the embedded default.
+    the UI; with none of the deployment's variables set, the embedded default.
+
+    Raises:
+        DeploymentError: a partial deployment (``check_deployment``).
     """
+    check_deployment()
     defaults = embedded_defaults(specs_dir)
     storage = StorageResource(
         warehouse=_env("DATIVO_WAREHOUSE") or defaults["warehouse"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ import dagster as dg
 import pytest
 from pyiceberg.table import Table
 
+from dativo_dagster import maintenance
 from dativo_dagster.commit import RUN_ID_KEY
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.jobs import MAINTENANCE_JOB
+from dativo_dagster.maintenance import MIN_AGE_HOURS
 from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.fault_injection import (
     IN_PROCESS,
@@ -82,12 +85,13 @@ def on_disk(table: Table) -> set[str]:
     return parquet_files(table.location().removeprefix("file://"))
 
 
-def run_maintenance(project: Project) -> dg.ExecuteInProcessResult:
+def run_maintenance(project: Project, monkeypatch: pytest.MonkeyPatch) -> dg.ExecuteInProcessResult:
+    """The maintenance job a day later (its default age limit): whatever the killed run left is old enough."""
+    now = time.time()
+    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + (MIN_AGE_HOURS + 1) * 3600)
     defs = build_definitions(project.specs_dir)
     with dg.instance_for_test() as instance:
-        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-            run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}}, instance=instance
-        )
+        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(instance=instance)
     assert result.success
     return result
 
@@ -159,7 +163,7 @@ def killed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KilledRun
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_killed_run_then_a_new_run_loads_every_file_once(
-    killed_runs: dict[str, KilledRun], point: str, duckdb_connection: Any
+    killed_runs: dict[str, KilledRun], point: str, duckdb_connection: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     killed = killed_runs[point]
     project = killed.project
@@ -204,9 +208,9 @@ def test_a_killed_run_then_a_new_run_loads_every_file_once(
         assert reported <= referenced_files(table)
         assert result.run_id not in {r["_run_id"] for r in branch_rows(table, BRANCH)}
 
-    maintenance = run_maintenance(project)
+    cleanup = run_maintenance(project, monkeypatch)
 
-    assert maintenance.output_for_node("remove_orphan_files") == len(orphans)
+    assert cleanup.output_for_node("remove_orphan_files") == len(orphans)
     table, rejects = catalog.load_table(TABLE), catalog.load_table(REJECTS)
     assert on_disk(table) == referenced_files(table), "every referenced file is kept, every orphan removed"
     assert on_disk(rejects) == referenced_files(rejects)

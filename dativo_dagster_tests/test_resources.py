@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +18,9 @@ from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
 
-from dativo_dagster.errors import CommitError, StorageError
+from dativo_dagster.cli import EXIT_FAILED, main
+from dativo_dagster.definitions import build_definitions
+from dativo_dagster.errors import CommitError, DeploymentError, StorageError
 from dativo_dagster.resources import (
     CatalogResource,
     GuardedRestCatalog,
@@ -75,6 +80,76 @@ def test_unset_settings_fall_back_to_the_embedded_default(tmp_path: Path, monkey
     assert resources["dativo_storage"].s3_endpoint is None
     assert resources["dativo_catalog"].uri == defaults["catalog_uri"]
     assert resources["dativo_catalog"].credential is None
+
+
+PARTIAL_DEPLOYMENTS = [
+    ({"DATIVO_WAREHOUSE": "s3://lake/warehouse"}, ["DATIVO_CATALOG_URI"]),
+    ({"DATIVO_WAREHOUSE": "/data/warehouse", "DATIVO_S3_ENDPOINT": "http://minio:9000"}, ["DATIVO_CATALOG_URI"]),
+    ({"DATIVO_CATALOG_URI": "postgresql+psycopg2://dativo:pg-secret@db:5432/catalog"}, ["DATIVO_WAREHOUSE"]),
+    ({"DATIVO_CATALOG_URI": "http://rest:8181", "DATIVO_CATALOG_CREDENTIAL": "id:rest-secret"}, ["DATIVO_WAREHOUSE"]),
+    ({"DATIVO_S3_ENDPOINT": "http://minio:9000"}, ["DATIVO_WAREHOUSE", "DATIVO_CATALOG_URI"]),
+    ({"DATIVO_CATALOG_CREDENTIAL": "id:rest-secret"}, ["DATIVO_WAREHOUSE", "DATIVO_CATALOG_URI"]),
+]
+
+
+@pytest.mark.parametrize(("env", "missing"), PARTIAL_DEPLOYMENTS)
+def test_a_partial_deployment_is_refused_at_definition_load_naming_what_is_missing(
+    project: Project, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], missing: list[str]
+) -> None:
+    """CONTRACT 6: never a silent fallback to the local SQLite catalog when only part of a deployment is set."""
+    project.write_spec(base_spec("people"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(DeploymentError) as raised:
+        build_definitions(project.specs_dir)
+
+    message = str(raised.value)
+    assert raised.value.missing == missing
+    for name in missing:
+        assert f"{name} is not set" in message
+    for name in env:
+        assert name in message  # what was set, by name
+    for secret in ("pg-secret", "rest-secret", "minio", "lake"):
+        assert secret not in message  # names only, never values
+    assert not (project.root / ".dativo").exists()
+
+
+def test_object_storage_credentials_alone_keep_the_embedded_default(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_* may be set in any user's shell: they are not a deployment on their own."""
+    project.write_spec(base_spec("people"))
+    project.write_data("people.csv", "id,name\n1,Ann\n")
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_REGION": "eu-west-1"}.items():
+        monkeypatch.setenv(name, value)
+    defs = build_definitions(project.specs_dir)
+    assert defs.resources["dativo_catalog"].uri == project.catalog_uri
+    assert project.materialize().success
+    assert project.table("testdomain.people").snapshot_by_name("acme") is not None
+
+
+def test_the_command_line_and_dagster_refuse_a_partial_deployment(
+    project: Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project.write_spec(base_spec("people"))
+    project.write_data("people.csv", "id,name\n1,Ann\n")
+    monkeypatch.setenv("DATIVO_WAREHOUSE", "s3://lake/warehouse")
+
+    for command in ("validate", "materialize"):
+        assert main([command, "--specs", str(project.specs_dir)]) == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert "DATIVO_CATALOG_URI is not set" in err, err
+    assert not (project.root / ".dativo").exists()
+
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-m", "dativo_dagster.definitions"],
+        cwd=project.root, env={**env, "DATIVO_ASSET_SPECS_DIR": str(project.specs_dir)},
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode != 0
+    assert "DATIVO_CATALOG_URI is not set" in result.stdout + result.stderr
 
 
 def storage(warehouse: str = "s3://lake/warehouse", endpoint: str | None = None) -> StorageResource:

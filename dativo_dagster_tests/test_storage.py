@@ -187,6 +187,52 @@ def test_glob_over_keys_level_by_level(pattern: str, key: str, matches: bool) ->
     assert _glob_match(pattern.split("/"), key.split("/")) is matches
 
 
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("in/**", "in", True),  # ** matches zero levels, also at the end
+        ("**", "a/b/c", True),
+        ("**/a.csv", "a.csv", True),
+        ("in/**/**/x/*.csv", "in/x/a.csv", True),
+        ("in/**/x/**/*.csv", "in/p/x/q/r/a.csv", True),
+        ("in/**/x/**/*.csv", "in/p/q/r/a.csv", False),
+        ("in/**/*.csv", "out/a.csv", False),
+        ("in/*/", "in/a/", True),  # an empty last level is matched as a level
+        ("in/*", "in/a/b", False),
+    ],
+)
+def test_glob_double_star_spans_zero_or_more_levels(pattern: str, key: str, matches: bool) -> None:
+    assert _glob_match(pattern.split("/"), key.split("/")) is matches
+
+
+def test_many_double_stars_against_deep_keys_take_steps_linear_in_the_key_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six ``**`` against a 40-level key that does not match: a matcher that tries every way to split the key
+    among the ``**`` needs C(46, 6) (about 9 million) level comparisons; one pass over the key needs at most
+    one per key level and pattern level."""
+    import fnmatch
+
+    calls = 0
+    original = fnmatch.fnmatchcase
+
+    def counting(name: str, pat: str) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls > 100_000:
+            raise AssertionError(f"glob matching took more than 100,000 level comparisons ({pat!r} vs {name!r})")
+        return original(name, pat)
+
+    monkeypatch.setattr(fnmatch, "fnmatchcase", counting)
+    pattern = "in/**/**/**/**/**/**/*.csv".split("/")
+    deep = ["in", *[f"d{i}" for i in range(40)], "a.parquet"]
+    assert _glob_match(pattern, deep) is False
+    assert calls <= len(deep) * len(pattern)
+    calls = 0
+    assert _glob_match(pattern, [*deep[:-1], "a.csv"]) is True
+    assert calls <= len(deep) * len(pattern)
+
+
 def test_listing_follows_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     """More than one page of ListObjectsV2 (1000 keys each on AWS) is followed to the end."""
     settings = S3Settings("http://127.0.0.1:1", None, "AK", "SK")

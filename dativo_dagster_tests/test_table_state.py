@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,7 +22,8 @@ from dativo_dagster import commit as commit_module
 from dativo_dagster import table_state
 from dativo_dagster.commit import CommitResult, commit_files, ensure_table
 from dativo_dagster.errors import TerminalError
-from dativo_dagster.maintenance import expire_snapshots, remove_unreferenced_metadata
+from dativo_dagster import maintenance
+from dativo_dagster.maintenance import MIN_AGE_HOURS, expire_snapshots, remove_unreferenced_metadata
 from dativo_dagster.spec import AssetSpecModel
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schema, partition_spec
@@ -248,7 +250,9 @@ def test_a_metadata_folder_that_refuses_state_files_gets_them_in_the_state_folde
     later = datetime.now(timezone.utc) + timedelta(minutes=1)
     expire_snapshots(table, older_than=later, keep_last=1)
     table = catalog.load_table(NAME)
-    report = remove_unreferenced_metadata(table, S3Settings(), older_than_seconds=0)
+    now = time.time()
+    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + MIN_AGE_HOURS * 3600 + 60)  # a day later
+    report = remove_unreferenced_metadata(table, S3Settings(), older_than_seconds=MIN_AGE_HOURS * 3600)
     head_file = state_file_of(table.snapshot_by_name(BRANCH))
     assert {str(p) for p in folder.glob("*")} == {head_file}
     assert named - {head_file} <= set(report.removed)

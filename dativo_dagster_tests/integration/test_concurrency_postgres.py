@@ -33,10 +33,12 @@ BRANCH = "acme"
 
 
 @pytest.fixture
-def catalog_uri(postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh PostgreSQL database as the deployment's catalog (``DATIVO_CATALOG_URI``)."""
+def catalog_uri(postgres: PostgresCluster, project: Project, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh PostgreSQL database as the deployment's catalog (``DATIVO_CATALOG_URI``), with the project's local
+    warehouse (``DATIVO_WAREHOUSE``: a deployment sets both, CONTRACT 6)."""
     uri = postgres.create_database(f"concurrency_{uuid.uuid4().hex[:10]}")
     monkeypatch.setenv("DATIVO_CATALOG_URI", uri)
+    monkeypatch.setenv("DATIVO_WAREHOUSE", str(project.warehouse))
     yield uri
     # the runs' catalog clients keep pooled connections until they are garbage: close them while the server
     # still runs, or their finalizers log errors (with tracebacks) whenever the collector gets to them later

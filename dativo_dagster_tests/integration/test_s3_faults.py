@@ -9,6 +9,7 @@ import functools
 import os
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,10 @@ from pyiceberg.utils.concurrent import ExecutorFactory
 
 import dativo_dagster.storage as storage_module
 import dativo_dagster.write as write_module
+from dativo_dagster import maintenance
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.jobs import MAINTENANCE_JOB
+from dativo_dagster.maintenance import MIN_AGE_HOURS
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, duckdb_branch_rows
 
 from .deployment import Deployment, failure_messages, list_keys, make_deployment, run, run_text
@@ -213,10 +216,11 @@ def after_a_first_run(
     return deployment, project, first
 
 
-def remove_orphans(project: Project) -> dg.ExecuteInProcessResult:
-    """The maintenance job, removing every unreferenced file at once."""
+def remove_orphans(project: Project, monkeypatch: pytest.MonkeyPatch) -> dg.ExecuteInProcessResult:
+    """The maintenance job a day later (its default age limit): every unreferenced file is old enough to go."""
+    now = time.time()
+    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + (MIN_AGE_HOURS + 1) * 3600)
     return build_definitions(project.specs_dir).resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-        run_config={"ops": {"remove_orphan_files": {"config": {"older_than_hours": 0}}}},
         instance=dg.DagsterInstance.ephemeral(),
     )
 
@@ -414,7 +418,7 @@ def test_s3_going_down_during_the_uploads_fails_the_write_step_and_a_run_after_i
     assert len(referenced) == 2 * len(REGIONS) and orphan not in referenced
     assert data_keys(deployment, "people") == referenced | {orphan}
 
-    maintenance = remove_orphans(project)
+    maintenance = remove_orphans(project, monkeypatch)
 
     assert maintenance.success
     assert maintenance.output_for_node("remove_orphan_files") == 1
@@ -496,6 +500,6 @@ def test_s3_down_after_the_write_fails_the_commit_with_the_table_unchanged_and_t
     table = catalog.load_table("testdomain.people")
     assert table_rows(table) == first + second
     assert duckdb_table_rows(server, table) == first + second
-    maintenance = remove_orphans(project)
+    maintenance = remove_orphans(project, monkeypatch)
     assert maintenance.success
     assert data_keys(deployment, "people") == referenced_keys(table, deployment.bucket)

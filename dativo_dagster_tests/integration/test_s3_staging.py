@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from dativo_dagster.maintenance import remove_stale_staging
+from dativo_dagster import maintenance
+from dativo_dagster.maintenance import MIN_AGE_HOURS, remove_stale_staging
 from dativo_dagster.resources import StagingResource, StorageResource
 from dativo_dagster_tests.conftest import Project, base_spec
 
@@ -53,7 +55,9 @@ def test_steps_in_separate_processes_pass_their_records_through_the_bucket(
     assert secret not in proc.stdout + proc.stderr
 
 
-def test_s3_staging_records_round_trip_and_stale_runs_are_removed(seaweedfs: SeaweedFS, tmp_path: Path) -> None:
+def test_s3_staging_records_round_trip_and_stale_runs_are_removed(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
     storage = StorageResource(
         warehouse=deployment.warehouse, s3_endpoint=seaweedfs.s3_endpoint, aws_region=seaweedfs.region,
@@ -81,9 +85,12 @@ def test_s3_staging_records_round_trip_and_stale_runs_are_removed(seaweedfs: Sea
         "staging/run-2/events.events__extract/stream.json",
     ]
 
-    # maintenance: nothing is an hour old yet; with the limit in the future every run is stale
+    # maintenance: nothing is a day old yet; a day later every run is stale
     s3 = storage.s3_settings()
-    assert remove_stale_staging(root, 3600, s3) == []
+    day = MIN_AGE_HOURS * 3600
+    assert remove_stale_staging(root, day, s3) == []
     assert len(list_keys(seaweedfs, deployment.bucket, "staging/")) == 2
-    assert remove_stale_staging(root, -300, s3) == [f"{root}/run-1", f"{root}/run-2"]
+    now = time.time()
+    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + day + 60)
+    assert remove_stale_staging(root, day, s3) == [f"{root}/run-1", f"{root}/run-2"]
     assert list_keys(seaweedfs, deployment.bucket, "staging/") == []
