@@ -63,7 +63,12 @@ class ValidationFailedError(TerminalError):
 
 
 class CommitError(TransientError):
-    """The catalog refused or could not be reached while committing."""
+    """The catalog could not be reached, or failed, while committing."""
+
+
+class CatalogAccessError(TerminalError):
+    """The catalog refused the credentials (a REST token endpoint's ``invalid_client``, 401/403, a database's
+    "password authentication failed"): retrying with the same ones cannot help."""
 
 
 class StorageError(TransientError):

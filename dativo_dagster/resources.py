@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,7 +19,7 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 
-from dativo_dagster.errors import CommitError, DeploymentError
+from dativo_dagster.errors import CatalogAccessError, CommitError, DeploymentError
 from dativo_dagster.spec import AssetSpecModel
 from dativo_dagster.storage import (
     S3Settings,
@@ -99,12 +100,14 @@ class CatalogResource(dg.ConfigurableResource):
     def load_catalog(self) -> Catalog:
         """A pyiceberg catalog client for this deployment.
 
-        A catalog that cannot be reached or refuses a request (here or in any later call on the
-        client or its tables) raises :class:`CommitError` (transient) naming the catalog URI with
-        credentials masked; commit conflicts keep pyiceberg's own exceptions.
+        A catalog that cannot be reached or fails a request (here or in any later call on the client or
+        its tables) raises :class:`CommitError` (transient), one that refuses the credentials
+        :class:`CatalogAccessError` (terminal), each naming the catalog URI with credentials masked;
+        commit conflicts keep pyiceberg's own exceptions.
 
         Raises:
-            CommitError: the catalog cannot be reached or refused the connection.
+            CommitError: the catalog cannot be reached or failed.
+            CatalogAccessError: the catalog refused the credentials.
         """
         storage = self.storage.s3_settings()
         props = storage.pyiceberg_properties()
@@ -247,9 +250,29 @@ def _catalog_failures() -> tuple[type[BaseException], ...]:
     )
 
 
+# what a SQL catalog's database answers to a login it refuses (PostgreSQL, MySQL/MariaDB, SQLAlchemy's own)
+_REFUSED_LOGIN = re.compile(
+    r"password authentication failed|authentication failed|no pg_hba\.conf entry|no password supplied|"
+    r"access denied for user",
+    re.IGNORECASE,
+)
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """Whether the catalog refused the credentials: a REST catalog's 401/403 or its token endpoint's refusal (pyiceberg
+    has already fetched a new token once for a 401), or a database refusing the login. A catalog that is down, busy
+    or failing is not."""
+    from pyiceberg.exceptions import ForbiddenError, OAuthError, UnauthorizedError  # noqa: PLC0415
+
+    if isinstance(exc, (ForbiddenError, OAuthError, UnauthorizedError)):
+        return True
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and bool(_REFUSED_LOGIN.search(str(exc)))
+
+
 @contextlib.contextmanager
 def catalog_errors(display_uri: str, action: str, secrets: Sequence[str]) -> Iterator[None]:
-    """Turn an unreachable or refusing catalog into :class:`CommitError` naming the masked URI.
+    """Turn a catalog that refuses the credentials into :class:`CatalogAccessError` (terminal), and one that cannot
+    be reached or fails into :class:`CommitError` (transient), each naming the masked URI.
 
     The original exception is not chained: its text (already scrubbed) goes into the message, so no
     credential can reach Dagster's event log through a traceback.
@@ -258,10 +281,12 @@ def catalog_errors(display_uri: str, action: str, secrets: Sequence[str]) -> Ite
         yield
     except _catalog_failures() as exc:
         lines = str(exc).strip().splitlines()
-        detail = scrub(lines[0] if lines else "", secrets)[:500]
-        raise CommitError(
-            f"Iceberg catalog {display_uri} refused or could not be reached ({action}): {type(exc).__name__}: {detail}"
-        ) from None
+        detail = f"{type(exc).__name__}: {scrub(lines[0] if lines else '', secrets)[:500]}"
+        if _refused_credentials(exc):
+            raise CatalogAccessError(
+                f"Iceberg catalog {display_uri} refused the credentials ({action}): {detail}"
+            ) from None
+        raise CommitError(f"Iceberg catalog {display_uri} refused or could not be reached ({action}): {detail}") from None
 
 
 class _CatalogErrors:

@@ -7,7 +7,9 @@ import contextlib
 import csv
 import gc
 import hashlib
+import logging
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -22,7 +24,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 
 from dativo_dagster.definitions import build_definitions
-from dativo_dagster.markers import committed_files
+from dativo_dagster.markers import committed_files, committed_files_sql
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import branch_rows, duckdb_branch_rows
 
@@ -94,6 +96,15 @@ def marker_rows(location: str) -> Counter[Row]:
     return rows
 
 
+def duckdb_marker_rows(con: Any, location: str) -> Counter[Row]:
+    """The rows of the data files that the documented DuckDB query over the commit markers lists
+    (``markers.committed_files_sql``, docs/deployment.md), read by DuckDB itself."""
+    query = committed_files_sql(location)
+    con.execute(f"SET VARIABLE files = (SELECT list(uri) FROM ({query}))")  # noqa: S608 - our own query
+    columns = ", ".join(SPEC_COLUMNS)
+    return Counter(con.execute(f"SELECT {columns} FROM read_parquet(getvariable('files'))").fetchall())  # noqa: S608
+
+
 def branch_snapshot_ids(table: Table, branch: str) -> list[int]:
     head = table.snapshot_by_name(branch)
     return [s.snapshot_id for s in ancestors_of(head, table.metadata)] if head is not None else []
@@ -120,9 +131,71 @@ def referenced_files(table: Table) -> set[str]:
     return {p.removeprefix("file://") for p in files.column("file_path").to_pylist()} if files.num_rows else set()
 
 
-def materialize_concurrently(project: Any, runs: int) -> list[dg.ExecuteInProcessResult]:
+# the commit loop's own line for a lost race (commit.commit_files), whichever catalog it runs against
+CONFLICT_LINE = re.compile(r"commit to \S+ conflicted \(attempt (\d+) of (\d+)\)")
+
+
+class CommitConflicts(logging.Handler):
+    """The commit loop's "conflicted (attempt N of M)" lines logged while it is attached, from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:  # called under the handler's lock
+        message = record.getMessage()
+        if CONFLICT_LINE.search(message):
+            self.lines.append(message)
+
+
+@contextlib.contextmanager
+def commit_conflicts() -> Iterator[CommitConflicts]:
+    """Collect the commit loop's conflict lines (``dativo_dagster.commit``'s logger) while the block runs."""
+    logger = logging.getLogger("dativo_dagster.commit")
+    handler = CommitConflicts()
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def commits_released_together(runs: int) -> Iterator[None]:
+    """Hold every run's first commit (catalog commit, or commit marker with ``catalog: none``) at a barrier until
+    all ``runs`` runs are there, then let them go at once: each has planned on the same view of the table, so the
+    commits really overlap. Without it, runs whose reading took different times may well commit one after the
+    other and prove nothing about conflicts."""
+    import dativo_dagster.assets as assets_module  # noqa: PLC0415
+
+    barrier = threading.Barrier(runs)
+    held = threading.local()
+    originals = {name: getattr(assets_module, name) for name in ("commit_files", "write_commit_marker")}
+
+    def held_back(original: Any) -> Any:
+        def commit(*args: Any, **kwargs: Any) -> Any:
+            if not getattr(held, "done", False):
+                held.done = True
+                barrier.wait(timeout=120)
+            return original(*args, **kwargs)
+
+        return commit
+
+    for name, original in originals.items():
+        setattr(assets_module, name, held_back(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(assets_module, name, original)
+
+
+def materialize_concurrently(
+    project: Any, runs: int, *, commit_together: bool = False
+) -> list[dg.ExecuteInProcessResult]:
     """``runs`` materializations of the project's assets at the same time, one thread each, each with its own
-    instance and catalog client (as separate run workers would have), released together by a barrier."""
+    instance and catalog client (as separate run workers would have), released together by a barrier; with
+    ``commit_together`` their commits are released together too (:func:`commits_released_together`)."""
     barrier = threading.Barrier(runs)
     # Dagster composes graph-backed assets on a process-wide stack: build each run's definitions one
     # after the other (run workers are processes in a deployment), then start the runs together
@@ -138,7 +211,8 @@ def materialize_concurrently(project: Any, runs: int) -> list[dg.ExecuteInProces
             instance=dg.DagsterInstance.ephemeral(),
         )
 
-    with _serial_ast_parse(), ThreadPoolExecutor(max_workers=runs) as pool:
+    together = commits_released_together(runs) if commit_together else contextlib.nullcontext()
+    with _serial_ast_parse(), together, ThreadPoolExecutor(max_workers=runs) as pool:
         results = list(pool.map(one, range(runs)))
         # the runs' SQLite connections die with their threads; SQLAlchemy's finalizers log an error with a
         # traceback for each. Let them run now, not inside some later ast.parse (see _serial_ast_parse)

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import dagster as dg
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from dativo_dagster_tests.conftest import base_spec
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+from dativo_dagster import pipeline
+from dativo_dagster_tests.conftest import Project, base_spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _checks(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
@@ -45,3 +56,46 @@ def test_progress_is_logged_per_file(project):
     assert f"people: file 1 of 2: {a}" in messages
     assert f"people: file 2 of 2: {b}" in messages
     assert any(m.startswith("people: read 3 rows from 2 file(s) in ") and m.endswith("rows/s)") for m in messages)
+
+
+PROGRESS_LINE = re.compile(r"people: ([\d,]+) rows read, ([\d,]+) rows/s, reading (.+)")
+
+
+def test_progress_is_logged_at_the_documented_interval_while_files_are_read(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/logging.md promises a progress line every ``PROGRESS_SECONDS`` (10 s) while a run reads. The interval is
+    shortened here (0.5 s) and the reader slowed to about 4 s, so the run must log about eight such lines, spaced
+    by the interval, each counting more rows than the one before."""
+    documented = re.search(r"progress every (\d+) s", (REPO_ROOT / "docs" / "logging.md").read_text())
+    assert documented and float(documented.group(1)) == pipeline.PROGRESS_SECONDS
+    interval, chunks, pause = 0.5, 80, 0.05
+    monkeypatch.setattr(pipeline, "PROGRESS_SECONDS", interval)
+    read = pipeline.iter_source_batches
+
+    def slow_batches(*args: Any) -> Iterator[pa.RecordBatch]:
+        for batch in read(*args):
+            step = max(1, -(-batch.num_rows // chunks))
+            for start in range(0, batch.num_rows, step):
+                time.sleep(pause)
+                yield batch.slice(start, step)
+
+    monkeypatch.setattr(pipeline, "iter_source_batches", slow_batches)
+    project.write_spec(base_spec())
+    path = project.write_data("people.csv", "id,name\n" + "".join(f"{i},n{i}\n" for i in range(4_000)))
+    instance = dg.DagsterInstance.ephemeral()
+    result = project.materialize(instance=instance)
+    assert result.success
+
+    logs = instance.all_logs(result.run_id)
+    [began] = [e.timestamp for e in logs if e.user_message == f"people: file 1 of 1: {path}"]
+    [ended] = [e.timestamp for e in logs if e.user_message.startswith("people: read 4,000 rows from 1 file(s)")]
+    progress = [(e.timestamp, m) for e in logs if (m := PROGRESS_LINE.fullmatch(e.user_message))]
+    # one line per interval of reading (about chunks * pause seconds), none more
+    reading = ended - began
+    assert reading / interval - 2 <= len(progress) <= reading / interval + 1, (reading, [m[0] for _, m in progress])
+    counts = [int(m.group(1).replace(",", "")) for _, m in progress]
+    assert counts == sorted(set(counts)) and 0 < counts[0] and counts[-1] <= 4_000, counts
+    assert {m.group(3) for _, m in progress} == {str(path)}
+    gaps = [b - a for (a, _), (b, _) in zip(progress, progress[1:])]
+    assert all(interval * 0.9 <= gap <= interval + 1.5 for gap in gaps), gaps

@@ -152,3 +152,46 @@ def test_dagster_asset_materialize_with_the_multiprocess_executor(tmp_path: Path
         assert record.asset_materialization.metadata["rows_committed"].value == 2
     finally:
         instance.dispose()
+
+
+def test_dagster_asset_materialize_exits_non_zero_exactly_when_the_run_fails(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONTRACT 3: Dagster's own command fails a CI job exactly when the run fails: a strict rejection exits
+    non-zero (with the default multiprocess executor, as a CI job runs it), a warn-mode run that quarantined rows
+    succeeded and exits 0 (``dativo-dagster`` would say 1; run in process, the executor is not what it tests)."""
+    projects = {"strict": make_project(tmp_path / "strict", "strict"),
+                "warned": make_project(tmp_path / "warned", "warned")}
+    extra = {"strict": [], "warned": ["--config-json", '{"execution": {"config": {"in_process": {}}}}']}
+    homes = {name: tmp_path / name / "dagster_home" for name in projects}
+    runs = {}
+    for name, project in projects.items():
+        homes[name].mkdir()
+        runs[name] = subprocess.Popen(
+            [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", name, *extra[name]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(DATIVO_ASSET_SPECS_DIR=str(project.specs_dir), DAGSTER_HOME=str(homes[name])),
+            cwd=tmp_path,
+        )
+    out = {name: proc.communicate(timeout=300) for name, proc in runs.items()}
+    assert runs["strict"].returncode != 0, out["strict"][1][-3000:]
+    assert runs["warned"].returncode == 0, out["warned"][1][-3000:]
+
+    statuses = {}
+    for name in projects:
+        monkeypatch.setenv("DAGSTER_HOME", str(homes[name]))
+        instance = dg.DagsterInstance.get()
+        try:
+            [run] = instance.get_runs()
+            statuses[name] = run.status
+        finally:
+            instance.dispose()
+    assert statuses == {"strict": dg.DagsterRunStatus.FAILURE, "warned": dg.DagsterRunStatus.SUCCESS}
+    # the failed run committed nothing (strict mode fails before the table is made); the successful one committed
+    # its valid row and quarantined the other
+    assert 'Execution of step "strict.strict__validate" failed' in out["strict"][1]
+    assert "strict validation failed" in out["strict"][1]
+    assert not projects["strict"].catalog().table_exists("testdomain.strict")
+    assert [r["id"] for r in branch_rows(projects["warned"].table("testdomain.warned"), "acme")] == [1]
+    assert [r["id"] for r in branch_rows(projects["warned"].table("testdomain.warned__rejects"), "acme")] == ["x"]

@@ -24,6 +24,7 @@ from pyiceberg.exceptions import (
 from dativo_dagster import commit as commit_module
 from dativo_dagster.assets import retry_policy, to_failure
 from dativo_dagster.errors import (
+    CatalogAccessError,
     CommitError,
     NothingToReadError,
     SourceError,
@@ -95,6 +96,7 @@ TERMINAL = [
     NoSuchTableError("testdomain.events"),
     sqlalchemy.exc.OperationalError("connect", {}, Exception('FATAL: password authentication failed for user "x"')),
     CommitError("Iceberg catalog http://c refused or could not be reached (connect): UnauthorizedError: 401"),
+    CatalogAccessError("Iceberg catalog http://c refused the credentials (connect): OAuthError: invalid_client"),
     KeyError("id"),
     TypeError("unsupported operand"),
     AttributeError("no attribute"),

@@ -26,6 +26,7 @@ from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.table_checks import (
     branch_snapshot_ids,
     csv_text,
+    duckdb_marker_rows,
     duckdb_rows,
     expected_rows,
     iceberg_rows,
@@ -259,7 +260,7 @@ def test_overwrite_specs_read_everything_every_run(project: Project) -> None:
 
 @pytest.mark.parametrize("cached", [False, True], ids=["markers", "marker-cache"])
 def test_catalog_none_reads_only_new_and_changed_files_and_shows_each_once(
-    project: Project, monkeypatch: pytest.MonkeyPatch, cached: bool
+    project: Project, monkeypatch: pytest.MonkeyPatch, cached: bool, duckdb_connection: Any
 ) -> None:
     if cached:  # every read that fetched a marker rewrites the cache, so the runs decide from the cache
         monkeypatch.setattr(markers_module, "CACHE_AFTER_FETCHED", 1)
@@ -280,6 +281,8 @@ def test_catalog_none_reads_only_new_and_changed_files_and_shows_each_once(
     assert metadata["source_files"] == sorted([str(a), str(c)])
     assert metadata["rows_read"] == 4
     assert marker_rows(location) == expected_rows([a, b, c])
+    # the documented DuckDB query over the markers sees each file's latest content exactly once too
+    assert duckdb_marker_rows(duckdb_connection, location) == expected_rows([a, b, c])
     assert metadata["dagster/row_count"] == sum(expected_rows([a, b, c]).values())
     markers = read_commit_markers(location, S3Settings())
     assert len(markers) == 2

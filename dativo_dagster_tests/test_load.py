@@ -39,6 +39,7 @@ from dativo_dagster.table_schema import Partitioner, arrow_schema, iceberg_schem
 from dativo_dagster.table_state import STATE_FILE_KEY, read_branch_state
 from dativo_dagster.write import WrittenFile
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
+from dativo_dagster_tests.table_checks import CONFLICT_LINE
 
 BRANCH = "acme"
 
@@ -97,28 +98,45 @@ RUN_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
+    import dativo_dagster.assets as assets
     from dativo_dagster_tests.conftest import Project
+    from dativo_dagster_tests.table_checks import commit_conflicts
 
-    root, k, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    root, k, count, go = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     project = Project(root)
+    commit_files = assets.commit_files
+
+    def commit_together(*args, **kwargs):
+        # every run waits here until all are ready to commit, so that the commits overlap for real
+        (root / f"committing_{k}").touch()
+        deadline = time.monotonic() + 120
+        while not all((root / f"committing_{i}").exists() for i in range(count)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assets.commit_files = commit_files
+        return commit_files(*args, **kwargs)
+
+    assets.commit_files = commit_together
     (root / f"ready_{k}").touch()
     while not go.exists():
         time.sleep(0.01)
     project.write_data(f"events/run_{k}.csv", "id,name\\n" + "".join(f"{i},run{k}-{i}\\n" for i in range(k * 1000, k * 1000 + 100)))
-    result = project.materialize()
+    with commit_conflicts() as conflicts:
+        result = project.materialize()
     failures = [str(e.event_specific_data.user_failure_data.description) for e in result.get_step_failure_events()]
     retries = sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")
-    print(json.dumps({"success": result.success, "failures": failures, "retries": retries}))
+    print(json.dumps({"success": result.success, "failures": failures, "retries": retries,
+                      "conflicts": conflicts.lines}))
     """
 )
 
 
 def _run_concurrently(project: Project, count: int) -> tuple[list[dict[str, Any]], list[Path]]:
     """``count`` processes (as Dagster runs are), each writing its own new file and materializing the same spec,
-    all let go at the same moment once Dagster is imported."""
+    all let go at the same moment once Dagster is imported, and their commits released together once every run
+    has written its files."""
     go = project.root / "go"
     processes = [
-        subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(project.root), str(k), str(go)],
+        subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(project.root), str(k), str(count), str(go)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for k in range(count)
     ]
@@ -142,6 +160,10 @@ def test_eight_concurrent_runs_appending_to_one_table_load_every_row_once(projec
     assert project.materialize().success
     results, paths = _run_concurrently(project, 8)
     assert [(r["success"], r["failures"], r["retries"]) for r in results] == [(True, [], 0)] * 8
+    # the commits overlapped: all eight planned on the seed's head, one won, the seven others conflicted at their
+    # first attempt and were retried by the commit loop
+    conflicts = [line for r in results for line in r["conflicts"]]
+    assert sum(1 for line in conflicts if CONFLICT_LINE.search(line).group(1) == "1") == 7, conflicts  # type: ignore[union-attr]
     expected = sum((file_rows(p) for p in [seed, *paths]), Counter())
     assert table_rows(project, "testdomain.events") == expected
     assert max(table_rows(project, "testdomain.events").values()) == 1
@@ -159,6 +181,7 @@ def test_eight_concurrent_first_runs_on_an_empty_catalog_recover_by_retrying(pro
     _incremental(project, max_retries=3, retry_delay_seconds=0.2)
     results, paths = _run_concurrently(project, 8)
     assert [(r["success"], r["failures"]) for r in results] == [(True, [])] * 8
+    assert [line for r in results for line in r["conflicts"]], "no commit conflicted: the runs did not overlap"
     expected = sum((file_rows(p) for p in paths), Counter())
     assert table_rows(project, "testdomain.events") == expected
 

@@ -16,11 +16,17 @@ import sqlalchemy.exc
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    ForbiddenError,
+    NoSuchTableError,
+    OAuthError,
+    UnauthorizedError,
+)
 
 from dativo_dagster.cli import EXIT_FAILED, main
 from dativo_dagster.definitions import build_definitions
-from dativo_dagster.errors import CommitError, DeploymentError, StorageError
+from dativo_dagster.errors import CommitError, DeploymentError, StorageError, TerminalError, is_transient
 from dativo_dagster.resources import (
     CatalogResource,
     GuardedRestCatalog,
@@ -190,7 +196,7 @@ def test_an_unreachable_catalog_is_a_transient_commit_error_naming_the_masked_ur
     with pytest.raises(CommitError) as failed:
         resource.load_catalog()
     message = str(failed.value)
-    assert failed.value.transient
+    assert is_transient(failed.value)  # a catalog that is down may be back for the retry
     assert resource.display_uri in message and "could not be reached (connect)" in message
     for secret in ("PG-SECRET", "REST-SECRET", "S3-SECRET-VALUE"):
         assert secret not in message
@@ -207,6 +213,45 @@ def test_catalog_errors_translate_refusals_but_not_conflicts() -> None:
     with pytest.raises(CommitError) as scrubbed, catalog_errors("http://h", "load", ["pw"]):
         raise ConnectionError("refused with pw")
     assert "pw" not in str(scrubbed.value).replace("http://h", "")
+
+
+# what each catalog raises for a credential it refuses (seen against SeaweedFS's REST catalog and PostgreSQL in
+# integration/test_deployment_failures.py): retrying cannot make it accept them
+REFUSED_CREDENTIALS = [
+    OAuthError("invalid_client: Invalid client credentials for client-id pw-123"),
+    UnauthorizedError("NotAuthorizedException: Not authorized"),
+    ForbiddenError("ForbiddenException: access denied to namespace sales"),
+    sqlalchemy.exc.OperationalError(
+        "SELECT 1", {}, Exception('connection to server at "127.0.0.1", port 5432 failed: FATAL:  password'
+                                  ' authentication failed for user "dativo" (pw-123)'),
+    ),
+]
+# and what a catalog that is down or busy raises: the retry may succeed
+UNREACHABLE = [
+    ConnectionError("Connection refused pw-123"),
+    sqlalchemy.exc.OperationalError(
+        "SELECT 1", {}, Exception('connection to server at "127.0.0.1", port 5432 failed: Connection refused')
+    ),
+    sqlalchemy.exc.OperationalError("UPDATE iceberg_tables", {}, Exception("database is locked")),
+]
+
+
+@pytest.mark.parametrize("error", REFUSED_CREDENTIALS, ids=lambda e: type(e).__name__)
+def test_a_catalog_refusing_the_credentials_is_terminal(error: Exception) -> None:
+    with pytest.raises(TerminalError) as refused, catalog_errors("http://cat", "connect", ["pw-123"]):
+        raise error
+    assert not is_transient(refused.value)
+    message = str(refused.value)
+    assert "catalog http://cat refused the credentials (connect)" in message and type(error).__name__ in message
+    assert "pw-123" not in message
+
+
+@pytest.mark.parametrize("error", UNREACHABLE, ids=lambda e: str(e.orig if hasattr(e, "orig") else e)[:20])
+def test_a_catalog_that_is_down_or_busy_is_transient(error: Exception) -> None:
+    with pytest.raises(CommitError) as down, catalog_errors("http://cat", "connect", ["pw-123"]):
+        raise error
+    assert is_transient(down.value)
+    assert "pw-123" not in str(down.value)
 
 
 def build_at_once(resource: CatalogResource, threads: int) -> tuple[list[Catalog], list[BaseException]]:

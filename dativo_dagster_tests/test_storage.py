@@ -14,7 +14,7 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError
 from botocore.stub import Stubber
 
-from dativo_dagster.errors import StorageError, TerminalError, TransientError
+from dativo_dagster.errors import StorageError, TerminalError, TransientError, is_transient
 from dativo_dagster.extract import _glob_match
 from dativo_dagster.storage import (
     MAX_USER_METADATA_BYTES,
@@ -104,27 +104,38 @@ def test_boto3_clients_are_shared_per_settings_and_path_style_for_endpoints() ->
     assert a.boto3_client().meta.endpoint_url == "http://127.0.0.1:9000"
 
 
+# what a server or a library may echo back: the secret key, and an endpoint URL with a password in it
+ECHO = "signed with SK-secret at http://u:pw@127.0.0.1:9000/lake"
+
+
 @pytest.mark.parametrize(
     ("error", "kind", "phrase"),
     [
-        (client_error("SignatureDoesNotMatch", 403), StorageAccessError, "AWS_SECRET_ACCESS_KEY"),
-        (client_error("InvalidAccessKeyId", 403), StorageAccessError, "AWS_ACCESS_KEY_ID"),
-        (client_error("AccessDenied", 403), StorageAccessError, "lack permission"),
-        (client_error("NoSuchBucket", 404), StorageAccessError, "bucket does not exist"),
-        (client_error("403", 403), StorageAccessError, "HTTP 403"),
-        (client_error("SlowDown", 503, "Please reduce your request rate"), StorageError, "reduce your request rate"),
-        (client_error("InternalError", 500, "oops"), StorageError, "InternalError"),
-        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), StorageError, "Could not connect"),
+        (client_error("SignatureDoesNotMatch", 403, ECHO), StorageAccessError, "AWS_SECRET_ACCESS_KEY"),
+        (client_error("InvalidAccessKeyId", 403, ECHO), StorageAccessError, "AWS_ACCESS_KEY_ID"),
+        (client_error("AccessDenied", 403, ECHO), StorageAccessError, "lack permission"),
+        (client_error("NoSuchBucket", 404, ECHO), StorageAccessError, "bucket does not exist"),
+        (client_error("403", 403, ECHO), StorageAccessError, "HTTP 403"),
+        (client_error("SlowDown", 503, f"Please reduce your request rate; {ECHO}"), StorageError,
+         "reduce your request rate"),
+        (client_error("InternalError", 500, ECHO), StorageError, "InternalError"),
+        (EndpointConnectionError(endpoint_url="http://u:pw@127.0.0.1:1/?secret=SK-secret"), StorageError,
+         "Could not connect"),
+        (OSError(f"socket closed: {ECHO}"), StorageError, "socket closed"),
+        (RuntimeError(f"unexpected: {ECHO}"), StorageError, "RuntimeError: unexpected"),
     ],
 )
 def test_s3_errors_are_terminal_refusals_or_transient_failures(error: Exception, kind: type, phrase: str) -> None:
     settings = S3Settings("http://u:pw@127.0.0.1:9000", None, "AK", "SK-secret")
+    assert "SK-secret" in str(error)  # the error to scrub holds the secret
     converted = s3_error(error, action="upload", uri="s3://lake/x.parquet", s3=settings)
     assert type(converted) is kind
     assert isinstance(converted, TerminalError if kind is StorageAccessError else TransientError)
+    assert is_transient(converted) is (kind is StorageError)
     text = str(converted)
     assert phrase in text and "s3://lake/x.parquet" in text and "upload" in text
-    assert "pw" not in text.replace("upload", "") and "SK-secret" not in text
+    # the secret key and the endpoint's password are gone, wherever they were in the error
+    assert "SK-secret" not in text and ":pw@" not in text and "u:***@" in text
 
 
 def test_s3_error_finds_the_client_error_inside_an_upload_failure() -> None:
@@ -257,4 +268,4 @@ def test_an_unreachable_endpoint_is_transient() -> None:
     settings = S3Settings("http://127.0.0.1:1", None, "AK", "SK-secret")
     with pytest.raises(StorageError) as failed:
         list(list_s3_objects("s3://lake/in/", settings))
-    assert failed.value.transient and "127.0.0.1:1" in str(failed.value) and "SK-secret" not in str(failed.value)
+    assert is_transient(failed.value) and "127.0.0.1:1" in str(failed.value) and "SK-secret" not in str(failed.value)

@@ -1,5 +1,6 @@
 """Concurrent runs of one asset against a PostgreSQL catalog (pyiceberg SqlCatalog): every run succeeds and every
-source file is held exactly once, on the first runs of a new catalog and with new and changed files later."""
+source file is held exactly once, on the first runs of a new catalog and with new and changed files later. The runs'
+commits are released together, and the commit loop's "conflicted (attempt N of M)" lines show that they raced."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pyiceberg.catalog.sql import SqlCatalog
 from dativo_dagster.commit import RUN_ID_KEY
 from dativo_dagster_tests.conftest import Project
 from dativo_dagster_tests.table_checks import (
+    CONFLICT_LINE,
+    commit_conflicts,
     csv_text,
     duckdb_rows,
     expected_rows,
@@ -53,9 +56,11 @@ def test_concurrent_runs_on_a_postgresql_catalog_hold_each_file_once(
     first = [project.write_data(f"events/f{i}.csv", csv_text(range(i * 100, i * 100 + 40))) for i in range(3)]
     catalog = SqlCatalog("dativo", uri=catalog_uri, warehouse=project.warehouse.as_uri())
 
-    results = materialize_concurrently(project, RUNS)
+    with commit_conflicts() as conflicts:
+        results = materialize_concurrently(project, RUNS, commit_together=True)
 
     assert all(r.success for r in results), [failures(r) for r in results]
+    assert conflicts.lines, "no commit conflicted: the runs committed one after the other"
     table = catalog.load_table(TABLE)
     assert iceberg_rows(table, BRANCH) == expected_rows(first)
     assert duckdb_rows(duckdb_connection, table, BRANCH) == expected_rows(first)
@@ -65,9 +70,13 @@ def test_concurrent_runs_on_a_postgresql_catalog_hold_each_file_once(
     touch(first[0], 5)
     added = [project.write_data(f"events/n{i}.csv", csv_text(range(1000 + i * 10, 1005 + i * 10))) for i in range(2)]
 
-    results = materialize_concurrently(project, RUNS)
+    with commit_conflicts() as conflicts:
+        results = materialize_concurrently(project, RUNS, commit_together=True)
 
     assert all(r.success for r in results), [failures(r) for r in results]
+    # all runs planned their first attempt on the same branch head: one won it, every other one conflicted
+    first_attempts = [m for m in conflicts.lines if CONFLICT_LINE.search(m).group(1) == "1"]  # type: ignore[union-attr]
+    assert len(first_attempts) == RUNS - 1, conflicts.lines
     table = catalog.load_table(TABLE)
     assert iceberg_rows(table, BRANCH) == expected_rows(first + added)
     assert duckdb_rows(duckdb_connection, table, BRANCH) == expected_rows(first + added)

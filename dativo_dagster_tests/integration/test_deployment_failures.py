@@ -14,7 +14,7 @@ import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 
 import dativo_dagster.assets as assets_module
-from dativo_dagster.errors import CommitError
+from dativo_dagster.errors import CommitError, TerminalError, is_transient
 from dativo_dagster.resources import CatalogResource, StorageResource
 from dativo_dagster_tests.conftest import Project, base_spec
 
@@ -170,7 +170,9 @@ def test_catalog_down_before_the_commit_is_retried_then_fails_and_the_table_is_u
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
-def test_rest_catalog_refusing_or_unreachable_is_a_commit_error_naming_it(seaweedfs: SeaweedFS) -> None:
+def test_rest_catalog_refusing_the_credential_is_terminal_and_one_that_is_down_transient(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = StorageResource(
         warehouse=seaweedfs.warehouse, s3_endpoint=seaweedfs.s3_endpoint, aws_region=seaweedfs.region,
         aws_access_key_id=seaweedfs.access_key, aws_secret_access_key=seaweedfs.secret_key,
@@ -179,14 +181,17 @@ def test_rest_catalog_refusing_or_unreachable_is_a_commit_error_naming_it(seawee
     refused = CatalogResource(
         uri=seaweedfs.iceberg_rest_uri, credential=f"{seaweedfs.access_key}:{wrong}", storage=storage
     )
-    with pytest.raises(CommitError) as denied:
+    # the catalog's token endpoint refuses the secret: retrying cannot make it accept it
+    with pytest.raises(TerminalError) as denied:
         refused.load_catalog()
-    assert seaweedfs.iceberg_rest_uri in str(denied.value) and wrong not in str(denied.value)
-    assert denied.value.transient
+    assert not is_transient(denied.value)
+    assert f"Iceberg catalog {seaweedfs.iceberg_rest_uri} refused the credentials (connect)" in str(denied.value)
+    assert wrong not in str(denied.value)
 
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     with pytest.raises(CommitError, match=r"could not be reached \(connect\): ConnectionError") as down:
         CatalogResource(uri=dead, credential=seaweedfs.credential, storage=storage).load_catalog()
+    assert is_transient(down.value)
     assert dead in str(down.value) and seaweedfs.secret_key not in str(down.value)
 
     # the right credential works
@@ -194,3 +199,71 @@ def test_rest_catalog_refusing_or_unreachable_is_a_commit_error_naming_it(seawee
     assert catalog.is_rest
     assert catalog.load_catalog().list_namespaces() is not None
 
+    # a run with the refused credential fails at once: no step is retried, whatever retry_config allows
+    deployment = make_deployment("rest", seaweedfs, None, tmp_path)
+    deployment.apply(monkeypatch)
+    monkeypatch.setenv("DATIVO_CATALOG_CREDENTIAL", f"{seaweedfs.access_key}:{wrong}")
+    project = Project(tmp_path / "project")
+    name = unique("refused_")
+    project.write_spec(spec(name))
+    project.write_data(f"{name}.csv", "id,name\n1,Ann\n")
+    instance = dg.DagsterInstance.ephemeral()
+    result = run(project, instance=instance)
+    assert not result.success
+    assert sum(retries_of(result, step) for step in ("__extract", "__write", "__commit")) == 0
+    [message] = failure_messages(result)
+    assert "refused the credentials" in message
+    assert wrong not in run_text(instance, result.run_id)
+
+
+def _password_role(postgres: PostgresCluster, database: str) -> tuple[str, str]:
+    """A login that must give its password (scram-sha-256, ahead of the cluster's trust rules) on ``database``;
+    returns the role and its password."""
+    role, password = unique("pwrole_"), unique("pw-")
+    conn = postgres.connect(database)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SET password_encryption = 'scram-sha-256'")
+            cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s", (password,))
+            cur.execute(f"GRANT ALL ON SCHEMA public TO {role}")
+            hba = postgres.data_dir / "pg_hba.conf"
+            rule = f"host all {role} 127.0.0.1/32 scram-sha-256\n"
+            hba.write_text(rule + hba.read_text())
+            cur.execute("SELECT pg_reload_conf()")
+    finally:
+        conn.close()
+    return role, password
+
+
+def test_postgresql_catalog_refusing_the_password_is_terminal_and_the_right_one_works(
+    seaweedfs: SeaweedFS, postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    database = unique("pwcheck_")
+    admin_uri = postgres.create_database(database)
+    role, password = _password_role(postgres, database)
+    storage = StorageResource(
+        warehouse=seaweedfs.create_bucket(unique("lake-")) + "/warehouse", s3_endpoint=seaweedfs.s3_endpoint,
+        aws_region=seaweedfs.region, aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+    )
+    at = admin_uri.split("@", 1)[1]
+    wrong = unique("wrong-")
+    refused = CatalogResource(uri=f"postgresql+psycopg2://{role}:{wrong}@{at}", storage=storage)
+    with pytest.raises(TerminalError) as denied:
+        refused.load_catalog()
+    assert not is_transient(denied.value)
+    message = str(denied.value)
+    assert "refused the credentials (connect)" in message and "password authentication failed" in message
+    assert refused.display_uri in message and wrong not in message
+
+    # the same login with its password: the rule really asks for it, and accepts the right one
+    catalog = CatalogResource(uri=f"postgresql+psycopg2://{role}:{password}@{at}", storage=storage).load_catalog()
+    assert catalog.list_namespaces() == []
+
+    # and a server that is not there is transient
+    gone = CatalogResource(uri=f"postgresql+psycopg2://{role}:{password}@127.0.0.1:{free_ports(1)[0]}/x",
+                           storage=storage)
+    with pytest.raises(CommitError) as down:
+        gone.load_catalog()
+    assert is_transient(down.value) and password not in str(down.value)
