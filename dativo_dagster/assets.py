@@ -710,7 +710,8 @@ def _commit(
     table_name = f"{spec.domain}.{spec.name}"
     if spec.target.catalog is CatalogKind.NONE:
         s3 = storage.s3_settings()
-        if written.reject_files:
+        # overwrite replaces the quarantine's rows too (CONTRACT 3), also when this run rejected nothing
+        if written.reject_files or overwrite and read_commit_markers(written.rejects_location, s3):
             write_commit_marker(
                 location=written.rejects_location,
                 run_id=written.run_id,
@@ -718,6 +719,7 @@ def _commit(
                 properties=properties,
                 s3=s3,
                 table=f"{table_name}__rejects",
+                overwrite=overwrite,
                 replace_sources=written.incremental,
             )
         result = write_commit_marker(
@@ -736,8 +738,10 @@ def _commit(
     catalog = catalog_resource.load_catalog()
     table = catalog.load_table(".".join(spec.table_identifier))
     rejects_name = ".".join(spec.rejects_identifier)
-    # a changed file also replaces the rows its earlier version left in quarantine, even with no new rejects
-    if written.reject_files or (written.incremental and written.source_state and catalog.table_exists(rejects_name)):
+    # a changed file also replaces the rows its earlier version left in quarantine, and an overwrite replaces all of
+    # them (CONTRACT 3), even with no new rejects
+    replaces_rejects = overwrite or (written.incremental and written.source_state)
+    if written.reject_files or (replaces_rejects and catalog.table_exists(rejects_name)):
         reject_table = catalog.load_table(rejects_name)
         reject_result = commit_files(
             reject_table,
@@ -746,6 +750,7 @@ def _commit(
             partitioner=Partitioner(reject_table.spec(), reject_table.schema()),
             run_id=written.run_id,
             properties=properties,
+            overwrite=overwrite,
             sources=written.source_state,
             replace_sources=written.incremental,
         )
