@@ -55,13 +55,19 @@ ROWS_KEY = "dativo.rows"
 MAIN = "main"
 COMMIT_ATTEMPTS = 20
 COMMIT_BACKOFF_SECONDS = (0.05, 2.0)
+# Our own loop retries conflicts, re-reading the committed source state each time; pyiceberg's rebasing retry would
+# re-apply a stale plan (a delete, a rewrite) and could load a file twice. pyiceberg reads this property from the
+# metadata the transaction holds, so our commits go through a Table whose in-memory metadata carries it
+# (_without_pyiceberg_retries): the table itself keeps its own value, for other engines' jobs (compaction, deletes).
 PYICEBERG_RETRIES = "commit.retry.num-retries"
+# Versions of this project before "2" wrote PYICEBERG_RETRIES=0 onto every table and forced it back at every commit;
+# a table without this key is one of theirs, and its "0" (theirs, since they overwrote any other value) is removed
+# once (_own_properties), after which the table's value is the user's.
+PROPERTIES_VERSION_KEY = "dativo.table-properties-version"
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "snappy",
     "write.format.default": "parquet",
-    # our own loop retries conflicts, re-reading the committed source state each time; pyiceberg's
-    # rebasing retry would re-apply a stale delete and could load a file twice
-    PYICEBERG_RETRIES: "0",
+    PROPERTIES_VERSION_KEY: "2",
     # Each run appends one manifest; once a branch's head lists ``commit.manifest.min-count-to-merge`` of them (100
     # unless set), the next append merges them into manifests of ``commit.manifest.target-size-bytes`` (8 MB), as
     # Iceberg's Java appends do: a table loaded every few minutes would otherwise make every reader open one
@@ -242,7 +248,7 @@ def _ensure_branch(table: Table, branch: str) -> Table:
         # a table without any snapshot refuses writes to a branch: give main an empty one and start the branch
         # there, in one commit (a new table's first run makes one catalog commit less)
         try:
-            with table.transaction() as tx:
+            with _without_pyiceberg_retries(table).transaction() as tx:
                 tx.update_snapshot(snapshot_properties={"dativo.operation": "init"}, branch=MAIN).fast_append().commit()
                 head = tx.table_metadata.current_snapshot_id
                 assert head is not None
@@ -428,20 +434,37 @@ def _plan_on_branch(table: Table, branch: str, plan: Callable[[Table], _Plan]) -
 
 
 def _own_properties(table: Table) -> Table:
-    """Give a table made before a property of TABLE_PROPERTIES existed that property, and make sure pyiceberg does not
-    retry commits by itself; any other property a user has set on the table stays as it is."""
+    """Give a table made before a property of TABLE_PROPERTIES existed that property; any property a user has set on
+    the table stays as it is. On a table of a version before PROPERTIES_VERSION_KEY, the ``commit.retry.num-retries=0``
+    that version wrote is removed (once: the table gets the key in the same commit)."""
     properties = table.metadata.properties
     missing = {key: value for key, value in TABLE_PROPERTIES.items() if key not in properties}
-    if properties.get(PYICEBERG_RETRIES) != TABLE_PROPERTIES[PYICEBERG_RETRIES]:
-        missing[PYICEBERG_RETRIES] = TABLE_PROPERTIES[PYICEBERG_RETRIES]
+    legacy_switch = PROPERTIES_VERSION_KEY not in properties and properties.get(PYICEBERG_RETRIES) == "0"
     if not missing:
         return table
     try:
         with table.transaction() as tx:
             tx.set_properties(missing)
+            if legacy_switch:
+                tx.remove_properties(PYICEBERG_RETRIES)
     except CommitFailedException:
         pass  # another writer set them (or changed the table): the next refresh shows it
+    else:
+        if legacy_switch:
+            log.info("removed %s=0, written by an earlier version, from %s", PYICEBERG_RETRIES, ".".join(table.name()))
     return table.refresh()
+
+
+def _without_pyiceberg_retries(table: Table) -> Table:
+    """``table`` as a transaction of ours commits it: its in-memory metadata turns pyiceberg's own retries off.
+
+    pyiceberg reads ``commit.retry.num-retries`` from the metadata the transaction holds when it commits; the catalog
+    receives only the transaction's updates, so the table's stored properties never change.
+    """
+    metadata = table.metadata.model_copy(
+        update={"properties": {**table.metadata.properties, PYICEBERG_RETRIES: "0"}}
+    )
+    return Table(table.name(), metadata, table.metadata_location, table.io, table.catalog, table.config)
 
 
 def _commit_once(
@@ -454,7 +477,7 @@ def _commit_once(
 ) -> None:
     """One transaction, one new metadata version: a delete (everything, or the replaced sources), then the append."""
     properties = dict(snapshot_properties)
-    with table.transaction() as tx:
+    with _without_pyiceberg_retries(table).transaction() as tx:
         if overwrite:
             head = table.snapshot_by_name(branch)
             if head is not None and table.scan(snapshot_id=head.snapshot_id).plan_files():

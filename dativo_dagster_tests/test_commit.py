@@ -24,7 +24,7 @@ from dativo_dagster.commit import (
     ensure_table,
     find_run_commit,
 )
-from dativo_dagster.errors import TerminalError
+from dativo_dagster.errors import CommitError, TerminalError
 from dativo_dagster.maintenance import expire_snapshots
 from dativo_dagster.markers import (
     CACHE_AFTER_FETCHED,
@@ -244,10 +244,79 @@ def test_a_table_made_without_the_properties_gets_them_at_its_next_commit_and_ke
     properties = catalog.load_table("testdomain.people").metadata.properties
     assert properties["commit.manifest-merge.enabled"] == "true"
     assert properties["write.metadata.delete-after-commit.enabled"] == "true"
-    assert properties["write.metadata.previous-versions-max"] == "7"  # the table's own setting stays
-    assert properties["commit.retry.num-retries"] == "0"  # except this one: our own loop retries (TABLE_PROPERTIES)
+    assert properties["write.metadata.previous-versions-max"] == "7"  # the table's own settings stay
+    assert properties["commit.retry.num-retries"] == "4"
     assert {key: properties[key] for key in TABLE_PROPERTIES} == {**TABLE_PROPERTIES,
                                                                   "write.metadata.previous-versions-max": "7"}
+
+
+def refuse_every_commit(catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the catalog refuse every commit as if another writer always won; returns the list of attempts."""
+    from pyiceberg.exceptions import CommitFailedException
+
+    attempts: list[int] = []
+
+    def refuse(table: Table, requirements: Any, updates: Any) -> Any:
+        attempts.append(len(updates))
+        raise CommitFailedException("another writer won")
+
+    monkeypatch.setattr(catalog, "commit_table", refuse)
+    return attempts
+
+
+def test_pyiceberg_never_retries_our_commits_and_a_users_retry_setting_stays(
+    catalog: SqlCatalog, table: Table, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our own loop retries a lost race, re-reading the committed state; pyiceberg's rebasing retry would re-apply a
+    stale plan. The switch lives only in the transaction's in-memory metadata: other engines' jobs on the table
+    (compaction, deletes) keep their retries, and a user's value on the table stays."""
+    import dativo_dagster.commit as commit_module
+
+    assert "commit.retry.num-retries" not in table.metadata.properties  # a new table has no such property
+    commit(table, "run-a", write_files(table, "run-a", [1]))
+    table = catalog.load_table("testdomain.people")
+    assert "commit.retry.num-retries" not in table.metadata.properties
+    table = set_properties(table, commit__retry__num_retries="2")  # a user's own value for other engines
+
+    monkeypatch.setattr(commit_module, "COMMIT_ATTEMPTS", 3)
+    monkeypatch.setattr(commit_module, "COMMIT_BACKOFF_SECONDS", (0.0, 0.0))
+    attempts = refuse_every_commit(catalog, monkeypatch)
+    files = write_files(table, "run-b", [2])
+    with caplog.at_level("WARNING"), pytest.raises(CommitError, match="after 3 attempts"):
+        commit(table, "run-b", files)
+    # one catalog request per attempt of ours: pyiceberg with the table's "2" would have sent 3 per attempt
+    assert len(attempts) == 3
+    ours = [r.getMessage() for r in caplog.records if "conflicted" in r.getMessage()]
+    assert len(ours) == 3 and "attempt 1 of 3" in ours[0]
+    assert not [r for r in caplog.records if "retrying" in r.getMessage() and r.name.startswith("pyiceberg")]
+
+    monkeypatch.undo()
+    commit(catalog.load_table("testdomain.people"), "run-b", files)
+    table = catalog.load_table("testdomain.people")
+    assert ids_on(table, BRANCH) == [1, 2]
+    assert table.metadata.properties["commit.retry.num-retries"] == "2"
+
+
+def test_the_retry_switch_that_earlier_versions_wrote_onto_tables_is_removed_once(
+    catalog: SqlCatalog, table: Table
+) -> None:
+    """Earlier versions wrote commit.retry.num-retries=0 onto every table and forced it back at each commit, so on a
+    table without this version's mark a "0" is theirs: it is removed, once; a "0" a user sets later stays."""
+    from dativo_dagster.commit import PROPERTIES_VERSION_KEY
+
+    with table.transaction() as tx:  # a table as earlier versions left it
+        tx.remove_properties(PROPERTIES_VERSION_KEY)
+        tx.set_properties({"commit.retry.num-retries": "0"})
+    commit(table.refresh(), "run-a", write_files(table, "run-a", [1]))
+    table = catalog.load_table("testdomain.people")
+    assert "commit.retry.num-retries" not in table.metadata.properties
+    assert table.metadata.properties[PROPERTIES_VERSION_KEY] == TABLE_PROPERTIES[PROPERTIES_VERSION_KEY]
+
+    table = set_properties(table, commit__retry__num_retries="0")  # now the user's own choice
+    commit(table, "run-b", write_files(table, "run-b", [2]))
+    table = catalog.load_table("testdomain.people")
+    assert table.metadata.properties["commit.retry.num-retries"] == "0"
+    assert ids_on(table, BRANCH) == [1, 2]
 
 
 def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table) -> None:
