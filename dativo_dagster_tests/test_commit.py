@@ -64,8 +64,11 @@ def table(catalog: SqlCatalog, spec: AssetSpecModel, tmp_path: Path) -> Table:
     )
 
 
-def write_files(table: Table, run_id: str, ids: list[int], when: datetime | None = None) -> list[WrittenFile]:
-    """Parquet files of ``ids`` as the write step would make them for ``run_id``."""
+def write_files(
+    table: Table, run_id: str, ids: list[int], when: datetime | None = None, source: str | list[str] = "/src/people.csv"
+) -> list[WrittenFile]:
+    """Parquet files of ``ids`` as the write step would make them for ``run_id`` (``source``: one source file for
+    all rows, or one per row)."""
     schema = arrow_schema(table.schema())
     ingested_at = when or datetime(2025, 11, 7, 12, tzinfo=timezone.utc)
     batch = pa.RecordBatch.from_pydict(
@@ -73,7 +76,7 @@ def write_files(table: Table, run_id: str, ids: list[int], when: datetime | None
             "id": ids,
             "name": [f"n{i}" for i in ids],
             "_ingested_at": [ingested_at] * len(ids),
-            "_source_file": ["/src/people.csv"] * len(ids),
+            "_source_file": [source] * len(ids) if isinstance(source, str) else source,
             "_run_id": [run_id] * len(ids),
         },
         schema=schema,
@@ -328,27 +331,52 @@ def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table)
     assert catalog.load_table("testdomain.people").metadata_location == before
 
 
+def commit_source(table: Table, run_id: str, files: list[WrittenFile], sources: dict[str, str]) -> Any:
+    """Commit as an incremental run that read ``sources`` (the asset's commit step does the same)."""
+    return commit_files(
+        table,
+        branch=BRANCH,
+        files=files,
+        partitioner=Partitioner(table.spec(), table.schema()),
+        run_id=run_id,
+        properties={"dativo.source-state": json.dumps(sources)},
+        sources=sources,
+        replace_sources=True,
+        record_sources=True,
+    )
+
+
 def test_a_lost_race_is_retried_and_commits_once(
-    catalog: SqlCatalog, table: Table, monkeypatch: pytest.MonkeyPatch
+    catalog: SqlCatalog, table: Table, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pyiceberg.exceptions import CommitFailedException
+    """Two runs read the same source file; run B commits it first through its own handle, then run A commits from a
+    handle that predates B's commit: A's first attempt is refused, the retry sees that the branch now holds the file
+    and replaces B's rows with A's, so the file's rows are on the branch exactly once."""
+    source = {"/src/people.csv": "1"}
+    commit_source(table, "run-0", write_files(table, "run-0", [0], source="/src/other.csv"), {"/src/other.csv": "1"})
+    handle_a = catalog.load_table("testdomain.people")
+    handle_b = catalog.load_table("testdomain.people")
+    files_a = write_files(handle_a, "run-a", [1, 2])
+    files_b = write_files(handle_b, "run-b", [1, 2])
 
-    import dativo_dagster.commit as commit_module
+    won = commit_source(handle_b, "run-b", files_b, source)
+    stale_head = handle_a.snapshot_by_name(BRANCH).snapshot_id
+    with caplog.at_level("WARNING", logger="dativo_dagster.commit"):
+        lost = commit_source(handle_a, "run-a", files_a, source)
 
-    real = commit_module._commit_once
-    calls = []
-
-    def flaky(*args: Any, **kwargs: Any) -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            raise CommitFailedException("another writer won")
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(commit_module, "_commit_once", flaky)
-    result = commit(table, "run-a", write_files(table, "run-a", [1, 2]))
-    assert len(calls) == 2
-    assert result.snapshot_id is not None
-    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [1, 2]
+    conflicts = [r.getMessage() for r in caplog.records if "conflicted" in r.getMessage()]
+    assert len(conflicts) == 1 and "attempt 1 of" in conflicts[0]  # the race happened, and was retried once
+    assert stale_head != won.snapshot_id and lost.snapshot_id not in (None, won.snapshot_id)
+    assert lost.replaced_sources == ["/src/people.csv"]
+    table = catalog.load_table("testdomain.people")
+    rows = branch_rows(table, BRANCH)
+    assert sorted((r["id"], r["_source_file"], r["_run_id"]) for r in rows) == [
+        (0, "/src/other.csv", "run-0"), (1, "/src/people.csv", "run-a"), (2, "/src/people.csv", "run-a")
+    ]
+    assert lost.table_rows == 3
+    # the winner's run stays recorded: re-executing its commit adds nothing
+    assert commit_source(table, "run-b", files_b, source).already_committed
+    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [0, 1, 2]
 
 
 def test_ensure_table_evolves_new_columns_and_refuses_type_changes(
