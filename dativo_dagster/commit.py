@@ -362,7 +362,9 @@ def commit_files(
                 data_files = _data_files(table, files, partitioner)
             # the rows the replaced sources brought, taken off this head (rewriting files they share with others)
             removal = _remove_sources(table, branch, decided.replaced, partitioner, writer)
-            replacement = (removal.deleted, _data_files(table, removal.written, partitioner)) if removal is not None else None
+            replacement = None
+            if removal is not None:
+                replacement = (removal.deleted, _data_files(table, removal.written, partitioner))
             # the state before this commit, for the next one to read instead of this branch's whole history
             state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite)
             state_property = {STATE_FILE_KEY: state_file} if state_file is not None else {}

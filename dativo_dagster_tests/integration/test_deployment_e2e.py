@@ -288,7 +288,9 @@ def test_a_changed_s3_source_rewrites_the_shared_data_file_with_contract_metadat
     client = seaweedfs.boto3_client()
 
     assert run(project).success
-    shared = {name: data_files(catalog.load_table(f"{domain}.{name}"), "acme") for name in ("people", "people__rejects")}
+    shared = {
+        name: data_files(catalog.load_table(f"{domain}.{name}"), "acme") for name in ("people", "people__rejects")
+    }
     assert [len(files) for files in shared.values()] == [1, 1]
     client.put_object(
         Bucket=source_bucket, Key="people/2025/a.csv",
@@ -313,7 +315,8 @@ def test_a_changed_s3_source_rewrites_the_shared_data_file_with_contract_metadat
             # an unpartitioned file's partition is empty, and S3 does not keep a header without a value
             expected = CONTRACT_METADATA_KEYS - ({"partition"} if keys["partition"] == "" else set())
             assert set(head["Metadata"]) == expected, uri
-            assert head["Metadata"]["run-id"] == third.run_id and head["Metadata"]["record-count"] == keys["record-count"]
+            assert head["Metadata"]["run-id"] == third.run_id
+            assert head["Metadata"]["record-count"] == keys["record-count"]
             assert head["Metadata"]["file-size-bytes"] == str(head["ContentLength"])
             tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
             assert set(tags) == CONTRACT_TAG_KEYS and tags["domain"] == domain, uri
