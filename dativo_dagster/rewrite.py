@@ -25,7 +25,7 @@ from pyiceberg.io.pyarrow import ArrowScan
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import FileScanTask, Table
 
-from dativo_dagster.storage import S3Settings, map_per_object
+from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file
 
@@ -53,17 +53,6 @@ class SourceRemoval:
                 log.warning("could not remove %s of a refused commit (the maintenance job will): %s", written.uri, exc)
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    """A data file of the head that may hold rows of the sources (``uri`` for ``storage.map_per_object``)."""
-
-    task: FileScanTask
-
-    @property
-    def uri(self) -> str:
-        return self.task.file.file_path
-
-
 def remove_sources(
     table: Table,
     branch: str,
@@ -87,25 +76,21 @@ def remove_sources(
         return SourceRemoval(head.snapshot_id if head is not None else None, wanted, s3=s3)
     values = pa.array(wanted, pa.string())
     scan = table.scan(snapshot_id=head.snapshot_id, row_filter=In(SOURCE_FILE_COLUMN, wanted))
-    candidates = [_Candidate(task) for task in scan.plan_files()]
-    source_only = table.schema().select(SOURCE_FILE_COLUMN)
-
-    def matching(candidate: _Candidate) -> tuple[int, int]:
-        """(rows of ``sources``, rows) of one file, from its ``_source_file`` column alone."""
-        column = ArrowScan(table.metadata, table.io, source_only, AlwaysTrue()).to_table([candidate.task])
-        found = pc.sum(pc.is_in(column.column(SOURCE_FILE_COLUMN), value_set=values)).as_py() or 0
-        return found, column.num_rows
-
+    source_only = ArrowScan(table.metadata, table.io, table.schema().select(SOURCE_FILE_COLUMN), AlwaysTrue())
     deleted: list[DataFile] = []
     to_rewrite: list[FileScanTask] = []
     removed = 0
-    for candidate, (found, rows) in zip(candidates, map_per_object(matching, candidates), strict=True):
+    # one file after the other: ArrowScan reads each on pyiceberg's shared pool already, and a read started from a
+    # task of that pool (storage.map_per_object) could wait forever for a worker
+    for task in scan.plan_files():
+        column = source_only.to_table([task]).column(SOURCE_FILE_COLUMN)
+        found = pc.sum(pc.is_in(column, value_set=values)).as_py() or 0
         if not found:
             continue  # the bounds could not rule it out, but it holds none of their rows
-        deleted.append(candidate.task.file)
+        deleted.append(task.file)
         removed += found
-        if found < rows:
-            to_rewrite.append(candidate.task)
+        if found < len(column):
+            to_rewrite.append(task)
     written = _write_survivors(table, to_rewrite, values, new_writer) if to_rewrite else []
     if deleted:
         log.info(
