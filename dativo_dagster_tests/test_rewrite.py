@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException
@@ -17,8 +20,8 @@ from dativo_dagster.commit import commit_files
 from dativo_dagster.errors import CommitError, TerminalError
 from dativo_dagster.spec import AssetSpecModel
 from dativo_dagster.storage import S3Settings
-from dativo_dagster.table_schema import Partitioner
-from dativo_dagster.write import WriterSettings, WrittenFile, run_writer_settings
+from dativo_dagster.table_schema import Partitioner, arrow_schema
+from dativo_dagster.write import WriterSettings, WrittenFile, run_writer_settings, write_batches
 from dativo_dagster_tests.conftest import branch_rows
 from dativo_dagster_tests.table_checks import assert_written_by_project, data_files
 from dativo_dagster_tests.test_commit import (  # noqa: F401 - fixtures
@@ -170,3 +173,47 @@ def test_replacing_a_source_without_writer_settings_fails_clearly_and_changes_no
             properties={}, sources={"/src/b.csv": "2"}, replace_sources=True,
         )
     assert catalog.load_table(TABLE).metadata_location == metadata_location
+
+
+def test_rewritten_files_keep_the_target_size_rule(catalog: SqlCatalog, table: Table, spec: AssetSpecModel) -> None:
+    """CONTRACT 4: the survivors of many mixed files go through one writer with the run's target size, so every
+    rewritten file but the partition's last is between half and 110 % of the target."""
+    rng = np.random.default_rng(7)
+    n = 60_000
+    names = [rng.bytes(48).hex() for _ in range(n)]  # incompressible text: about 6 MB in all
+    sources = np.where(np.arange(n) % 2 == 0, "/src/a.csv", "/src/b.csv").tolist()
+    schema = arrow_schema(table.schema())
+    batch = pa.RecordBatch.from_pydict(
+        {"id": list(range(n)), "name": names, "_ingested_at": [WHEN] * n, "_source_file": sources,
+         "_run_id": [RUN_1] * n},
+        schema=schema,
+    )
+    target = 1 << 20
+    first = dataclasses.replace(settings(spec, RUN_1), target_bytes=target)
+    written = write_batches(
+        [batch], first.writer(f"{table.location()}/data", schema, Partitioner(table.spec(), table.schema()))
+    )
+    assert len(written) >= 4  # every one of them mixes a.csv and b.csv
+    commit_files(
+        table, branch=BRANCH, files=written, partitioner=Partitioner(table.spec(), table.schema()), run_id=RUN_1,
+        properties={"dativo.source-state": json.dumps({"/src/a.csv": "1", "/src/b.csv": "1"})},
+        sources={"/src/a.csv": "1", "/src/b.csv": "1"}, replace_sources=True, record_sources=True,
+    )
+    table = catalog.load_table(TABLE)
+
+    third = dataclasses.replace(settings(spec, RUN_3), target_bytes=target)
+    commit_files(
+        table, branch=BRANCH, files=[], partitioner=Partitioner(table.spec(), table.schema()), run_id=RUN_3,
+        properties={"dativo.source-state": json.dumps({"/src/b.csv": "2"})}, sources={"/src/b.csv": "2"},
+        replace_sources=True, record_sources=True, writer=third,
+    )
+    table = catalog.load_table(TABLE)
+    files = data_files(table, BRANCH)
+    assert not set(files) & {f.uri for f in written} and len(files) >= 2
+    sizes = sorted(Path(uri.removeprefix("file://")).stat().st_size for uri in files)
+    assert all(target / 2 <= size <= target * 1.1 for size in sizes[1:]), sizes  # the smallest may be the last
+    assert sizes[0] <= target * 1.1
+    for uri in files:
+        assert_written_by_project(table, uri, run_id=RUN_3)
+    ids = sorted(r["id"] for r in branch_rows(table, BRANCH))
+    assert ids == list(range(0, n, 2))  # a.csv's rows, each once
