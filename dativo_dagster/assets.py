@@ -50,7 +50,7 @@ from dativo_dagster.table_schema import (
     rejects_iceberg_schema,
 )
 from dativo_dagster.validate import ValidationReport
-from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, governance_metadata, remove_file
+from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file, run_writer_settings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ TABLE_IO = "dativo_table_io"
 VALIDATION_CHECK = "validation"
 SCHEMA_DRIFT_CHECK = "schema_drift"
 RECONCILIATION_CHECK = "reconciliation"
-MIB = 1 << 20
 
 
 class ExtractReport(BaseModel):
@@ -509,9 +508,7 @@ def stream_sources(
             catalog = catalog_resource.load_catalog()
             table = _ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location, created)
             data_schema, location = table.schema(), table.location()
-    metadata = governance_metadata(spec, branch=spec.branch, run_id=run_id, ingested_at=ingested_at)
-    prefix = f"{ingested_at.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}"
-    target_bytes = int(spec.target.parquet_target_size_mb * MIB)
+    settings = run_writer_settings(spec, branch=spec.branch, run_id=run_id, ingested_at=ingested_at, s3=s3)
     split_by_source = spec.target.catalog is CatalogKind.NONE and extract_report.incremental
     outcome = PipelineOutcome(
         run_id=run_id, ingested_at=ingested_at.isoformat(), location=location, rejects_location=rejects_location
@@ -526,26 +523,18 @@ def stream_sources(
             )
             reject_schema, rejects_at = reject_table.schema(), reject_table.location()
             outcome.rejects_location = rejects_at
-        return PartitionedParquetWriter(
-            location=f"{rejects_at}/data",
-            schema=arrow_schema(reject_schema),
-            partitioner=Partitioner(partition_spec_for_rejects(reject_schema), reject_schema),
-            target_bytes=target_bytes,
-            file_prefix=prefix,
-            metadata=metadata,
-            s3=s3,
+        return settings.writer(
+            f"{rejects_at}/data",
+            arrow_schema(reject_schema),
+            Partitioner(partition_spec_for_rejects(reject_schema), reject_schema),
             split_by_source=split_by_source,
         )
 
     sinks = Sinks(
-        data=PartitionedParquetWriter(
-            location=f"{location}/data",
-            schema=arrow_schema(data_schema),
-            partitioner=Partitioner(partition_spec(spec, data_schema), data_schema),
-            target_bytes=target_bytes,
-            file_prefix=prefix,
-            metadata=metadata,
-            s3=s3,
+        data=settings.writer(
+            f"{location}/data",
+            arrow_schema(data_schema),
+            Partitioner(partition_spec(spec, data_schema), data_schema),
             split_by_source=split_by_source,
         ),
         open_rejects=open_rejects,
@@ -710,7 +699,8 @@ def _commit(
     table_name = f"{spec.domain}.{spec.name}"
     if spec.target.catalog is CatalogKind.NONE:
         s3 = storage.s3_settings()
-        if written.reject_files:
+        # overwrite replaces the quarantine's rows too (CONTRACT 3), also when this run rejected nothing
+        if written.reject_files or overwrite and read_commit_markers(written.rejects_location, s3):
             write_commit_marker(
                 location=written.rejects_location,
                 run_id=written.run_id,
@@ -718,6 +708,7 @@ def _commit(
                 properties=properties,
                 s3=s3,
                 table=f"{table_name}__rejects",
+                overwrite=overwrite,
                 replace_sources=written.incremental,
             )
         result = write_commit_marker(
@@ -736,8 +727,15 @@ def _commit(
     catalog = catalog_resource.load_catalog()
     table = catalog.load_table(".".join(spec.table_identifier))
     rejects_name = ".".join(spec.rejects_identifier)
-    # a changed file also replaces the rows its earlier version left in quarantine, even with no new rejects
-    if written.reject_files or (written.incremental and written.source_state and catalog.table_exists(rejects_name)):
+    # the files a commit rewrites (survivors of data files shared with a replaced source) are written as this run's
+    writer = run_writer_settings(
+        spec, branch=spec.branch, run_id=written.run_id, ingested_at=datetime.fromisoformat(written.ingested_at),
+        s3=storage.s3_settings(),
+    )
+    # a changed file also replaces the rows its earlier version left in quarantine, and an overwrite replaces all of
+    # them (CONTRACT 3), even with no new rejects
+    replaces_rejects = overwrite or (written.incremental and written.source_state)
+    if written.reject_files or (replaces_rejects and catalog.table_exists(rejects_name)):
         reject_table = catalog.load_table(rejects_name)
         reject_result = commit_files(
             reject_table,
@@ -746,8 +744,10 @@ def _commit(
             partitioner=Partitioner(reject_table.spec(), reject_table.schema()),
             run_id=written.run_id,
             properties=properties,
+            overwrite=overwrite,
             sources=written.source_state,
             replace_sources=written.incremental,
+            writer=writer,
         )
         if reject_result.rows:
             context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
@@ -762,6 +762,7 @@ def _commit(
         sources=written.source_state,
         replace_sources=written.incremental,
         record_sources=written.incremental,
+        writer=writer,
     )
     if written.nothing_new:
         result = result.model_copy(update={"nothing_new": True})

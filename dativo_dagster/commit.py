@@ -21,7 +21,7 @@ from pyiceberg.exceptions import (
     NamespaceAlreadyExistsError,
     TableAlreadyExistsError,
 )
-from pyiceberg.expressions import AlwaysTrue, In
+from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import (
     compute_statistics_plan,
     data_file_statistics_from_parquet_metadata,
@@ -35,9 +35,9 @@ from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
-from dativo_dagster.storage import map_per_object
-from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
-from dativo_dagster.table_schema import Partitioner
+from dativo_dagster.rewrite import SourceRemoval, remove_sources
+from dativo_dagster.storage import S3Settings, map_per_object
+from dativo_dagster.table_schema import Partitioner, arrow_schema
 from dativo_dagster.table_state import (
     RUN_ID_KEY,
     STATE_FILE_KEY,
@@ -46,7 +46,7 @@ from dativo_dagster.table_state import (
     read_branch_state,
     write_state_file,
 )
-from dativo_dagster.write import WrittenFile
+from dativo_dagster.write import PartitionedParquetWriter, WriterSettings, WrittenFile
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,19 @@ ROWS_KEY = "dativo.rows"
 MAIN = "main"
 COMMIT_ATTEMPTS = 20
 COMMIT_BACKOFF_SECONDS = (0.05, 2.0)
+# Our own loop retries conflicts, re-reading the committed source state each time; pyiceberg's rebasing retry would
+# re-apply a stale plan (a delete, a rewrite) and could load a file twice. pyiceberg reads this property from the
+# metadata the transaction holds, so our commits go through a Table whose in-memory metadata carries it
+# (_without_pyiceberg_retries): the table itself keeps its own value, for other engines' jobs (compaction, deletes).
 PYICEBERG_RETRIES = "commit.retry.num-retries"
+# Versions of this project before "2" wrote PYICEBERG_RETRIES=0 onto every table and forced it back at every commit;
+# a table without this key is one of theirs, and its "0" (theirs, since they overwrote any other value) is removed
+# once (_own_properties), after which the table's value is the user's.
+PROPERTIES_VERSION_KEY = "dativo.table-properties-version"
 TABLE_PROPERTIES = {
     "write.parquet.compression-codec": "snappy",
     "write.format.default": "parquet",
-    # our own loop retries conflicts, re-reading the committed source state each time; pyiceberg's
-    # rebasing retry would re-apply a stale delete and could load a file twice
-    PYICEBERG_RETRIES: "0",
+    PROPERTIES_VERSION_KEY: "2",
     # Each run appends one manifest; once a branch's head lists ``commit.manifest.min-count-to-merge`` of them (100
     # unless set), the next append merges them into manifests of ``commit.manifest.target-size-bytes`` (8 MB), as
     # Iceberg's Java appends do: a table loaded every few minutes would otherwise make every reader open one
@@ -253,7 +259,7 @@ def _ensure_branch(table: Table, branch: str) -> Table:
         # a table without any snapshot refuses writes to a branch: give main an empty one and start the branch
         # there, in one commit (a new table's first run makes one catalog commit less)
         try:
-            with table.transaction() as tx:
+            with _without_pyiceberg_retries(table).transaction() as tx:
                 tx.update_snapshot(snapshot_properties={"dativo.operation": "init"}, branch=MAIN).fast_append().commit()
                 head = tx.table_metadata.current_snapshot_id
                 assert head is not None
@@ -306,12 +312,15 @@ def commit_files(
     sources: Mapping[str, str] | None = None,
     replace_sources: bool = False,
     record_sources: bool = False,
+    writer: WriterSettings | None = None,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
 
     With ``overwrite`` the commit replaces all rows. With ``replace_sources`` it first deletes the rows
     that earlier commits brought from any of ``sources`` (a changed file, or a file another run loaded
-    concurrently), in the same transaction, so the branch holds each source file exactly once. With
+    concurrently), in the same transaction, so the branch holds each source file exactly once: data files that hold
+    only such rows are deleted, files that mix them with other sources' rows are rewritten with ``writer`` (the run's
+    writer settings, so the new files keep CONTRACT 4; see ``rewrite.py``). With
     ``record_sources`` a run whose sources brought no row at all (empty files, every row quarantined)
     still commits an empty snapshot recording their versions, so that later runs do not read them again.
 
@@ -347,6 +356,7 @@ def commit_files(
             time.sleep(random.uniform(*COMMIT_BACKOFF_SECONDS) * min(attempt, 5) / 5)
             table = table.refresh()
         state_file: str | None = None
+        removal: SourceRemoval | None = None
         try:
             table, decided = _plan_on_branch(table, branch, plan)
             if decided.previous is not None:
@@ -361,24 +371,33 @@ def commit_files(
                 return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
             if data_files is None:
                 data_files = _data_files(table, files, partitioner, run_id)
+            # the rows the replaced sources brought, taken off this head (rewriting files they share with others)
+            removal = _remove_sources(table, branch, decided.replaced, partitioner, writer)
+            replacement = None
+            if removal is not None:
+                replacement = (removal.deleted, _data_files(table, removal.written, partitioner, run_id))
             # the state before this commit, for the next one to read instead of this branch's whole history
             state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite)
             state_property = {STATE_FILE_KEY: state_file} if state_file is not None else {}
-            _commit_once(table, branch, data_files, {**snapshot_properties, **state_property}, overwrite,
-                         decided.replaced)
+            _commit_once(table, branch, data_files, {**snapshot_properties, **state_property}, overwrite, replacement)
         except CommitStateUnknownException as exc:
-            last_error = exc  # the commit may have landed, naming the state file: keep it
+            last_error = exc  # the commit may have landed, naming the state file and the rewritten files: keep them
         except (CommitFailedException, ValueError) as exc:
             # a concurrent commit on another branch can make ours stale: "Cannot add snapshot with
             # sequence number N older than last sequence number N"; pyiceberg does not retry it
+            _discard(removal)  # refused, or never committed: nothing names the rewritten files
             if isinstance(exc, ValueError) and "sequence number" not in str(exc):
                 raise
             delete_state_file(table, state_file)  # refused: nothing names it
             last_error = exc
         except OSError as exc:
+            _discard(removal)
             if not is_transient(exc):
                 raise  # a refused permission or a missing file stays terminal: retrying cannot help
             raise CommitError(f"commit to {name}@{branch} failed: {exc}") from exc
+        except BaseException:
+            _discard(removal)
+            raise
         else:
             table = table.refresh()
             head = table.snapshot_by_name(branch)
@@ -439,20 +458,60 @@ def _plan_on_branch(table: Table, branch: str, plan: Callable[[Table], _Plan]) -
 
 
 def _own_properties(table: Table) -> Table:
-    """Give a table made before a property of TABLE_PROPERTIES existed that property, and make sure pyiceberg does not
-    retry commits by itself; any other property a user has set on the table stays as it is."""
+    """Give a table made before a property of TABLE_PROPERTIES existed that property; any property a user has set on
+    the table stays as it is. On a table of a version before PROPERTIES_VERSION_KEY, the ``commit.retry.num-retries=0``
+    that version wrote is removed (once: the table gets the key in the same commit)."""
     properties = table.metadata.properties
     missing = {key: value for key, value in TABLE_PROPERTIES.items() if key not in properties}
-    if properties.get(PYICEBERG_RETRIES) != TABLE_PROPERTIES[PYICEBERG_RETRIES]:
-        missing[PYICEBERG_RETRIES] = TABLE_PROPERTIES[PYICEBERG_RETRIES]
+    legacy_switch = PROPERTIES_VERSION_KEY not in properties and properties.get(PYICEBERG_RETRIES) == "0"
     if not missing:
         return table
     try:
         with table.transaction() as tx:
             tx.set_properties(missing)
+            if legacy_switch:
+                tx.remove_properties(PYICEBERG_RETRIES)
     except CommitFailedException:
         pass  # another writer set them (or changed the table): the next refresh shows it
+    else:
+        if legacy_switch:
+            log.info("removed %s=0, written by an earlier version, from %s", PYICEBERG_RETRIES, ".".join(table.name()))
     return table.refresh()
+
+
+def _without_pyiceberg_retries(table: Table) -> Table:
+    """``table`` as a transaction of ours commits it: its in-memory metadata turns pyiceberg's own retries off.
+
+    pyiceberg reads ``commit.retry.num-retries`` from the metadata the transaction holds when it commits; the catalog
+    receives only the transaction's updates, so the table's stored properties never change.
+    """
+    metadata = table.metadata.model_copy(
+        update={"properties": {**table.metadata.properties, PYICEBERG_RETRIES: "0"}}
+    )
+    return Table(table.name(), metadata, table.metadata_location, table.io, table.catalog, table.config)
+
+
+def _remove_sources(
+    table: Table, branch: str, replaced: Sequence[str], partitioner: Partitioner, writer: WriterSettings | None
+) -> SourceRemoval | None:
+    """The replaced sources' rows taken off the head of ``branch`` (``rewrite.remove_sources``), or None."""
+    if not replaced:
+        return None
+
+    def new_writer() -> PartitionedParquetWriter:
+        if writer is None:
+            raise TerminalError(
+                f"{'.'.join(table.name())}@{branch}: replacing the rows of {len(replaced)} source file(s) rewrites"
+                " data files they share with other sources, which needs the run's writer settings"
+            )
+        return writer.writer(f"{table.location().rstrip('/')}/data", arrow_schema(table.schema()), partitioner)
+
+    return remove_sources(table, branch, replaced, new_writer, writer.s3 if writer is not None else S3Settings())
+
+
+def _discard(removal: SourceRemoval | None) -> None:
+    if removal is not None:
+        removal.discard()
 
 
 def _commit_once(
@@ -461,17 +520,24 @@ def _commit_once(
     data_files: Sequence[DataFile],
     snapshot_properties: Mapping[str, str],
     overwrite: bool,
-    replaced: Sequence[str] = (),
+    replacement: tuple[Sequence[DataFile], Sequence[DataFile]] | None = None,
 ) -> None:
-    """One transaction, one new metadata version: a delete (everything, or the replaced sources), then the append."""
+    """One transaction, one new metadata version: everything deleted (overwrite), or the replaced sources' files
+    exchanged for their survivors' (``replacement``: files to delete, files to add), then the append."""
     properties = dict(snapshot_properties)
-    with table.transaction() as tx:
+    with _without_pyiceberg_retries(table).transaction() as tx:
         if overwrite:
             head = table.snapshot_by_name(branch)
             if head is not None and table.scan(snapshot_id=head.snapshot_id).plan_files():
+                # AlwaysTrue matches every file whole: pyiceberg deletes files and rewrites none
                 tx.delete(AlwaysTrue(), snapshot_properties=properties, branch=branch)
-        elif replaced:
-            tx.delete(In(SOURCE_FILE_COLUMN, list(replaced)), snapshot_properties=properties, branch=branch)
+        elif replacement is not None and replacement[0]:
+            deleted, survivors = replacement
+            with tx.update_snapshot(snapshot_properties=properties, branch=branch).overwrite() as exchange:
+                for data_file in deleted:
+                    exchange.delete_data_file(data_file)
+                for data_file in survivors:
+                    exchange.append_data_file(data_file)
         if data_files or not overwrite:
             # without data files (a changed source now empty, a new one without valid rows) the append
             # is empty: its snapshot records the source state all the same

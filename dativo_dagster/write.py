@@ -583,6 +583,45 @@ def governance_metadata(spec: Any, *, branch: str, run_id: str, ingested_at: dat
     }
 
 
+@dataclass(frozen=True)
+class WriterSettings:
+    """How a run writes data files (target size, names, governance metadata, storage): the same for the files it
+    streams and for the files its commit rewrites, so that every file the project commits keeps CONTRACT 4."""
+
+    target_bytes: int
+    file_prefix: str
+    metadata: Mapping[str, str]
+    s3: S3Settings
+
+    def writer(
+        self, location: str, schema: pa.Schema, partitioner: Partitioner, *, split_by_source: bool = False
+    ) -> PartitionedParquetWriter:
+        """A writer of Parquet files under ``location`` (a table's data folder)."""
+        return PartitionedParquetWriter(
+            location=location,
+            schema=schema,
+            partitioner=partitioner,
+            target_bytes=self.target_bytes,
+            file_prefix=self.file_prefix,
+            metadata=self.metadata,
+            s3=self.s3,
+            split_by_source=split_by_source,
+        )
+
+
+def run_writer_settings(
+    spec: Any, *, branch: str, run_id: str, ingested_at: datetime, s3: S3Settings
+) -> WriterSettings:
+    """The writer settings of one run of ``spec``: file names start with its time and run id, its governance
+    metadata (CONTRACT 4) goes into every file's footer and object metadata."""
+    return WriterSettings(
+        target_bytes=int(spec.target.parquet_target_size_mb * MIB),
+        file_prefix=f"{ingested_at.strftime('%Y%m%dT%H%M%S')}-{run_id[:8]}",
+        metadata=governance_metadata(spec, branch=branch, run_id=run_id, ingested_at=ingested_at),
+        s3=s3,
+    )
+
+
 def write_batches(batches: Iterable[pa.RecordBatch], writer: PartitionedParquetWriter) -> list[WrittenFile]:
     """Write every batch and close; on any error remove what was written and re-raise."""
     try:

@@ -250,3 +250,35 @@ def failures(result: dg.ExecuteInProcessResult) -> list[str]:
         error = getattr(data, "error", None)
         out.append(f"{event.step_key}: {user.description if user else error.to_string() if error else ''}")
     return out
+
+
+FILE_NAME = re.compile(r"\d{8}T\d{6}-[0-9a-f-]{1,8}-[0-9a-f]{32}-\d{5}\.parquet")
+GOVERNANCE_KEYS = {
+    "asset-name", "asset-version", "domain", "data-product", "tenant-id", "branch", "owner", "retention-days",
+    "classification", "ingest-timestamp", "run-id", "partition", "record-count",
+}
+
+
+def data_files(table: Table, branch: str) -> list[str]:
+    """URIs of the data files at the head of ``branch``."""
+    head = table.snapshot_by_name(branch)
+    assert head is not None
+    return sorted(task.file.file_path for task in table.scan(snapshot_id=head.snapshot_id).plan_files())
+
+
+def assert_written_by_project(table: Table, uri: str, *, run_id: str | None = None) -> dict[str, str]:
+    """``uri`` was written by the project's writer (CONTRACT 4): its name, its folder under the table location, and
+    the governance keys in its Parquet footer (with its own record count and partition). Returns those keys."""
+    assert FILE_NAME.fullmatch(uri.rsplit("/", 1)[-1]), uri
+    with table.io.new_input(uri).open() as stream:
+        parquet = pq.ParquetFile(stream)
+        footer = {k.decode(): v.decode() for k, v in (parquet.metadata.metadata or {}).items()}
+        rows = parquet.metadata.num_rows
+    keys = {k.removeprefix("dativo."): v for k, v in footer.items() if k.startswith("dativo.")}
+    assert GOVERNANCE_KEYS <= set(keys), (uri, sorted(keys))
+    assert keys["record-count"] == str(rows)
+    folder = uri.removeprefix(f"{table.location().rstrip('/')}/data/").rsplit("/", 1)
+    assert (folder[0] if len(folder) == 2 else "") == keys["partition"], uri
+    if run_id is not None:
+        assert uri.rsplit("/", 1)[-1].split("-")[1] == run_id[:8] and keys["run-id"] == run_id
+    return keys

@@ -24,7 +24,7 @@ from dativo_dagster.commit import (
     ensure_table,
     find_run_commit,
 )
-from dativo_dagster.errors import TerminalError
+from dativo_dagster.errors import CommitError, TerminalError
 from dativo_dagster.maintenance import expire_snapshots
 from dativo_dagster.markers import (
     CACHE_AFTER_FETCHED,
@@ -64,8 +64,11 @@ def table(catalog: SqlCatalog, spec: AssetSpecModel, tmp_path: Path) -> Table:
     )
 
 
-def write_files(table: Table, run_id: str, ids: list[int], when: datetime | None = None) -> list[WrittenFile]:
-    """Parquet files of ``ids`` as the write step would make them for ``run_id``."""
+def write_files(
+    table: Table, run_id: str, ids: list[int], when: datetime | None = None, source: str | list[str] = "/src/people.csv"
+) -> list[WrittenFile]:
+    """Parquet files of ``ids`` as the write step would make them for ``run_id`` (``source``: one source file for
+    all rows, or one per row)."""
     schema = arrow_schema(table.schema())
     ingested_at = when or datetime(2025, 11, 7, 12, tzinfo=timezone.utc)
     batch = pa.RecordBatch.from_pydict(
@@ -73,7 +76,7 @@ def write_files(table: Table, run_id: str, ids: list[int], when: datetime | None
             "id": ids,
             "name": [f"n{i}" for i in ids],
             "_ingested_at": [ingested_at] * len(ids),
-            "_source_file": ["/src/people.csv"] * len(ids),
+            "_source_file": [source] * len(ids) if isinstance(source, str) else source,
             "_run_id": [run_id] * len(ids),
         },
         schema=schema,
@@ -244,10 +247,79 @@ def test_a_table_made_without_the_properties_gets_them_at_its_next_commit_and_ke
     properties = catalog.load_table("testdomain.people").metadata.properties
     assert properties["commit.manifest-merge.enabled"] == "true"
     assert properties["write.metadata.delete-after-commit.enabled"] == "true"
-    assert properties["write.metadata.previous-versions-max"] == "7"  # the table's own setting stays
-    assert properties["commit.retry.num-retries"] == "0"  # except this one: our own loop retries (TABLE_PROPERTIES)
+    assert properties["write.metadata.previous-versions-max"] == "7"  # the table's own settings stay
+    assert properties["commit.retry.num-retries"] == "4"
     assert {key: properties[key] for key in TABLE_PROPERTIES} == {**TABLE_PROPERTIES,
                                                                   "write.metadata.previous-versions-max": "7"}
+
+
+def refuse_every_commit(catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the catalog refuse every commit as if another writer always won; returns the list of attempts."""
+    from pyiceberg.exceptions import CommitFailedException
+
+    attempts: list[int] = []
+
+    def refuse(table: Table, requirements: Any, updates: Any) -> Any:
+        attempts.append(len(updates))
+        raise CommitFailedException("another writer won")
+
+    monkeypatch.setattr(catalog, "commit_table", refuse)
+    return attempts
+
+
+def test_pyiceberg_never_retries_our_commits_and_a_users_retry_setting_stays(
+    catalog: SqlCatalog, table: Table, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our own loop retries a lost race, re-reading the committed state; pyiceberg's rebasing retry would re-apply a
+    stale plan. The switch lives only in the transaction's in-memory metadata: other engines' jobs on the table
+    (compaction, deletes) keep their retries, and a user's value on the table stays."""
+    import dativo_dagster.commit as commit_module
+
+    assert "commit.retry.num-retries" not in table.metadata.properties  # a new table has no such property
+    commit(table, "run-a", write_files(table, "run-a", [1]))
+    table = catalog.load_table("testdomain.people")
+    assert "commit.retry.num-retries" not in table.metadata.properties
+    table = set_properties(table, commit__retry__num_retries="2")  # a user's own value for other engines
+
+    monkeypatch.setattr(commit_module, "COMMIT_ATTEMPTS", 3)
+    monkeypatch.setattr(commit_module, "COMMIT_BACKOFF_SECONDS", (0.0, 0.0))
+    attempts = refuse_every_commit(catalog, monkeypatch)
+    files = write_files(table, "run-b", [2])
+    with caplog.at_level("WARNING"), pytest.raises(CommitError, match="after 3 attempts"):
+        commit(table, "run-b", files)
+    # one catalog request per attempt of ours: pyiceberg with the table's "2" would have sent 3 per attempt
+    assert len(attempts) == 3
+    ours = [r.getMessage() for r in caplog.records if "conflicted" in r.getMessage()]
+    assert len(ours) == 3 and "attempt 1 of 3" in ours[0]
+    assert not [r for r in caplog.records if "retrying" in r.getMessage() and r.name.startswith("pyiceberg")]
+
+    monkeypatch.undo()
+    commit(catalog.load_table("testdomain.people"), "run-b", files)
+    table = catalog.load_table("testdomain.people")
+    assert ids_on(table, BRANCH) == [1, 2]
+    assert table.metadata.properties["commit.retry.num-retries"] == "2"
+
+
+def test_the_retry_switch_that_earlier_versions_wrote_onto_tables_is_removed_once(
+    catalog: SqlCatalog, table: Table
+) -> None:
+    """Earlier versions wrote commit.retry.num-retries=0 onto every table and forced it back at each commit, so on a
+    table without this version's mark a "0" is theirs: it is removed, once; a "0" a user sets later stays."""
+    from dativo_dagster.commit import PROPERTIES_VERSION_KEY
+
+    with table.transaction() as tx:  # a table as earlier versions left it
+        tx.remove_properties(PROPERTIES_VERSION_KEY)
+        tx.set_properties({"commit.retry.num-retries": "0"})
+    commit(table.refresh(), "run-a", write_files(table, "run-a", [1]))
+    table = catalog.load_table("testdomain.people")
+    assert "commit.retry.num-retries" not in table.metadata.properties
+    assert table.metadata.properties[PROPERTIES_VERSION_KEY] == TABLE_PROPERTIES[PROPERTIES_VERSION_KEY]
+
+    table = set_properties(table, commit__retry__num_retries="0")  # now the user's own choice
+    commit(table, "run-b", write_files(table, "run-b", [2]))
+    table = catalog.load_table("testdomain.people")
+    assert table.metadata.properties["commit.retry.num-retries"] == "0"
+    assert ids_on(table, BRANCH) == [1, 2]
 
 
 def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table) -> None:
@@ -259,27 +331,52 @@ def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table)
     assert catalog.load_table("testdomain.people").metadata_location == before
 
 
+def commit_source(table: Table, run_id: str, files: list[WrittenFile], sources: dict[str, str]) -> Any:
+    """Commit as an incremental run that read ``sources`` (the asset's commit step does the same)."""
+    return commit_files(
+        table,
+        branch=BRANCH,
+        files=files,
+        partitioner=Partitioner(table.spec(), table.schema()),
+        run_id=run_id,
+        properties={"dativo.source-state": json.dumps(sources)},
+        sources=sources,
+        replace_sources=True,
+        record_sources=True,
+    )
+
+
 def test_a_lost_race_is_retried_and_commits_once(
-    catalog: SqlCatalog, table: Table, monkeypatch: pytest.MonkeyPatch
+    catalog: SqlCatalog, table: Table, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pyiceberg.exceptions import CommitFailedException
+    """Two runs read the same source file; run B commits it first through its own handle, then run A commits from a
+    handle that predates B's commit: A's first attempt is refused, the retry sees that the branch now holds the file
+    and replaces B's rows with A's, so the file's rows are on the branch exactly once."""
+    source = {"/src/people.csv": "1"}
+    commit_source(table, "run-0", write_files(table, "run-0", [0], source="/src/other.csv"), {"/src/other.csv": "1"})
+    handle_a = catalog.load_table("testdomain.people")
+    handle_b = catalog.load_table("testdomain.people")
+    files_a = write_files(handle_a, "run-a", [1, 2])
+    files_b = write_files(handle_b, "run-b", [1, 2])
 
-    import dativo_dagster.commit as commit_module
+    won = commit_source(handle_b, "run-b", files_b, source)
+    stale_head = handle_a.snapshot_by_name(BRANCH).snapshot_id
+    with caplog.at_level("WARNING", logger="dativo_dagster.commit"):
+        lost = commit_source(handle_a, "run-a", files_a, source)
 
-    real = commit_module._commit_once
-    calls = []
-
-    def flaky(*args: Any, **kwargs: Any) -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            raise CommitFailedException("another writer won")
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(commit_module, "_commit_once", flaky)
-    result = commit(table, "run-a", write_files(table, "run-a", [1, 2]))
-    assert len(calls) == 2
-    assert result.snapshot_id is not None
-    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [1, 2]
+    conflicts = [r.getMessage() for r in caplog.records if "conflicted" in r.getMessage()]
+    assert len(conflicts) == 1 and "attempt 1 of" in conflicts[0]  # the race happened, and was retried once
+    assert stale_head != won.snapshot_id and lost.snapshot_id not in (None, won.snapshot_id)
+    assert lost.replaced_sources == ["/src/people.csv"]
+    table = catalog.load_table("testdomain.people")
+    rows = branch_rows(table, BRANCH)
+    assert sorted((r["id"], r["_source_file"], r["_run_id"]) for r in rows) == [
+        (0, "/src/other.csv", "run-0"), (1, "/src/people.csv", "run-a"), (2, "/src/people.csv", "run-a")
+    ]
+    assert lost.table_rows == 3
+    # the winner's run stays recorded: re-executing its commit adds nothing
+    assert commit_source(table, "run-b", files_b, source).already_committed
+    assert ids_on(catalog.load_table("testdomain.people"), BRANCH) == [0, 1, 2]
 
 
 def test_ensure_table_evolves_new_columns_and_refuses_type_changes(

@@ -510,6 +510,46 @@ def test_overwrite_replaces_the_content_in_one_commit(project: Project) -> None:
     assert materialization_metadata(second, "people")["dagster/row_count"] == 1
 
 
+@pytest.mark.parametrize("catalog", ["iceberg", "none"])
+def test_overwrite_replaces_the_quarantined_rows_too(project: Project, catalog: str) -> None:
+    """CONTRACT 3: after an overwrite run both tables describe that run's sources only; rows fixed in the source
+    leave the quarantine, and the same rejects are not added again."""
+    project.write_spec(
+        base_spec(target={"catalog": catalog, "write_mode": "overwrite"}, schema_validation_mode="warn")
+    )
+    rejects_location = str(project.warehouse / "testdomain" / "testproduct" / "people__rejects")
+
+    def quarantined() -> list[tuple[str, str]]:
+        if catalog == "iceberg":
+            rows = branch_rows(project.table("testdomain.people__rejects"), "acme")
+        else:
+            rows = [r for f in committed_files(rejects_location, S3Settings()) for r in pq.read_table(f).to_pylist()]
+        return sorted((r["id"], r["_run_id"]) for r in rows)
+
+    def loaded() -> list[int]:
+        if catalog == "iceberg":
+            return sorted(r["id"] for r in branch_rows(project.table("testdomain.people"), "acme"))
+        location = str(project.warehouse / "testdomain" / "testproduct" / "people")
+        return sorted(r["id"] for f in committed_files(location, S3Settings()) for r in pq.read_table(f).to_pylist())
+
+    project.write_data("people.csv", "id,name\n1,Ann\nx,Bad\ny,Worse\n")
+    first = project.materialize()
+    assert first.success
+    assert quarantined() == [("x", first.run_id), ("y", first.run_id)]
+
+    project.write_data("people.csv", "id,name\n1,Ann\n2,Fixed\ny,Worse\n")  # x fixed, y still bad
+    second = project.materialize()
+    assert second.success
+    assert loaded() == [1, 2]
+    assert quarantined() == [("y", second.run_id)]
+
+    project.write_data("people.csv", "id,name\n1,Ann\n2,Fixed\n3,Also\n")  # nothing left to reject
+    third = project.materialize()
+    assert third.success
+    assert loaded() == [1, 2, 3]
+    assert quarantined() == []
+
+
 def test_catalog_none_writes_parquet_and_a_commit_marker(project: Project) -> None:
     project.write_spec(
         base_spec(target={"catalog": "none", "partitioning": ["ingest_date"]}, schema_validation_mode="warn")

@@ -24,7 +24,9 @@ from dativo_dagster.markers import cache_uri, read_commit_markers
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.table_checks import (
+    assert_written_by_project,
     branch_snapshot_ids,
+    data_files,
     csv_text,
     duckdb_marker_rows,
     duckdb_rows,
@@ -143,12 +145,23 @@ def test_a_changed_file_replaces_its_rows_once(project: Project, duckdb_connecti
     b = project.write_data("events/b.csv", csv_text([10, 11]))
     run(project)
     runs_before = run_ids(project)
+    before = project.table(TABLE)
+    [shared] = data_files(before, BRANCH)  # one run, one partition: a and b share a data file
+    versions_before = len(before.metadata.metadata_log)
     project.write_data("events/a.csv", csv_text([2, 3, 4, 5], tag="v2"))
     touch(a, 5)
 
     result = run(project)
     metadata = materialization(result, "events")
     table = project.table(TABLE)
+    # one commit: the metadata log grew by exactly one version (file names are unique, so counting them cannot tell)
+    assert len(table.metadata.metadata_log) == versions_before + 1
+    assert table.metadata.metadata_log[-1].metadata_file == before.metadata_location
+    # the shared file was rewritten by the project's writer (CONTRACT 4 footers and names), not by pyiceberg's
+    files = data_files(table, BRANCH)
+    assert shared not in files and len(files) == 2
+    for uri in files:
+        assert_written_by_project(table, uri, run_id=result.run_id)
 
     expected = expected_rows([a, b])
     assert sum(expected.values()) == 6
@@ -164,7 +177,8 @@ def test_a_changed_file_replaces_its_rows_once(project: Project, duckdb_connecti
     # the delete and the append are one commit: no snapshot of the branch shows a without rows
     head = table.snapshot_by_name(BRANCH)
     parent = table.snapshot_by_id(head.parent_snapshot_id)
-    assert parent.summary.additional_properties["dativo.run-id"] == result.run_id  # the delete half
+    assert parent.summary.additional_properties["dativo.run-id"] == result.run_id  # the replacing half
+    assert parent.summary.operation.value == "overwrite" and head.summary.operation.value == "append"
     assert len([s for s in table.metadata.snapshots if s.summary.additional_properties.get("dativo.run-id")
                 == result.run_id]) == 2
     history = [entry.metadata_file for entry in table.metadata.metadata_log]

@@ -265,3 +265,58 @@ def test_incremental_s3_source_reads_new_and_changed_objects_by_etag(
     state = json.loads(branch_head(table, "acme").summary.additional_properties["dativo.source-state"])
     etag = seaweedfs.boto3_client().head_object(Bucket=source_bucket, Key="people/2025/b.csv")["ETag"].strip('"')
     assert state[f"s3://{source_bucket}/people/2025/b.csv"] == etag
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "rest"])
+def test_a_changed_s3_source_rewrites_the_shared_data_file_with_contract_metadata_and_tags(
+    kind: str, seaweedfs: SeaweedFS, postgres: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a.csv and b.csv are loaded by one run, so one data file (and one quarantine file) holds both; b.csv then
+    changes. The files holding a.csv's rows are rewritten by the project's writer: CONTRACT 4 names, footers, S3 user
+    metadata and tags, and each source's latest content exactly once."""
+    from dativo_dagster_tests.table_checks import assert_written_by_project, data_files
+
+    deployment = make_deployment(kind, seaweedfs, postgres, tmp_path)
+    deployment.apply(monkeypatch)
+    source_bucket, pattern = upload_sources(seaweedfs)
+    domain = unique("rw_")
+    spec = people_spec("people", domain, pattern)
+    spec["source"]["incremental"] = {"strategy": "file_modified_time"}
+    project = Project(tmp_path / "project")
+    project.write_spec(spec)
+    catalog = deployment.catalog()
+    client = seaweedfs.boto3_client()
+
+    assert run(project).success
+    shared = {
+        name: data_files(catalog.load_table(f"{domain}.{name}"), "acme") for name in ("people", "people__rejects")
+    }
+    assert [len(files) for files in shared.values()] == [1, 1]
+    client.put_object(
+        Bucket=source_bucket, Key="people/2025/a.csv",
+        Body=b"id,name,amount,updated\n6,Flo,6.00,2025-02-01 00:00:00\n7,Gil,bad,2025-02-02 00:00:00\n",
+    )
+    third = run(project)
+    assert third.success
+
+    table = catalog.load_table(f"{domain}.people")
+    rows = table.scan(snapshot_id=branch_head(table, "acme").snapshot_id).to_arrow().to_pylist()
+    assert sorted((r["id"], r["_source_file"].rsplit("/", 1)[1]) for r in rows) == [(3, "b.csv"), (6, "a.csv")]
+    rejects = catalog.load_table(f"{domain}.people__rejects")
+    rejected = rejects.scan(snapshot_id=branch_head(rejects, "acme").snapshot_id).to_arrow().to_pylist()
+    assert sorted((r["id"], r["_source_file"].rsplit("/", 1)[1]) for r in rejected) == [("7", "a.csv")]
+    for name, target in (("people", table), ("people__rejects", rejects)):
+        files = data_files(target, "acme")
+        assert not set(files) & set(shared[name]), name
+        for uri in files:
+            keys = assert_written_by_project(target, uri, run_id=third.run_id)
+            bucket, key = uri.removeprefix("s3://").split("/", 1)
+            head = client.head_object(Bucket=bucket, Key=key)
+            # an unpartitioned file's partition is empty, and S3 does not keep a header without a value
+            expected = CONTRACT_METADATA_KEYS - ({"partition"} if keys["partition"] == "" else set())
+            assert set(head["Metadata"]) == expected, uri
+            assert head["Metadata"]["run-id"] == third.run_id
+            assert head["Metadata"]["record-count"] == keys["record-count"]
+            assert head["Metadata"]["file-size-bytes"] == str(head["ContentLength"])
+            tags = {t["Key"]: t["Value"] for t in client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+            assert set(tags) == CONTRACT_TAG_KEYS and tags["domain"] == domain, uri
