@@ -147,8 +147,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "{strategy: file_modified_time, lookback_days: 7}",
     ),
     "source.incremental.strategy": (
-        "How changes are detected: a file is read when it is new or its version (local: modification time;"
-        " S3: ETag) differs from the last committed run. A changed file replaces the rows of its earlier version.",
+        "How changes are detected: a file is read when it is new or its version (local: modification time and"
+        " size; S3: ETag) differs from the last committed run. A changed file replaces the rows of its earlier version.",
         "file_modified_time",
     ),
     "source.incremental.lookback_days": (
