@@ -190,7 +190,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     reconciliation_spec = dg.AssetCheckSpec(
         RECONCILIATION_CHECK,
         asset=name,
-        description="rows read = rows committed + rows rejected",
+        description="rows read = rows written + rows rejected, and the commit added exactly the rows written to the"
+        " branch (snapshot summary: added records, and the branch's total before and after)",
     )
 
     @dg.op(
@@ -416,18 +417,46 @@ def _drift_result(key: dg.AssetCheckKey, extract_report: ExtractReport) -> dg.As
 
 
 def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result: CommitResult) -> dg.AssetCheckResult:
-    committed = sum(f.record_count for f in written.data_files)
+    """Rows read = rows written + rows rejected, and the commit added to the branch exactly the rows written.
+
+    What the commit did is read back from its snapshots' summaries (``CommitResult.records_added`` ...): its append
+    added as many records as the run wrote, and the branch went from its rows before, less what the commit
+    deleted (all of them for an overwrite), plus what it added. ``catalog: none`` has no summaries: there the
+    write step's own counts are compared.
+    """
+    written_rows = sum(f.record_count for f in written.data_files)
+    problems = []
+    if written.rows_read != written_rows + written.rows_rejected:
+        problems.append(
+            f"rows read ({written.rows_read}) != rows written ({written_rows}) + rows rejected ({written.rows_rejected})"
+        )
+    metadata: dict[str, Any] = {
+        "rows_read": written.rows_read,
+        "rows_written": written_rows,
+        "rows_committed": written_rows,
+        "rows_rejected": written.rows_rejected,
+        "already_committed": result.already_committed,
+    }
+    counted = (result.records_added, result.records_removed, result.table_rows_before, result.table_rows_after)
+    if None not in counted:
+        added, removed, before, after = counted
+        metadata.update({"records_added_by_commit": added, "records_removed_by_commit": removed,
+                         "table_rows_before": before, "table_rows_after": after})
+        if added != written_rows:
+            problems.append(f"the commit added {added} record(s) to the branch, the run wrote {written_rows}")
+        if after != before - removed + added:
+            problems.append(f"the branch holds {after} row(s) after the commit, expected {before} - {removed} + {added}")
+        if result.overwrite and after != added:
+            problems.append(f"an overwrite left {after} row(s) on the branch, expected only its own {added}")
+    if problems:
+        metadata["problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in problems))
     return dg.AssetCheckResult(
         asset_key=key.asset_key,
         check_name=key.name,
-        passed=written.rows_read == committed + written.rows_rejected,
+        passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "rows_read": written.rows_read,
-            "rows_committed": committed,
-            "rows_rejected": written.rows_rejected,
-            "already_committed": result.already_committed,
-        },
+        description="; ".join(problems) or None,
+        metadata=metadata,
     )
 
 
