@@ -380,6 +380,17 @@ def is_incremental(loaded: LoadedSpec) -> bool:
     return spec.source.incremental is not None and spec.target.write_mode is WriteMode.APPEND
 
 
+def committed_sources(loaded: LoadedSpec, storage: StorageResource, catalog_resource: CatalogResource) -> dict[str, str]:
+    """Every source file the asset's committed table holds, at its version (CONTRACT 5): the branch state, or the
+    commit markers with ``catalog: none``; empty while the table does not exist."""
+    spec = loaded.spec
+    if spec.target.catalog is CatalogKind.NONE:
+        return marker_source_state(read_commit_markers(storage.table_location(spec), storage.s3_settings()))
+    catalog = catalog_resource.load_catalog()
+    identifier = ".".join(spec.table_identifier)
+    return table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
+
+
 def select_sources(
     loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource
 ) -> Selection:
@@ -388,14 +399,11 @@ def select_sources(
     if not is_incremental(loaded):
         return Selection(to_read=list(listed), new=[f.uri for f in listed])
     assert spec.source.incremental is not None
-    if spec.target.catalog is CatalogKind.NONE:
-        committed = marker_source_state(read_commit_markers(storage.table_location(spec), storage.s3_settings()))
-    else:
-        catalog = catalog_resource.load_catalog()
-        identifier = ".".join(spec.table_identifier)
-        committed = table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
     return select_files(
-        listed, committed, lookback_days=spec.source.incremental.lookback_days, now=datetime.now(timezone.utc)
+        listed,
+        committed_sources(loaded, storage, catalog_resource),
+        lookback_days=spec.source.incremental.lookback_days,
+        now=datetime.now(timezone.utc),
     )
 
 
@@ -843,4 +851,4 @@ def _materialization_metadata(
     return metadata
 
 
-__all__ = ["ExtractReport", "WriteResult", "build_asset"]
+__all__ = ["ExtractReport", "WriteResult", "build_asset", "committed_sources"]
