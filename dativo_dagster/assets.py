@@ -189,7 +189,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     reconciliation_spec = dg.AssetCheckSpec(
         RECONCILIATION_CHECK,
         asset=name,
-        description="rows read = rows committed + rows rejected",
+        description="rows read = rows written + rows rejected, and the commit added exactly the rows written to the"
+        " branch (snapshot summary: added records, and the branch's total before and after)",
     )
 
     @dg.op(
@@ -378,6 +379,17 @@ def is_incremental(loaded: LoadedSpec) -> bool:
     return spec.source.incremental is not None and spec.target.write_mode is WriteMode.APPEND
 
 
+def committed_sources(loaded: LoadedSpec, storage: StorageResource, catalog_resource: CatalogResource) -> dict[str, str]:
+    """Every source file the asset's committed table holds, at its version (CONTRACT 5): the branch state, or the
+    commit markers with ``catalog: none``; empty while the table does not exist."""
+    spec = loaded.spec
+    if spec.target.catalog is CatalogKind.NONE:
+        return marker_source_state(read_commit_markers(storage.table_location(spec), storage.s3_settings()))
+    catalog = catalog_resource.load_catalog()
+    identifier = ".".join(spec.table_identifier)
+    return table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
+
+
 def select_sources(
     loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource
 ) -> Selection:
@@ -386,14 +398,11 @@ def select_sources(
     if not is_incremental(loaded):
         return Selection(to_read=list(listed), new=[f.uri for f in listed])
     assert spec.source.incremental is not None
-    if spec.target.catalog is CatalogKind.NONE:
-        committed = marker_source_state(read_commit_markers(storage.table_location(spec), storage.s3_settings()))
-    else:
-        catalog = catalog_resource.load_catalog()
-        identifier = ".".join(spec.table_identifier)
-        committed = table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
     return select_files(
-        listed, committed, lookback_days=spec.source.incremental.lookback_days, now=datetime.now(timezone.utc)
+        listed,
+        committed_sources(loaded, storage, catalog_resource),
+        lookback_days=spec.source.incremental.lookback_days,
+        now=datetime.now(timezone.utc),
     )
 
 
@@ -415,18 +424,46 @@ def _drift_result(key: dg.AssetCheckKey, extract_report: ExtractReport) -> dg.As
 
 
 def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result: CommitResult) -> dg.AssetCheckResult:
-    committed = sum(f.record_count for f in written.data_files)
+    """Rows read = rows written + rows rejected, and the commit added to the branch exactly the rows written.
+
+    What the commit did is read back from its snapshots' summaries (``CommitResult.records_added`` ...): its append
+    added as many records as the run wrote, and the branch went from its rows before, less what the commit
+    deleted (all of them for an overwrite), plus what it added. ``catalog: none`` has no summaries: there the
+    write step's own counts are compared.
+    """
+    written_rows = sum(f.record_count for f in written.data_files)
+    problems = []
+    if written.rows_read != written_rows + written.rows_rejected:
+        problems.append(
+            f"rows read ({written.rows_read}) != rows written ({written_rows}) + rows rejected ({written.rows_rejected})"
+        )
+    metadata: dict[str, Any] = {
+        "rows_read": written.rows_read,
+        "rows_written": written_rows,
+        "rows_committed": written_rows,
+        "rows_rejected": written.rows_rejected,
+        "already_committed": result.already_committed,
+    }
+    counted = (result.records_added, result.records_removed, result.table_rows_before, result.table_rows_after)
+    if None not in counted:
+        added, removed, before, after = counted
+        metadata.update({"records_added_by_commit": added, "records_removed_by_commit": removed,
+                         "table_rows_before": before, "table_rows_after": after})
+        if added != written_rows:
+            problems.append(f"the commit added {added} record(s) to the branch, the run wrote {written_rows}")
+        if after != before - removed + added:
+            problems.append(f"the branch holds {after} row(s) after the commit, expected {before} - {removed} + {added}")
+        if result.overwrite and after != added:
+            problems.append(f"an overwrite left {after} row(s) on the branch, expected only its own {added}")
+    if problems:
+        metadata["problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in problems))
     return dg.AssetCheckResult(
         asset_key=key.asset_key,
         check_name=key.name,
-        passed=written.rows_read == committed + written.rows_rejected,
+        passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "rows_read": written.rows_read,
-            "rows_committed": committed,
-            "rows_rejected": written.rows_rejected,
-            "already_committed": result.already_committed,
-        },
+        description="; ".join(problems) or None,
+        metadata=metadata,
     )
 
 
@@ -815,4 +852,4 @@ def _materialization_metadata(
     return metadata
 
 
-__all__ = ["ExtractReport", "WriteResult", "build_asset"]
+__all__ = ["ExtractReport", "WriteResult", "build_asset", "committed_sources"]

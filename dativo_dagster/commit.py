@@ -31,6 +31,7 @@ from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
@@ -95,6 +96,12 @@ class CommitResult(BaseModel):
     table_rows: int | None = None  # rows visible at the branch head after the commit
     replaced_sources: list[str] = Field(default_factory=list)  # source files whose earlier rows were replaced
     nothing_new: bool = False  # incremental run that found no new or changed source file
+    # what the commit did to the branch, from its snapshots' summaries (None: not known, e.g. catalog: none)
+    records_added: int | None = None  # rows its append added
+    records_removed: int | None = None  # rows its delete took away for good (rewritten rows counted out)
+    table_rows_before: int | None = None  # rows at the branch head it committed on
+    table_rows_after: int | None = None  # rows at its own newest snapshot
+    overwrite: bool = False  # the commit replaced every row of the branch
 
 
 def ensure_table(
@@ -203,6 +210,57 @@ def branch_row_count(table: Table, branch: str) -> int:
     if head is None or head.summary is None:
         return 0
     return int(head.summary.get("total-records") or 0)
+
+
+@dataclass(frozen=True)
+class RunCommitCounts:
+    """Row counts of one run's commit on a branch, from the summaries of the snapshots it made."""
+
+    records_added: int
+    records_removed: int
+    table_rows_before: int
+    table_rows_after: int
+
+    def as_update(self) -> dict[str, int]:
+        return {"records_added": self.records_added, "records_removed": self.records_removed,
+                "table_rows_before": self.table_rows_before, "table_rows_after": self.table_rows_after}
+
+
+def run_commit_counts(table: Table, start: Snapshot | None, run_id: str) -> RunCommitCounts | None:
+    """What the commit of ``run_id`` did, read from its snapshots at or below ``start`` (None: none found).
+
+    The commit's newest snapshot is its append (an overwrite without rows has none); a delete that rewrote files
+    adds their surviving rows back in its own summary, so what it took away for good is its deleted minus its
+    added records.
+    """
+    ours: list[Snapshot] = []
+    before: Snapshot | None = None
+    for snapshot in ancestors_of(start, table.metadata) if start is not None else ():
+        if _summary_value(snapshot, RUN_ID_KEY) == run_id:
+            ours.append(snapshot)
+        elif ours:
+            before = snapshot
+            break
+    if not ours:
+        return None
+    newest = ours[0]
+    is_append = newest.summary is not None and newest.summary.operation == Operation.APPEND
+    added = _summary_int(newest, "added-records") if is_append else 0
+    net = sum(_summary_int(s, "added-records") - _summary_int(s, "deleted-records") for s in ours)
+    return RunCommitCounts(
+        records_added=added,
+        records_removed=added - net,
+        table_rows_before=_summary_int(before, "total-records") if before is not None else 0,
+        table_rows_after=_summary_int(newest, "total-records"),
+    )
+
+
+def _summary_value(snapshot: Snapshot, key: str) -> str | None:
+    return snapshot.summary.get(key) if snapshot.summary is not None else None
+
+
+def _summary_int(snapshot: Snapshot, key: str) -> int:
+    return int(_summary_value(snapshot, key) or 0)
 
 
 def _data_files(table: Table, files: Sequence[WrittenFile], partitioner: Partitioner, run_id: str) -> list[DataFile]:
@@ -344,6 +402,7 @@ def commit_files(
         bytes=sum(f.size_bytes for f in files),
         location=table.location(),
         partitions=sorted({f.partition_path for f in files if f.partition_path}),
+        overwrite=overwrite,
     )
     snapshot_properties = {**properties, RUN_ID_KEY: run_id, ROWS_KEY: str(result.rows)}
     data_files: list[DataFile] | None = None
@@ -362,13 +421,17 @@ def commit_files(
             if decided.previous is not None:
                 log.info("run %s already committed snapshot %s to %s@%s", run_id, decided.previous.snapshot_id, name,
                          branch)
+                counts = run_commit_counts(table, table.snapshot_by_id(decided.previous.snapshot_id), run_id)
                 return result.model_copy(
                     update={"snapshot_id": decided.previous.snapshot_id, "already_committed": True,
                             "metadata_location": table.metadata_location,
-                            "table_rows": branch_row_count(table, branch)}
+                            "table_rows": branch_row_count(table, branch),
+                            **(counts.as_update() if counts is not None else {})}
                 )
             if not decided.needed:
-                return result.model_copy(update={"table_rows": branch_row_count(table, branch)})
+                rows = branch_row_count(table, branch)
+                return result.model_copy(update={"table_rows": rows, "records_added": 0, "records_removed": 0,
+                                                 "table_rows_before": rows, "table_rows_after": rows})
             if data_files is None:
                 data_files = _data_files(table, files, partitioner, run_id)
             # the rows the replaced sources brought, taken off this head (rewriting files they share with others)
@@ -401,9 +464,11 @@ def commit_files(
         else:
             table = table.refresh()
             head = table.snapshot_by_name(branch)
+            counts = run_commit_counts(table, head, run_id)
             return result.model_copy(
                 update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
-                        "table_rows": branch_row_count(table, branch), "replaced_sources": decided.replaced}
+                        "table_rows": branch_row_count(table, branch), "replaced_sources": decided.replaced,
+                        **(counts.as_update() if counts is not None else {})}
             )
         # the text only: a log record holding the exception keeps its frames (tables, catalog connections)
         # alive for as long as any handler keeps the record

@@ -52,8 +52,30 @@ class SourceFile:
 
     uri: str
     size: int
-    version: str  # local: mtime in ns; S3: ETag
+    version: str  # local: "<mtime in ns>:<size in bytes>" (``local_version``); S3: ETag
     modified_ns: int = 0  # last modification, nanoseconds since the epoch (0: unknown)
+
+
+def local_version(mtime_ns: int, size: int) -> str:
+    """A local file's version: its modification time and its size (CONTRACT 5).
+
+    The size catches a rewrite that put the old modification time back (``cp -p``, ``rsync -t``, ``touch -r``)
+    when the length changed; a same-length rewrite with the old time is not seen.
+    """
+    return f"{mtime_ns}:{size}"
+
+
+def same_version(committed: str, listed: str) -> bool:
+    """Whether a listed version is the one committed.
+
+    Releases before sizes were recorded committed a local file's modification time alone (digits only; ETags are
+    quoted hex): such a version matches the same modification time at any size, so an upgrade reads nothing again.
+    The file's next commit records the full version.
+    """
+    if committed == listed:
+        return True
+    mtime, sep, _ = listed.partition(":")
+    return bool(sep) and committed.isdigit() and committed == mtime
 
 
 @dataclass
@@ -123,7 +145,8 @@ def _list_local(pattern: str, has_glob: bool) -> list[SourceFile]:
             continue
         stat = os.stat(path)
         uri = os.path.abspath(path)
-        out.append(SourceFile(uri=uri, size=stat.st_size, version=str(stat.st_mtime_ns), modified_ns=stat.st_mtime_ns))
+        out.append(SourceFile(uri=uri, size=stat.st_size, version=local_version(stat.st_mtime_ns, stat.st_size),
+                              modified_ns=stat.st_mtime_ns))
     return out
 
 

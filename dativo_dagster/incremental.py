@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from pyiceberg.table import Table
 
-from dativo_dagster.extract import SourceFile
+from dativo_dagster.extract import SourceFile, same_version
 from dativo_dagster.table_state import SOURCE_STATE_KEY, parse_source_state, read_branch_state
 
 __all__ = ["SOURCE_STATE_KEY", "Selection", "marker_source_state", "parse_source_state", "select_files",
@@ -67,7 +67,7 @@ def select_files(
             selection.too_old.append(source.uri)
             continue
         previous = committed.get(source.uri)
-        if previous == source.version:
+        if previous is not None and same_version(previous, source.version):
             selection.unchanged.append(source.uri)
             continue
         selection.to_read.append(source)

@@ -1,4 +1,4 @@
-"""Sensors: start a run when a spec's source has new or changed files (cursor = file -> version)."""
+"""Sensors: start a run when a spec's source has files its committed table does not hold at their version."""
 
 # no ``from __future__ import annotations``: Dagster reads the sensor's annotations at definition time
 import hashlib
@@ -8,15 +8,21 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from dativo_dagster.assets import committed_sources
 from dativo_dagster.errors import DativoError, NothingToReadError
 from dativo_dagster.extract import SourceFile, list_source_files
 from dativo_dagster.incremental import select_files
-from dativo_dagster.resources import StorageResource
+from dativo_dagster.resources import CatalogResource, StorageResource
 from dativo_dagster.spec import LoadedSpec
 
 
+SENSOR_FILES_TAG = "dativo/sensor-files"  # run_key_for(pending files): the runs asked for these file versions
+SENSOR_ATTEMPT_TAG = "dativo/sensor-attempt"
+FINISHED = frozenset({dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED})
+
+
 def parse_cursor(cursor: str | None) -> dict[str, str]:
-    """The sensor cursor: every file seen at the last tick and its version."""
+    """The sensor cursor: every file seen at the last tick and its version (shown in the UI; decides nothing)."""
     if not cursor:
         return {}
     try:
@@ -34,18 +40,61 @@ def run_key_for(asset: str, files: Sequence[SourceFile]) -> str:
     return f"{asset}:{digest.hexdigest()[:32]}"
 
 
+def attempt_run_key(files_key: str, attempt: int) -> str:
+    """The run key of the ``attempt``-th run asked for the same file versions (0: the files' key itself).
+
+    Dagster starts one run per run key and sensor: a run that failed, or a file reverted to a version an earlier
+    run loaded (an S3 object back at an earlier ETag), needs a key of its own to be asked for again.
+    """
+    return files_key if attempt == 0 else f"{files_key}:{attempt}"
+
+
 def evaluate(
-    loaded: LoadedSpec, listed: Sequence[SourceFile], cursor: Mapping[str, str], now: datetime
+    loaded: LoadedSpec, listed: Sequence[SourceFile], committed: Mapping[str, str], now: datetime
 ) -> tuple[list[SourceFile], dict[str, str]]:
-    """The files that are new or changed since the cursor, and the next cursor (deleted files drop out)."""
+    """The listed files that the committed table does not hold at their version (within the lookback window),
+    and the next cursor: the listing (deleted files drop out)."""
     incremental = loaded.spec.source.incremental
     lookback = incremental.lookback_days if incremental is not None else 0
-    selection = select_files(listed, cursor, lookback_days=lookback, now=now)
+    selection = select_files(listed, committed, lookback_days=lookback, now=now)
     return selection.to_read, {f.uri: f.version for f in listed}
 
 
+def request_for(
+    instance: dg.DagsterInstance, asset: str, pending: Sequence[SourceFile]
+) -> dg.RunRequest | dg.SkipReason:
+    """Ask for a run of ``pending``, unless a run asked for the same file versions is queued or in progress.
+
+    Every finished run asked for them (failed, canceled, or succeeded before the files were reverted) counts one
+    attempt, so that the next request gets a run key Dagster has not used; a tick repeated from the same state
+    asks with the same key (Dagster starts it once).
+    """
+    files_key = run_key_for(asset, pending)
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_FILES_TAG: files_key}))
+    in_flight = [run for run in runs if run.status not in FINISHED]
+    if in_flight:
+        return dg.SkipReason(
+            f"run {in_flight[0].run_id} ({in_flight[0].status.value}) already loads the {len(pending)} new or changed"
+            f" file(s) of {asset}"
+        )
+    attempt = len(runs)
+    return dg.RunRequest(
+        run_key=attempt_run_key(files_key, attempt),
+        tags={
+            "dativo/trigger": "sensor",
+            "dativo/files": str(len(pending)),
+            SENSOR_FILES_TAG: files_key,
+            SENSOR_ATTEMPT_TAG: str(attempt),
+        },
+    )
+
+
 def build_sensor(loaded: LoadedSpec) -> dg.SensorDefinition:
-    """The sensor of a spec with ``sensor:``; it only triggers runs, the run decides what to read."""
+    """The sensor of a spec with ``sensor:``; it only triggers runs, the run decides what to read.
+
+    What is still to load comes from the committed table (CONTRACT 5), never from the cursor: files of a run that
+    failed are asked for again at the next tick, as soon as no run for them is queued or in progress.
+    """
     spec = loaded.spec
     assert spec.sensor is not None
 
@@ -54,22 +103,23 @@ def build_sensor(loaded: LoadedSpec) -> dg.SensorDefinition:
         asset_selection=dg.AssetSelection.assets(spec.name),
         minimum_interval_seconds=spec.sensor.minimum_interval_seconds,
         default_status=dg.DefaultSensorStatus.STOPPED,
-        description=f"Runs {spec.name} when a source file of {loaded.display_path} is new or changed.",
+        description=f"Runs {spec.name} when a source file of {loaded.display_path} is not in its table at its"
+        " current version (new, changed, or its run failed).",
     )
-    def source_sensor(context: dg.SensorEvaluationContext, dativo_storage: StorageResource):
+    def source_sensor(
+        context: dg.SensorEvaluationContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource
+    ):
         try:
             listed = list_source_files(loaded, dativo_storage.s3_settings())
         except NothingToReadError:
             listed = []
         except DativoError as exc:
             return dg.SkipReason(f"cannot list the source of {spec.name}: {exc}")
-        pending, next_cursor = evaluate(loaded, listed, parse_cursor(context.cursor), datetime.now(timezone.utc))
-        context.update_cursor(json.dumps(next_cursor, sort_keys=True, separators=(",", ":")))
+        committed = committed_sources(loaded, dativo_storage, dativo_catalog) if listed else {}
+        pending, listing = evaluate(loaded, listed, committed, datetime.now(timezone.utc))
+        context.update_cursor(json.dumps(listing, sort_keys=True, separators=(",", ":")))
         if not pending:
             return dg.SkipReason(f"no new or changed file among {len(listed)} source file(s) of {spec.name}")
-        return dg.RunRequest(
-            run_key=run_key_for(spec.name, pending),
-            tags={"dativo/trigger": "sensor", "dativo/files": str(len(pending))},
-        )
+        return request_for(context.instance, spec.name, pending)
 
     return source_sensor

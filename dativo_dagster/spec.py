@@ -435,6 +435,13 @@ class AssetSpecModel(_Model):
         problems = [*self._column_problems(), *self._partition_problems()]
         if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
+        if self.sensor is not None and self.source.incremental is None and self.target.write_mode is WriteMode.APPEND:
+            problems.append((
+                "sensor",
+                "an append asset with a sensor needs source.incremental (e.g. incremental: {strategy:"
+                " file_modified_time}), or every trigger loads every file again; add it, use write_mode: overwrite,"
+                " or remove sensor",
+            ))
         if problems:
             raise SpecProblems(problems)
         return self

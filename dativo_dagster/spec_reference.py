@@ -111,7 +111,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "strptime layout for date, timestamp or timestamptz text that is not ISO 8601; `%z`/`%Z` only for timestamptz.",
         '"%d/%m/%Y"',
     ),
-    "source": ("Where the rows come from.", "{type: csv, files: [{path: data/people.csv}]}"),
+    "source": (
+        "Where the rows come from.",
+        "{type: csv, files: [{path: data/people/*.csv}], incremental: {strategy: file_modified_time}}",
+    ),
     "source.type": ("Source kind; CSV for now.", "csv"),
     "source.files": (
         "Files to read (at least one entry): every match of every entry is read.",
@@ -144,8 +147,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "{strategy: file_modified_time, lookback_days: 7}",
     ),
     "source.incremental.strategy": (
-        "How changes are detected: a file is read when it is new or its version (local: modification time;"
-        " S3: ETag) differs from the last committed run. A changed file replaces the rows of its earlier version.",
+        "How changes are detected: a file is read when it is new or its version (local: modification time and"
+        " size; S3: ETag) differs from the last committed run. A changed file replaces the rows of its earlier version.",
         "file_modified_time",
     ),
     "source.incremental.lookback_days": (
@@ -216,7 +219,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "schedule.cron": ("Cron expression with five fields, or `@hourly`, `@daily`...", '"0 2 * * *"'),
     "schedule.timezone": ("IANA time zone the cron expression is read in.", "Europe/Berlin"),
     "sensor": (
-        "Run the asset when new or changed source files appear: sensor `<name>__sensor` (created stopped). Without"
+        "Run the asset when new or changed source files appear: sensor `<name>__sensor` (created stopped). An"
+        " `append` asset with a sensor needs `source.incremental` (a spec error otherwise). Files of a run that"
+        " failed are requested again at the next evaluation. Without"
         " `schedule`, the asset's `freshness_check` warns when no run materialized it for 10 × the interval plus"
         " a grace (10 %, at least 15 minutes).",
         "{minimum_interval_seconds: 60}",

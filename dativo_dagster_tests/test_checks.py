@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -12,8 +13,9 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
+from dativo_dagster import commit as commit_module
 from dativo_dagster import pipeline
-from dativo_dagster_tests.conftest import Project, base_spec
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,3 +101,74 @@ def test_progress_is_logged_at_the_documented_interval_while_files_are_read(
     assert {m.group(3) for _, m in progress} == {str(path)}
     gaps = [b - a for (a, _), (b, _) in zip(progress, progress[1:])]
     assert all(interval * 0.9 <= gap <= interval + 1.5 for gap in gaps), gaps
+
+
+def _meta(evaluation: dg.AssetCheckEvaluation) -> dict:
+    return {k: v.value for k, v in evaluation.metadata.items()}
+
+
+def test_reconciliation_fails_when_the_commit_adds_fewer_rows_than_the_run_wrote(project, monkeypatch):
+    # two partitions, so two data files; the fault loses one of them at the commit boundary
+    project.write_spec(base_spec(target={"partitioning": ["name"]}))
+    project.write_data("people.csv", "id,name\n1,Ann\n2,Bob\n3,Bob\n")
+    real = commit_module._data_files
+
+    def lose_one(*args, **kwargs):
+        return real(*args, **kwargs)[1:]
+
+    monkeypatch.setattr(commit_module, "_data_files", lose_one)
+    instance = dg.DagsterInstance.ephemeral()
+    result = project.materialize(instance=instance)
+
+    assert result.success  # the check is not blocking: the run ends, the check tells
+    table = project.table("testdomain.people")
+    committed = len(branch_rows(table, "acme"))
+    assert committed in (1, 2)
+    check = _checks(result)["reconciliation"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    meta = _meta(check)
+    assert (meta["rows_read"], meta["rows_written"], meta["rows_rejected"]) == (3, 3, 0)
+    assert meta["records_added_by_commit"] == committed
+    assert meta["table_rows_after"] == committed
+    # what the instance records (and the UI shows) for the check is that failure
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("people"), "reconciliation")]
+    )[dg.AssetCheckKey(dg.AssetKey("people"), "reconciliation")]
+    assert record.run_id == result.run_id
+    assert record.evaluation is not None and record.evaluation.passed is False
+
+
+def test_reconciliation_counts_what_the_commit_did_to_the_branch(project):
+    spec = base_spec(source={"type": "csv", "files": [{"path": "data/people/*.csv"}],
+                             "incremental": {"strategy": "file_modified_time"}})
+    project.write_spec(spec)
+    a = project.write_data("people/a.csv", "id,name\n1,Ann\n2,Bob\n")
+    project.write_data("people/b.csv", "id,name\n3,Cy\n")
+    first = _meta(_checks(project.materialize())["reconciliation"])
+    assert (first["records_added_by_commit"], first["records_removed_by_commit"]) == (3, 0)
+    assert (first["table_rows_before"], first["table_rows_after"]) == (0, 3)
+
+    project.write_data("people/a.csv", "id,name\n1,Ann\n")  # a changed file replaces its two rows by one
+    os.utime(a, (a.stat().st_mtime + 5, a.stat().st_mtime + 5))
+    result = project.materialize()
+    check = _checks(result)["reconciliation"]
+    second = _meta(check)
+
+    assert check.passed
+    assert (second["rows_read"], second["rows_written"], second["records_added_by_commit"]) == (1, 1, 1)
+    assert (second["records_removed_by_commit"], second["table_rows_before"], second["table_rows_after"]) == (2, 3, 2)
+    assert len(branch_rows(project.table("testdomain.people"), "acme")) == 2
+
+
+def test_reconciliation_of_an_overwrite_counts_the_whole_table(project):
+    project.write_spec(base_spec(target={"partitioning": ["ingest_date"], "write_mode": "overwrite"}))
+    project.write_data("people.csv", "id,name\n1,Ann\n2,Bob\n3,Cy\n")
+    assert _checks(project.materialize())["reconciliation"].passed
+    project.write_data("people.csv", "id,name\n4,Di\n")
+
+    check = _checks(project.materialize())["reconciliation"]
+
+    meta = _meta(check)
+    assert check.passed
+    assert (meta["records_added_by_commit"], meta["records_removed_by_commit"]) == (1, 3)
+    assert (meta["table_rows_before"], meta["table_rows_after"]) == (3, 1)

@@ -264,7 +264,8 @@ def test_snapshot_summary_holds_run_id_and_source_state_and_main_stays_empty(pro
     head = table.snapshot_by_name("acme")
     summary = head.summary.additional_properties
     assert summary["dativo.run-id"] == result.run_id
-    assert json.loads(summary["dativo.source-state"]) == {str(csv_path.resolve()): str(os.stat(csv_path).st_mtime_ns)}
+    stat = os.stat(csv_path)
+    assert json.loads(summary["dativo.source-state"]) == {str(csv_path.resolve()): f"{stat.st_mtime_ns}:{stat.st_size}"}
 
     main = table.snapshot_by_name("main")
     assert main is not None

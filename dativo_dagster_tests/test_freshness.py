@@ -19,6 +19,9 @@ from dativo_dagster.freshness import (
 from dativo_dagster.spec import load_specs
 from dativo_dagster_tests.conftest import Project, base_spec
 
+# a sensor on an append asset needs incremental reads (a spec error otherwise): these specs replace their table
+OVERWRITE = {"partitioning": ["ingest_date"], "write_mode": "overwrite"}
+
 HOUR = 3600.0
 DAY = 24 * HOUR
 
@@ -53,9 +56,9 @@ def test_a_check_per_scheduled_or_sensed_asset_with_its_interval_and_grace(proje
     project.write_spec(base_spec("hourly", schedule={"cron": "0 * * * *"}))
     project.write_spec(base_spec("daily", schedule={"cron": "30 2 * * *", "timezone": "Europe/Berlin"}))
     project.write_spec(base_spec("weekdays", schedule={"cron": "0 9 * * 1-5"}))
-    project.write_spec(base_spec("sensed", sensor={"minimum_interval_seconds": 30}))
-    project.write_spec(base_spec("slow_sensor", sensor={"minimum_interval_seconds": 3600}))
-    project.write_spec(base_spec("both", schedule={"cron": "*/10 * * * *"}, sensor={"minimum_interval_seconds": 60}))
+    project.write_spec(base_spec("sensed", sensor={"minimum_interval_seconds": 30}, target=OVERWRITE))
+    project.write_spec(base_spec("slow_sensor", sensor={"minimum_interval_seconds": 3600}, target=OVERWRITE))
+    project.write_spec(base_spec("both", schedule={"cron": "*/10 * * * *"}, sensor={"minimum_interval_seconds": 60}, target=OVERWRITE))
     project.write_spec(base_spec("manual"))
 
     defs = build_definitions(project.specs_dir)
@@ -152,7 +155,7 @@ def test_the_check_fails_with_warn_when_the_last_materialization_is_older_than_t
 
 def test_the_freshness_sensor_asks_for_checks_that_never_ran(project: Project) -> None:
     project.write_spec(base_spec("hourly", schedule={"cron": "0 * * * *"}))
-    project.write_spec(base_spec("sensed", sensor={"minimum_interval_seconds": 60}))
+    project.write_spec(base_spec("sensed", sensor={"minimum_interval_seconds": 60}, target=OVERWRITE))
     project.write_spec(base_spec("manual"))
     defs = build_definitions(project.specs_dir)
     sensor = defs.resolve_sensor_def(FRESHNESS_SENSOR)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from dativo_dagster import extract as extract_module
 from dativo_dagster import markers as markers_module
 from dativo_dagster.extract import SourceFile
 from dativo_dagster.incremental import (
@@ -136,7 +139,7 @@ def test_a_new_file_adds_only_its_rows(project: Project, duckdb_connection: Any)
     assert runs["a.csv"] == first_runs["a.csv"], "a.csv was loaded again"
     assert len(runs["b.csv"]) == 1 and runs["b.csv"] != runs["a.csv"]
     state = table_source_state(table, BRANCH)
-    assert state == {str(a): str(a.stat().st_mtime_ns), str(b): str(b.stat().st_mtime_ns)}
+    assert state == {str(f): f"{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in (a, b)}
 
 
 def test_a_changed_file_replaces_its_rows_once(project: Project, duckdb_connection: Any) -> None:
@@ -173,7 +176,7 @@ def test_a_changed_file_replaces_its_rows_once(project: Project, duckdb_connecti
     runs = run_ids(project)
     assert runs["b.csv"] == runs_before["b.csv"], "b.csv's rows must survive the rewrite of the shared data file"
     assert runs["a.csv"] == {result.run_id}
-    assert table_source_state(table, BRANCH)[str(a)] == str(a.stat().st_mtime_ns)
+    assert table_source_state(table, BRANCH)[str(a)] == f"{a.stat().st_mtime_ns}:{a.stat().st_size}"
     # the delete and the append are one commit: no snapshot of the branch shows a without rows
     head = table.snapshot_by_name(BRANCH)
     parent = table.snapshot_by_id(head.parent_snapshot_id)
@@ -189,6 +192,65 @@ def test_a_changed_file_replaces_its_rows_once(project: Project, duckdb_connecti
     touch(a, 10)
     run(project)
     assert iceberg_rows(project.table(TABLE), BRANCH) == expected
+
+
+def test_a_rewrite_that_keeps_the_mtime_but_changes_the_size_is_read_again(project: Project) -> None:
+    # cp -p, rsync -t and touch -r put the old modification time back on new content
+    project.write_spec(incremental_spec())
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    mtime_ns = a.stat().st_mtime_ns
+    run(project)
+    project.write_data("events/a.csv", csv_text([1, 2, 3], tag="v2"))
+    os.utime(a, ns=(mtime_ns, mtime_ns))
+    assert a.stat().st_mtime_ns == mtime_ns
+
+    metadata = materialization(run(project), "events")
+    table = project.table(TABLE)
+
+    assert metadata["nothing_new"] is False and metadata["replaced_sources"] == [str(a)]
+    assert iceberg_rows(table, BRANCH) == expected_rows([a])
+    assert sum(iceberg_rows(table, BRANCH).values()) == 3
+    assert table_source_state(table, BRANCH) == {str(a): f"{mtime_ns}:{a.stat().st_size}"}
+
+
+def test_a_version_committed_before_sizes_were_recorded_still_matches_its_file(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tables committed by earlier releases hold the modification time alone: the upgrade reads nothing again
+    project.write_spec(incremental_spec())
+    a = project.write_data("events/a.csv", csv_text([1, 2]))
+    listed = extract_module._list_local
+
+    def mtime_only(pattern: str, has_glob: bool) -> list[SourceFile]:
+        return [dataclasses.replace(f, version=str(f.modified_ns)) for f in listed(pattern, has_glob)]
+
+    monkeypatch.setattr(extract_module, "_list_local", mtime_only)
+    run(project)
+    assert table_source_state(project.table(TABLE), BRANCH) == {str(a): str(a.stat().st_mtime_ns)}
+    monkeypatch.setattr(extract_module, "_list_local", listed)
+    snapshots = branch_snapshot_ids(project.table(TABLE), BRANCH)
+
+    metadata = materialization(run(project), "events")
+
+    assert metadata["nothing_new"] is True and metadata["rows_read"] == 0
+    assert branch_snapshot_ids(project.table(TABLE), BRANCH) == snapshots
+    # a real change after the upgrade is still seen (a new modification time)
+    project.write_data("events/a.csv", csv_text([1, 2, 3], tag="v2"))
+    touch(a, 5)
+    metadata = materialization(run(project), "events")
+    assert metadata["replaced_sources"] == [str(a)]
+    assert iceberg_rows(project.table(TABLE), BRANCH) == expected_rows([a])
+    assert table_source_state(project.table(TABLE), BRANCH) == {str(a): f"{a.stat().st_mtime_ns}:{a.stat().st_size}"}
+
+
+def test_select_files_matches_an_mtime_only_version_to_the_same_mtime_at_any_size() -> None:
+    committed = {"/a": "100", "/b": "100", "/c": "100:7", "/s3": '"etag1"'}
+    listed = [SourceFile("/a", 7, "100:7", 100), SourceFile("/b", 7, "101:7", 101), SourceFile("/c", 8, "100:8", 100),
+              SourceFile("/s3", 7, '"etag1"', 100)]
+
+    selection = select_files(listed, committed, lookback_days=0, now=NOW)
+
+    assert (selection.unchanged, selection.changed) == (["/a", "/s3"], ["/b", "/c"])
 
 
 def test_the_quarantined_rows_of_a_changed_file_are_replaced_too(project: Project) -> None:

@@ -142,7 +142,9 @@ def test_json_logs_of_a_run_carry_asset_run_step_event_and_counts(tmp_path: Path
     assert validation["counts"]["id:invalid_integer"] == 1
     reconciliation = _one(lines, asset="good", event="ASSET_CHECK_EVALUATION", check="reconciliation")
     assert reconciliation["passed"] is True
-    assert reconciliation["counts"] == {"rows_read": 2, "rows_committed": 2, "rows_rejected": 0}
+    assert reconciliation["counts"] == {"rows_read": 2, "rows_written": 2, "rows_committed": 2, "rows_rejected": 0,
+                                        "records_added_by_commit": 2, "records_removed_by_commit": 0,
+                                        "table_rows_before": 0, "table_rows_after": 2}
 
     # every step's success with its duration; the progress messages of extract as plain log events
     for asset in ("good", "warned"):
