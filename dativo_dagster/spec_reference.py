@@ -132,7 +132,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "utf-16",
     ),
     "source.options.header": (
-        "`true`: the first line names the columns; `false`: columns are taken in schema order.",
+        "`true`: the first line names the columns; `false`: columns are taken in schema order. With `true`, a"
+        " file without a header (zero bytes, or only a BOM or line breaks) is nothing readable: the run fails"
+        " naming it (exit 2); a header-only file is a valid empty file. With `false`, such a file has no rows.",
         "false",
     ),
     "source.options.null_values": (

@@ -114,6 +114,25 @@ def test_nothing_readable_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert lines[1] == f"missing: FAILED at extract: {project.data_dir / 'missing.csv'}: source file not found"
 
 
+def test_a_zero_byte_file_is_nothing_readable_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CONTRACT 3: zero bytes where a header is expected fails the run naming the file; the table stays as it was."""
+    from dativo_dagster.cli import main
+
+    project = make_project(tmp_path / "p", "good")
+    project.write_spec(base_spec("good", source={"type": "csv", "files": [{"path": "data/*.csv"}]}))
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 0
+    head = project.table("testdomain.good").snapshot_by_name("acme").snapshot_id
+    capsys.readouterr()
+    project.write_data("empty.csv", "")
+    project.write_data("more.csv", "id,name\n3,Cy\n")
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 2
+    out = capsys.readouterr().out
+    assert f"good: FAILED at extract: {project.data_dir / 'empty.csv'}: nothing readable" in out, out
+    table = project.table("testdomain.good")
+    assert table.snapshot_by_name("acme").snapshot_id == head
+    assert sorted(row["id"] for row in branch_rows(table, "acme")) == [1, 2]
+
+
 def test_unknown_selection_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dativo_dagster.cli import main
 
