@@ -65,6 +65,9 @@ _MAX_US = (datetime(9999, 12, 31, 23, 59, 59, 999999) - _EPOCH) // _ONE_US
 _MIN_DAY = (datetime(1, 1, 1) - _EPOCH).days
 _MAX_DAY = (datetime(9999, 12, 31) - _EPOCH).days
 
+# The smallest normal double (sys.float_info.min): below it a double keeps fewer than 53 significant bits.
+_FLOAT_MIN_NORMAL = 2.2250738585072014e-308
+
 _TS = pa.timestamp("us")
 _TSTZ = pa.timestamp("us", tz="UTC")
 
@@ -297,7 +300,34 @@ def _parse_float(work: pa.Array, column_type: ColumnType, fmt: str | None, blob:
         if _any(over):
             values = _keep(values, pc.invert(over))
             checks.append((over, ErrorKind.OUT_OF_RANGE))
+    tiny = pc.less(pc.abs(values), _FLOAT_MIN_NORMAL)
+    if _any(tiny):
+        under = _float_underflow(work, values, tiny)
+        if under is not None:
+            values = _keep(values, pc.invert(under))
+            checks.append((under, ErrorKind.OUT_OF_RANGE))
     return values, checks
+
+
+def _float_underflow(work: pa.Array, values: pa.Array, tiny: pa.Array) -> pa.Array | None:
+    """Rows whose number lies below the smallest normal double, or None when there are none.
+
+    A subnormal result keeps fewer than 53 significant bits, and a non-zero text such as 1e-400 becomes 0.0:
+    either would silently change the value, like an overflow. Zero written as zero (0, -0.0, 0e-999) is fine.
+    ``tiny``: rows whose absolute value is below the smallest normal double (zeros included).
+    """
+    zero = pc.equal(values, 0.0)
+    under = pc.and_(tiny, pc.invert(zero))
+    if _any(pc.and_(tiny, zero)):
+        rows = pc.indices_nonzero(pc.fill_null(zero, False))
+        # only the zero rows' text is searched: a digit 1-9 before the exponent means a non-zero number
+        rounded = pc.match_substring_regex(pc.take(work, rows), r"^[+-]?[0.]*[1-9]")
+        if _any(rounded):
+            flags = np.zeros(len(values), dtype=bool)
+            flags[rows.to_numpy()[rounded.to_numpy(zero_copy_only=False)]] = True
+            under = pc.or_(under, pa.array(flags))
+    under = pc.fill_null(under, False)
+    return under if _any(under) else None
 
 
 def _parse_boolean(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:

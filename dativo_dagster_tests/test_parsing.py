@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -166,9 +167,20 @@ FLOAT_CASES = [
     ("0.1", 0.1, None),
     ("3.141592653589793", 3.141592653589793, None),
     ("1.7976931348623157e308", 1.7976931348623157e308, None),
-    ("4.9e-324", 5e-324, None),
     ("2.2250738585072014e-308", 2.2250738585072014e-308, None),
-    ("1e-400", 0.0, None),
+    ("-2.2250738585072014e-308", -2.2250738585072014e-308, None),
+    ("0e5", 0.0, None),
+    ("0e-999", 0.0, None),
+    ("-0e-999", -0.0, None),
+    ("000.000E+12", 0.0, None),
+    (".0", 0.0, None),
+    # below the smallest normal double: rounded to zero, or kept with fewer than 53 significant bits
+    ("1e-400", None, OOR),
+    ("-1e-400", None, OOR),
+    ("0.0001e-320", None, OOR),
+    ("4.9e-324", None, OOR),
+    ("1e-310", None, OOR),
+    ("2.2250738585072009e-308", None, OOR),
     ("NaN", math.nan, None),
     ("nan", math.nan, None),
     ("NAN", math.nan, None),
@@ -745,7 +757,11 @@ def _reference_float(text: str) -> tuple[object, str | None]:
     if not (numeric or named):
         return None, BAD_FLOAT
     number = float(text)
-    return (None, OOR) if numeric and math.isinf(number) else (number, None)
+    if numeric and (math.isinf(number) or (number != 0.0 and abs(number) < sys.float_info.min)):
+        return None, OOR  # overflow, or a subnormal result (precision lost)
+    if numeric and number == 0.0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+        return None, OOR  # a non-zero number that rounds to zero
+    return number, None
 
 
 def _reference_boolean(text: str) -> tuple[object, str | None]:
@@ -936,7 +952,11 @@ def test_floats_match_python_float(texts: list[str]) -> None:
     rows = parse(texts, "double")
     for text, (value, error) in zip(texts, rows, strict=True):
         expected = float(text)
-        if math.isinf(expected):  # rounding a spelling such as 1.798e+308 can leave the double range
+        # rounding a spelling such as 1.798e+308 can leave the double range; below the smallest normal double a
+        # value keeps fewer than 53 significant bits or becomes zero
+        if math.isinf(expected) or (expected != 0 and abs(expected) < sys.float_info.min):
+            assert (value, error) == (None, OOR)
+        elif expected == 0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
             assert (value, error) == (None, OOR)
         else:
             assert error is None
