@@ -142,6 +142,11 @@ class FieldSpec(_Model):
         default=None, min_length=1, description="strptime-style layout for date/timestamp text"
     )
 
+    @property
+    def is_pii(self) -> bool:
+        """Whether the field is classified PII (any case): its values are never shown outside the tables."""
+        return self.classification is not None and self.classification.strip().lower() == "pii"
+
     @field_validator("type", mode="before")
     @classmethod
     def _parse_type(cls, value: Any) -> ColumnType:

@@ -106,7 +106,12 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     ),
     "schema[].required": ("A null value (empty, or one of `null_values`) makes the row invalid.", "true"),
     "schema[].description": ("Column description in the asset's column schema in the UI.", "Primary key"),
-    "schema[].classification": ("Column classification, shown as a tag on the column in the UI.", "PII"),
+    "schema[].classification": (
+        "Column classification, shown as a tag on the column in the UI. `PII` (any case): a rejected value of the"
+        " field is never shown in failure messages, check metadata or logs, only its error kind, file, line and"
+        " length (nor is the raw text of an unparseable record of the spec); the quarantine table keeps it as written.",
+        "PII",
+    ),
     "schema[].format": (
         "strptime layout for date, timestamp or timestamptz text that is not ISO 8601; `%z`/`%Z` only for timestamptz.",
         '"%d/%m/%Y"',
