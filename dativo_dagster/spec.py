@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from dativo_dagster.errors import MAX_PATTERN_CHARS, SpecError, retryable_pattern_problem
+from dativo_dagster.layouts import layout_problems
 from dativo_dagster.types import ColumnType, TypeKind
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -169,8 +170,10 @@ class FieldSpec(_Model):
             raise SpecProblems(
                 [("format", f"only allowed on date, timestamp or timestamptz fields; this field is {self.type}")]
             )
-        if self.format is not None and self.type.kind is not TypeKind.TIMESTAMPTZ and ("%z" in self.format or "%Z" in self.format):
-            raise SpecProblems([("format", f"%z/%Z (a UTC offset) is only allowed on timestamptz, not on {self.type}")])
+        if self.format is not None:
+            problems = layout_problems(self.format, zoned=self.type.kind is TypeKind.TIMESTAMPTZ)
+            if problems:
+                raise SpecProblems([("format", f"{_shown(self.format)}: {problem}") for problem in problems])
         return self
 
 
