@@ -113,7 +113,18 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "PII",
     ),
     "schema[].format": (
-        "strptime layout for date, timestamp or timestamptz text that is not ISO 8601; `%z`/`%Z` only for timestamptz.",
+        "strptime layout for date, timestamp or timestamptz text that is not ISO 8601. A value read under it means"
+        " exactly what Python's `datetime.strptime(text, format)` makes of the trimmed text, and text strptime"
+        " refuses is rejected. Directives: `%Y` (exactly 4 digits), `%y` (00-68: 20xx, 69-99: 19xx), `%m`, `%d`,"
+        " `%H`, `%I` (with `%p` AM/PM in English, any case; without `%p` before noon), `%M`, `%S` (60 and 61 are"
+        " refused), `%f` (1-6 digits), `%z` (timestamptz only: `+hh:mm`, `+hhmm`, optional seconds, or `Z`;"
+        " applied, the value is stored in UTC; without `%z` a timestamptz is taken as UTC) and `%%`; any run of"
+        " whitespace matches any run of whitespace; letters match in any case. Missing fields default as in"
+        " Python (year 1900, month and day 1, time 00:00). Refused when the spec loads: `%Z` (a zone name is only"
+        " checked and dropped by strptime: use `%z`), locale-dependent names (`%b %B %a %A %c %x %X`), other"
+        " directives, a directive twice, `%Y` with `%y` or `%H` with `%I`, a lone `%`, non-ASCII text around"
+        " the directives. Only ASCII digits are read (strptime also takes other Unicode digits: such text is"
+        " rejected). A date must have a midnight time.",
         '"%d/%m/%Y"',
     ),
     "source": ("Where the rows come from.", "{type: csv, files: [{path: data/people.csv}]}"),
