@@ -55,7 +55,12 @@ class SourceError(TerminalError):
 
 
 class NothingToReadError(TerminalError):
-    """No source file matched the spec's paths."""
+    """No source file matched the spec's paths, or a file cannot hold a single record of the declared layout
+    (``path`` names it)."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: nothing readable: {message}" if path is not None else message)
 
 
 class ValidationFailedError(TerminalError):

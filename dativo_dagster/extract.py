@@ -278,7 +278,7 @@ class _Head:
     """What the first block of a file tells before pyarrow reads it."""
 
     header: list[str] | None  # the header record's names (header: true only)
-    empty: bool  # no record to read: no bytes, only a BOM or line breaks, or only the header
+    empty: bool  # no record to read: only the header, or (header: false) no bytes, only a BOM or line breaks
     header_lines: int = 0  # physical lines the header record spans (quoted names may hold line breaks)
 
 
@@ -287,6 +287,7 @@ def _read_head(source: SourceFile, options: CsvOptions, s3: S3Settings) -> _Head
 
     Raises:
         SourceError: the header does not decode, parse or name any column; names line 1.
+        NothingToReadError: a header is expected and the file has no record at all.
     """
     with _open(source, s3) as stream:
         head = stream.read(BLOCK_SIZE)
@@ -310,6 +311,13 @@ def _read_head(source: SourceFile, options: CsvOptions, s3: S3Settings) -> _Head
         ) from None
     text = text.removeprefix("\ufeff")
     if whole and not text.strip("\r\n"):
+        if options.header:
+            # CONTRACT 3: not even a header where one is expected; a header-only file is a valid empty file
+            raise NothingToReadError(
+                "no header record (the file holds no bytes, or only a byte order mark or line breaks);"
+                " a file with no rows still needs its header line",
+                path=source.uri,
+            )
         return _Head(header=None, empty=True)
     if not options.header:
         return _Head(header=None, empty=False)
@@ -413,6 +421,7 @@ def read_source_file(
     Raises:
         SourceError: the file cannot be opened or decoded, its header names a column twice, or a record
             is longer than ``MAX_BLOCK_SIZE``; names the file and line.
+        NothingToReadError: a header is expected and the file has none (zero bytes, only a BOM or line breaks).
     """
     schema = text_schema(fields)
     head = _read_head(source, options, s3)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dativo_dagster.layouts import REST, directives, layout_pattern, layout_problems
 from dativo_dagster.types import ColumnType, TypeKind
 
 
@@ -65,6 +65,9 @@ _MAX_US = (datetime(9999, 12, 31, 23, 59, 59, 999999) - _EPOCH) // _ONE_US
 _MIN_DAY = (datetime(1, 1, 1) - _EPOCH).days
 _MAX_DAY = (datetime(9999, 12, 31) - _EPOCH).days
 
+# The smallest normal double (sys.float_info.min): below it a double keeps fewer than 53 significant bits.
+_FLOAT_MIN_NORMAL = 2.2250738585072014e-308
+
 _TS = pa.timestamp("us")
 _TSTZ = pa.timestamp("us", tz="UTC")
 
@@ -106,8 +109,9 @@ def parse_column(
     if fmt is not None:
         if column_type.kind not in _FORMAT_KINDS:
             raise ValueError(f"format {fmt!r} only applies to date, timestamp and timestamptz, not {column_type}")
-        if column_type.kind is not TypeKind.TIMESTAMPTZ and re.search(r"%[zZ]", fmt.replace("%%", "")):
-            raise ValueError(f"format {fmt!r} reads a UTC offset, which only timestamptz can hold")
+        problems = layout_problems(fmt, zoned=column_type.kind is TypeKind.TIMESTAMPTZ)
+        if problems:
+            raise ValueError(f"format {fmt!r}: {'; '.join(problems)}")
     if isinstance(text, pa.ChunkedArray):
         chunks = text.chunks or [pa.array([], pa.string())]
         parts = [_parse_array(chunk, column_type, null_values, required, fmt) for chunk in chunks]
@@ -297,7 +301,34 @@ def _parse_float(work: pa.Array, column_type: ColumnType, fmt: str | None, blob:
         if _any(over):
             values = _keep(values, pc.invert(over))
             checks.append((over, ErrorKind.OUT_OF_RANGE))
+    tiny = pc.less(pc.abs(values), _FLOAT_MIN_NORMAL)
+    if _any(tiny):
+        under = _float_underflow(work, values, tiny)
+        if under is not None:
+            values = _keep(values, pc.invert(under))
+            checks.append((under, ErrorKind.OUT_OF_RANGE))
     return values, checks
+
+
+def _float_underflow(work: pa.Array, values: pa.Array, tiny: pa.Array) -> pa.Array | None:
+    """Rows whose number lies below the smallest normal double, or None when there are none.
+
+    A subnormal result keeps fewer than 53 significant bits, and a non-zero text such as 1e-400 becomes 0.0:
+    either would silently change the value, like an overflow. Zero written as zero (0, -0.0, 0e-999) is fine.
+    ``tiny``: rows whose absolute value is below the smallest normal double (zeros included).
+    """
+    zero = pc.equal(values, 0.0)
+    under = pc.and_(tiny, pc.invert(zero))
+    if _any(pc.and_(tiny, zero)):
+        rows = pc.indices_nonzero(pc.fill_null(zero, False))
+        # only the zero rows' text is searched: a digit 1-9 before the exponent means a non-zero number
+        rounded = pc.match_substring_regex(pc.take(work, rows), r"^[+-]?[0.]*[1-9]")
+        if _any(rounded):
+            flags = np.zeros(len(values), dtype=bool)
+            flags[rows.to_numpy()[rounded.to_numpy(zero_copy_only=False)]] = True
+            under = pc.or_(under, pa.array(flags))
+    under = pc.fill_null(under, False)
+    return under if _any(under) else None
 
 
 def _parse_boolean(work: pa.Array, column_type: ColumnType, fmt: str | None, blob: bytes) -> tuple[pa.Array, _Checks]:
@@ -512,88 +543,101 @@ def _real_day(src: pa.Array) -> pa.Array:
 
 
 def _strptime(work: pa.Array, fmt: str) -> tuple[pa.Array, pa.Array]:
-    """Parse with Arrow's strptime, refusing what it silently rolls over.
+    """Read text exactly as ``datetime.strptime(text, fmt)`` does, vectorised.
 
-    Returns timestamps (naive, or UTC when fmt has %z) and the mask of refused rows.
+    One RE2 pass (:func:`layout_pattern`) splits each text into the directives' fields the way Python's own
+    pattern does (same alternatives, leftmost-first) and keeps what follows the match, which Python refuses.
+    The fields then become a value as Python computes it: %y 69-99 is 19xx and 00-68 20xx, a missing year
+    1900, month or day 1, %I without %p or with 'am' is before noon, %p without %I is ignored, %f is a
+    fraction padded to microseconds; the day must exist in its month and seconds 60 and 61 are refused (as
+    ``datetime`` refuses them); %z is an offset under 24 hours whose colons are used consistently.
+
+    Returns:
+        Timestamps (naive; with %z, the UTC instant) and the mask of refused rows.
     """
-    stamps = pc.strptime(work, format=fmt, unit="us", error_is_null=True)
-    bad = pc.and_(pc.is_valid(work), pc.is_null(stamps))
-    suspicious = _maybe_rolled_over(work, stamps, fmt)
-    if suspicious is not None:
-        refused = _refuse_rolled_over(work, stamps, fmt, suspicious)
-        stamps = _keep(stamps, pc.invert(refused))
-        bad = pc.or_(bad, refused)
-    return stamps, bad
+    codes = directives(fmt)
+    fields = pc.extract_regex(work, layout_pattern(fmt))
+    valid = pc.is_valid(work)
+    ok = pc.and_(pc.is_valid(fields), pc.equal(pc.binary_length(pc.struct_field(fields, REST)), 0))
+    ok = pc.fill_null(ok, False)
+
+    def number(code: str, default: int) -> pa.Array:
+        if code not in codes:
+            return pa.repeat(default, len(work)).cast(pa.int64())
+        text = pc.ascii_ltrim(pc.struct_field(fields, code), characters=" ")  # %d takes ' 5'
+        return pc.cast(_keep(text, ok), pa.int64())
+
+    if "Y" in codes:
+        year = number("Y", 1900)
+    elif "y" in codes:
+        short = number("y", 0)
+        year = pc.add(short, pc.if_else(pc.less_equal(short, 68), 2000, 1900))
+    else:
+        year = pa.repeat(1900, len(work)).cast(pa.int64())
+    hour = number("H", 0)
+    if "I" in codes:
+        twelve = pc.if_else(pc.equal(number("I", 12), 12), 0, number("I", 12))
+        if "p" in codes:
+            pm = pc.equal(pc.ascii_lower(pc.struct_field(fields, "p")), "pm")
+            twelve = pc.add(twelve, pc.if_else(pm, 12, 0))
+        hour = twelve
+    second = number("S", 0)
+    leap = pc.fill_null(pc.greater(second, 59), False)
+    ok = pc.and_(ok, pc.invert(leap))
+    micros = pa.repeat(0, len(work)).cast(pa.int64())
+    if "f" in codes:
+        fraction = pc.utf8_rpad(pc.struct_field(fields, "f"), width=6, padding="0")
+        micros = pc.cast(_keep(fraction, ok), pa.int64())
+    day_text = pc.binary_join_element_wise(
+        pc.utf8_lpad(pc.cast(year, pa.string()), width=4, padding="0"),
+        pc.utf8_lpad(pc.cast(number("m", 1), pa.string()), width=2, padding="0"),
+        pc.utf8_lpad(pc.cast(number("d", 1), pa.string()), width=2, padding="0"),
+        "-",
+    )
+    days, impossible = _cast_calendar(_keep(day_text, ok), pa.date32())
+    ok = pc.and_(ok, pc.invert(pc.fill_null(impossible, False)))
+    total = pc.add(
+        pc.multiply(pc.cast(days.view(pa.int32()), pa.int64()), 86_400_000_000),
+        pc.add(
+            pc.add(pc.multiply(hour, 3_600_000_000), pc.multiply(number("M", 0), 60_000_000)),
+            pc.add(pc.multiply(second, 1_000_000), micros),
+        ),
+    )
+    if "z" in codes:
+        offset, good_offset = _utc_offsets(pc.struct_field(fields, "z"))
+        ok = pc.and_(ok, good_offset)
+        total = pc.subtract(total, offset)
+    stamps = pc.cast(_keep(total, ok), _TS)
+    return stamps, pc.and_(valid, pc.invert(ok))
 
 
-def _maybe_rolled_over(work: pa.Array, stamps: pa.Array, fmt: str) -> pa.Array | None:
-    """Rows that may have been rolled over, or None when there are none.
-
-    Arrow's strptime turns 30/02/2023 into 2 March and second 60 or 61 into the next minute (days 0 and 32,
-    hour 24 and minute 60 it refuses). So a rolled-over value can only be 1-3 March, the first of May, July,
-    October or December, or second 0 or 1, and its text holds 29, 30, 31, 60 or 61. With %z the local date
-    may differ from the UTC one by a day, so the neighbouring days count too.
-    """
-    directives = fmt.replace("%%", "")
-    local_days = [stamps]
-    if "%z" in directives:
-        one_day = pa.scalar(timedelta(days=1), pa.duration("us"))
-        local_days += [pc.subtract(stamps, one_day), pc.add(stamps, one_day)]
-    landing = None
-    for stamp in local_days:
-        month, day = pc.month(stamp), pc.day(stamp)
-        lands = pc.or_(
-            pc.and_(pc.equal(month, 3), pc.less_equal(day, 3)),
-            pc.and_(pc.is_in(month, value_set=pa.array([5, 7, 10, 12], pa.int64())), pc.equal(day, 1)),
-        )
-        landing = lands if landing is None else pc.or_(landing, lands)
-    if re.search(r"%[STcrX]", directives):
-        landing = pc.or_(landing, pc.less_equal(pc.second(stamps), 1))
-    landing = pc.fill_null(landing, False)
-    if not _any(landing):
-        return None
-    # Only the landing rows' text is searched for the numbers a rolled-over field must have been written with.
-    rows = pc.indices_nonzero(landing)
-    texts = pc.take(work, rows)
-    written = pc.match_substring_regex(texts, "29|3[01]|6[01]")
-    if not _any(written):
-        return None
-    return pc.replace_with_mask(landing, landing, written)
+_OFFSET_PARTS = (
+    r"^(?P<sign>[+-])(?P<hh>[0-9]{2})(?P<c1>:?)(?P<mm>[0-9]{2})"
+    r"(?:(?P<c2>:?)(?P<ss>[0-9]{2})(?:\.(?P<ff>[0-9]{1,6}))?)?$|^(?P<utc>Z)$"
+)
+_DAY_US = 86_400_000_000
 
 
-def _refuse_rolled_over(work: pa.Array, stamps: pa.Array, fmt: str, suspicious: pa.Array) -> pa.Array:
-    """Of the suspicious rows, those that are neither written exactly as their value formats back with fmt nor
-    read as the same instant by Python's strptime, which refuses impossible days and seconds.
+def _utc_offsets(text: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Microseconds east of UTC of %z text, and whether Python takes it: colons used consistently (both or
+    neither before minutes and seconds) and less than 24 hours (``datetime.timezone``'s limit)."""
+    parts = pc.extract_regex(text, _OFFSET_PARTS)
+    ss = pc.struct_field(parts, "ss")
+    has_seconds = pc.greater(pc.binary_length(ss), 0)
+    consistent = pc.or_(pc.invert(has_seconds), pc.equal(pc.struct_field(parts, "c1"), pc.struct_field(parts, "c2")))
 
-    Per-row Python runs only for suspicious rows that do not format back to their own text.
-    """
-    rows = pc.indices_nonzero(suspicious)
-    texts = pc.take(work, rows)
-    values = pc.take(stamps, rows)
-    try:
-        # strftime prints %S with the unit's fraction; whole seconds print as written.
-        formatted = pc.strftime(pc.cast(values, pa.timestamp("s", tz=values.type.tz)), format=fmt)
-        inexact = pc.invert(pc.fill_null(pc.equal(formatted, texts), False))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        inexact = pa.array([True] * len(rows), pa.bool_())
-    if not _any(inexact):
-        return pc.replace_with_mask(suspicious, suspicious, inexact)
-    to_check = pc.indices_nonzero(inexact)
-    unsure = pc.take(texts, to_check).to_pylist()
-    micros = pc.take(pc.cast(values, pa.int64()), to_check).to_pylist()
-    verdicts = [not _python_agrees(text, fmt, value) for text, value in zip(unsure, micros, strict=True)]
-    refused = pc.replace_with_mask(inexact, inexact, pa.array(verdicts, pa.bool_()))
-    return pc.replace_with_mask(suspicious, suspicious, refused)
+    def part(name: str) -> pa.Array:
+        return pc.cast(pc.if_else(pc.equal(pc.struct_field(parts, name), ""), "0", pc.struct_field(parts, name)), pa.int64())
 
-
-def _python_agrees(text: str, fmt: str, micros: int) -> bool:
-    try:
-        parsed = datetime.strptime(text, fmt)
-        if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    except (ValueError, OverflowError):
-        return False
-    return (parsed - _EPOCH) // _ONE_US == micros
+    fraction = pc.cast(pc.utf8_rpad(pc.struct_field(parts, "ff"), width=6, padding="0"), pa.int64())
+    size = pc.add(
+        pc.multiply(pc.add(pc.add(pc.multiply(part("hh"), 3600), pc.multiply(part("mm"), 60)), part("ss")), 1_000_000),
+        fraction,
+    )
+    size = pc.if_else(pc.equal(pc.struct_field(parts, "utc"), "Z"), 0, size)
+    signed = pc.if_else(pc.equal(pc.struct_field(parts, "sign"), "-"), pc.negate(size), size)
+    good = pc.fill_null(pc.and_(consistent, pc.less(size, _DAY_US)), False)
+    return pc.if_else(good, signed, 0), good
 
 
 _PARSERS: dict[TypeKind, _Parser] = {

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from dativo_dagster.errors import MAX_PATTERN_CHARS, SpecError, retryable_pattern_problem
+from dativo_dagster.layouts import layout_problems
 from dativo_dagster.types import ColumnType, TypeKind
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -142,6 +143,11 @@ class FieldSpec(_Model):
         default=None, min_length=1, description="strptime-style layout for date/timestamp text"
     )
 
+    @property
+    def is_pii(self) -> bool:
+        """Whether the field is classified PII (any case): its values are never shown outside the tables."""
+        return self.classification is not None and self.classification.strip().lower() == "pii"
+
     @field_validator("type", mode="before")
     @classmethod
     def _parse_type(cls, value: Any) -> ColumnType:
@@ -164,8 +170,10 @@ class FieldSpec(_Model):
             raise SpecProblems(
                 [("format", f"only allowed on date, timestamp or timestamptz fields; this field is {self.type}")]
             )
-        if self.format is not None and self.type.kind is not TypeKind.TIMESTAMPTZ and ("%z" in self.format or "%Z" in self.format):
-            raise SpecProblems([("format", f"%z/%Z (a UTC offset) is only allowed on timestamptz, not on {self.type}")])
+        if self.format is not None:
+            problems = layout_problems(self.format, zoned=self.type.kind is TypeKind.TIMESTAMPTZ)
+            if problems:
+                raise SpecProblems([("format", f"{_shown(self.format)}: {problem}") for problem in problems])
         return self
 
 

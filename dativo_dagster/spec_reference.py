@@ -106,9 +106,25 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     ),
     "schema[].required": ("A null value (empty, or one of `null_values`) makes the row invalid.", "true"),
     "schema[].description": ("Column description in the asset's column schema in the UI.", "Primary key"),
-    "schema[].classification": ("Column classification, shown as a tag on the column in the UI.", "PII"),
+    "schema[].classification": (
+        "Column classification, shown as a tag on the column in the UI. `PII` (any case): a rejected value of the"
+        " field is never shown in failure messages, check metadata or logs, only its error kind, file, line and"
+        " length (nor is the raw text of an unparseable record of the spec); the quarantine table keeps it as written.",
+        "PII",
+    ),
     "schema[].format": (
-        "strptime layout for date, timestamp or timestamptz text that is not ISO 8601; `%z`/`%Z` only for timestamptz.",
+        "strptime layout for date, timestamp or timestamptz text that is not ISO 8601. A value read under it means"
+        " exactly what Python's `datetime.strptime(text, format)` makes of the trimmed text, and text strptime"
+        " refuses is rejected. Directives: `%Y` (exactly 4 digits), `%y` (00-68: 20xx, 69-99: 19xx), `%m`, `%d`,"
+        " `%H`, `%I` (with `%p` AM/PM in English, any case; without `%p` before noon), `%M`, `%S` (60 and 61 are"
+        " refused), `%f` (1-6 digits), `%z` (timestamptz only: `+hh:mm`, `+hhmm`, optional seconds, or `Z`;"
+        " applied, the value is stored in UTC; without `%z` a timestamptz is taken as UTC) and `%%`; any run of"
+        " whitespace matches any run of whitespace; letters match in any case. Missing fields default as in"
+        " Python (year 1900, month and day 1, time 00:00). Refused when the spec loads: `%Z` (a zone name is only"
+        " checked and dropped by strptime: use `%z`), locale-dependent names (`%b %B %a %A %c %x %X`), other"
+        " directives, a directive twice, `%Y` with `%y` or `%H` with `%I`, a lone `%`, non-ASCII text around"
+        " the directives. Only ASCII digits are read (strptime also takes other Unicode digits: such text is"
+        " rejected). A date must have a midnight time.",
         '"%d/%m/%Y"',
     ),
     "source": (
@@ -135,7 +151,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "utf-16",
     ),
     "source.options.header": (
-        "`true`: the first line names the columns; `false`: columns are taken in schema order.",
+        "`true`: the first line names the columns; `false`: columns are taken in schema order. With `true`, a"
+        " file without a header (zero bytes, or only a BOM or line breaks) is nothing readable: the run fails"
+        " naming it (exit 2); a header-only file is a valid empty file. With `false`, such a file has no rows.",
         "false",
     ),
     "source.options.null_values": (

@@ -21,11 +21,24 @@ MAX_EXAMPLE_CHARS = 200  # examples go into failure messages and check metadata;
 
 
 class RejectExample(BaseModel):
-    """One failing value with where it came from."""
+    """One failing value with where it came from.
+
+    A value of a field classified PII (or the raw text of a record that holds one) is never kept here: the
+    example has ``withheld`` set and only the value's length, since examples go into failure messages, check
+    metadata and logs. The rejects table keeps the record as written.
+    """
 
     file: str
     line: int
     value: str | None
+    withheld: bool = False
+    length: int | None = None  # characters of a withheld value
+
+    def shown(self) -> str:
+        """The value as messages show it: quoted, or that a PII value was withheld."""
+        if self.withheld:
+            return f"PII value withheld, {self.length:,} characters"
+        return repr(self.value)
 
 
 class FieldErrors(BaseModel):
@@ -65,7 +78,7 @@ class ValidationReport(BaseModel):
         """Human-readable lines: one per failing field and error kind, with examples."""
         lines = [f"{self.rows_rejected} of {self.rows_read} rows are invalid:"]
         for entry in sorted(self.errors, key=lambda e: (-e.count, e.field, e.kind))[:limit]:
-            shown = "; ".join(f"{ex.file}, line {ex.line}: {ex.value!r}" for ex in entry.examples)
+            shown = "; ".join(f"{ex.file}, line {ex.line}: {ex.shown()}" for ex in entry.examples)
             lines.append(f"  {entry.field}: {entry.kind} x{entry.count} (e.g. {shown})")
         return "\n".join(lines)
 
@@ -124,9 +137,17 @@ def validate_batch(
             invalid = pc.or_(invalid, has_error)
             prefixed = _prefixed(f.name, errors)
             reasons = prefixed if reasons is None else _join_reasons(reasons, prefixed)
-            _tally_field(tally, f.name, errors, text, batch)
+            _tally_field(tally, f.name, errors, text, batch, withheld=f.is_pii)
     if any_unparseable:
-        _tally_field(tally, "(record)", pc.if_else(unparseable, UNPARSEABLE, None), batch.column(RAW_RECORD), batch)
+        # the raw text holds every field's value, so it is withheld when any field is PII
+        _tally_field(
+            tally,
+            "(record)",
+            pc.if_else(unparseable, UNPARSEABLE, None),
+            batch.column(RAW_RECORD),
+            batch,
+            withheld=any(f.is_pii for f in fields),
+        )
     typed.append(batch.column(SOURCE_FILE))
     valid = pa.RecordBatch.from_arrays(typed, schema=typed_schema(fields))
     if reasons is not None:
@@ -162,6 +183,8 @@ def _tally_field(
     errors: pa.Array,
     text: pa.Array,
     batch: pa.RecordBatch,
+    *,
+    withheld: bool,
 ) -> None:
     counts = pc.value_counts(pc.drop_null(errors))
     for item in counts.to_pylist():
@@ -170,8 +193,16 @@ def _tally_field(
         first = idx.slice(0, MAX_EXAMPLES)
         files = batch.column(SOURCE_FILE).take(first).to_pylist()
         lines = batch.column(SOURCE_LINE).take(first).to_pylist()
-        values = text.take(first).to_pylist()
-        examples = [RejectExample(file=f, line=ln, value=_shortened(v)) for f, ln, v in zip(files, lines, values)]
+        if withheld:
+            # only the lengths leave the batch: a PII value never reaches a message, metadata or log
+            lengths = pc.utf8_length(text.take(first)).to_pylist()
+            examples = [
+                RejectExample(file=f, line=ln, value=None, withheld=n is not None, length=n)
+                for f, ln, n in zip(files, lines, lengths)
+            ]
+        else:
+            values = text.take(first).to_pylist()
+            examples = [RejectExample(file=f, line=ln, value=_shortened(v)) for f, ln, v in zip(files, lines, values)]
         old_count, old_examples = tally.get((field, kind), (0, []))
         tally[(field, kind)] = (old_count + count, (old_examples + examples)[:MAX_EXAMPLES])
 

@@ -114,6 +114,85 @@ def test_nothing_readable_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert lines[1] == f"missing: FAILED at extract: {project.data_dir / 'missing.csv'}: source file not found"
 
 
+def test_a_zero_byte_file_is_nothing_readable_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CONTRACT 3: zero bytes where a header is expected fails the run naming the file; the table stays as it was."""
+    from dativo_dagster.cli import main
+
+    project = make_project(tmp_path / "p", "good")
+    project.write_spec(base_spec("good", source={"type": "csv", "files": [{"path": "data/*.csv"}]}))
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 0
+    head = project.table("testdomain.good").snapshot_by_name("acme").snapshot_id
+    capsys.readouterr()
+    project.write_data("empty.csv", "")
+    project.write_data("more.csv", "id,name\n3,Cy\n")
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 2
+    out = capsys.readouterr().out
+    assert f"good: FAILED at extract: {project.data_dir / 'empty.csv'}: nothing readable" in out, out
+    table = project.table("testdomain.good")
+    assert table.snapshot_by_name("acme").snapshot_id == head
+    assert sorted(row["id"] for row in branch_rows(table, "acme")) == [1, 2]
+
+
+SECRET_SSN = "987-65-4320"
+SECRET_BIRTH = "1984-13-01"
+
+
+def pii_project(root: Path, mode: str) -> Project:
+    """One spec whose PII fields (classification in two spellings) get values that are rejected."""
+    project = Project(root)
+    schema = [
+        {"name": "id", "type": "integer", "required": True},
+        {"name": "ssn", "type": "integer", "classification": "PII"},
+        {"name": "born", "type": "date", "classification": "pii"},
+        {"name": "name", "type": "string"},
+    ]
+    project.write_spec(base_spec("people", schema=schema, schema_validation_mode=mode))
+    project.write_data("people.csv", f"id,ssn,born,name\n1,{SECRET_SSN},1980-01-01,Ann\n2,7,{SECRET_BIRTH},Bob\n"
+                                     "x3,8,1990-02-02,Cy\n4,9,1970-03-03,Dee,{SECRET_SSN}\n")
+    return project
+
+
+def test_pii_values_never_reach_the_command_line_output_or_logs(tmp_path: Path) -> None:
+    """CONTRACT 3 / classification: a PII field's rejected value shows its kind, file and line, never the value."""
+    projects = {mode: pii_project(tmp_path / mode, mode) for mode in ("strict", "warn")}
+    runs = {mode: start(p.specs_dir, "--log-level", "DEBUG") for mode, p in projects.items()}
+    out = {mode: proc.communicate(timeout=120) for mode, proc in runs.items()}
+    assert {mode: proc.returncode for mode, proc in runs.items()} == {"strict": 2, "warn": 1}, out
+    where = projects["strict"].data_dir / "people.csv"
+    strict = out["strict"][0] + out["strict"][1]
+    assert f"ssn: invalid_integer x1 (e.g. {where}, line 2: PII value withheld, 11 characters)" in strict, strict
+    assert f"born: invalid_date x1 (e.g. {where}, line 3: PII value withheld, 10 characters)" in strict, strict
+    assert f"(record): unparseable_record x1 (e.g. {where}, line 5: PII value withheld," in strict, strict
+    assert f"id: invalid_integer x1 (e.g. {where}, line 4: 'x3')" in strict, strict  # not PII: shown
+    for mode in ("strict", "warn"):
+        both = out[mode][0] + out[mode][1]
+        assert "DEBUG" in both or "INFO" in both, both  # the logs were there to be searched
+        assert SECRET_SSN not in both and SECRET_BIRTH not in both, both
+    # the quarantine keeps the records as written
+    rejects = branch_rows(projects["warn"].table("testdomain.people__rejects"), "acme")
+    assert sorted((r["_source_line"], r["ssn"], r["born"]) for r in rejects) == [
+        (2, SECRET_SSN, "1980-01-01"), (3, "7", SECRET_BIRTH), (4, "8", "1990-02-02"), (5, None, None)
+    ]
+
+
+def test_pii_values_never_reach_the_check_metadata_or_the_failure(tmp_path: Path) -> None:
+    for mode in ("warn", "strict"):
+        project = pii_project(tmp_path / mode, mode)
+        result = project.materialize()
+        assert result.success is (mode == "warn")
+        [check] = [c for c in result.get_asset_check_evaluations() if c.check_name == "validation"]
+        shown = repr({k: v.value for k, v in check.metadata.items()})
+        for failure in result.get_step_failure_events():
+            data = failure.event_specific_data
+            user = data.user_failure_data if data is not None else None
+            shown += repr(failure.message) + (repr(user.description) + repr(user.metadata) if user else "")
+            shown += repr(data.error.message if data is not None and data.error is not None else "")
+        assert check.metadata["ssn:invalid_integer"].value == 1 and check.metadata["born:invalid_date"].value == 1
+        assert "line 2: `PII value withheld, 11 characters`" in check.metadata["first_errors"].value
+        assert "line 4: `'x3'`" in check.metadata["first_errors"].value
+        assert SECRET_SSN not in shown and SECRET_BIRTH not in shown, shown
+
+
 def test_unknown_selection_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dativo_dagster.cli import main
 

@@ -194,20 +194,16 @@ def test_ragged_first_record_without_header(tmp_path):
         (b"id,name,city\n", True),
         (b"id,name,city", True),
         (b"id,name,city\r\n", True),
-        (b"", True),
         (b"", False),
-        (b"\xef\xbb\xbf", True),
-        (b"\n\n", True),
+        (b"\n\n", False),
         ("id,name,city".encode("utf-16"), True),
     ],
     ids=[
         "header-only",
         "header-no-newline",
         "header-crlf",
-        "zero-bytes",
         "zero-bytes-no-header",
-        "bom-only",
-        "only-newlines",
+        "only-newlines-no-header",
         "utf16-header-only",
     ],
 )
@@ -220,7 +216,24 @@ def test_files_without_records_give_zero_rows(tmp_path, content, header):
 
 def test_case_files_without_records():
     assert read(CSV_CASES / "header_only.csv")[0] == []
-    assert read(CSV_CASES / "empty.csv")[0] == []
+    assert read(CSV_CASES / "empty.csv", header=False)[0] == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\xef\xbb\xbf", b"\n\n", b"\r\n", "".encode("utf-16")],
+    ids=["zero-bytes", "bom-only", "only-newlines", "only-crlf", "utf16-bom-only"],
+)
+def test_a_file_without_the_expected_header_is_nothing_readable(tmp_path, content):
+    """CONTRACT 3: no header record where one is expected cannot hold a record of the declared layout; a
+    header-only file (above) stays a valid empty file."""
+    path = write_bytes(tmp_path, "nothing.csv", content)
+    encoding = "utf-16" if content.startswith(b"\xff\xfe") else "utf-8"
+    with pytest.raises(NothingToReadError) as info:
+        read(path, encoding=encoding)
+    assert str(info.value).startswith(f"{path.resolve()}: ")
+    assert "no header record" in str(info.value)
+    assert info.value.path == str(path.resolve())
 
 
 def test_header_with_a_quoted_line_break_is_one_record(tmp_path):

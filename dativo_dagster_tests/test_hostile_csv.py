@@ -271,7 +271,21 @@ def test_header_in_utf16_and_body_in_utf8(project: Project, mode: str) -> None:
     assert reject["_raw_record"] == "1,Ann\n2,Bob\n".encode().decode("utf-16-le")
 
 
-@pytest.mark.parametrize("content", [b"", b"id,name\n", b"\xef\xbb\xbfid,name\r\n"], ids=["zero-bytes", "header-only", "bom-header"])
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf", b"\n"], ids=["zero-bytes", "bom-only", "newline-only"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_without_its_header_is_nothing_readable_and_changes_nothing(
+    project: Project, mode: str, content: bytes
+) -> None:
+    """CONTRACT 3: zero bytes where a header is expected fails the run naming the file, in either mode."""
+    case = HostileProject(project, mode)
+    result, where = case.run(content)
+    assert not result.success
+    text = failure_text(result)
+    assert f"{where}: nothing readable: no header record" in text, text
+    case.assert_unchanged()
+
+
+@pytest.mark.parametrize("content", [b"id,name\n", b"\xef\xbb\xbfid,name\r\n"], ids=["header-only", "bom-header"])
 @pytest.mark.parametrize("mode", MODES)
 def test_files_without_records_succeed_and_add_no_rows(project: Project, mode: str, content: bytes) -> None:
     """The file is recorded as read (a snapshot without data files), so the next run finds nothing new."""
@@ -488,7 +502,10 @@ LIMIT_CASES: list[tuple[str, str, Any]] = [
     ("x", "1.7976931348623157e308", 1.7976931348623157e308),
     ("x", "1e309", "out_of_range"),
     ("x", "-1e309", "out_of_range"),
-    ("x", "5e-324", 5e-324),
+    ("x", "5e-324", "out_of_range"),
+    ("x", "1e-400", "out_of_range"),
+    ("x", "2.2250738585072014e-308", 2.2250738585072014e-308),
+    ("x", "0e-999", 0.0),
     ("x", "NaN", math.nan),
     ("x", "-Infinity", -math.inf),
     ("x", "inf", math.inf),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dativo_dagster import layouts as layout_module
 from dativo_dagster.parsing import ErrorKind, ParsedColumn, parse_column
 from dativo_dagster.types import ColumnType
 
@@ -166,9 +168,20 @@ FLOAT_CASES = [
     ("0.1", 0.1, None),
     ("3.141592653589793", 3.141592653589793, None),
     ("1.7976931348623157e308", 1.7976931348623157e308, None),
-    ("4.9e-324", 5e-324, None),
     ("2.2250738585072014e-308", 2.2250738585072014e-308, None),
-    ("1e-400", 0.0, None),
+    ("-2.2250738585072014e-308", -2.2250738585072014e-308, None),
+    ("0e5", 0.0, None),
+    ("0e-999", 0.0, None),
+    ("-0e-999", -0.0, None),
+    ("000.000E+12", 0.0, None),
+    (".0", 0.0, None),
+    # below the smallest normal double: rounded to zero, or kept with fewer than 53 significant bits
+    ("1e-400", None, OOR),
+    ("-1e-400", None, OOR),
+    ("0.0001e-320", None, OOR),
+    ("4.9e-324", None, OOR),
+    ("1e-310", None, OOR),
+    ("2.2250738585072009e-308", None, OOR),
     ("NaN", math.nan, None),
     ("nan", math.nan, None),
     ("NAN", math.nan, None),
@@ -642,9 +655,19 @@ FORMAT_CASES = [
     ("date", "%d/%m/%Y", "15/01/0000", None, OOR),
     ("date", "%d/%m/%Y %H:%M", "15/01/2024 00:00", date(2024, 1, 15), None),
     ("date", "%d/%m/%Y %H:%M", "15/01/2024 10:30", None, BAD_DATE),
-    ("date", "%d %b %Y", "15 Jan 2024", date(2024, 1, 15), None),
-    ("date", "%d %b %Y", "01 mar 2024", date(2024, 3, 1), None),
-    ("date", "%d %b %Y", "30 Feb 2023", None, BAD_DATE),
+    # %Y is exactly four digits, as in Python (Arrow's own strptime took '24' as the year 24)
+    ("date", "%d/%m/%Y", "15/01/24", None, BAD_DATE),
+    ("date", "%d/%m/%Y", "15/01/02024", None, BAD_DATE),
+    ("date", "%d/%m/%y", "15/01/24", date(2024, 1, 15), None),
+    ("date", "%d/%m/%y", "15/01/68", date(2068, 1, 15), None),
+    ("date", "%d/%m/%y", "15/01/69", date(1969, 1, 15), None),
+    ("date", "%d/%m/%y", "15/01/2024", None, BAD_DATE),
+    ("date", "%d.%m.%Y", "15.01.2024", date(2024, 1, 15), None),
+    ("date", "%d.%m.%Y", "15x01x2024", None, BAD_DATE),
+    ("date", "%d %m %Y", "15 \t 01\n2024", date(2024, 1, 15), None),
+    ("date", "%d/%m", "29/02", None, BAD_DATE),  # no year: 1900, as in Python
+    ("date", "%d/%m", "28/02", date(1900, 2, 28), None),
+    ("date", "%d/%m/%Y", "١٥/01/2024", None, BAD_DATE),  # only ASCII digits
     ("date", "%Y%m%d", "20240115", date(2024, 1, 15), None),
     ("date", "%Y%m%d", "20230229", None, BAD_DATE),
     ("timestamp", "%d/%m/%Y %H:%M", "15/01/2024 10:30", datetime(2024, 1, 15, 10, 30), None),
@@ -670,6 +693,24 @@ FORMAT_CASES = [
     ("timestamptz", "%d/%m/%Y %H:%M %z", "30/02/2023 00:30 +0100", None, BAD_TSTZ),
     ("timestamptz", "%d/%m/%Y %H:%M %z", "29/02/2023 23:30 -0100", None, BAD_TSTZ),
     ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30", None, BAD_TSTZ),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 +02:00", utc(2024, 1, 15, 8, 30), None),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 Z", utc(2024, 1, 15, 10, 30), None),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 z", None, BAD_TSTZ),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 +01:00:30.5", utc(2024, 1, 15, 9, 29, 29, 500000), None),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 +0100:30", None, BAD_TSTZ),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 +01:0030", None, BAD_TSTZ),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 +2400", None, BAD_TSTZ),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 +2359", utc(2024, 1, 14, 10, 31), None),
+    ("timestamptz", "%d/%m/%Y %H:%M %z", "15/01/2024 10:30 CET", None, BAD_TSTZ),
+    ("timestamptz", "%Y-%m-%d %H:%M:%S.%f%z", "2024-01-15 10:00:00.5-0130", utc(2024, 1, 15, 11, 30, 0, 500000), None),
+    ("timestamp", "%Y-%m-%dT%H:%M:%S.%f", "2024-01-15t10:00:00.000123", datetime(2024, 1, 15, 10, 0, 0, 123), None),
+    ("timestamp", "%Y-%m-%dT%H:%M:%S.%f", "2024-01-15T10:00:00.1234567", None, BAD_TS),
+    ("timestamp", "%m/%d/%Y %I:%M %p", "01/15/2024 12:30 pm", datetime(2024, 1, 15, 12, 30), None),
+    ("timestamp", "%m/%d/%Y %I:%M %p", "01/15/2024 13:30 PM", None, BAD_TS),
+    ("timestamp", "%m/%d/%Y %I:%M", "01/15/2024 12:30", datetime(2024, 1, 15, 0, 30), None),  # no %p: before noon
+    ("timestamp", "%Y%m%d%H%M", "202401151030", datetime(2024, 1, 15, 10, 30), None),
+    ("timestamp", "%Y%m%d%H%M", "20240115130", datetime(2024, 1, 15, 13, 0), None),  # Python splits it so too
+    ("timestamp", "100%% %Y", "100% 2024", datetime(2024, 1, 1), None),
 ]
 
 
@@ -745,7 +786,11 @@ def _reference_float(text: str) -> tuple[object, str | None]:
     if not (numeric or named):
         return None, BAD_FLOAT
     number = float(text)
-    return (None, OOR) if numeric and math.isinf(number) else (number, None)
+    if numeric and (math.isinf(number) or (number != 0.0 and abs(number) < sys.float_info.min)):
+        return None, OOR  # overflow, or a subnormal result (precision lost)
+    if numeric and number == 0.0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+        return None, OOR  # a non-zero number that rounds to zero
+    return number, None
 
 
 def _reference_boolean(text: str) -> tuple[object, str | None]:
@@ -920,6 +965,105 @@ def decimal_texts(draw: st.DrawFn) -> tuple[str, str]:
 FAST = settings(max_examples=200, deadline=None)
 
 
+# --- format: the project's reading equals datetime.strptime for every supported directive -----------------------
+
+LAYOUT_DIRECTIVES = ("%Y", "%y", "%m", "%d", "%H", "%I", "%p", "%M", "%S", "%f", "%z")
+LAYOUT_SEPARATORS = ("", "-", "/", ":", " ", "T", ".", "  ", "\t", "%%", "at")
+JUNK_CHARS = "0123456789 \t+-:./TZzaApPmM\xa0\u3000٣x"
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[str, str]:
+    """A type name and a layout of distinct supported directives, as a spec may declare them."""
+    type_name = draw(st.sampled_from(["date", "timestamp", "timestamptz"]))
+    chosen = draw(st.lists(st.sampled_from(LAYOUT_DIRECTIVES), min_size=1, max_size=7, unique=True))
+    chosen = [d for d in chosen if not (d == "%y" and "%Y" in chosen) and not (d == "%I" and "%H" in chosen)]
+    if type_name != "timestamptz":
+        chosen = [d for d in chosen if d != "%z"] or ["%d"]
+    parts = [draw(st.sampled_from(LAYOUT_SEPARATORS))]
+    for directive in chosen:
+        parts += [directive, draw(st.sampled_from(LAYOUT_SEPARATORS))]
+    return type_name, "".join(parts)
+
+
+@st.composite
+def layout_texts(draw: st.DrawFn, fmt: str) -> str:
+    """Text written with ``fmt`` from a random instant, then maybe truncated, (un)padded, edited or wrapped in junk."""
+    zone = draw(
+        st.sampled_from([None, UTC])
+        | st.integers(-1439, 1439).map(lambda m: timezone(timedelta(minutes=m)))
+        | st.integers(-86399, 86399).map(lambda s: timezone(timedelta(seconds=s)))
+    )
+    moment = draw(st.datetimes(min_value=datetime(1000, 1, 1), max_value=datetime(9998, 12, 31)))
+    text = moment.replace(tzinfo=zone).strftime(fmt)
+    if zone is not None and draw(st.booleans()):
+        text = re.sub(r"([+-]\d\d)(\d\d)", r"\1:\2", text)  # %z also reads +hh:mm
+    junk = st.text(JUNK_CHARS, max_size=3)
+    edit = draw(st.sampled_from(["none", "truncate", "unpad", "pad", "replace", "insert", "bump", "bump", "bump", "junk"]))
+    if edit == "truncate" and text:
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    elif edit == "unpad":
+        text = re.sub(r"(?<![0-9])0(?=[0-9])", "", text, count=draw(st.integers(1, 3)))
+    elif edit == "pad":
+        text = re.sub(r"(?<![0-9])(?=[0-9])", "0", text, count=draw(st.integers(1, 2)))
+    elif edit == "replace" and text:
+        at = draw(st.integers(0, len(text) - 1))
+        text = text[:at] + draw(st.sampled_from(JUNK_CHARS)) + text[at + 1 :]
+    elif edit == "insert":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from(JUNK_CHARS)) + text[at:]
+    elif edit == "bump" and re.search(r"[0-9]{2}", text):
+        # a field at or past its limit: leap seconds, day 29-31 in short months, hour 24, month 13...
+        spots = [m.start() for m in re.finditer(r"(?=[0-9]{2})", text)]
+        at = draw(st.sampled_from(spots))
+        text = text[:at] + draw(st.sampled_from(["60", "61", "29", "30", "31", "00", "12", "13", "24", "59"])) + text[at + 2 :]
+    elif edit == "junk":
+        text = draw(junk) + text + draw(junk)
+    return text
+
+
+def strptime_reference(text: str, fmt: str, type_name: str) -> tuple[object, str | None]:
+    """CONTRACT 2: a value read under a layout means exactly what datetime.strptime makes of the trimmed text."""
+    errors = {"date": BAD_DATE, "timestamp": BAD_TS, "timestamptz": BAD_TSTZ}
+    trimmed = text.strip(" \t")
+    if trimmed in NULLS:
+        return None, None
+    try:
+        value = datetime.strptime(trimmed, fmt)
+    except ValueError:
+        return None, errors[type_name]
+    if type_name == "date":
+        return (value.date(), None) if value.time() == datetime.min.time() else (None, BAD_DATE)
+    if type_name == "timestamp":
+        return value, None
+    try:
+        return (value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)), None
+    except OverflowError:
+        return None, OOR  # the offset moves the instant past year 1 or 9999
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_every_supported_directive_reads_exactly_as_python_strptime(data: st.DataObject) -> None:
+    type_name, fmt = data.draw(layouts(), label="layout")
+    texts = data.draw(st.lists(layout_texts(fmt), min_size=1, max_size=8), label="texts")
+    rows = parse(texts, type_name, fmt=fmt)
+    for text, got in zip(texts, rows, strict=True):
+        expected = strptime_reference(text, fmt, type_name)
+        if expected[1] is None and any(c.isdecimal() and not c.isascii() for c in text):
+            # Python's strptime also reads other Unicode digits; the project takes ASCII digits only (documented)
+            assert got == (None, {"date": BAD_DATE, "timestamp": BAD_TS, "timestamptz": BAD_TSTZ}[type_name])
+        elif expected[1] is None:
+            assert got[1] is None and same(got[0], expected[0]), (fmt, text, got, expected)
+        else:  # refused; a year 0000 (refused by datetime) is out_of_range as for ISO text
+            assert got[0] is None and got[1] in (expected[1], OOR), (fmt, text, got, expected)
+
+
+def test_the_layout_property_covers_every_supported_directive() -> None:
+    assert {d.lstrip("%") for d in LAYOUT_DIRECTIVES} | {"%"} == set(layout_module.DIRECTIVES) | {"%"}
+    assert set(layout_module.SUPPORTED.replace("%", "").split()) | {""} == set(layout_module.DIRECTIVES) | {""}
+
+
 @FAST
 @given(st.lists(integer_texts(), min_size=1, max_size=6))
 def test_integers_match_python_int(texts: list[str]) -> None:
@@ -936,7 +1080,11 @@ def test_floats_match_python_float(texts: list[str]) -> None:
     rows = parse(texts, "double")
     for text, (value, error) in zip(texts, rows, strict=True):
         expected = float(text)
-        if math.isinf(expected):  # rounding a spelling such as 1.798e+308 can leave the double range
+        # rounding a spelling such as 1.798e+308 can leave the double range; below the smallest normal double a
+        # value keeps fewer than 53 significant bits or becomes zero
+        if math.isinf(expected) or (expected != 0 and abs(expected) < sys.float_info.min):
+            assert (value, error) == (None, OOR)
+        elif expected == 0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
             assert (value, error) == (None, OOR)
         else:
             assert error is None

@@ -20,6 +20,7 @@ import csv
 import io
 import math
 import re
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +70,13 @@ def reference(text: str, type_name: str) -> Any:
         if not _FLOAT.fullmatch(text):
             return BAD
         value = float(text)
-        return BAD if math.isinf(value) and "inf" not in text.lower() else value
+        if "inf" in text.lower() or "nan" in text.lower():
+            return value
+        if math.isinf(value) or (value != 0.0 and abs(value) < sys.float_info.min):
+            return BAD  # overflow, or a subnormal result (fewer than 53 significant bits)
+        if value == 0.0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+            return BAD  # a non-zero number rounded to zero
+        return value
     if type_name == "boolean":
         word = text.lower()
         return True if word in TRUE_WORDS else False if word in FALSE_WORDS else BAD
@@ -182,7 +189,8 @@ def text_for(type_name: str) -> st.SearchStrategy[str]:
         plausible = st.integers(-(2**64), 2**64).map(str) | st.sampled_from([str(INT64[1]), str(INT64[0]), "+7", "0x1f", "1e3"])
     elif type_name == "double":
         plausible = st.floats(allow_nan=True, allow_infinity=True).map(repr) | st.sampled_from(
-            ["1.", ".5", "-0", "1E5", "1e-400", "INF", "+Infinity", "1.7976931348623157e308", "1e309"]
+            ["1.", ".5", "-0", "1E5", "1e-400", "INF", "+Infinity", "1.7976931348623157e308", "1e309", "5e-324",
+             "1e-310", "0e-999", "-0.0e5"]
         )
     elif type_name == "boolean":
         plausible = st.sampled_from(sorted(TRUE_WORDS | FALSE_WORDS | {"TRUE", "Yes", "nope", "2", "Y"}))

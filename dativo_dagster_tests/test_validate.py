@@ -98,3 +98,53 @@ def test_empty_and_all_valid_batches(mode_rows):
     rows = [{"id": "1", "name": "a"}] * mode_rows
     valid, rejects, tally = validate_batch(text_batch(rows), FIELDS, CsvOptions())
     assert valid.num_rows == mode_rows and rejects.num_rows == 0 and tally.rows_rejected == 0
+
+
+@pytest.mark.parametrize("classification", ["PII", "pii", "Pii", " pii "])
+def test_a_pii_fields_rejected_values_are_never_shown(classification):
+    """A rejected value of a field classified PII (any case) is shown by kind, file, line and length only;
+    the rejects table still keeps the record as written (its purpose)."""
+    fields = [
+        FieldSpec(name="id", type="integer", required=True),
+        FieldSpec(name="born", type="date", classification=classification),
+        FieldSpec(name="name", type="string", classification="internal"),
+    ]
+    batch = text_batch(
+        [
+            {"id": "1", "born": "1984-13-01", "name": "Ann"},
+            {"id": "x2", "born": "1990-01-01", "name": "Bob"},
+            {"_error": "record has the wrong number of fields; expected 3", "_raw": "3,1975-06-07,Cy,extra", "_line": 4},
+        ],
+        fields=fields,
+    )
+    _, rejects, tally = validate_batch(batch, fields, CsvOptions())
+    report = ValidationReport()
+    report.add(tally)
+    [born] = [e for e in report.errors if e.field == "born"]
+    assert (born.kind, born.count, [(x.file, x.line) for x in born.examples]) == (
+        "invalid_date", 1, [("/data/in.csv", 2)]
+    )
+    assert [(x.value, x.withheld, x.length) for x in born.examples] == [(None, True, 10)]
+    # the raw text of an unparseable record holds the PII field too
+    [record] = [e for e in report.errors if e.field == "(record)"]
+    assert [(x.value, x.withheld, x.length, x.line) for x in record.examples] == [(None, True, 21, 4)]
+    text = report.describe()
+    assert "1984-13-01" not in text and "1975-06-07" not in text, text
+    assert "born: invalid_date x1 (e.g. /data/in.csv, line 2: PII value withheld, 10 characters)" in text, text
+    assert "(record): unparseable_record x1 (e.g. /data/in.csv, line 4: PII value withheld, 21 characters)" in text
+    # a field not classified PII still shows its value
+    assert "id: invalid_integer x1 (e.g. /data/in.csv, line 3: 'x2')" in text, text
+    assert [r["born"] for r in rejects.to_pylist()] == ["1984-13-01", "1990-01-01", None]
+    assert rejects.to_pylist()[2][RAW_RECORD] == "3,1975-06-07,Cy,extra"
+
+
+def test_pii_withheld_examples_survive_the_report_round_trip():
+    """Reports travel between steps as JSON: a withheld example stays withheld."""
+    fields = [FieldSpec(name="ssn", type="integer", classification="PII")]
+    _, _, tally = validate_batch(text_batch([{"ssn": "123-45-6789"}], fields=fields), fields, CsvOptions())
+    report = ValidationReport()
+    report.add(tally)
+    again = ValidationReport.model_validate_json(report.model_dump_json())
+    assert "123-45-6789" not in report.model_dump_json()
+    assert again.describe() == report.describe()
+    assert "line 2: PII value withheld, 11 characters" in again.describe()
