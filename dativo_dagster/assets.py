@@ -59,6 +59,9 @@ TABLE_IO = "dativo_table_io"
 VALIDATION_CHECK = "validation"
 SCHEMA_DRIFT_CHECK = "schema_drift"
 RECONCILIATION_CHECK = "reconciliation"
+# a run that finds nothing new records its checks' last evaluations again, naming the run that made them
+CARRIED_FROM_META = "carried_from_run"
+CARRY_LOOKBACK = 20
 
 
 class ExtractReport(BaseModel):
@@ -269,8 +272,13 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             "validated",
             metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected},
         )
-        yield _check_result(check_key, report, extract_report, strict)
-        yield _drift_result(drift_spec.key, extract_report)
+        if extract_report.nothing_new:
+            # the table is as the last run that read data left it, and so are its checks (CONTRACT 5)
+            yield _carried_result(context, check_key) or _check_result(check_key, report, extract_report, strict)
+            yield _carried_result(context, drift_spec.key) or _drift_result(drift_spec.key, extract_report)
+        else:
+            yield _check_result(check_key, report, extract_report, strict)
+            yield _drift_result(drift_spec.key, extract_report)
         if strict and report.rows_rejected:
             # terminal: a re-execution would stream the same rows, so this run's staging goes now
             dativo_staging.remove_steps(context.run_id, f"{name}.")
@@ -335,7 +343,12 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         metadata = _materialization_metadata(loaded, written, result, dativo_catalog)
         metadata["commit_seconds"] = round(time.perf_counter() - started, 3)
         yield dg.Output(result, "result", metadata=metadata)
-        yield _reconciliation_result(reconciliation_spec.key, written, result)
+        if written.nothing_new:
+            yield _carried_result(context, reconciliation_spec.key) or _reconciliation_result(
+                reconciliation_spec.key, written, result
+            )
+        else:
+            yield _reconciliation_result(reconciliation_spec.key, written, result)
 
     @dg.graph_asset(
         name=name,
@@ -404,6 +417,33 @@ def select_sources(
         lookback_days=spec.source.incremental.lookback_days,
         now=datetime.now(timezone.utc),
     )
+
+
+def _carried_result(context: dg.OpExecutionContext, key: dg.AssetCheckKey) -> dg.AssetCheckResult | None:
+    """The check's last evaluation by a run that read data, recorded again for a run that found nothing new.
+
+    A check that is planned but not evaluated shows as skipped in Dagster, and one evaluated on an empty read would
+    turn a WARN about rows still in quarantine green; the table did not change, so its checks' results stand. A
+    failed blocking evaluation is passed over (its run committed nothing). None when the instance holds no earlier
+    evaluation (an ephemeral instance, a first run): the caller evaluates the check on this run's counts.
+    """
+    records = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=CARRY_LOOKBACK)
+    for record in records:
+        evaluation = record.evaluation
+        if record.run_id == context.run_id or not isinstance(evaluation, dg.AssetCheckEvaluation):
+            continue  # this run's own planned entry, or a check planned and never evaluated
+        if not evaluation.passed and evaluation.severity is dg.AssetCheckSeverity.ERROR and evaluation.blocking:
+            continue
+        origin = evaluation.metadata.get(CARRIED_FROM_META)
+        return dg.AssetCheckResult(
+            asset_key=key.asset_key,
+            check_name=key.name,
+            passed=evaluation.passed,
+            severity=evaluation.severity,
+            description=evaluation.description,
+            metadata={**evaluation.metadata, CARRIED_FROM_META: origin or dg.MetadataValue.text(record.run_id)},
+        )
+    return None
 
 
 def _drift_result(key: dg.AssetCheckKey, extract_report: ExtractReport) -> dg.AssetCheckResult:

@@ -172,3 +172,45 @@ def test_reconciliation_of_an_overwrite_counts_the_whole_table(project):
     assert check.passed
     assert (meta["records_added_by_commit"], meta["records_removed_by_commit"]) == (1, 3)
     assert (meta["table_rows_before"], meta["table_rows_after"]) == (3, 1)
+
+
+def _latest_evaluations(instance: dg.DagsterInstance) -> dict[str, Any]:
+    keys = [dg.AssetCheckKey(dg.AssetKey("people"), name) for name in ("validation", "schema_drift", "reconciliation")]
+    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    return {key.name: records[key] for key in keys}
+
+
+def test_a_run_that_finds_nothing_new_leaves_the_checks_as_the_last_run_that_read_data(project):
+    """CONTRACT 5: after a warn run that quarantined rows, a run with nothing new must not turn the WARN green (nor
+    leave the checks 'skipped'): what the instance records as each check's latest evaluation is the data run's."""
+    project.write_spec(base_spec(
+        schema_validation_mode="warn",
+        source={"type": "csv", "files": [{"path": "data/people.csv"}], "incremental": {"strategy": "file_modified_time"}},
+    ))
+    project.write_data("people.csv", "id,name,extra\n1,Ann,x\nabc,Bob,y\n3,Cid,z\n")
+    instance = dg.DagsterInstance.ephemeral()
+    first = project.materialize(instance=instance)
+    assert first.success
+    before = _latest_evaluations(instance)
+    assert before["validation"].evaluation.passed is False
+    assert before["schema_drift"].evaluation.passed is False  # 'extra' is not in the spec
+
+    second = project.materialize(instance=instance)
+    assert second.success
+    assert second.output_for_node("people.people__commit", "result").nothing_new
+    after = _latest_evaluations(instance)
+    for name, record in after.items():
+        evaluation = record.evaluation
+        assert record.run_id == second.run_id, name
+        assert isinstance(evaluation, dg.AssetCheckEvaluation), (name, record.status)
+        original = before[name].evaluation
+        assert (evaluation.passed, evaluation.severity) == (original.passed, original.severity), name
+        assert evaluation.metadata["carried_from_run"].value == first.run_id, name
+    assert after["validation"].evaluation.severity is dg.AssetCheckSeverity.WARN
+    assert after["validation"].evaluation.metadata["rows_rejected"].value == 1
+    assert len(branch_rows(project.table("testdomain.people__rejects"), "acme")) == 1
+
+    # a third run with nothing new still names the run that read the data
+    third = project.materialize(instance=instance)
+    assert _latest_evaluations(instance)["validation"].evaluation.metadata["carried_from_run"].value == first.run_id
+    assert third.success
