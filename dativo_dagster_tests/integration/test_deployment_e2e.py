@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from dativo_dagster.commit import RUN_ID_KEY
+from dativo_dagster.definitions import build_definitions
 from dativo_dagster.table_state import STATE_FILE_KEY, STATE_FILE_PREFIX, STATE_FOLDER, read_branch_state
 from dativo_dagster_tests.conftest import Project, base_spec
 
@@ -265,6 +266,71 @@ def test_incremental_s3_source_reads_new_and_changed_objects_by_etag(
     state = json.loads(branch_head(table, "acme").summary.additional_properties["dativo.source-state"])
     etag = seaweedfs.boto3_client().head_object(Bucket=source_bucket, Key="people/2025/b.csv")["ETag"].strip('"')
     assert state[f"s3://{source_bucket}/people/2025/b.csv"] == etag
+
+
+def test_the_sensor_asks_again_for_an_s3_object_reverted_to_an_etag_loaded_before(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CONTRACT 5: a sensor never forgets a change. b.csv is loaded, rewritten (loaded), then put back to its first
+    content: the same ETag as the first run's, whose run key is used. The sensor decides from the committed table
+    (which holds the second ETag), asks for a run under a fresh key, and that run restores the first content."""
+    from dativo_dagster_tests.test_sensors import Tick
+
+    deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
+    deployment.apply(monkeypatch)
+    bucket, _ = upload_sources(seaweedfs)
+    client = seaweedfs.boto3_client()
+    domain = unique("sensor_")
+    # one object, so that the reverted state is exactly the first run's: same files, same versions, same key
+    spec = people_spec("people", domain, f"s3://{bucket}/people/2025/b.csv")
+    spec["source"]["incremental"] = {"strategy": "file_modified_time"}
+    spec["sensor"] = {"minimum_interval_seconds": 30}
+    project = Project(tmp_path / "project")
+    project.write_spec(spec)
+    changed = b"id,name,amount,updated\n7,Gus,1.00,2025-03-01 00:00:00\n"
+
+    def rows() -> list[tuple[int, str]]:
+        table = deployment.catalog().load_table(f"{domain}.people")
+        found = table.scan(snapshot_id=branch_head(table, "acme").snapshot_id).to_arrow().to_pylist()
+        return sorted((r["id"], r["_source_file"].rsplit("/", 1)[1]) for r in found)
+
+    with dg.instance_for_test() as instance:
+        defs = build_definitions(project.specs_dir)
+
+        def tick(cursor: str | None) -> Tick:
+            with dg.build_sensor_context(
+                instance=instance, cursor=cursor, definitions=defs,
+                resources={name: defs.resources[name] for name in ("dativo_storage", "dativo_catalog")},
+            ) as context:
+                data = defs.resolve_sensor_def("people__sensor").evaluate_tick(context)
+            requests = data.run_requests or []
+            return Tick([r.run_key for r in requests], [dict(r.tags) for r in requests], data.skip_message, data.cursor)
+
+        def launch(asked: Tick) -> None:
+            assert len(asked.run_keys) == 1, asked.skip
+            tags = {**asked.tags[0], "dagster/run_key": asked.run_keys[0]}
+            assert project.materialize(instance=instance, tags=tags).success
+
+        first = tick(None)
+        launch(first)
+        original = rows()
+        assert original == [(3, "b.csv")]
+        first_etag = client.head_object(Bucket=bucket, Key="people/2025/b.csv")["ETag"]
+
+        client.put_object(Bucket=bucket, Key="people/2025/b.csv", Body=changed)
+        second = tick(first.cursor)
+        launch(second)
+        assert rows() == [(7, "b.csv")]
+
+        client.put_object(Bucket=bucket, Key="people/2025/b.csv", Body=SOURCE_B.encode())
+        assert client.head_object(Bucket=bucket, Key="people/2025/b.csv")["ETag"] == first_etag
+        reverted = tick(second.cursor)
+        # the daemon drops a request whose run key a run already has: the request must carry an unused one
+        assert len(reverted.run_keys) == 1
+        assert not instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": reverted.run_keys[0]}))
+        launch(reverted)
+        assert rows() == original
+        assert tick(reverted.cursor).run_keys == []
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "rest"])
