@@ -777,7 +777,7 @@ def _commit(
     if spec.target.catalog is CatalogKind.NONE:
         s3 = storage.s3_settings()
         # overwrite replaces the quarantine's rows too (CONTRACT 3), also when this run rejected nothing
-        if written.reject_files or overwrite and read_commit_markers(written.rejects_location, s3):
+        if written.reject_files or (overwrite and read_commit_markers(written.rejects_location, s3)):
             write_commit_marker(
                 location=written.rejects_location,
                 run_id=written.run_id,
@@ -847,7 +847,7 @@ def _commit(
         context.log.info(f"{spec.name}: replaced the earlier rows of {len(result.replaced_sources)} changed file(s)")
     if result.already_committed:
         context.log.info(f"{spec.name}: run already committed snapshot {result.snapshot_id}; not committing again")
-    elif result.snapshot_id is None or not written.data_files and not overwrite:
+    elif result.snapshot_id is None or (not written.data_files and not overwrite):
         context.log.info(f"{spec.name}: no valid rows; nothing committed to {table_name}")
     return result
 

@@ -15,7 +15,6 @@ from dativo_dagster.incremental import select_files
 from dativo_dagster.resources import CatalogResource, StorageResource
 from dativo_dagster.spec import LoadedSpec
 
-
 SENSOR_FILES_TAG = "dativo/sensor-files"  # run_key_for(pending files): the runs asked for these file versions
 SENSOR_ATTEMPT_TAG = "dativo/sensor-attempt"
 FINISHED = frozenset({dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED})

@@ -275,7 +275,7 @@ def assert_written_by_project(table: Table, uri: str, *, run_id: str | None = No
         footer = {k.decode(): v.decode() for k, v in (parquet.metadata.metadata or {}).items()}
         rows = parquet.metadata.num_rows
     keys = {k.removeprefix("dativo."): v for k, v in footer.items() if k.startswith("dativo.")}
-    assert GOVERNANCE_KEYS <= set(keys), (uri, sorted(keys))
+    assert set(keys) >= GOVERNANCE_KEYS, (uri, sorted(keys))
     assert keys["record-count"] == str(rows)
     folder = uri.removeprefix(f"{table.location().rstrip('/')}/data/").rsplit("/", 1)
     assert (folder[0] if len(folder) == 2 else "") == keys["partition"], uri

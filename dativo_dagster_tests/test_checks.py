@@ -97,7 +97,7 @@ def test_progress_is_logged_at_the_documented_interval_while_files_are_read(
     reading = ended - began
     assert reading / interval - 2 <= len(progress) <= reading / interval + 1, (reading, [m[0] for _, m in progress])
     counts = [int(m.group(1).replace(",", "")) for _, m in progress]
-    assert counts == sorted(set(counts)) and 0 < counts[0] and counts[-1] <= 4_000, counts
+    assert counts == sorted(set(counts)) and counts[0] > 0 and counts[-1] <= 4_000, counts
     assert {m.group(3) for _, m in progress} == {str(path)}
     gaps = [b - a for (a, _), (b, _) in zip(progress, progress[1:])]
     assert all(interval * 0.9 <= gap <= interval + 1.5 for gap in gaps), gaps

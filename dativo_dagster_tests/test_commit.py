@@ -331,8 +331,11 @@ def test_a_run_without_files_adds_no_snapshot(catalog: SqlCatalog, table: Table)
     assert catalog.load_table("testdomain.people").metadata_location == before
 
 
-def commit_source(table: Table, run_id: str, files: list[WrittenFile], sources: dict[str, str]) -> Any:
-    """Commit as an incremental run that read ``sources`` (the asset's commit step does the same)."""
+def commit_source(
+    table: Table, run_id: str, files: list[WrittenFile], sources: dict[str, str], writer: Any = None
+) -> Any:
+    """Commit as an incremental run that read ``sources`` (the asset's commit step does the same); ``writer`` (the
+    run's ``WriterSettings``) is needed when replacing a source rewrites files it shares with others."""
     return commit_files(
         table,
         branch=BRANCH,
@@ -343,6 +346,7 @@ def commit_source(table: Table, run_id: str, files: list[WrittenFile], sources: 
         sources=sources,
         replace_sources=True,
         record_sources=True,
+        writer=writer,
     )
 
 

@@ -29,8 +29,8 @@ from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.table_checks import (
     assert_written_by_project,
     branch_snapshot_ids,
-    data_files,
     csv_text,
+    data_files,
     duckdb_marker_rows,
     duckdb_rows,
     expected_rows,

@@ -10,15 +10,15 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
-import pyiceberg.table.snapshots as pyiceberg_snapshots
 import pyarrow.parquet as pq
+import pyiceberg.table.snapshots as pyiceberg_snapshots
 import pytest
 import yaml
 from pyiceberg.table import Table
 
+from dativo_dagster import assets, maintenance
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.jobs import MAINTENANCE_JOB
-from dativo_dagster import assets, maintenance
 from dativo_dagster.maintenance import MIN_AGE_HOURS, remove_stale_staging, remove_unreferenced
 from dativo_dagster.markers import committed_files
 from dativo_dagster.storage import S3Settings

@@ -66,7 +66,7 @@ def _json_lines(stderr: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             pytest.fail(f"stderr line {number} is not JSON: {line!r}\n{stderr}")
         assert isinstance(parsed, dict), line
-        assert LINE_KEYS <= parsed.keys(), line
+        assert parsed.keys() >= LINE_KEYS, line
         lines.append(parsed)
     return lines
 
@@ -84,7 +84,7 @@ def _json_objects_in(mixed: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             start = mixed.find('{"', start + 1)
             continue
-        if isinstance(parsed, dict) and LINE_KEYS <= parsed.keys():
+        if isinstance(parsed, dict) and parsed.keys() >= LINE_KEYS:
             found.append(parsed)
             start = mixed.find('{"', end)
         else:

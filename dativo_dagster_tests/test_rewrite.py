@@ -27,6 +27,7 @@ from dativo_dagster_tests.table_checks import assert_written_by_project, data_fi
 from dativo_dagster_tests.test_commit import (  # noqa: F401 - fixtures
     BRANCH,
     catalog,
+    commit_source,
     spec,
     table,
     write_files,
@@ -47,18 +48,7 @@ def commit_run(
     table: Table, spec: AssetSpecModel, run_id: str, files: list[WrittenFile], sources: dict[str, str]
 ) -> Any:
     """Commit as the asset's commit step does for an incremental run that read ``sources``."""
-    return commit_files(
-        table,
-        branch=BRANCH,
-        files=files,
-        partitioner=Partitioner(table.spec(), table.schema()),
-        run_id=run_id,
-        properties={"dativo.source-state": json.dumps(sources)},
-        sources=sources,
-        replace_sources=True,
-        record_sources=True,
-        writer=settings(spec, run_id),
-    )
+    return commit_source(table, run_id, files, sources, writer=settings(spec, run_id))
 
 
 def rows(table: Table) -> list[tuple[int, str, str]]:

@@ -14,7 +14,6 @@ import dagster as dg
 import pytest
 
 from dativo_dagster import commit as commit_module
-
 from dativo_dagster.definitions import build_definitions
 from dativo_dagster.extract import SourceFile, list_source_files
 from dativo_dagster.freshness import FRESHNESS_SENSOR
@@ -34,7 +33,6 @@ from dativo_dagster_tests.table_checks import (
     expected_rows,
     iceberg_rows,
     incremental_spec,
-    materialization,
     touch,
 )
 

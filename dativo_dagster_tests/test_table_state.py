@@ -19,10 +19,9 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 
 from dativo_dagster import commit as commit_module
-from dativo_dagster import table_state
+from dativo_dagster import maintenance, table_state
 from dativo_dagster.commit import CommitResult, commit_files, ensure_table
 from dativo_dagster.errors import TerminalError
-from dativo_dagster import maintenance
 from dativo_dagster.maintenance import MIN_AGE_HOURS, expire_snapshots, remove_unreferenced_metadata
 from dativo_dagster.spec import AssetSpecModel
 from dativo_dagster.storage import S3Settings
