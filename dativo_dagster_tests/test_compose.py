@@ -350,3 +350,34 @@ def test_interpolation_follows_the_compose_rules() -> None:
     assert interpolate("${UNSET:-${SET}:${UNSET:-x}}", env) == "value:x"
     assert interpolate("$$HOME $SET ${UNSET}", env) == "$HOME value "
     assert variables("${A:-${B}} $$C $D") == {"A", "B", "D"}
+
+
+def test_the_seaweedfs_service_writes_the_stacks_identity_and_starts_weed_mini_with_its_flags(tmp_path: Path) -> None:
+    """deploy/seaweedfs.py serve, with the service's command and environment, and a stand-in `weed` that records
+    how it was started (the real server runs in the integration tests, whose `weed` gets the same flags)."""
+    services = load_compose(OVERRIDES)["services"]
+    command = services["seaweedfs"]["command"]
+    data_dir = tmp_path / "data"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    record = tmp_path / "weed-args.json"
+    weed = fake_bin / "weed"
+    weed.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    weed.chmod(0o755)
+    script = ROOT / "deploy" / "seaweedfs.py"
+    args = [sys.executable, str(script), *[a.replace("/opt/dagster/seaweedfs", str(data_dir)) for a in command[2:]]]
+    environment = {"PATH": f"{fake_bin}:/usr/bin:/bin", **service_environment(services["seaweedfs"])}
+    subprocess.run(args, env=environment, check=True, timeout=30)
+    started = json.loads(record.read_text())
+    identity_file = data_dir / "s3-identities.json"
+    assert started == ["mini", *args[3:], f"-s3.config={identity_file}"]
+    assert flag(started, "-tableBucket") == "bucket-from-env"
+    [identity] = json.loads(identity_file.read_text())["identities"]
+    assert identity["credentials"] == [{"accessKey": "key-from-env", "secretKey": "secret-from-env"}]
+    assert {"Admin", "Read", "List", "Tagging", "Write"} == set(identity["actions"])
+    assert identity_file.stat().st_mode & 0o777 == 0o600  # the secret is readable by the server's user only
+    # without credentials it refuses to start an S3 API that anyone could use, and says why
+    refused = subprocess.run(args, env={"PATH": environment["PATH"]}, capture_output=True, text=True, timeout=30,
+                             check=False)
+    assert refused.returncode == 1
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY not set" in refused.stderr
