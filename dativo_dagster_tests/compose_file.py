@@ -52,7 +52,7 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
                 raise ValueError(f"unsupported interpolation ${{{body}}} in {text!r}")
             name, operator, default = match.groups()
             value = env.get(name)
-            if operator == ":-" and not value or operator == "-" and value is None:
+            if (operator == ":-" and not value) or (operator == "-" and value is None):
                 value = interpolate(default, env)
             out.append(value or "")
             index = end + 1

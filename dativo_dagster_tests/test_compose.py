@@ -103,7 +103,7 @@ def published(service: dict[str, Any], container_port: int) -> tuple[str, int]:
 
 
 def compose_schema() -> dict[str, Any]:
-    """The compose specification's JSON schema, as check-jsonschema ships it (`--builtin-schema vendor.compose-spec`)."""
+    """The compose specification's JSON schema as check-jsonschema ships it (`--builtin-schema vendor.compose-spec`)."""
     schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     return json.loads(schema_file.read_text())
 
@@ -111,7 +111,8 @@ def compose_schema() -> dict[str, Any]:
 def schema_errors(document: dict[str, Any]) -> list[str]:
     schema = compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
-    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in validator.iter_errors(document))
+    errors = validator.iter_errors(document)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors)
 
 
 def test_the_compose_file_follows_the_compose_specification() -> None:
@@ -210,7 +211,7 @@ def test_every_variable_of_the_file_can_be_set_in_dotenv_and_lands_where_documen
     docs = (ROOT / "docs" / "deployment.md").read_text()
     section = docs[docs.index("## With Docker"):docs.index("## The same stack without Docker")]
     for name in OVERRIDES:
-        assert f"`{name}`" in section, f"{name} can be set in .env but the Docker section of docs/deployment.md omits it"
+        assert f"`{name}`" in section, f"{name} can be set in .env; the Docker section of docs/deployment.md omits it"
 
 
 def test_postgres_serves_dagster_storage(services: dict[str, Any], instance: dict[str, Any]) -> None:
@@ -236,7 +237,8 @@ def test_postgres_serves_dagster_storage(services: dict[str, Any], instance: dic
     header = COMPOSE_FILE.read_text().split("\nname:")[0]
     docs = (ROOT / "docs" / "deployment.md").read_text()
     assert "docker compose down -v" in header and "DAGSTER_POSTGRES_PASSWORD" in header
-    assert re.search(r"DAGSTER_POSTGRES_PASSWORD[^\n]*\n?[^\n]*first start[^\n]*\n?[^\n]*`docker compose down -v`", docs)
+    first_start_only = r"DAGSTER_POSTGRES_PASSWORD[^\n]*\n?[^\n]*first start[^\n]*\n?[^\n]*`docker compose down -v`"
+    assert re.search(first_start_only, docs)
 
 
 def test_long_running_services_restart_and_reap_their_children(services: dict[str, Any]) -> None:

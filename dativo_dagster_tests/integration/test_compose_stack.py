@@ -233,7 +233,8 @@ def stack(
     base = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     processes: dict[str, Service] = {}
     for name in ("code", "webserver", "daemon"):
-        env = {**translate.environment(image_env, name), **translate.environment(service_environment(services[name]), name)}
+        service_env = service_environment(services[name])
+        env = {**translate.environment(image_env, name), **translate.environment(service_env, name)}
         command = translate.command(services[name]["command"], name)
         processes[name] = Service(name, command, {**base, **env}, tmp_path / f"{name}.log")
     try:
@@ -265,8 +266,8 @@ def test_the_compose_services_commands_materialize_an_asset_through_the_daemon(
     assert run_healthcheck(services["seaweedfs"], "seaweedfs", seaweedfs_env, translate) == 0
 
     code.start(ROOT)
-    wait_for("the code server's healthcheck", lambda: run_healthcheck(services["code"], "code", code.env, translate) == 0,
-             [code], timeout=180)
+    wait_for("the code server's healthcheck",
+             lambda: run_healthcheck(services["code"], "code", code.env, translate) == 0, [code], timeout=180)
     webserver.start(ROOT)
     running = [code, webserver]
     url = f"http://127.0.0.1:{translate.ports[('webserver', 3000)]}"
