@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
-from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE
+from dativo_dagster.sources.base import PARSE_ERROR, RAW_RECORD, SOURCE_LINE
+from dativo_dagster.table_schema import SOURCE_FILE
 from dativo_dagster.parsing import parse_column
-from dativo_dagster.spec import CsvOptions, FieldSpec
+from dativo_dagster.spec import FieldSpec
 from dativo_dagster.table_schema import REPEATED_TYPE
 
 REJECT_REASON = "_reject_reason"
@@ -112,9 +113,13 @@ def rejects_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
 
 
 def validate_batch(
-    batch: pa.RecordBatch, fields: Sequence[FieldSpec], options: CsvOptions
+    batch: pa.RecordBatch, fields: Sequence[FieldSpec], null_values: Sequence[str]
 ) -> tuple[pa.RecordBatch, pa.RecordBatch, BatchTally]:
-    """Parse every column of a text batch at once; split it into valid typed rows and rejects."""
+    """Parse every column of a text batch at once; split it into valid typed rows and rejects.
+
+    ``null_values`` are the texts that mean null (the source's: CSV options, none for a database); a null cell is
+    null whatever they are.
+    """
     n = batch.num_rows
     parse_error = batch.column(PARSE_ERROR)
     unparseable = parse_error.is_valid()
@@ -126,7 +131,7 @@ def validate_batch(
     parsed_ok = pc.invert(unparseable) if any_unparseable else None
     for f in fields:
         text = batch.column(f.name)
-        parsed = parse_column(text, f.type, null_values=options.null_values, required=f.required, fmt=f.format)
+        parsed = parse_column(text, f.type, null_values=null_values, required=f.required, fmt=f.format)
         typed.append(parsed.values)
         if parsed.errors.null_count == n:
             continue  # the common case: every cell of the column is fine
