@@ -547,7 +547,7 @@ def _check_result(
         metadata["first_errors"] = dg.MetadataValue.md(
             "\n".join(
                 f"- `{e.field}` {e.kind} x{e.count}: "
-                + "; ".join(f"{ex.file} line {ex.line}: `{ex.shown()}`" for ex in e.examples)
+                + "; ".join(f"{ex.place()}: `{ex.shown()}`" for ex in e.examples)
                 for e in report.errors
             )
         )

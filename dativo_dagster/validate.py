@@ -30,10 +30,14 @@ class RejectExample(BaseModel):
     """
 
     file: str
-    line: int
+    line: int | None  # None for a source without lines (a database table or query)
     value: str | None
     withheld: bool = False
     length: int | None = None  # characters of a withheld value
+
+    def place(self) -> str:
+        """Where the value came from: ``file, line N``, or the source alone when it has no lines."""
+        return self.file if self.line is None else f"{self.file}, line {self.line}"
 
     def shown(self) -> str:
         """The value as messages show it: quoted, or that a PII value was withheld."""
@@ -79,7 +83,7 @@ class ValidationReport(BaseModel):
         """Human-readable lines: one per failing field and error kind, with examples."""
         lines = [f"{self.rows_rejected} of {self.rows_read} rows are invalid:"]
         for entry in sorted(self.errors, key=lambda e: (-e.count, e.field, e.kind))[:limit]:
-            shown = "; ".join(f"{ex.file}, line {ex.line}: {ex.shown()}" for ex in entry.examples)
+            shown = "; ".join(f"{ex.place()}: {ex.shown()}" for ex in entry.examples)
             lines.append(f"  {entry.field}: {entry.kind} x{entry.count} (e.g. {shown})")
         return "\n".join(lines)
 
