@@ -19,7 +19,7 @@ from pyiceberg.schema import Schema
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
 from dativo_dagster.errors import StorageError, is_transient
-from dativo_dagster.extract import SourceFile, list_source_files
+from dativo_dagster.sources import SourceFile, source_for
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
     Selection,
@@ -209,7 +209,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         s3 = dativo_storage.s3_settings()
         secrets = _secrets(dativo_storage, dativo_catalog)
         with failures(loaded, "extract", secrets):
-            listed = list_source_files(loaded, s3)
+            listed = source_for(loaded, s3).list_units()
             selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
         files = selection.to_read
         if is_incremental(loaded):
@@ -525,8 +525,12 @@ def _tag_key(tag: str) -> str:
 def _description(loaded: LoadedSpec) -> str:
     spec = loaded.spec
     purpose = spec.description.purpose if spec.description and spec.description.purpose else spec.name
-    sources = ", ".join(f.path for f in spec.source.files)
-    return f"{purpose}\n\nSpec `{loaded.display_path}` v{spec.version}: CSV from {sources} into `{spec.domain}.{spec.name}`."
+    if spec.source.type == "csv":
+        origin = "CSV from " + ", ".join(f.path for f in spec.source.files)
+    else:
+        read = f"table {spec.source.table}" if spec.source.table else "a query"
+        origin = f"{spec.source.type} ({read}, URL from ${spec.source.connection.url_env})"
+    return f"{purpose}\n\nSpec `{loaded.display_path}` v{spec.version}: {origin} into `{spec.domain}.{spec.name}`."
 
 
 def _check_result(
@@ -543,7 +547,7 @@ def _check_result(
         metadata["first_errors"] = dg.MetadataValue.md(
             "\n".join(
                 f"- `{e.field}` {e.kind} x{e.count}: "
-                + "; ".join(f"{ex.file} line {ex.line}: `{ex.shown()}`" for ex in e.examples)
+                + "; ".join(f"{ex.place()}: `{ex.shown()}`" for ex in e.examples)
                 for e in report.errors
             )
         )

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from pyiceberg.table import Table
 
-from dativo_dagster.extract import SourceFile, same_version
+from dativo_dagster.sources.base import SourceFile, same_version
 from dativo_dagster.table_state import SOURCE_STATE_KEY, parse_source_state, read_branch_state
 
 __all__ = ["SOURCE_STATE_KEY", "Selection", "marker_source_state", "parse_source_state", "select_files",

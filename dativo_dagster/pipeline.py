@@ -2,7 +2,7 @@
 
 The asset's data moves through three stages that run at once, joined by small bounded queues:
 
-    reader thread:     CSV blocks -> text batches               (extract.iter_source_batches)
+    reader thread:     source -> text batches                   (sources: Source.read, one module per kind)
     validator thread:  text batches -> typed rows and rejects   (validate.validate_batch)
     calling thread:    typed rows -> Parquet data files, rejects -> quarantine files (write.PartitionedParquetWriter)
 
@@ -35,7 +35,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from dativo_dagster.errors import DativoError, redact
-from dativo_dagster.extract import FileReport, SourceFile, iter_source_batches
+from dativo_dagster.sources import FileReport, Source, SourceFile, source_for
 from dativo_dagster.spec import LoadedSpec, ValidationMode
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import INGESTED_AT, RUN_ID, repeated
@@ -144,14 +144,19 @@ def run_pipeline(
     log_info: Callable[[str], None],
     secrets: Sequence[str | None] = (),
     classify: Callable[[BaseException], bool] = lambda exc: False,
+    source: Source | None = None,
 ) -> PipelineOutcome:
-    """Stream ``files`` through validation into ``sinks``; fills and returns ``outcome``.
+    """Stream ``files`` (the source's units) through validation into ``sinks``; fills and returns ``outcome``.
+
+    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`).
 
     Raises:
         StageFailure: reading (stage ``extract``) or validating (stage ``validate``) failed; every file
             written so far has been removed.
     """
     spec = loaded.spec
+    source = source or source_for(loaded, s3)
+    null_values = source.null_values
     strict = spec.schema_validation_mode is ValidationMode.STRICT
     reports: list[FileReport] = []
     report = outcome.validation
@@ -171,7 +176,7 @@ def run_pipeline(
 
     def reader() -> None:
         try:
-            batches = iter_source_batches(files, loaded, s3, reports)
+            batches = source.read(files, reports)
             pending: list[pa.RecordBatch] = []
             size = 0
             while True:
@@ -205,7 +210,7 @@ def run_pipeline(
                     put(typed, item)
                     return
                 started = time.perf_counter()
-                valid, rejects, tally = validate_batch(item, spec.fields, spec.source.options)
+                valid, rejects, tally = validate_batch(item, spec.fields, null_values)
                 report.add(tally)
                 progress.busy["validate"] += time.perf_counter() - started
                 if rejects.num_rows and not strict and not put(typed, ("rejects", rejects)):

@@ -10,7 +10,7 @@ import dagster as dg
 
 from dativo_dagster.assets import committed_sources
 from dativo_dagster.errors import DativoError, NothingToReadError
-from dativo_dagster.extract import SourceFile, list_source_files
+from dativo_dagster.sources import SourceFile, source_for
 from dativo_dagster.incremental import select_files
 from dativo_dagster.resources import CatalogResource, StorageResource
 from dativo_dagster.spec import LoadedSpec
@@ -109,7 +109,7 @@ def build_sensor(loaded: LoadedSpec) -> dg.SensorDefinition:
         context: dg.SensorEvaluationContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource
     ):
         try:
-            listed = list_source_files(loaded, dativo_storage.s3_settings())
+            listed = source_for(loaded, dativo_storage.s3_settings()).list_units()
         except NothingToReadError:
             listed = []
         except DativoError as exc:

@@ -17,7 +17,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -253,11 +255,92 @@ class Incremental(_Model):
     lookback_days: int = Field(default=0, ge=0, strict=True)
 
 
-class SourceSpec(_Model):
+class CsvSourceSpec(_Model):
+    """``source.type: csv``: files read as CSV text (CONTRACT section 1)."""
+
     type: Literal["csv"] = "csv"
     files: list[SourceFile] = Field(min_length=1)
     options: CsvOptions = Field(default_factory=CsvOptions)
     incremental: Incremental | None = None
+
+
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# a table or view: name or schema.name, each part a plain identifier or a double-quoted one
+_TABLE_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
+TABLE_PATTERN = re.compile(rf"^{_TABLE_PART}(?:\.{_TABLE_PART})?$")
+
+
+class Connection(_Model):
+    """Where a database source connects: the NAME of an environment variable holding the URL, never the URL."""
+
+    url_env: str = Field(min_length=1, max_length=255)
+
+    @field_validator("url_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        if "://" in value or not ENV_NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                "expected the NAME of an environment variable that holds the URL (such as SHOP_DB_URL), never the URL"
+                " itself; got " + ("a URL" if "://" in value else _shown(value))
+            )
+        return value
+
+
+class DatabaseSourceSpec(_Model):
+    """``source.type: postgres``: one table or view, or one read-only SELECT (CONTRACT section 7)."""
+
+    type: Literal["postgres"]
+    connection: Connection
+    table: str | None = Field(default=None, min_length=1, max_length=1000)
+    query: str | None = Field(default=None, min_length=1, max_length=100_000)
+    incremental: Any = Field(
+        default=None,
+        description="not supported yet for database sources",
+        json_schema_extra={"not": {}},
+    )
+
+    @field_validator("table")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        if not TABLE_PATTERN.fullmatch(value.strip()):
+            raise ValueError(
+                f"expected a table or view name such as orders or sales.orders (parts may be double-quoted);"
+                f" got {_shown(value)}; use query: for anything else"
+            )
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _one_relation(self) -> DatabaseSourceSpec:
+        problems = []
+        if (self.table is None) == (self.query is None):
+            key = "table" if self.table is None else "query"
+            problems.append((key, "expected exactly one of table or query"))
+        if self.incremental is not None:
+            problems.append((
+                "incremental",
+                f"not supported yet for {self.type} sources (cursor incremental is planned); remove it, every run"
+                " reads the whole table or query",
+            ))
+        if problems:
+            raise SpecProblems(problems)
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    """The tag of a ``source`` mapping: its ``type``, ``csv`` when left out (and for anything not a mapping, which
+    the CSV model then refuses with a clear message)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "csv")
+        return kind if isinstance(kind, str) else "csv"
+    return getattr(value, "type", "csv")
+
+
+SOURCE_MODELS: dict[str, type[BaseModel]] = {"csv": CsvSourceSpec, "postgres": DatabaseSourceSpec}
+SOURCE_KINDS = tuple(SOURCE_MODELS)
+SourceSpec = Annotated[
+    Annotated[CsvSourceSpec, Tag("csv")] | Annotated[DatabaseSourceSpec, Tag("postgres")],
+    Discriminator(_source_kind),
+]
 
 
 _CALL = re.compile(r"^(?P<fn>[A-Za-z_][A-Za-z0-9_]*)\s*\((?P<args>[^()]*)\)$")
@@ -443,7 +526,12 @@ class AssetSpecModel(_Model):
         problems = [*self._column_problems(), *self._partition_problems()]
         if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
-        if self.sensor is not None and self.source.incremental is None and self.target.write_mode is WriteMode.APPEND:
+        if self.sensor is not None and self.source.type != "csv":
+            problems.append((
+                "sensor",
+                f"not supported yet for {self.source.type} sources (a database sensor is planned); use schedule:",
+            ))
+        elif self.sensor is not None and self.source.incremental is None and self.target.write_mode is WriteMode.APPEND:
             problems.append((
                 "sensor",
                 "an append asset with a sensor needs source.incremental (e.g. incremental: {strategy:"
@@ -660,6 +748,9 @@ def _allowed_keys(loc: Sequence[Any]) -> list[str]:
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
+        if part in SOURCE_KINDS and model in SOURCE_MODELS.values():
+            model = SOURCE_MODELS[part]  # the tag pydantic puts into the location of a discriminated union
+            continue
         field = next(
             (f for name, f in model.model_fields.items() if part in (name, f.alias)),
             None,
@@ -696,6 +787,8 @@ def _pydantic_message(error: Any) -> str:  # noqa: PLR0911 - one branch per pyda
         return f"unknown key{hint}; expected one of {', '.join(allowed)}"
     if kind == "missing":
         return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"expected one of {', '.join(repr(k) for k in SOURCE_KINDS)}; got {_shown(ctx.get('tag'))}"
     if kind in ("literal_error", "enum"):
         choices = _quoted_choices(ctx.get("expected", ""))
         if len(choices) == 1:
@@ -741,6 +834,10 @@ def _pydantic_message(error: Any) -> str:  # noqa: PLR0911 - one branch per pyda
 def _format_pydantic_error(error: Any) -> list[tuple[str, str]]:
     """One pydantic error as ``(key path, message)`` pairs (a ``SpecProblems`` error gives several)."""
     loc = [p for p in error["loc"] if not (isinstance(p, str) and "[" in p and p.endswith("]"))]
+    if loc[:1] == ["source"] and len(loc) > 1 and loc[1] in SOURCE_KINDS:
+        loc.pop(1)  # the discriminated union's tag: the spec author wrote it as source.type
+    if error["type"] == "union_tag_invalid":
+        loc.append("type")
     key = _loc_to_path(loc)
     cause = (error.get("ctx") or {}).get("error")
     if error["type"] == "value_error" and isinstance(cause, SpecProblems):

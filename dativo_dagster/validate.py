@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
-from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE
+from dativo_dagster.sources.base import PARSE_ERROR, RAW_RECORD, SOURCE_LINE
+from dativo_dagster.table_schema import SOURCE_FILE
 from dativo_dagster.parsing import parse_column
-from dativo_dagster.spec import CsvOptions, FieldSpec
+from dativo_dagster.spec import FieldSpec
 from dativo_dagster.table_schema import REPEATED_TYPE
 
 REJECT_REASON = "_reject_reason"
@@ -29,10 +30,14 @@ class RejectExample(BaseModel):
     """
 
     file: str
-    line: int
+    line: int | None  # None for a source without lines (a database table or query)
     value: str | None
     withheld: bool = False
     length: int | None = None  # characters of a withheld value
+
+    def place(self) -> str:
+        """Where the value came from: ``file, line N``, or the source alone when it has no lines."""
+        return self.file if self.line is None else f"{self.file}, line {self.line}"
 
     def shown(self) -> str:
         """The value as messages show it: quoted, or that a PII value was withheld."""
@@ -78,7 +83,7 @@ class ValidationReport(BaseModel):
         """Human-readable lines: one per failing field and error kind, with examples."""
         lines = [f"{self.rows_rejected} of {self.rows_read} rows are invalid:"]
         for entry in sorted(self.errors, key=lambda e: (-e.count, e.field, e.kind))[:limit]:
-            shown = "; ".join(f"{ex.file}, line {ex.line}: {ex.shown()}" for ex in entry.examples)
+            shown = "; ".join(f"{ex.place()}: {ex.shown()}" for ex in entry.examples)
             lines.append(f"  {entry.field}: {entry.kind} x{entry.count} (e.g. {shown})")
         return "\n".join(lines)
 
@@ -112,9 +117,13 @@ def rejects_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
 
 
 def validate_batch(
-    batch: pa.RecordBatch, fields: Sequence[FieldSpec], options: CsvOptions
+    batch: pa.RecordBatch, fields: Sequence[FieldSpec], null_values: Sequence[str]
 ) -> tuple[pa.RecordBatch, pa.RecordBatch, BatchTally]:
-    """Parse every column of a text batch at once; split it into valid typed rows and rejects."""
+    """Parse every column of a text batch at once; split it into valid typed rows and rejects.
+
+    ``null_values`` are the texts that mean null (the source's: CSV options, none for a database); a null cell is
+    null whatever they are.
+    """
     n = batch.num_rows
     parse_error = batch.column(PARSE_ERROR)
     unparseable = parse_error.is_valid()
@@ -126,7 +135,7 @@ def validate_batch(
     parsed_ok = pc.invert(unparseable) if any_unparseable else None
     for f in fields:
         text = batch.column(f.name)
-        parsed = parse_column(text, f.type, null_values=options.null_values, required=f.required, fmt=f.format)
+        parsed = parse_column(text, f.type, null_values=null_values, required=f.required, fmt=f.format)
         typed.append(parsed.values)
         if parsed.errors.null_count == n:
             continue  # the common case: every cell of the column is fine

@@ -24,7 +24,8 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 WRAPPER = '''
 import json, os, signal, sys
 
-from dativo_dagster import commit, extract, write
+from dativo_dagster import commit, write
+from dativo_dagster.sources import csv as extract
 
 point = sys.argv.pop(1)
 mode = sys.argv.pop(1)  # "cli" or "job"

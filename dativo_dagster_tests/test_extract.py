@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from dativo_dagster.errors import NothingToReadError, SourceError
-from dativo_dagster.extract import (
+from dativo_dagster.sources.csv import (
     BLOCK_SIZE,
     PARSE_ERROR,
     RAW_RECORD,
@@ -379,7 +379,7 @@ def test_line_numbers_match_pythons_csv_module_across_many_blocks(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import random, resource, sys, time
-    from dativo_dagster.extract import FileReport, SourceFile, read_source_file
+    from dativo_dagster.sources.csv import FileReport, SourceFile, read_source_file
     from dativo_dagster.spec import CsvOptions, FieldSpec
     from dativo_dagster.storage import S3Settings
 

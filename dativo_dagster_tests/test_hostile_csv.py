@@ -31,7 +31,7 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-from dativo_dagster.extract import (
+from dativo_dagster.sources.csv import (
     BLOCK_SIZE,
     MAX_BLOCK_SIZE,
     PARSE_ERROR,

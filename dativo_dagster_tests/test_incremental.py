@@ -13,9 +13,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from dativo_dagster import extract as extract_module
+from dativo_dagster.sources import csv as extract_module
 from dativo_dagster import markers as markers_module
-from dativo_dagster.extract import SourceFile
+from dativo_dagster.sources.csv import SourceFile
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
     marker_source_state,

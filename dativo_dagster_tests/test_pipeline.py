@@ -20,7 +20,7 @@ import pytest
 from dativo_dagster import write as write_module
 from dativo_dagster.assets import verify_written
 from dativo_dagster.errors import StorageError
-from dativo_dagster.extract import SourceFile
+from dativo_dagster.sources.csv import SourceFile
 from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageFailure, run_pipeline
 from dativo_dagster.spec import load_specs
 from dativo_dagster.storage import S3Settings

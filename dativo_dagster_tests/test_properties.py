@@ -33,7 +33,7 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dativo_dagster.extract import FileReport, SourceFile, read_source_file
+from dativo_dagster.sources.csv import FileReport, SourceFile, read_source_file
 from dativo_dagster.spec import CsvOptions, FieldSpec
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.validate import validate_batch
@@ -284,7 +284,7 @@ def extract_and_validate(data: Dataset, folder: Path) -> tuple[list[dict[str, An
     valid: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for batch in read_source_file(source, fields, CsvOptions(), S3Settings(), report):
-        good, bad, tally = validate_batch(batch, fields, CsvOptions())
+        good, bad, tally = validate_batch(batch, fields, CsvOptions().null_values)
         assert tally.rows_read == good.num_rows + bad.num_rows == batch.num_rows
         valid += good.to_pylist()
         rejected += bad.to_pylist()

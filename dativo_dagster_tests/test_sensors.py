@@ -15,7 +15,7 @@ import pytest
 
 from dativo_dagster import commit as commit_module
 from dativo_dagster.definitions import build_definitions
-from dativo_dagster.extract import SourceFile, list_source_files
+from dativo_dagster.sources.csv import SourceFile, list_source_files
 from dativo_dagster.freshness import FRESHNESS_SENSOR
 from dativo_dagster.sensors import (
     SENSOR_ATTEMPT_TAG,

@@ -541,3 +541,73 @@ def test_spec_problems_keeps_its_pairs() -> None:
     error = SpecProblems([("a.b", "first"), ("", "second")])
     assert error.problems == [("a.b", "first"), ("", "second")]
     assert str(error) == "a.b: first; second"
+
+
+def _postgres_spec_problems(source: dict, **overrides: object) -> list[str]:
+    from dativo_dagster.spec import parse_spec_document  # noqa: PLC0415
+    from dativo_dagster_tests.conftest import base_spec  # noqa: PLC0415
+
+    model, problems = parse_spec_document(base_spec("orders", source=source, **overrides), "asset_specs/orders.yaml")
+    assert (model is None) == bool(problems)
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ({"connection": {"url_env": "DB"}}, "asset_specs/orders.yaml: source.table: expected exactly one of table or query"),
+        (
+            {"connection": {"url_env": "DB"}, "table": "t", "query": "SELECT 1"},
+            "asset_specs/orders.yaml: source.query: expected exactly one of table or query",
+        ),
+        (
+            {"connection": {"url_env": "DB"}, "table": "t", "incremental": {"strategy": "cursor"}},
+            "asset_specs/orders.yaml: source.incremental: not supported yet for postgres sources",
+        ),
+        ({"connection": {"url_env": "postgresql://u:pw@h/db"}, "table": "t"}, "source.connection.url_env: expected the NAME"),
+        ({"connection": {"url_env": "DB"}, "table": "t; DROP TABLE t"}, "source.table: expected a table or view name"),
+        ({"connection": {"url_env": "DB"}, "tabel": "t"}, "source.tabel: unknown key (did you mean 'table'?)"),
+        ({"table": "t"}, "asset_specs/orders.yaml: source.connection: required key is missing"),
+    ],
+)
+def test_postgres_source_spec_problems_name_the_key(source: dict, expected: str) -> None:
+    problems = _postgres_spec_problems({"type": "postgres", **source})
+    assert any(p.startswith(expected) or expected in p for p in problems), problems
+    assert not any("pw@" in p for p in problems)  # a URL written where the variable's name belongs is not echoed
+
+
+def test_unknown_source_type_and_valid_postgres_spec() -> None:
+    assert _postgres_spec_problems({"type": "mysqlx", "table": "t"}) == [
+        "asset_specs/orders.yaml: source.type: expected one of 'csv', 'postgres'; got 'mysqlx'"
+    ]
+    assert _postgres_spec_problems({"type": "postgres", "connection": {"url_env": "DB"}, "table": '"Sales"."Orders"'}) == []
+    assert _postgres_spec_problems(
+        {"type": "postgres", "connection": {"url_env": "DB"}, "table": "t"}, sensor={"minimum_interval_seconds": 60}
+    ) == ["asset_specs/orders.yaml: sensor: not supported yet for postgres sources (a database sensor is planned); use schedule:"]
+
+
+def test_missing_url_variable_is_a_terminal_error_naming_spec_and_variable(tmp_path: Path, monkeypatch) -> None:
+    import yaml  # noqa: PLC0415
+
+    from dativo_dagster.errors import is_transient  # noqa: PLC0415
+    from dativo_dagster.sources import source_for  # noqa: PLC0415
+    from dativo_dagster.sources.postgres import DatabaseSourceError  # noqa: PLC0415
+    from dativo_dagster.spec import load_spec_file  # noqa: PLC0415
+    from dativo_dagster.storage import S3Settings  # noqa: PLC0415
+    from dativo_dagster_tests.conftest import base_spec  # noqa: PLC0415
+
+    path = tmp_path / "asset_specs" / "orders.yaml"
+    path.parent.mkdir()
+    source = {"type": "postgres", "connection": {"url_env": "DATIVO_TEST_ORDERS_URL"}, "table": "sales.orders"}
+    path.write_text(yaml.safe_dump(base_spec("orders", source=source)))
+    loaded, problems = load_spec_file(path, tmp_path)
+    assert loaded is not None, problems
+    monkeypatch.delenv("DATIVO_TEST_ORDERS_URL", raising=False)
+    with pytest.raises(DatabaseSourceError) as caught:
+        source_for(loaded, S3Settings()).list_units()
+    assert str(caught.value).startswith(
+        "asset_specs/orders.yaml: source.connection.url_env: environment variable DATIVO_TEST_ORDERS_URL is not set"
+    )
+    assert not is_transient(caught.value)
+    monkeypatch.setenv("DATIVO_TEST_ORDERS_URL", "postgresql://app:Secret-77@db.example:6543/shop")
+    assert source_for(loaded, S3Settings()).list_units()[0].uri == "postgresql://db.example:6543/shop/sales.orders"

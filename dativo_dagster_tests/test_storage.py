@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from botocore.stub import Stubber
 
 from dativo_dagster.errors import StorageError, TerminalError, TransientError, is_transient
-from dativo_dagster.extract import _glob_match
+from dativo_dagster.sources.csv import _glob_match
 from dativo_dagster.storage import (
     MAX_USER_METADATA_BYTES,
     S3Settings,

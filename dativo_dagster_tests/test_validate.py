@@ -7,7 +7,7 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from dativo_dagster.extract import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE, text_schema
+from dativo_dagster.sources.csv import PARSE_ERROR, RAW_RECORD, SOURCE_FILE, SOURCE_LINE, text_schema
 from dativo_dagster.spec import CsvOptions, FieldSpec
 from dativo_dagster.validate import ValidationReport, validate_batch
 
@@ -38,7 +38,7 @@ def test_valid_rows_are_typed_and_rejects_keep_original_text():
             {"id": "", "amount": "7", "active": "1", "name": ""},
         ]
     )
-    valid, rejects, tally = validate_batch(batch, FIELDS, CsvOptions())
+    valid, rejects, tally = validate_batch(batch, FIELDS, CsvOptions().null_values)
     assert valid.to_pylist() == [
         {"id": 1, "amount": Decimal("12.50"), "active": True, "name": "Ann", SOURCE_FILE: "/data/in.csv"},
         {"id": 3, "amount": None, "active": False, "name": "Cy", SOURCE_FILE: "/data/in.csv"},
@@ -64,7 +64,7 @@ def test_unparseable_records_are_rejected_with_their_raw_text():
             {"_error": "record has the wrong number of fields; expected 4", "_raw": "9,9", "_line": 7},
         ]
     )
-    valid, rejects, tally = validate_batch(batch, FIELDS, CsvOptions())
+    valid, rejects, tally = validate_batch(batch, FIELDS, CsvOptions().null_values)
     assert valid.num_rows == 1
     (row,) = rejects.to_pylist()
     assert row[RAW_RECORD] == "9,9" and row[SOURCE_LINE] == 7
@@ -75,7 +75,7 @@ def test_unparseable_records_are_rejected_with_their_raw_text():
 def test_custom_null_values():
     fields = [FieldSpec(name="n", type="integer", required=True)]
     batch = text_batch([{"n": "N/A"}, {"n": "5"}], fields=fields)
-    valid, rejects, _ = validate_batch(batch, fields, CsvOptions(null_values=["N/A"]))
+    valid, rejects, _ = validate_batch(batch, fields, CsvOptions(null_values=["N/A"]).null_values)
     assert valid.column("n").to_pylist() == [5]
     assert rejects.to_pylist()[0]["_reject_reason"] == "n: missing_required"
 
@@ -84,7 +84,7 @@ def test_report_accumulates_counts_and_keeps_first_examples():
     report = ValidationReport()
     for start in (0, 10):
         rows = [{"id": "bad", "name": "n", "_line": start + i} for i in range(5)]
-        report.add(validate_batch(text_batch(rows), FIELDS, CsvOptions())[2])
+        report.add(validate_batch(text_batch(rows), FIELDS, CsvOptions().null_values)[2])
     (entry,) = report.errors
     assert (entry.field, entry.kind, entry.count) == ("id", "invalid_integer", 10)
     assert [e.line for e in entry.examples] == [0, 1, 2]
@@ -96,7 +96,7 @@ def test_report_accumulates_counts_and_keeps_first_examples():
 @pytest.mark.parametrize("mode_rows", [0, 1])
 def test_empty_and_all_valid_batches(mode_rows):
     rows = [{"id": "1", "name": "a"}] * mode_rows
-    valid, rejects, tally = validate_batch(text_batch(rows), FIELDS, CsvOptions())
+    valid, rejects, tally = validate_batch(text_batch(rows), FIELDS, CsvOptions().null_values)
     assert valid.num_rows == mode_rows and rejects.num_rows == 0 and tally.rows_rejected == 0
 
 
@@ -117,7 +117,7 @@ def test_a_pii_fields_rejected_values_are_never_shown(classification):
         ],
         fields=fields,
     )
-    _, rejects, tally = validate_batch(batch, fields, CsvOptions())
+    _, rejects, tally = validate_batch(batch, fields, CsvOptions().null_values)
     report = ValidationReport()
     report.add(tally)
     [born] = [e for e in report.errors if e.field == "born"]
@@ -141,7 +141,7 @@ def test_a_pii_fields_rejected_values_are_never_shown(classification):
 def test_pii_withheld_examples_survive_the_report_round_trip():
     """Reports travel between steps as JSON: a withheld example stays withheld."""
     fields = [FieldSpec(name="ssn", type="integer", classification="PII")]
-    _, _, tally = validate_batch(text_batch([{"ssn": "123-45-6789"}], fields=fields), fields, CsvOptions())
+    _, _, tally = validate_batch(text_batch([{"ssn": "123-45-6789"}], fields=fields), fields, CsvOptions().null_values)
     report = ValidationReport()
     report.add(tally)
     again = ValidationReport.model_validate_json(report.model_dump_json())

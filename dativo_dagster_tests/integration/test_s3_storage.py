@@ -26,7 +26,7 @@ import dativo_dagster.storage as storage_module
 import dativo_dagster.write as write_module
 from dativo_dagster.assets import verify_written
 from dativo_dagster.errors import SourceError, StorageError
-from dativo_dagster.extract import FileReport, list_source_files, read_source_file
+from dativo_dagster.sources.csv import FileReport, list_source_files, read_source_file
 from dativo_dagster.pipeline import PipelineOutcome
 from dativo_dagster.spec import CsvOptions, FieldSpec, LoadedSpec, load_specs
 from dativo_dagster.storage import (

@@ -1,0 +1,255 @@
+"""PostgreSQL source: one table or view, or one read-only SELECT, read in one snapshot and streamed as Arrow text.
+
+The driver is ADBC's PostgreSQL driver (docs/sources/postgres.md says why): it streams ``COPY ... TO STDOUT
+(FORMAT binary)`` into Arrow record batches in C++, a few MiB at a time, so memory stays flat whatever the
+table size. Every column is cast to text in the server (PostgreSQL's own exact text of the value, UTC for
+``timestamptz``, ISO dates, numerics without trailing zeros), and validation parses that text by the CSV rules
+of CONTRACT section 2: a value is accepted only when the spec type holds it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+
+from dativo_dagster.errors import TerminalError, TransientError, redact
+from dativo_dagster.sources.base import (
+    PARSE_ERROR,
+    RAW_RECORD,
+    SOURCE_LINE,
+    DuplicateColumnError,
+    FileReport,
+    SourceFile,
+    match_columns,
+    text_schema,
+)
+from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
+from dativo_dagster.table_schema import SOURCE_FILE, repeated
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 5432
+URL_SCHEMES = ("postgresql", "postgres")
+# set inside the read's transaction: the text the server makes of each value does not depend on the server's or
+# the role's settings
+SESSION_SETTINGS = (
+    "SET LOCAL TimeZone = 'UTC'",
+    "SET LOCAL DateStyle = 'ISO, YMD'",
+    "SET LOCAL IntervalStyle = 'iso_8601'",
+    "SET LOCAL extra_float_digits = 1",  # the shortest text that reads back as the same float
+)
+TYPE_METADATA = b"POSTGRESQL:type"
+# SQLSTATE classes a new attempt can get past: connection lost (08), server shutting down or starting (57P),
+# out of resources (53), serialisation failure or deadlock (40001, 40P01)
+_TRANSIENT_SQLSTATE = re.compile(r"^(08|57P|53|40001|40P01)")
+_TRANSIENT_CONNECT_TEXT = re.compile(
+    r"connection refused|could not connect|timeout|timed out|server closed|starting up|shutting down|"
+    r"too many (clients|connections)|no route|unreachable|could not translate host name|terminating connection|"
+    r"connection to server was lost|SSL SYSCALL error|EOF detected",
+    re.IGNORECASE,
+)
+
+
+class DatabaseSourceError(TerminalError):
+    """A database source cannot be read and retrying cannot help: a missing variable, a refused login, an unknown
+    table or column. The message names the spec; it never holds the URL's password."""
+
+
+class DatabaseUnavailableError(TransientError):
+    """The database could not be reached or dropped the connection: the RetryPolicy tries the run's read again."""
+
+
+@dataclass(frozen=True)
+class PostgresSource:
+    """``source.type: postgres`` bound to one spec (:class:`dativo_dagster.sources.base.Source`)."""
+
+    loaded: LoadedSpec
+    null_values: Sequence[str] = ()  # a database has real nulls: no text means null
+
+    @property
+    def spec(self) -> DatabaseSourceSpec:
+        source = self.loaded.spec.source
+        assert isinstance(source, DatabaseSourceSpec)
+        return source
+
+    def _where(self) -> str:
+        return f"{self.loaded.display_path}: source"
+
+    def url(self) -> str:
+        """The connection URL from the environment variable the spec names.
+
+        Raises:
+            DatabaseSourceError: the variable is not set, or does not hold a postgresql:// URL.
+        """
+        name = self.spec.connection.url_env
+        url = os.environ.get(name, "").strip()
+        if not url:
+            raise DatabaseSourceError(
+                f"{self._where()}.connection.url_env: environment variable {name} is not set; it must hold the"
+                " database URL (postgresql://user:password@host:5432/db)"
+            )
+        if urlsplit(url).scheme not in URL_SCHEMES:
+            raise DatabaseSourceError(
+                f"{self._where()}.connection.url_env: environment variable {name} does not hold a postgresql:// URL"
+            )
+        return url
+
+    def uri(self) -> str:
+        """The source as ``_source_file`` shows it: ``postgresql://host:port/db/<table>`` or ``.../query``, without
+        credentials."""
+        parts = urlsplit(self.url())
+        host = parts.hostname or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise DatabaseSourceError(f"{self._where()}.connection.url_env: the URL's port is not a number") from None
+        database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "postgres")
+        return f"postgresql://{host}:{port}/{database}/{self.spec.table or 'query'}"
+
+    def list_units(self) -> list[SourceFile]:
+        """One unit: the table or query. A full read has no version (cursor incremental will put its mark here)."""
+        return [SourceFile(uri=self.uri(), size=0, version="")]
+
+    def read(self, units: Sequence[SourceFile], reports: list[FileReport]) -> Iterator[pa.RecordBatch]:
+        """Stream the table or query in one REPEATABLE READ, READ ONLY transaction, as batches in
+        :func:`text_schema`; ``_source_line`` is null (the spec's columns identify a record)."""
+        for unit in units:
+            report = FileReport(uri=unit.uri)
+            reports.append(report)
+            yield from self._read_unit(unit, report)
+
+    def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
+        url = self.url()
+        password = unquote(urlsplit(url).password or "")
+        fields = self.loaded.spec.fields
+        schema = text_schema(fields)
+        conn = self._connect(url, password, unit.uri)
+        try:
+            cur = conn.cursor()
+            with self._errors(password, unit.uri, "reading"):
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                for setting in SESSION_SETTINGS:
+                    cur.execute(setting)
+                relation = self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
+                described = cur.adbc_execute_schema(f"SELECT * FROM {relation}")  # noqa: S608 - the spec's own SQL
+            try:
+                mapping, report.missing_columns, report.extra_columns = match_columns(described.names, fields)
+            except DuplicateColumnError as exc:
+                raise DatabaseSourceError(
+                    f"{self._where()}: {unit.uri} has more than one column named {exc.name!r} (columns {exc.columns})"
+                ) from None
+            selected = list(mapping.items())
+            if not selected:
+                raise DatabaseSourceError(
+                    f"{self._where()}: {unit.uri} has none of the spec's columns; it has "
+                    + ", ".join(described.names)
+                )
+            columns = ", ".join(
+                f"{_as_text(described.field(index))} AS c{position}" for position, (_, index) in enumerate(selected)
+            )
+            with self._errors(password, unit.uri, "reading"):
+                cur.execute(f"SELECT {columns} FROM {relation}")  # noqa: S608 - quoted names and the spec's own SQL
+                reader = cur.fetch_record_batch()
+            position_of = {name: position for position, (name, _) in enumerate(selected)}
+            batches = iter_batches(reader)
+            while True:
+                with self._errors(password, unit.uri, "reading"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                report.rows += batch.num_rows
+                yield _text_batch(batch, schema, position_of, unit.uri)
+        finally:
+            try:
+                conn.close()  # ends the read-only transaction: nothing to commit
+            except Exception:  # noqa: BLE001 - the read's own outcome matters; the server ends the session anyway
+                log.warning("could not close the connection to %s", unit.uri)
+
+    def _connect(self, url: str, password: str, uri: str):  # noqa: ANN202 - the driver's connection type
+        import adbc_driver_postgresql.dbapi as adbc  # noqa: PLC0415 - loaded only when a database is read
+
+        with self._errors(password, uri, "connecting to"):
+            return adbc.connect(url, autocommit=True)
+
+    def _errors(self, password: str, uri: str, doing: str) -> _DriverErrors:
+        return _DriverErrors(self._where(), password, uri, doing)
+
+
+class _DriverErrors:
+    """Turns a driver error into :class:`DatabaseSourceError` or :class:`DatabaseUnavailableError`, naming the spec
+    and the source, with the password removed."""
+
+    def __init__(self, where: str, password: str, uri: str, doing: str):
+        self.where, self.password, self.uri, self.doing = where, password, uri, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, (DatabaseSourceError, DatabaseUnavailableError)):
+            return False
+        module = type(exc).__module__ or ""
+        # the driver's own errors, and the Arrow stream's (OSError) when the server fails a query half-way
+        if not (module.startswith("adbc_driver") or isinstance(exc, (pa.ArrowException, OSError))):
+            return False
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        text = str(exc)
+        # the driver's message, without its echo of the query ("Query was: ...") and its own prefixes
+        message = text.split("\nQuery was:", 1)[0].strip()
+        message = re.sub(r"^(?:[A-Z_]+: )?(?:\[libpq\] )?(?:Execution error \[PGRES_FATAL_ERROR\]: )?", "", message)
+        message = redact(" ".join(message.split()), [self.password])
+        full = f"{self.where}: {self.doing} {self.uri}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
+        if _TRANSIENT_SQLSTATE.match(sqlstate) or (not sqlstate and _TRANSIENT_CONNECT_TEXT.search(text)):
+            raise DatabaseUnavailableError(full) from None
+        raise DatabaseSourceError(full) from None
+
+
+def iter_batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """The reader's batches (one at a time: the driver fetches the next one when asked)."""
+    while True:
+        try:
+            yield reader.read_next_batch()
+        except StopIteration:
+            return
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _as_text(field: pa.Field) -> str:
+    """SQL for one column as the server's exact text: numerics without trailing zeros (``12.340000`` is the
+    decimal 12.34), everything else by its type's text output under the read's settings."""
+    pg_type = (field.metadata or {}).get(TYPE_METADATA, b"").decode()
+    column = _quoted(field.name)
+    if pg_type == "numeric":
+        return f"trim_scale({column})::text"
+    return f"{column}::text"
+
+
+def _text_batch(batch: pa.RecordBatch, schema: pa.Schema, position_of: dict[str, int], uri: str) -> pa.RecordBatch:
+    """A driver batch (``c0``, ``c1``... as text) in :func:`text_schema`."""
+    n = batch.num_rows
+    columns = []
+    for f in schema:
+        if f.name == SOURCE_FILE:
+            columns.append(repeated(uri, n))
+        elif f.name in (SOURCE_LINE, PARSE_ERROR, RAW_RECORD):
+            columns.append(pa.nulls(n, f.type))
+        elif f.name in position_of:
+            column = batch.column(position_of[f.name])
+            columns.append(column if column.type == pa.string() else column.cast(pa.string()))
+        else:
+            columns.append(pa.nulls(n, pa.string()))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+__all__ = ["DatabaseSourceError", "DatabaseUnavailableError", "PostgresSource"]
