@@ -112,7 +112,7 @@ def test_a_large_s3_source_is_streamed_in_ranged_reads(
     text = "id,name\n" + "".join(f"{i},name-{i:08d}-{'x' * 20}\n" for i in range(rows))
     assert len(text) > 5 << 20
     seaweedfs.boto3_client().put_object(Bucket=bucket, Key="big.csv", Body=text.encode())
-    monkeypatch.setattr("dativo_dagster.extract.READ_BUFFER", 1 << 20)  # several reads, each bounded
+    monkeypatch.setattr("dativo_dagster.sources.csv.READ_BUFFER", 1 << 20)  # several reads, each bounded
 
     [source] = list_source_files(loaded_with(Path(tempfile.mkdtemp()), f"s3://{bucket}/big.csv"), s3)
     fields = [FieldSpec(name="id", type="integer"), FieldSpec(name="name", type="string")]
