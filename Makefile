@@ -64,6 +64,7 @@ test: venv system-packages
 # From inside DAGSTER_HOME: started in the project folder, Dagster would warn that the project's dagster.yaml
 # is not used (it is: as the copy in DAGSTER_HOME).
 dev: venv-run $(LOCAL_DAGSTER_HOME)/dagster.yaml
+	@echo "the asset graph: http://127.0.0.1:$(DEV_PORT)/asset-groups (once Dagster says it is serving)"
 	cd $(LOCAL_DAGSTER_HOME) && $(abspath $(BIN))/dagster dev -m dativo_dagster.definitions -h 127.0.0.1 -p $(DEV_PORT)
 
 validate: venv-run

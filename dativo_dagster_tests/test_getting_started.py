@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dativo_dagster_tests.conftest import DEPLOYMENT_VARS, branch_rows
+from dativo_dagster_tests.conftest import DEPLOYMENT_VARS, Project, base_spec, branch_rows
 from dativo_dagster_tests.integration.browser import CHROMIUM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,19 @@ def test_make_dev_starts_on_the_shipped_instance_without_warnings(tmp_path: Path
             except subprocess.TimeoutExpired:
                 continue
     text = log.read_text(errors="replace")
-    assert f"http://127.0.0.1:{port}" in text, text
+    assert f"the asset graph: http://127.0.0.1:{port}/asset-groups" in text, text
+    assert f"Serving dagster-webserver on http://127.0.0.1:{port}" in text, text
     assert "will not be used" not in text, text
     assert "BetaWarning" not in text, text
     assert (project / ".dagster_home" / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
+
+
+def test_a_spec_with_target_branch_main_commits_where_plain_readers_look(project: Project) -> None:
+    """README 'Why main looks empty': `target: {branch: main}` puts the rows on main, which `table.scan()` reads."""
+    spec = base_spec("people", target={"partitioning": ["ingest_date"], "branch": "main"})
+    project.write_spec(spec)
+    project.write_data("people.csv", "id,name\n1,Ann\n2,Bob\n")
+    assert project.materialize().success
+    table = project.table("testdomain.people")
+    assert sorted(table.scan().to_arrow().column("name").to_pylist()) == ["Ann", "Bob"]
+    assert table.snapshot_by_name("acme") is None  # nothing went to the tenant's branch
