@@ -21,6 +21,7 @@ import yaml
 from dativo_dagster.logging import JsonLineFormatter
 from dativo_dagster.spec import parse_spec_document, spec_json_schema
 from dativo_dagster.spec_reference import EXAMPLE, KEY_DOCS, REGENERATE, key_paths, render_spec_reference
+from dativo_dagster_tests.test_getting_started import NO_INSTALL  # make must not install into this venv
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -166,8 +167,6 @@ def test_logging_page_lists_the_keys_of_every_line() -> None:
 # ---------------------------------------------------------------------------------------------- the README
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 VENV = Path(sys.prefix)
-# make arguments that keep make from installing into this test's virtualenv (see test_getting_started.py)
-NO_INSTALL = ("--assume-old=.venv/.installed-run", "--assume-old=.venv/.installed-test", "PIP_INSTALL=false")
 # how each fenced block of the README is checked: python and sql run against the demo warehouse, bash blocks
 # name make targets (checked with `make -n`) and are otherwise run, yaml is a spec or run config
 CHECKED_LANGUAGES = {"python", "sql", "bash", "yaml", ""}
