@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -48,6 +49,20 @@ IDENTITY_KEYS = {"dagster/table_name": "table", "snapshot_id": "snapshot_id", "b
 # as a code server or a test session runs many
 _RUNS_WITH_JSON_LOGGER: OrderedDict[str, None] = OrderedDict()
 _MAX_REMEMBERED_RUNS = 1024
+
+# Dagster flags every use of an instance's `python_logs.dagster_handler_config` as beta, in every process of
+# every run (two stderr lines each: the run worker and each step process), although there is no other
+# instance-wide way to log the runs that carry no logger config (docs/logging.md). The shipped dagster.yaml uses
+# it on purpose, so exactly that warning is silenced here; any other BetaWarning still shows.
+_YAML_HANDLER_WARNING = "Handling yaml-defined logging configuration"
+warnings.filterwarnings("ignore", message=_YAML_HANDLER_WARNING, category=dg.BetaWarning)
+# Run and step workers are fresh Pythons that build their log manager before they import the code location:
+# they get the same filter from their parent (the code server, the CLI, the run worker) through the
+# environment. Its category is the builtin Warning, as naming dagster's class there would make every Python
+# started with that environment import dagster first.
+_INHERITED_FILTER = f"ignore:{_YAML_HANDLER_WARNING}:Warning"
+if _INHERITED_FILTER not in os.environ.get("PYTHONWARNINGS", "").split(","):
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), _INHERITED_FILTER)))
 
 
 def _event_name(event: Any) -> str:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,15 @@ import yaml
 
 from dativo_dagster.logging import JsonLineFormatter
 from dativo_dagster.spec import parse_spec_document, spec_json_schema
-from dativo_dagster.spec_reference import DATABASE_SOURCE_EXAMPLE, EXAMPLE, KEY_DOCS, REGENERATE, key_paths, render_spec_reference
+from dativo_dagster.spec_reference import (
+    DATABASE_SOURCE_EXAMPLE,
+    EXAMPLE,
+    KEY_DOCS,
+    REGENERATE,
+    key_paths,
+    render_spec_reference,
+)
+from dativo_dagster_tests.test_getting_started import NO_INSTALL  # make must not install into this venv
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -174,3 +186,151 @@ def test_logging_page_lists_the_keys_of_every_line() -> None:
     documented = re.findall(r"^\| `(\w+)` \|", table, re.M)
     record = logging.LogRecord("dagster", logging.INFO, __file__, 1, "hello", None, None)
     assert documented == list(json.loads(JsonLineFormatter().format(record)))
+
+
+# ---------------------------------------------------------------------------------------------- the README
+FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+VENV = Path(sys.prefix)
+# how each fenced block of the README is checked: python and sql run against the demo warehouse, bash blocks
+# name make targets (checked with `make -n`) and are otherwise run, yaml is a spec or run config
+CHECKED_LANGUAGES = {"python", "sql", "bash", "yaml", ""}
+DUCKDB_SETUP = """
+from pathlib import Path
+import sys
+import duckdb, duckdb_extension_avro, duckdb_extension_iceberg
+con = duckdb.connect()
+for name, package in (("avro", duckdb_extension_avro), ("iceberg", duckdb_extension_iceberg)):
+    con.execute(f"INSTALL '{next(Path(package.__file__).parent.rglob(name + '.duckdb_extension'))}'")
+    con.execute(f"LOAD {name}")
+print(con.execute(sys.stdin.read()).fetchall())
+"""
+
+
+def _readme_blocks(language: str) -> list[str]:
+    return [code for lang, code in FENCED.findall(README.read_text()) if lang == language]
+
+
+def _clean_env() -> dict[str, str]:
+    drop = ("DAGSTER_HOME", "MAKEFLAGS", "MAKELEVEL", "PYTHONWARNINGS")
+    return {k: v for k, v in os.environ.items() if not k.startswith("DATIVO_") and k not in drop}
+
+
+@pytest.fixture(scope="module")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the project on which `make run` ran twice (on this test's virtualenv), as a reader finds it."""
+    root = tmp_path_factory.mktemp("readme") / "project"
+    root.mkdir()
+    for folder in ("asset_specs", "data"):
+        shutil.copytree(ROOT / folder, root / folder)
+    for name in ("Makefile", "pyproject.toml", "dagster.yaml"):
+        shutil.copy2(ROOT / name, root / name)
+    (root / ".venv").symlink_to(VENV)
+    for attempt in range(2):
+        run = subprocess.run(
+            ["make", "--no-print-directory", "-C", str(root), "run", *NO_INSTALL],
+            capture_output=True, text=True, timeout=600, env=_clean_env(), check=False,
+        )
+        # the README: exit code 1 of the warn-mode asset is reported, and `make run` exits 0; the second run
+        # finds nothing new (exit code 0)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert ("note: exit code 1" in run.stdout) == (attempt == 0), run.stdout
+    return root
+
+
+def _catalog(project: Path) -> Any:
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    dativo = project / ".dativo"
+    return SqlCatalog("dativo", uri=f"sqlite:///{dativo / 'catalog.db'}", warehouse=str(dativo / "warehouse"))
+
+
+def test_readme_snippets_run_against_the_make_run_warehouse(demo_project: Path) -> None:
+    """Every fenced Python and SQL block of the README runs, as written, in the project folder after `make run`;
+    together they print what pyiceberg itself reads back."""
+    languages = {lang for lang, _ in FENCED.findall(README.read_text())}
+    assert languages <= CHECKED_LANGUAGES, f"README.md has blocks this test does not check: {languages}"
+    outputs = []
+    for code in _readme_blocks("python"):
+        proc = subprocess.run(
+            [str(VENV / "bin" / "python"), "-c", code],
+            capture_output=True, text=True, timeout=300, cwd=demo_project, env=_clean_env(), check=False,
+        )
+        assert proc.returncode == 0, f"README snippet failed:\n{code}\n{proc.stderr}"
+        outputs.append(proc.stdout)
+    for code in _readme_blocks("sql"):
+        proc = subprocess.run(
+            [str(VENV / "bin" / "python"), "-c", DUCKDB_SETUP], input=code,
+            capture_output=True, text=True, timeout=300, cwd=demo_project, env=_clean_env(), check=False,
+        )
+        assert proc.returncode == 0, f"README SQL snippet failed:\n{code}\n{proc.stderr}"
+        outputs.append(proc.stdout)
+    printed = "\n".join(outputs)
+
+    table = _catalog(demo_project).load_table("adventureworks.csv_person")
+    head = table.snapshot_by_name("demo_tenant")
+    rows = table.scan(snapshot_id=head.snapshot_id).to_arrow()
+    assert rows.num_rows == 10
+    assert f"{rows.num_rows} rows on branch demo_tenant" in printed, printed
+    assert f"metadata: {table.metadata_location}" in printed, printed
+    assert f"branch head: {head.snapshot_id}" in printed, printed
+    assert "0 rows on main" in printed, printed
+    assert table.scan().to_arrow().num_rows == 0
+    # DuckDB's count per PersonType equals pyiceberg's
+    counted = rows.group_by("PersonType").aggregate([("PersonType", "count")]).to_pylist()
+    per_type = sorted((r["PersonType"], r["PersonType_count"]) for r in counted)
+    assert repr(per_type) in printed, printed
+
+
+def test_readme_demo_table_matches_the_tables_after_two_runs(demo_project: Path) -> None:
+    """'What the demo did': each asset's table holds the rows the README says, also after a second `make run`
+    (incremental specs add nothing, the overwrite spec replaces its rows); the warn asset quarantined 2."""
+    text = README.read_text()
+    section = text.split("## What the demo did", 1)[1].split("\n## ", 1)[0]
+    claimed = {
+        table: int(rows)
+        for table, rows in re.findall(r"^\| `\w+` \([^)]*\) \| `([\w.]+)` \|.*\| (\d+) \|$", section, re.M)
+    }
+    specs = {path.stem for path in (ROOT / "asset_specs").rglob("*.yaml")}
+    assert len(claimed) == len(specs) == 3, section
+    catalog = _catalog(demo_project)
+    for identifier, count in claimed.items():
+        table = catalog.load_table(identifier)
+        assert table.scan(snapshot_id=table.snapshot_by_name("demo_tenant").snapshot_id).to_arrow().num_rows == count
+    assert "2 bad rows quarantined in `music.listening_history__rejects`" in section
+    rejects = catalog.load_table("music.listening_history__rejects")
+    assert rejects.scan(snapshot_id=rejects.snapshot_by_name("demo_tenant").snapshot_id).to_arrow().num_rows == 2
+
+
+def test_readme_make_commands_are_targets_of_the_makefile(tmp_path: Path) -> None:
+    for code in _readme_blocks("bash"):
+        for line in code.splitlines():
+            command = line.split("#", 1)[0].strip()
+            if not command.startswith("make "):
+                continue
+            target = command.split()[1]
+            proc = subprocess.run(["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True,
+                                  env=_clean_env(), check=False)
+            assert proc.returncode == 0, f"README: `{command}`: {proc.stderr}"
+
+
+def test_readme_example_spec_is_valid_and_incremental() -> None:
+    """Copied as is, the README's example spec must not load every file again at every run."""
+    [example] = [code for code in _readme_blocks("yaml") if code.startswith("apiVersion:")]
+    model, problems = parse_spec_document(yaml.safe_load(example), "README.md")
+    assert model is not None, problems
+    assert model.target.write_mode.value == "append"
+    assert model.source.incremental is not None
+
+
+def test_readme_says_nothing_twice() -> None:
+    """No sentence of the README's prose repeats another one (same first eight words)."""
+    prose = FENCED.sub("", README.read_text())
+    sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", prose)]
+    seen: dict[str, str] = {}
+    for sentence in sentences:
+        words = re.findall(r"[\w`,'-]+", sentence.lower())
+        if len(words) < 8:
+            continue
+        key = " ".join(words[:8])
+        assert key not in seen, f"README.md says it twice:\n  {seen[key]}\n  {sentence}"
+        seen[key] = sentence

@@ -41,6 +41,10 @@ DEMO_ASSETS = [item.spec.name for item in load_specs(ROOT / "asset_specs")]
 assert SHOWCASE in DEMO_ASSETS
 # the placeholders Dagster's UI shows while a part of the page is still loading
 LOADING = "[class*=Skeleton_skeleton]"
+# the asset graph, the address `make dev` and the README send users to
+GRAPH_PATH = "/asset-groups"
+# Dagster's "Join the Dagster community" dialog (shown over every page unless the instance turns `nux` off)
+DIALOG = "[role=dialog]"
 
 
 @dataclass
@@ -79,11 +83,10 @@ def _demo_project(root: Path) -> Project:
 
 
 def _dagster_home(root: Path) -> Path:
+    """An instance made from the shipped dagster.yaml as it is (what `make dev` copies): what users see is tested."""
     home = root / "dagster_home"
     home.mkdir()
-    config = (ROOT / "dagster.yaml").read_text()
-    # no "Join the Dagster community" dialog over the pages of this throwaway instance
-    (home / "dagster.yaml").write_text(config + "\nnux:\n  enabled: false\n")
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
     return home
 
 
@@ -117,6 +120,30 @@ def _branch_state(project: Project, item: LoadedSpec) -> tuple[int, int, int]:
     if project.catalog().table_exists(rejects_name):
         rejects = len(branch_rows(project.table(rejects_name), spec.branch))
     return len(branch_rows(table, spec.branch)), head.snapshot_id, rejects
+
+
+def test_first_screens_show_no_dialog_and_the_graph_address_shows_the_asset_graph(demo_ui: DemoUI) -> None:
+    """The first test of the module, on a browser profile that has never dismissed anything: Dagster's own
+    landing page and the asset graph open without the community dialog, on the shipped instance settings."""
+    demo_ui.open("/")
+    demo_ui.browser.wait_for_text(["Overview", "Runs", "Catalog"])
+    demo_ui.browser.wait_until(f"!document.querySelector({LOADING!r})")
+    # the dialog comes up once the UI has asked the server about it, a moment after the page settled
+    time.sleep(3)
+    assert demo_ui.browser.evaluate(f"document.querySelectorAll({DIALOG!r}).length") == 0, demo_ui.browser.text()
+    assert "Join the Dagster community" not in demo_ui.browser.text()
+    demo_ui.screenshot("landing-page")
+
+    demo_ui.open(GRAPH_PATH)
+    groups = sorted({item.spec.data_product for item in demo_ui.specs})
+    # the whole graph, one box per group (dataProduct) with its asset count
+    text = demo_ui.browser.wait_for_text(["Global asset lineage", *groups, "Materialize all"])
+    demo_ui.browser.wait_until(f"!document.querySelector({LOADING!r})")
+    time.sleep(3)
+    assert demo_ui.browser.evaluate(f"document.querySelectorAll({DIALOG!r}).length") == 0, text
+    assert "Join the Dagster community" not in demo_ui.browser.text()
+    assert demo_ui.browser.evaluate("location.pathname") == GRAPH_PATH
+    demo_ui.screenshot("first-screen-asset-graph")
 
 
 def test_catalog_lists_every_asset_as_materialized(demo_ui: DemoUI) -> None:
