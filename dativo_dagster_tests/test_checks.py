@@ -15,6 +15,7 @@ import pytest
 
 from dativo_dagster import commit as commit_module
 from dativo_dagster import pipeline
+from dativo_dagster.sources.csv import CsvSource
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,16 +74,16 @@ def test_progress_is_logged_at_the_documented_interval_while_files_are_read(
     assert documented and float(documented.group(1)) == pipeline.PROGRESS_SECONDS
     interval, chunks, pause = 0.5, 80, 0.05
     monkeypatch.setattr(pipeline, "PROGRESS_SECONDS", interval)
-    read = pipeline.iter_source_batches
+    read = CsvSource.read
 
-    def slow_batches(*args: Any) -> Iterator[pa.RecordBatch]:
-        for batch in read(*args):
+    def slow_batches(self: CsvSource, *args: Any) -> Iterator[pa.RecordBatch]:
+        for batch in read(self, *args):
             step = max(1, -(-batch.num_rows // chunks))
             for start in range(0, batch.num_rows, step):
                 time.sleep(pause)
                 yield batch.slice(start, step)
 
-    monkeypatch.setattr(pipeline, "iter_source_batches", slow_batches)
+    monkeypatch.setattr(CsvSource, "read", slow_batches)
     project.write_spec(base_spec())
     path = project.write_data("people.csv", "id,name\n" + "".join(f"{i},n{i}\n" for i in range(4_000)))
     instance = dg.DagsterInstance.ephemeral()
