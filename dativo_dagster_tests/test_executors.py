@@ -28,6 +28,7 @@ from dativo_dagster.freshness import FRESHNESS_CHECK
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 DAGSTER = Path(sys.executable).parent / "dagster"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 MODULE = "dativo_dagster.definitions"
 OPS = ("extract", "validate", "write", "commit")
 HOURLY = {"cron": "0 * * * *", "timezone": "UTC"}
@@ -194,3 +195,18 @@ def test_the_multiprocess_mode_stays_available_for_one_asset_runs(
     engine = [e.user_message for e in _of_type(events, dg.DagsterEventType.ENGINE_EVENT)]
     assert any(m.startswith("Executing steps using multiprocess executor") for m in engine)
     assert [r["id"] for r in branch_rows(project.table("testdomain.beta"), "acme")] == [7]
+
+
+def test_the_shipped_instance_dequeues_launched_runs_every_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run launched from the UI waits in the queue until the daemon's next look (Dagster's default: every 5 s,
+    longer than a small asset's whole run); the shipped dagster.yaml has it look every second, and keeps the
+    queue's limit on concurrent runs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:  # what `make dev`'s daemon loads
+        assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
+        # the daemon's QueuedRunCoordinatorDaemon runs at this interval
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4
