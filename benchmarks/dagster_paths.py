@@ -5,7 +5,8 @@
 
 A launched run goes the way of the UI's Materialize button: the webserver queues it, the daemon dequeues it, the
 run launcher starts a run worker (``dagster api execute_run``) that loads the code location and runs the steps.
-Its time is from the launch request to the run's end as the UI sees it (status SUCCESS); the memory of the process
+Its time is from the launch request to the run's RUN_SUCCESS event (the run worker's clock, the same machine;
+the status is polled only every 0.5 s, so that the polling does not compete with the run); the memory of the process
 that ran the steps (the run worker) is its peak resident set (``VmHWM``), read every 50 ms from every process
 under ``dagster dev`` while the run lasts. ``read_run`` reads a finished run back from
 the instance: status, step times, the process of each step, and the materialization's metadata.
@@ -61,7 +62,9 @@ class RunFacts:
     metadata: dict[str, Any]  # the asset materialization's metadata values
     seconds: float = 0.0  # launched runs: launch request to SUCCESS as the UI sees it
     worker_peak_mib: float = 0.0  # launched runs: the peak VmHWM of the processes that ran the steps
+    worker_cpu: float = 0.0  # launched runs: their user + system seconds
     timeline: dict[str, float] = field(default_factory=dict)  # run events (ENQUEUED, STARTING...) -> seconds
+    ended: float = 0.0  # time of the run's RUN_SUCCESS (or failure) event
 
 
 def read_run(home: Path, run_id: str | None = None) -> RunFacts:
@@ -93,8 +96,9 @@ def read_run(home: Path, run_id: str | None = None) -> RunFacts:
                     metadata = {k: v.value for k, v in mat.metadata.items()}
             steps = {key.rsplit("__", 1)[-1]: end - start for key, (start, end) in spans.items() if end}
             first = min(timeline.values(), default=0.0)
+            ended = max((timeline.get(k, 0.0) for k in ("PIPELINE_SUCCESS", "PIPELINE_FAILURE", "PIPELINE_CANCELED")))
             return RunFacts(run.run_id, run.status.value, steps, pids, metadata,
-                            timeline={k: round(t - first, 2) for k, t in timeline.items()})
+                            timeline={k: round(t - first, 2) for k, t in timeline.items()}, ended=ended)
         finally:
             instance.dispose()
     finally:
@@ -205,20 +209,24 @@ class DagsterDevServer:
             "runConfigData": "{}",
         }
         peaks: dict[int, float] = {}
+        cpu: dict[int, float] = {}
+        ticks = os.sysconf("SC_CLK_TCK")
         done = threading.Event()
 
         def watch() -> None:
-            while not done.wait(0.05):
+            while not done.wait(0.1):
                 for pid in _descendants(self.process.pid):  # type: ignore[union-attr]
                     with contextlib.suppress(OSError):
                         status = Path(f"/proc/{pid}/status").read_text()
                         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
                         if match:
                             peaks[pid] = max(peaks.get(pid, 0.0), int(match.group(1)) / 1024)
+                        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        cpu[pid] = (int(stat[11]) + int(stat[12])) / ticks  # utime, stime
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        started = time.perf_counter()
+        started = time.time()
         result = self.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
             done.set()
@@ -230,19 +238,17 @@ class DagsterDevServer:
             if time.monotonic() > deadline:
                 done.set()
                 raise RuntimeError(f"run {run_id} still {status} after {timeout:.0f} s")
-            time.sleep(0.05)
+            time.sleep(0.5)
             status = self.graphql(RUN_STATUS, {"id": run_id})["runOrError"].get("status", "UNKNOWN")
-        seconds = time.perf_counter() - started
-        # the worker writes RUN_SUCCESS, then exits: let the watcher see its last peak
-        time.sleep(0.3)
         done.set()
         watcher.join()
         facts = read_run(self.home, run_id)
-        facts.seconds = seconds
+        facts.seconds = facts.ended - started
         step_pids = set(facts.step_pids.values())
         if not step_pids <= set(peaks):
             raise RuntimeError(f"run {run_id}: steps ran in processes {sorted(step_pids)} not seen under dagster dev")
         facts.worker_peak_mib = max((peaks[pid] for pid in step_pids), default=0.0)
+        facts.worker_cpu = sum(cpu.get(pid, 0.0) for pid in step_pids)
         return facts
 
 
