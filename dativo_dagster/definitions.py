@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from dativo_dagster.assets import STAGING_IO, TABLE_IO, build_asset
+from dativo_dagster.executors import one_asset_executor
 from dativo_dagster.freshness import build_freshness_checks, build_freshness_sensor
 from dativo_dagster.io_managers import IcebergTableIOManager, StagingIOManager
 from dativo_dagster.jobs import (
@@ -31,7 +32,9 @@ def specs_dir_from_env() -> Path:
 def build_definitions(specs_dir: Path) -> dg.Definitions:
     """Definitions for every spec under ``specs_dir``; raises ``SpecError`` listing every problem.
 
-    ``DATIVO_LOG_FORMAT=json`` makes the console logger write one JSON object per line.
+    ``DATIVO_LOG_FORMAT=json`` makes the console logger write one JSON object per line. Every job runs its steps
+    in the run's process unless it says otherwise (the group jobs) or its run config does (executors.py): this
+    executor is also the one of the implicit asset job that `dagster asset materialize` and the UI run.
     """
     loaded = load_specs(specs_dir)
     resources = resources_from_env(specs_dir)
@@ -51,6 +54,7 @@ def build_definitions(specs_dir: Path) -> dg.Definitions:
             TABLE_IO: IcebergTableIOManager(catalog=resources["dativo_catalog"]),
         },
         loggers=loggers_from_env(),
+        executor=one_asset_executor,
     )
 
 

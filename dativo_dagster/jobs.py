@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 from pyiceberg.table import Table
 
+from dativo_dagster.executors import many_assets_executor
 from dativo_dagster.logging import logging_run_config
 from dativo_dagster.maintenance import (
     MIN_AGE_HOURS,
@@ -36,10 +37,15 @@ def asset_job(loaded: LoadedSpec):
 
 
 def group_jobs(loaded: Sequence[LoadedSpec]) -> list:
-    """One job per dataProduct group."""
+    """One job per dataProduct group; its assets' steps run in parallel, forked from a preloaded forkserver."""
     groups = sorted({item.spec.data_product for item in loaded})
     return [
-        dg.define_asset_job(f"{group}__group_job", selection=dg.AssetSelection.groups(group), config=logging_run_config())
+        dg.define_asset_job(
+            f"{group}__group_job",
+            selection=dg.AssetSelection.groups(group),
+            config=logging_run_config(),
+            executor_def=many_assets_executor,
+        )
         for group in groups
     ]
 

@@ -1,7 +1,9 @@
-"""`dativo-dagster materialize` exit codes and summary lines, and `dagster asset materialize` (multiprocess)."""
+"""`dativo-dagster materialize` exit codes and summary lines, and `dagster asset materialize` (in process by default,
+multiprocess on request)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from dativo_dagster.executors import FORKSERVER_CONFIG
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 VENV_BIN = Path(sys.executable).parent
@@ -205,11 +208,15 @@ def test_unknown_selection_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_dagster_asset_materialize_with_the_multiprocess_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code location runs one asset in process by default; run config still picks the multiprocess executor
+    (here with the forkserver start method that the group jobs use), and the steps pass their records on."""
     project = make_project(tmp_path / "p", "good")
     home = tmp_path / "dagster_home"
     home.mkdir()
+    config = json.dumps({"execution": {"config": FORKSERVER_CONFIG}})
     proc = subprocess.run(
-        [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "*"],
+        [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "*",
+         "--config-json", config],
         capture_output=True,
         text=True,
         timeout=180,
@@ -236,7 +243,7 @@ def test_dagster_asset_materialize_with_the_multiprocess_executor(tmp_path: Path
 def test_dagster_asset_materialize_exits_non_zero_exactly_when_the_run_fails(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """CONTRACT 3: Dagster's own command fails a CI job exactly when the run fails: a strict rejection exits
-    non-zero (with the default multiprocess executor, as a CI job runs it), a warn-mode run that quarantined rows
+    non-zero (with the code location's default executor, as a CI job runs it), a warn-mode run that quarantined rows
     succeeded and exits 0 (``dativo-dagster`` would say 1; run in process, the executor is not what it tests)."""
     projects = {"strict": make_project(tmp_path / "strict", "strict"),
                 "warned": make_project(tmp_path / "warned", "warned")}

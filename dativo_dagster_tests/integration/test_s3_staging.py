@@ -3,6 +3,7 @@ different machines: the records the ops pass each other live in the bucket, and 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dativo_dagster import maintenance
+from dativo_dagster.executors import FORKSERVER_CONFIG
 from dativo_dagster.maintenance import MIN_AGE_HOURS, remove_stale_staging
 from dativo_dagster.resources import StagingResource, StorageResource
 from dativo_dagster_tests.conftest import Project, base_spec
@@ -22,8 +24,18 @@ from .servers import SeaweedFS
 DAGSTER = Path(sys.executable).parent / "dagster"
 
 
+@pytest.mark.parametrize(
+    ("executor", "engine_line"),
+    [
+        # the group jobs' executor: every step in a process forked from a preloaded forkserver
+        (FORKSERVER_CONFIG, "Executing steps using multiprocess executor"),
+        # the code location's default for one asset: every step in the run's process
+        (None, "Executing steps in process"),
+    ],
+    ids=["forkserver", "in_process"],
+)
 def test_steps_in_separate_processes_pass_their_records_through_the_bucket(
-    seaweedfs: SeaweedFS, tmp_path: Path
+    seaweedfs: SeaweedFS, tmp_path: Path, executor: dict | None, engine_line: str
 ) -> None:
     deployment = make_deployment("sqlite", seaweedfs, None, tmp_path)
     staging = f"s3://{deployment.bucket}/staging"
@@ -35,13 +47,13 @@ def test_steps_in_separate_processes_pass_their_records_through_the_bucket(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATIVO_", "DAGSTER_"))}
     env.update(deployment.env, DATIVO_ASSET_SPECS_DIR=str(project.specs_dir), DATIVO_STAGING_DIR=staging,
                DAGSTER_HOME=str(home))
-    # Dagster's default multiprocess executor: every step in a process of its own
+    config = ["--config-json", json.dumps({"execution": {"config": executor}})] if executor else []
     proc = subprocess.run(
-        [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "*"],
+        [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "*", *config],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "multiprocess executor" in proc.stderr
+    assert engine_line in proc.stderr
 
     table = deployment.catalog().load_table("testdomain.events")
     rows = table.scan(snapshot_id=branch_head(table, "acme").snapshot_id).to_arrow().to_pylist()
