@@ -33,9 +33,6 @@ DOCS_IMAGES = ROOT / "docs" / "images"
 CHECKS = (VALIDATION_CHECK, SCHEMA_DRIFT_CHECK, RECONCILIATION_CHECK)
 # the asset page whose screenshots go into the docs: warn mode, quarantined rows, a sensor
 SHOWCASE = "listening_history"
-# `Materialize all` in the UI would use the multiprocess executor (a process per step, about 2.5 s each):
-# the run launched here goes through the same queue, daemon and run worker, with its steps in one process
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 # the demo's assets, one test case each (the fixture loads its own copy of the same specs)
 DEMO_ASSETS = [item.spec.name for item in load_specs(ROOT / "asset_specs")]
 assert SHOWCASE in DEMO_ASSETS
@@ -97,7 +94,8 @@ def demo_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoUI]:
     specs = load_specs(project.specs_dir)
     env = {k: v for k, v in os.environ.items() if k not in (*DEPLOYMENT_VARS, "DAGSTER_HOME", "DATIVO_LOG_FORMAT")}
     with DagsterDev(_dagster_home(root), project.specs_dir, env=env) as dev:
-        run_id = dev.launch_assets([item.spec.name for item in specs], run_config=IN_PROCESS)
+        # as the UI's `Materialize all` does: the code location's executor, no run config
+        run_id = dev.launch_assets([item.spec.name for item in specs])
         status = dev.wait_for_run(run_id)
         assert status == "SUCCESS", f"run {run_id}: {status}\n{dev.log_tail()}"
         with HeadlessChromium() as browser:
