@@ -281,6 +281,36 @@ def test_one_snapshot_while_rows_are_inserted(shop: MariaDBServer, tmp_path: Pat
     assert first.num_rows + rest == 100000
 
 
+def test_the_snapshot_is_taken_when_the_transaction_starts(
+    shop: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows committed after the read's transaction began, before its SELECT ran, are not read."""
+    shop.execute(["CREATE TABLE early (id BIGINT PRIMARY KEY)", "INSERT INTO early SELECT seq FROM seq_1_to_10"], DB)
+    project = Project(tmp_path / "project")
+    path = project.write_spec(db_spec("early", {"table": "early"}, schema=[{"name": "id", "type": "long"}]))
+    monkeypatch.setenv(URL_ENV, url(shop))
+    from dativo_dagster.sources import mysql  # noqa: PLC0415 - the module whose step is slowed
+
+    real_match_columns = mysql.match_columns
+    inserted = []
+
+    def insert_then_match(*args: Any, **kwargs: Any) -> Any:  # runs between the transaction's start and its SELECT
+        shop.execute("INSERT INTO early SELECT seq FROM seq_11_to_15", DB)
+        inserted.append(True)
+        return real_match_columns(*args, **kwargs)
+
+    monkeypatch.setattr(mysql, "match_columns", insert_then_match)
+    source = source_for(loaded(project, path), S3Settings())
+    ids = sorted(int(i) for batch in source.read(source.list_units(), []) for i in batch.column("id").to_pylist())
+    assert inserted  # the insert happened during the read
+    assert ids == list(range(1, 11))
+    conn = shop.connect(DB)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM early")
+        assert cur.fetchone()[0] == 15
+    conn.close()
+
+
 MEMORY_PROBE = textwrap.dedent(
     """
     import os, resource, sys
