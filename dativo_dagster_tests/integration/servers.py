@@ -816,11 +816,14 @@ class MariaDBServer:
 
     ``root`` logs in without a password over TCP from loopback. Attributes once started: ``host`` (127.0.0.1),
     ``port``, ``base_dir``, ``data_dir``, ``log_path``, ``pid``, ``startup_seconds``. ``connect(db)`` gives a
-    pymysql connection as root (autocommit), ``execute(sql, db)`` runs statements.
+    pymysql connection as root (autocommit), ``execute(sql, db)`` runs statements. Sessions start in
+    ``default_time_zone`` (+05:00).
     """
 
     host = "127.0.0.1"
     user = "root"
+    # not UTC, so that a reader that relies on the server's zone instead of setting its own is caught
+    default_time_zone = "+05:00"
 
     def __init__(self, base_dir: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._own_dir = base_dir is None
@@ -894,7 +897,8 @@ class MariaDBServer:
                     [server, "--no-defaults", f"--datadir={self.data_dir}", f"--socket={self.base_dir / 'sock'}",
                      f"--port={self.port}", f"--bind-address={self.host}", f"--user={_current_user()}",
                      "--skip-log-bin", f"--pid-file={self.base_dir / 'pid'}", f"--log-error={self.log_path}",
-                     "--innodb-flush-log-at-trx-commit=0", "--skip-name-resolve"],
+                     "--innodb-flush-log-at-trx-commit=0", "--skip-name-resolve",
+                     f"--default-time-zone={self.default_time_zone}"],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             self.pid = self._process.pid
