@@ -260,6 +260,33 @@ def test_server_down_is_transient(shop: MariaDBServer, tmp_path: Path, monkeypat
     assert "Wrong-pw-1234" not in str(refused.value)
 
 
+def test_a_connection_dropped_mid_read_is_transient(
+    shop: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop.execute(["CREATE TABLE dropped (id BIGINT PRIMARY KEY, pad VARCHAR(200))",
+                  "INSERT INTO dropped SELECT seq, REPEAT('x', 200) FROM seq_1_to_200000"], DB)
+    project = Project(tmp_path / "project")
+    schema = [{"name": "id", "type": "long", "required": True}, {"name": "pad", "type": "string"}]
+    path = project.write_spec(db_spec("dropped", {"table": "dropped"}, schema=schema))
+    monkeypatch.setenv(URL_ENV, url(shop))
+    source = source_for(loaded(project, path), S3Settings())
+    batches = source.read(source.list_units(), [])
+    first = next(batches)
+    conn = shop.connect()
+    with conn.cursor() as cur:  # the server drops the reader's connection while rows stream
+        cur.execute("SELECT id FROM information_schema.processlist WHERE user = %s", (READER,))
+        readers = [row[0] for row in cur.fetchall()]
+        assert len(readers) == 1
+        cur.execute(f"KILL CONNECTION {readers[0]}")
+    conn.close()
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        for batch in batches:
+            assert batch.num_rows > 0
+    assert first.num_rows < 200000  # the read was under way when the connection went
+    assert is_transient(caught.value)
+    assert "reading mysql://" in str(caught.value) and PASSWORD not in str(caught.value)
+
+
 def test_one_snapshot_while_rows_are_inserted(shop: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shop.execute(["CREATE TABLE growing (id BIGINT PRIMARY KEY, pad VARCHAR(200))",
                   "INSERT INTO growing SELECT seq, REPEAT('x', 200) FROM seq_1_to_100000"], DB)
