@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -127,6 +128,7 @@ class MySQLSource:
         fields = self.loaded.spec.fields
         schema = text_schema(fields)
         conn = self._connect(password, unit.uri)
+        stream = None
         try:
             with self._errors(password, unit.uri, "reading"):
                 cur = conn.cursor()
@@ -163,11 +165,10 @@ class MySQLSource:
                     break
                 report.rows += len(rows)
                 yield _text_batch(rows, len(selected), schema, position_of, unit.uri)
+            with self._errors(password, unit.uri, "reading"):
+                stream.close()  # every row was read: nothing left to drain
         finally:
-            try:
-                conn.close()  # ends the read-only transaction: nothing to commit
-            except Exception:  # noqa: BLE001 - the read's own outcome matters; the server ends the session anyway
-                log.warning("could not close the connection to %s", unit.uri)
+            _close(conn, stream, unit.uri)
 
     def _connect(self, password: str, uri: str):  # noqa: ANN202 - the driver's connection type
         import pymysql  # noqa: PLC0415 - loaded only when a database is read
@@ -188,6 +189,24 @@ class MySQLSource:
 
     def _errors(self, password: str, uri: str, doing: str) -> _DriverErrors:
         return _DriverErrors(self._where(), password, uri, doing)
+
+
+def _close(conn: Any, stream: Any, uri: str) -> None:
+    """Close the connection, which ends the read-only transaction (nothing to commit).
+
+    A read that stopped early (a strict-mode failure, a dropped connection) leaves rows unsent: closing the socket
+    drops them instead of draining the rest of the table, and the unbuffered result is marked finished so that
+    PyMySQL's destructors do not try to read from the closed socket.
+    """
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - the read's own outcome matters; the server ends the session anyway
+        log.warning("could not close the connection to %s", uri)
+    result = getattr(stream, "_result", None)
+    if result is not None and getattr(result, "unbuffered_active", False):
+        result.unbuffered_active = False
+    if stream is not None:
+        stream.connection = None
 
 
 class _DriverErrors:
