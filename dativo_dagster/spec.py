@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -268,6 +269,9 @@ ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # a table or view: name or schema.name, each part a plain identifier or a double-quoted one
 _TABLE_PART = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
 TABLE_PATTERN = re.compile(rf"^{_TABLE_PART}(?:\.{_TABLE_PART})?$")
+# MySQL / MariaDB: database.table, parts plain or back-quoted
+_MYSQL_TABLE_PART = r"(?:[A-Za-z0-9_$]+|`(?:[^`]|``)+`)"
+MYSQL_TABLE_PATTERN = re.compile(rf"^{_MYSQL_TABLE_PART}(?:\.{_MYSQL_TABLE_PART})?$")
 
 
 class Connection(_Model):
@@ -287,9 +291,9 @@ class Connection(_Model):
 
 
 class DatabaseSourceSpec(_Model):
-    """``source.type: postgres``: one table or view, or one read-only SELECT (CONTRACT section 7)."""
+    """``source.type: postgres`` or ``mysql``: one table or view, or one read-only SELECT (CONTRACT section 7)."""
 
-    type: Literal["postgres"]
+    type: Literal["postgres", "mysql"]
     connection: Connection
     table: str | None = Field(default=None, min_length=1, max_length=1000)
     query: str | None = Field(default=None, min_length=1, max_length=100_000)
@@ -301,10 +305,12 @@ class DatabaseSourceSpec(_Model):
 
     @field_validator("table")
     @classmethod
-    def _table_name(cls, value: str) -> str:
-        if not TABLE_PATTERN.fullmatch(value.strip()):
+    def _table_name(cls, value: str, info: ValidationInfo) -> str:
+        mysql = info.data.get("type") == "mysql"
+        if not (MYSQL_TABLE_PATTERN if mysql else TABLE_PATTERN).fullmatch(value.strip()):
+            quoting = "back-quoted" if mysql else "double-quoted"
             raise ValueError(
-                f"expected a table or view name such as orders or sales.orders (parts may be double-quoted);"
+                f"expected a table or view name such as orders or sales.orders (parts may be {quoting});"
                 f" got {_shown(value)}; use query: for anything else"
             )
         return value.strip()
@@ -335,10 +341,12 @@ def _source_kind(value: Any) -> str:
     return getattr(value, "type", "csv")
 
 
-SOURCE_MODELS: dict[str, type[BaseModel]] = {"csv": CsvSourceSpec, "postgres": DatabaseSourceSpec}
+SOURCE_MODELS: dict[str, type[BaseModel]] = {"csv": CsvSourceSpec, "postgres": DatabaseSourceSpec, "mysql": DatabaseSourceSpec}
 SOURCE_KINDS = tuple(SOURCE_MODELS)
 SourceSpec = Annotated[
-    Annotated[CsvSourceSpec, Tag("csv")] | Annotated[DatabaseSourceSpec, Tag("postgres")],
+    Annotated[CsvSourceSpec, Tag("csv")]
+    | Annotated[DatabaseSourceSpec, Tag("postgres")]
+    | Annotated[DatabaseSourceSpec, Tag("mysql")],
     Discriminator(_source_kind),
 ]
 

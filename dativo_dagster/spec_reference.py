@@ -132,8 +132,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "{type: csv, files: [{path: data/people/*.csv}], incremental: {strategy: file_modified_time}}",
     ),
     "source.type": (
-        "Source kind: `csv` (files; the default) or `postgres` (a table or query; docs/sources/postgres.md). The"
-        " keys below `files` belong to csv, `connection`, `table` and `query` to postgres.",
+        "Source kind: `csv` (files; the default), `postgres` (a table or query; docs/sources/postgres.md) or"
+        " `mysql` (MySQL 8 / MariaDB 10.6+; docs/sources/mysql.md). The keys below `files` belong to csv,"
+        " `connection`, `table` and `query` to postgres and mysql.",
         "csv",
     ),
     "source.files": (
@@ -166,7 +167,7 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     ),
     "source.incremental": (
         "Read only new and changed files (with `write_mode: append`); omit it to read every file on every run."
-        " Not supported yet for postgres (a spec error).",
+        " Not supported yet for postgres and mysql (a spec error).",
         "{strategy: file_modified_time, lookback_days: 7}",
     ),
     "source.incremental.strategy": (
@@ -179,23 +180,24 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "7",
     ),
     "source.connection": (
-        "postgres: how to reach the database. The URL itself never goes into a spec.",
+        "postgres, mysql: how to reach the database. The URL itself never goes into a spec.",
         "{url_env: SHOP_DB_URL}",
     ),
     "source.connection.url_env": (
-        "postgres: the NAME of the environment variable that holds the URL"
-        " (`postgresql://user:password@host:5432/db`). Unset at run time: the run fails naming the spec and the"
+        "postgres, mysql: the NAME of the environment variable that holds the URL"
+        " (`postgresql://user:password@host:5432/db`, `mysql://user:password@host:3306/db`). Unset at run time: the run fails naming the spec and the"
         " variable (exit 2). The password never shows in logs, metadata, errors or the table.",
         "SHOP_DB_URL",
     ),
     "source.table": (
-        "postgres: a table or view, schema-qualified where needed (`sales.orders`, parts may be double-quoted);"
-        " exactly one of `table` / `query`. `_source_file` is `postgresql://host:port/db/<table>`.",
+        "postgres, mysql: a table or view, schema-qualified where needed (`sales.orders`; postgres parts may be"
+        " double-quoted, mysql parts back-quoted, where the qualifier is the database); exactly one of `table` /"
+        " `query`. `_source_file` is `postgresql://host:port/db/<table>` or `mysql://host:port/db/<table>`.",
         "sales.orders",
     ),
     "source.query": (
-        "postgres: one read-only SELECT (run in a READ ONLY transaction); exactly one of `table` / `query`."
-        " `_source_file` is `postgresql://host:port/db/query`.",
+        "postgres, mysql: one read-only SELECT (run in a READ ONLY transaction); exactly one of `table` /"
+        " `query`. `_source_file` is `postgresql://host:port/db/query` or `mysql://host:port/db/query`.",
         '"SELECT id, total FROM sales.orders WHERE total > 0"',
     ),
     "target": ("Where and how the rows land.", "{partitioning: [ingest_date], write_mode: append}"),
@@ -386,7 +388,7 @@ def _type_text(annotation: Any, metadata: list[Any]) -> str:  # noqa: PLR0911 - 
         return _type_text(inner, [*metadata, *extra])
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return " or ".join(_type_text(a, metadata) for a in options)
+        return " or ".join(dict.fromkeys(_type_text(a, metadata) for a in options))  # each kind once
     if origin is list:
         (item,) = typing.get_args(annotation)
         plural = {"mapping": "mappings", "partition entry": "partition entries"}
@@ -550,7 +552,8 @@ def render_spec_reference() -> str:
         EXAMPLE.rstrip("\n"),
         "```",
         "",
-        "A database source instead of files (docs/sources/postgres.md):",
+        "A database source instead of files (docs/sources/postgres.md; `type: mysql` reads MySQL / MariaDB the"
+        " same way, docs/sources/mysql.md):",
         "",
         "```yaml",
         DATABASE_SOURCE_EXAMPLE.rstrip("\n"),

@@ -578,7 +578,7 @@ def test_postgres_source_spec_problems_name_the_key(source: dict, expected: str)
 
 def test_unknown_source_type_and_valid_postgres_spec() -> None:
     assert _postgres_spec_problems({"type": "mysqlx", "table": "t"}) == [
-        "asset_specs/orders.yaml: source.type: expected one of 'csv', 'postgres'; got 'mysqlx'"
+        "asset_specs/orders.yaml: source.type: expected one of 'csv', 'postgres', 'mysql'; got 'mysqlx'"
     ]
     assert _postgres_spec_problems({"type": "postgres", "connection": {"url_env": "DB"}, "table": '"Sales"."Orders"'}) == []
     assert _postgres_spec_problems(
@@ -611,3 +611,46 @@ def test_missing_url_variable_is_a_terminal_error_naming_spec_and_variable(tmp_p
     assert not is_transient(caught.value)
     monkeypatch.setenv("DATIVO_TEST_ORDERS_URL", "postgresql://app:Secret-77@db.example:6543/shop")
     assert source_for(loaded, S3Settings()).list_units()[0].uri == "postgresql://db.example:6543/shop/sales.orders"
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("orders", None),
+        ("shop.orders", None),
+        ("`my shop`.`order``s`", None),  # back-quoted parts, a back quote doubled
+        ('"Sales"."Orders"', "source.table: expected a table or view name such as orders or sales.orders (parts may be back-quoted)"),
+        ("orders; DROP TABLE orders", "source.table: expected a table or view name"),
+    ],
+)
+def test_mysql_source_spec_tables(table: str, problem: str | None) -> None:
+    problems = _postgres_spec_problems({"type": "mysql", "connection": {"url_env": "DB"}, "table": table})
+    assert (problems == []) if problem is None else any(problem in p for p in problems), problems
+
+
+def test_mysql_source_uri_has_no_credentials_and_the_url_must_be_mysql(tmp_path: Path, monkeypatch) -> None:
+    import yaml  # noqa: PLC0415
+
+    from dativo_dagster.sources import source_for  # noqa: PLC0415
+    from dativo_dagster.sources.postgres import DatabaseSourceError  # noqa: PLC0415
+    from dativo_dagster.spec import load_spec_file  # noqa: PLC0415
+    from dativo_dagster.storage import S3Settings  # noqa: PLC0415
+    from dativo_dagster_tests.conftest import base_spec  # noqa: PLC0415
+
+    path = tmp_path / "asset_specs" / "orders.yaml"
+    path.parent.mkdir()
+    source = {"type": "mysql", "connection": {"url_env": "DATIVO_TEST_ORDERS_URL"}, "query": "SELECT 1 AS id"}
+    path.write_text(yaml.safe_dump(base_spec("orders", source=source)))
+    loaded, problems = load_spec_file(path, tmp_path)
+    assert loaded is not None, problems
+    monkeypatch.setenv("DATIVO_TEST_ORDERS_URL", "mysql://app:Secret-77@db.example:3307/shop")
+    assert source_for(loaded, S3Settings()).list_units()[0].uri == "mysql://db.example:3307/shop/query"
+    monkeypatch.setenv("DATIVO_TEST_ORDERS_URL", "mysql://app:Secret-77@db.example/shop")
+    assert source_for(loaded, S3Settings()).list_units()[0].uri == "mysql://db.example:3306/shop/query"
+    monkeypatch.setenv("DATIVO_TEST_ORDERS_URL", "postgresql://app:Secret-77@db.example/shop")
+    with pytest.raises(DatabaseSourceError) as caught:
+        source_for(loaded, S3Settings()).list_units()
+    assert str(caught.value) == (
+        "asset_specs/orders.yaml: source.connection.url_env: environment variable DATIVO_TEST_ORDERS_URL does not"
+        " hold a mysql:// URL"
+    )

@@ -1,4 +1,4 @@
-"""Sources: one module per kind (``csv``, ``postgres``), all behind :class:`Source` (base.py)."""
+"""Sources: one module per kind (``csv``, ``postgres``, ``mysql``), all behind :class:`Source` (base.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def source_for(loaded: LoadedSpec, s3: S3Settings) -> Source:
         from dativo_dagster.sources.csv import CsvSource  # noqa: PLC0415 - a kind's module loads when used
 
         return CsvSource(loaded, s3)
+    if kind == "mysql":
+        from dativo_dagster.sources.mysql import MySQLSource  # noqa: PLC0415 - its driver loads only when used
+
+        return MySQLSource(loaded)
     from dativo_dagster.sources.postgres import PostgresSource  # noqa: PLC0415 - its driver loads only when used
 
     return PostgresSource(loaded)

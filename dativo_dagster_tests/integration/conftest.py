@@ -1,4 +1,4 @@
-"""Fixtures for tests against real servers: SeaweedFS (S3 + Iceberg REST) and PostgreSQL, once per session.
+"""Fixtures for tests against real servers: SeaweedFS (S3 + Iceberg REST) PostgreSQL and MariaDB, once per session.
 
 Every test collected under this folder is marked ``integration`` (deselect with ``-m "not integration"``).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import PostgresCluster, SeaweedFS
+from .servers import MariaDBServer, PostgresCluster, SeaweedFS
 
 HERE = Path(__file__).parent.resolve()
 
@@ -52,6 +52,21 @@ def postgres() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDBServer]:
+    """A running private MariaDB server: ``host``, ``port``, ``user`` (root, no password), ``connect(db)``,
+    ``execute(statements, db)``."""
+    server = MariaDBServer()
+    server.start()
+    assert server.startup_seconds is not None
+    STARTUP_SECONDS["MariaDB"] = server.startup_seconds
+    try:
+        yield server
+    finally:
+        server.stop()
+
 
 @pytest.fixture
 def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -808,3 +808,160 @@ class PostgresCluster:
     def __repr__(self) -> str:
         state = f"pid={self.pid} {self.host}:{self.port}" if self._running else "stopped"
         return f"<PostgresCluster {state}>"
+
+
+# --------------------------------------------------------------------------------------------- MariaDB
+class MariaDBServer:
+    """A private MariaDB server (Debian's ``mariadb-server``) on a free loopback port with its own data folder.
+
+    ``root`` logs in without a password over TCP from loopback. Attributes once started: ``host`` (127.0.0.1),
+    ``port``, ``base_dir``, ``data_dir``, ``log_path``, ``pid``, ``startup_seconds``. ``connect(db)`` gives a
+    pymysql connection as root (autocommit), ``execute(sql, db)`` runs statements. Sessions start in
+    ``default_time_zone`` (+05:00).
+    """
+
+    host = "127.0.0.1"
+    user = "root"
+    # not UTC, so that a reader that relies on the server's zone instead of setting its own is caught
+    default_time_zone = "+05:00"
+
+    def __init__(self, base_dir: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._own_dir = base_dir is None
+        self.base_dir: Path | None = None if base_dir is None else Path(base_dir)
+        self.timeout = timeout
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.startup_seconds: float | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        assert self.base_dir is not None, "not started"
+        return self.base_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        assert self.base_dir is not None, "not started"
+        return self.base_dir / "mariadb.log"
+
+    def connect(self, db: str | None = None) -> Any:
+        import pymysql  # noqa: PLC0415 - only the MariaDB tests need it
+
+        return pymysql.connect(
+            host=self.host, port=self.port, user=self.user, database=db, autocommit=True, connect_timeout=5
+        )
+
+    def execute(self, statements: str | list[str], db: str | None = None) -> None:
+        """Run one statement or several, as root."""
+        conn = self.connect(db)
+        try:
+            with conn.cursor() as cur:
+                for statement in [statements] if isinstance(statements, str) else statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def binaries() -> tuple[str, str]:
+        install, server = shutil.which("mariadb-install-db"), shutil.which("mariadbd") or (
+            "/usr/sbin/mariadbd" if Path("/usr/sbin/mariadbd").exists() else None
+        )
+        if not install or not server:
+            raise ServerError(
+                "MariaDB server binaries (mariadb-install-db, mariadbd) not found: install them with"
+                " `apt-get install -y mariadb-server` (.ci/install-system-packages does)"
+            )
+        return install, server
+
+    def start(self) -> MariaDBServer:
+        if self._process is not None:
+            raise ServerError("MariaDB already started")
+        install, server = self.binaries()
+        began = time.monotonic()
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="dativo-mariadb-"))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+        try:
+            if not (self.data_dir / "mysql").exists():
+                result = subprocess.run(
+                    [install, "--no-defaults", f"--datadir={self.data_dir}", "--auth-root-authentication-method=normal",
+                     "--skip-test-db", f"--user={_current_user()}"],
+                    capture_output=True, text=True, timeout=self.timeout, check=False,
+                )
+                if result.returncode != 0:
+                    raise ServerError(f"mariadb-install-db failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
+            self.port = free_ports(1)[0]
+            with open(self.log_path, "ab") as log:
+                self._process = subprocess.Popen(
+                    [server, "--no-defaults", f"--datadir={self.data_dir}", f"--socket={self.base_dir / 'sock'}",
+                     f"--port={self.port}", f"--bind-address={self.host}", f"--user={_current_user()}",
+                     "--skip-log-bin", f"--pid-file={self.base_dir / 'pid'}", f"--log-error={self.log_path}",
+                     "--innodb-flush-log-at-trx-commit=0", "--skip-name-resolve",
+                     f"--default-time-zone={self.default_time_zone}"],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            self.pid = self._process.pid
+            self._wait_ready(began)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        return self
+
+    def _wait_ready(self, began: float) -> None:
+        """Ready = ``SELECT 1`` over TCP answers 1."""
+        deadline = began + self.timeout
+        last: Exception | str = "not tried"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise ServerError(f"mariadbd exited with {self._process.returncode}\n{_tail(self.log_path)}")
+            try:
+                conn = self.connect()
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT 1")
+                        if cur.fetchone() == (1,):
+                            return
+                finally:
+                    conn.close()
+            except Exception as exc:  # noqa: BLE001 - not up yet: try again until the deadline
+                last = exc
+            time.sleep(0.1)
+        raise ServerError(
+            f"MariaDB did not answer SELECT 1 on {self.host}:{self.port} within {self.timeout:.0f} s; "
+            f"last error: {last!r}\n--- {self.log_path} ---\n{_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        atexit.unregister(self.stop)
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(timeout=STOP_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(timeout=5)
+            self._process = None
+        self.pid = None
+        if self._own_dir and self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            self.base_dir = None
+
+    def __enter__(self) -> MariaDBServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid} {self.host}:{self.port}" if self._process is not None else "stopped"
+        return f"<MariaDBServer {state}>"
+
+
+def _current_user() -> str:
+    import pwd  # noqa: PLC0415 - POSIX only, like the servers
+
+    return pwd.getpwuid(os.geteuid()).pw_name

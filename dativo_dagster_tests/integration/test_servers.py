@@ -21,7 +21,7 @@ from pyiceberg.table import Table
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import LongType, NestedField, StringType, TimestamptzType
 
-from .servers import PostgresCluster, SeaweedFS, ServerError
+from .servers import MariaDBServer, PostgresCluster, SeaweedFS, ServerError
 
 SCHEMA = Schema(
     NestedField(1, "id", LongType(), required=False),
@@ -341,3 +341,21 @@ def test_a_server_that_dies_at_start_fails_fast_with_its_log(tmp_path: Path) -> 
         server.start()
     assert server.process is None
     assert server.base_dir is None  # the private folder was removed
+
+
+def test_mariadb_binds_loopback_answers_and_stops_by_pid(mariadb: MariaDBServer) -> None:
+    assert _listening(mariadb.port)
+    conn = mariadb.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT @@bind_address, @@port, @@global.time_zone, VERSION()")
+        bind, port, zone, version = cur.fetchone()
+    conn.close()
+    assert (bind, port, zone) == ("127.0.0.1", mariadb.port, MariaDBServer.default_time_zone)
+    assert "MariaDB" in version
+    second = MariaDBServer().start()  # a second, isolated server: its own port and folder, stopped by its pid
+    pid, port, base_dir = second.pid, second.port, second.base_dir
+    assert port != mariadb.port and base_dir is not None and base_dir.is_dir()
+    second.stop()
+    assert pid is not None and not _alive(pid)
+    assert not _listening(port) and not base_dir.exists()
+    assert _listening(mariadb.port)  # the session's server is untouched

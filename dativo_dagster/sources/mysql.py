@@ -1,0 +1,280 @@
+"""MySQL / MariaDB source: one table or view, or one read-only SELECT, read in one snapshot and streamed as Arrow text.
+
+The driver is PyMySQL with an unbuffered (server-side) cursor (docs/sources/mysql.md says why): rows come off the
+socket as they are fetched, ``BATCH_ROWS`` at a time, so memory stays flat whatever the table size. Every column is
+rendered as text by the server (its own exact text of the value: decimals without trailing zeros, ``TIMESTAMP`` in
+UTC with ``+00:00``, binary strings as hex), and validation parses that text by the CSV rules of CONTRACT section
+2: a value is accepted only when the spec type holds it exactly (a zero date ``0000-00-00`` is not a date, a
+``BIGINT UNSIGNED`` beyond int64 is out of range, ``TINYINT(1)``'s ``1`` / ``0`` are booleans).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+
+from dativo_dagster.errors import redact
+from dativo_dagster.sources.base import (
+    PARSE_ERROR,
+    RAW_RECORD,
+    SOURCE_LINE,
+    DuplicateColumnError,
+    FileReport,
+    SourceFile,
+    match_columns,
+    text_schema,
+)
+from dativo_dagster.sources.postgres import DatabaseSourceError, DatabaseUnavailableError
+from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
+from dativo_dagster.table_schema import SOURCE_FILE, repeated
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 3306
+URL_SCHEMES = ("mysql", "mariadb")
+BATCH_ROWS = 10_000  # rows per Arrow batch: a few MiB of text (docs/sources/mysql.md has the measurements)
+CONNECT_TIMEOUT_SECONDS = 10
+# set before the read's transaction: the text the server makes of each value does not depend on its settings, and a
+# slow consumer (validation, writing) is not cut off while the server waits to send the next rows
+SESSION_SETTINGS = (
+    "SET time_zone = '+00:00'",
+    "SET SESSION net_write_timeout = 3600",
+    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+)
+# MySQL protocol column types (pymysql.constants.FIELD_TYPE) that need more than CAST(... AS CHAR)
+_DECIMAL_TYPES = {0, 246}
+_TIMESTAMP = 7
+_BIT = 16
+_GEOMETRY = 255
+_STRING_TYPES = {15, 249, 250, 251, 252, 253, 254}  # text and binary strings share these codes
+# server error codes a new attempt can get past: too many connections (1040), server shutting down (1053), lock wait
+# timeout (1205), deadlock (1213), connection killed (1927, MariaDB); client codes 2000-2099: cannot connect,
+# server gone away, lost connection...
+_TRANSIENT_CODES = {1040, 1053, 1205, 1213, 1927}
+
+
+@dataclass(frozen=True)
+class MySQLSource:
+    """``source.type: mysql`` bound to one spec (:class:`dativo_dagster.sources.base.Source`)."""
+
+    loaded: LoadedSpec
+    null_values: Sequence[str] = ()  # a database has real nulls: no text means null
+
+    @property
+    def spec(self) -> DatabaseSourceSpec:
+        source = self.loaded.spec.source
+        assert isinstance(source, DatabaseSourceSpec)
+        return source
+
+    def _where(self) -> str:
+        return f"{self.loaded.display_path}: source"
+
+    def url(self) -> str:
+        """The connection URL from the environment variable the spec names.
+
+        Raises:
+            DatabaseSourceError: the variable is not set, or does not hold a mysql:// URL.
+        """
+        name = self.spec.connection.url_env
+        url = os.environ.get(name, "").strip()
+        if not url:
+            raise DatabaseSourceError(
+                f"{self._where()}.connection.url_env: environment variable {name} is not set; it must hold the"
+                " database URL (mysql://user:password@host:3306/db)"
+            )
+        if urlsplit(url).scheme not in URL_SCHEMES:
+            raise DatabaseSourceError(
+                f"{self._where()}.connection.url_env: environment variable {name} does not hold a mysql:// URL"
+            )
+        return url
+
+    def _address(self) -> tuple[str, int, str]:
+        parts = urlsplit(self.url())
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise DatabaseSourceError(f"{self._where()}.connection.url_env: the URL's port is not a number") from None
+        return parts.hostname or "localhost", port, unquote(parts.path.lstrip("/"))
+
+    def uri(self) -> str:
+        """The source as ``_source_file`` shows it: ``mysql://host:port/db/<table>`` or ``.../query``, without
+        credentials."""
+        host, port, database = self._address()
+        shown_host = f"[{host}]" if ":" in host else host
+        return f"mysql://{shown_host}:{port}/{database}/{self.spec.table or 'query'}"
+
+    def list_units(self) -> list[SourceFile]:
+        """One unit: the table or query. A full read has no version (cursor incremental will put its mark here)."""
+        return [SourceFile(uri=self.uri(), size=0, version="")]
+
+    def read(self, units: Sequence[SourceFile], reports: list[FileReport]) -> Iterator[pa.RecordBatch]:
+        """Stream the table or query in one REPEATABLE READ, READ ONLY transaction with a consistent snapshot, as
+        batches in :func:`text_schema`; ``_source_line`` is null (the spec's columns identify a record)."""
+        for unit in units:
+            report = FileReport(uri=unit.uri)
+            reports.append(report)
+            yield from self._read_unit(unit, report)
+
+    def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
+        import pymysql.cursors  # noqa: PLC0415 - loaded only when a database is read
+
+        password = unquote(urlsplit(self.url()).password or "")
+        fields = self.loaded.spec.fields
+        schema = text_schema(fields)
+        conn = self._connect(password, unit.uri)
+        stream = None
+        try:
+            with self._errors(password, unit.uri, "reading"):
+                cur = conn.cursor()
+                for setting in SESSION_SETTINGS:
+                    cur.execute(setting)
+                cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                relation = self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
+                cur.execute(f"SELECT * FROM {relation} LIMIT 0")  # noqa: S608 - the spec's own SQL
+                described = list(cur.description or ())
+                cur.close()
+            names = [d[0] for d in described]
+            try:
+                mapping, report.missing_columns, report.extra_columns = match_columns(names, fields)
+            except DuplicateColumnError as exc:
+                raise DatabaseSourceError(
+                    f"{self._where()}: {unit.uri} has more than one column named {exc.name!r} (columns {exc.columns})"
+                ) from None
+            selected = list(mapping.items())
+            if not selected:
+                raise DatabaseSourceError(
+                    f"{self._where()}: {unit.uri} has none of the spec's columns; it has " + ", ".join(names)
+                )
+            columns = ", ".join(
+                f"{_as_text(described[index])} AS c{position}" for position, (_, index) in enumerate(selected)
+            )
+            position_of = {name: position for position, (name, _) in enumerate(selected)}
+            with self._errors(password, unit.uri, "reading"):
+                stream = conn.cursor(pymysql.cursors.SSCursor)
+                stream.execute(f"SELECT {columns} FROM {relation}")  # noqa: S608 - quoted names and the spec's SQL
+            while True:
+                with self._errors(password, unit.uri, "reading"):
+                    rows = stream.fetchmany(BATCH_ROWS)
+                if not rows:
+                    break
+                report.rows += len(rows)
+                yield _text_batch(rows, len(selected), schema, position_of, unit.uri)
+            with self._errors(password, unit.uri, "reading"):
+                stream.close()  # every row was read: nothing left to drain
+        finally:
+            _close(conn, stream, unit.uri)
+
+    def _connect(self, password: str, uri: str):  # noqa: ANN202 - the driver's connection type
+        import pymysql  # noqa: PLC0415 - loaded only when a database is read
+
+        parts = urlsplit(self.url())
+        host, port, database = self._address()
+        with self._errors(password, uri, "connecting to"):
+            return pymysql.connect(
+                host=host,
+                port=port,
+                user=unquote(parts.username or ""),
+                password=password,
+                database=database or None,
+                charset="utf8mb4",
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                autocommit=True,
+            )
+
+    def _errors(self, password: str, uri: str, doing: str) -> _DriverErrors:
+        return _DriverErrors(self._where(), password, uri, doing)
+
+
+def _close(conn: Any, stream: Any, uri: str) -> None:
+    """Close the connection, which ends the read-only transaction (nothing to commit).
+
+    A read that stopped early (a strict-mode failure, a dropped connection) leaves rows unsent: closing the socket
+    drops them instead of draining the rest of the table, and the unbuffered result is marked finished so that
+    PyMySQL's destructors do not try to read from the closed socket.
+    """
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - the read's own outcome matters; the server ends the session anyway
+        log.warning("could not close the connection to %s", uri)
+    result = getattr(stream, "_result", None)
+    if result is not None and getattr(result, "unbuffered_active", False):
+        result.unbuffered_active = False
+    if stream is not None:
+        stream.connection = None
+
+
+class _DriverErrors:
+    """Turns a PyMySQL error into :class:`DatabaseSourceError` or :class:`DatabaseUnavailableError`, naming the spec
+    and the source, with the password removed."""
+
+    def __init__(self, where: str, password: str, uri: str, doing: str):
+        self.where, self.password, self.uri, self.doing = where, password, uri, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, (DatabaseSourceError, DatabaseUnavailableError)):
+            return False
+        import pymysql  # noqa: PLC0415 - loaded only when a database is read
+
+        if not isinstance(exc, (pymysql.MySQLError, OSError)):
+            return False
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        message = str(exc.args[1]) if code is not None and len(exc.args) > 1 else str(exc)
+        message = redact(" ".join(message.split()), [self.password])
+        full = f"{self.where}: {self.doing} {self.uri}: {message}" + (f" (error {code})" if code else "")
+        lost = isinstance(exc, (OSError, pymysql.err.InterfaceError)) or (code is not None and 2000 <= code < 2100)
+        if lost or code in _TRANSIENT_CODES:
+            raise DatabaseUnavailableError(full) from None
+        raise DatabaseSourceError(full) from None
+
+
+def _quoted(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _as_text(column: tuple) -> str:
+    """SQL for one column (a DB-API description entry) as the server's exact text."""
+    name, type_code, scale = column[0], column[1], column[5]
+    quoted = _quoted(name)
+    if type_code in _DECIMAL_TYPES and scale:  # 12.340000 is the decimal 12.34
+        text = f"CAST({quoted} AS CHAR)"
+        return f"TRIM(TRAILING '.' FROM TRIM(TRAILING '0' FROM {text}))"
+    if type_code == _TIMESTAMP:  # an instant: rendered in UTC (the session's time_zone) with its offset
+        return f"CONCAT(CAST({quoted} AS CHAR), '+00:00')"
+    if type_code == _BIT:
+        return f"CAST({quoted} + 0 AS CHAR)"
+    if type_code == _GEOMETRY:
+        return f"ST_AsText({quoted})"
+    if type_code in _STRING_TYPES:  # text as it is, binary strings (BLOB, BINARY, VARBINARY) as hex
+        return f"IF(CHARSET({quoted}) = 'binary', HEX({quoted}), CONVERT({quoted} USING utf8mb4))"
+    return f"CAST({quoted} AS CHAR)"
+
+
+def _text_batch(
+    rows: Sequence[tuple], width: int, schema: pa.Schema, position_of: dict[str, int], uri: str
+) -> pa.RecordBatch:
+    """Fetched rows (``c0``, ``c1``... as text) in :func:`text_schema`: one Arrow array per column."""
+    n = len(rows)
+    values = [pa.array(column, pa.string()) for column in zip(*rows, strict=True)] if width else []
+    columns = []
+    for f in schema:
+        if f.name == SOURCE_FILE:
+            columns.append(repeated(uri, n))
+        elif f.name in (SOURCE_LINE, PARSE_ERROR, RAW_RECORD):
+            columns.append(pa.nulls(n, f.type))
+        elif f.name in position_of:
+            columns.append(values[position_of[f.name]])
+        else:
+            columns.append(pa.nulls(n, pa.string()))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+__all__ = ["MySQLSource"]
