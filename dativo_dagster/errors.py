@@ -67,6 +67,15 @@ class ValidationFailedError(TerminalError):
     """Strict mode found invalid rows; the message lists every failing field."""
 
 
+class DatabaseSourceError(TerminalError):
+    """A database source cannot be read and retrying cannot help: a missing variable, a refused login, an unknown
+    table or column. The message names the spec; it never holds the URL's password."""
+
+
+class DatabaseUnavailableError(TransientError):
+    """The database could not be reached or dropped the connection: the RetryPolicy tries the run's read again."""
+
+
 class CommitError(TransientError):
     """The catalog could not be reached, or failed, while committing."""
 

@@ -589,9 +589,11 @@ def test_unknown_source_type_and_valid_postgres_spec() -> None:
 def test_missing_url_variable_is_a_terminal_error_naming_spec_and_variable(tmp_path: Path, monkeypatch) -> None:
     import yaml  # noqa: PLC0415
 
-    from dativo_dagster.errors import is_transient  # noqa: PLC0415
+    from dativo_dagster.errors import (
+        DatabaseSourceError,  # noqa: PLC0415
+        is_transient,  # noqa: PLC0415
+    )
     from dativo_dagster.sources import source_for  # noqa: PLC0415
-    from dativo_dagster.sources.postgres import DatabaseSourceError  # noqa: PLC0415
     from dativo_dagster.spec import load_spec_file  # noqa: PLC0415
     from dativo_dagster.storage import S3Settings  # noqa: PLC0415
     from dativo_dagster_tests.conftest import base_spec  # noqa: PLC0415
@@ -631,8 +633,8 @@ def test_mysql_source_spec_tables(table: str, problem: str | None) -> None:
 def test_mysql_source_uri_has_no_credentials_and_the_url_must_be_mysql(tmp_path: Path, monkeypatch) -> None:
     import yaml  # noqa: PLC0415
 
+    from dativo_dagster.errors import DatabaseSourceError  # noqa: PLC0415
     from dativo_dagster.sources import source_for  # noqa: PLC0415
-    from dativo_dagster.sources.postgres import DatabaseSourceError  # noqa: PLC0415
     from dativo_dagster.spec import load_spec_file  # noqa: PLC0415
     from dativo_dagster.storage import S3Settings  # noqa: PLC0415
     from dativo_dagster_tests.conftest import base_spec  # noqa: PLC0415

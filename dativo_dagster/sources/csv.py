@@ -30,7 +30,6 @@ from dativo_dagster.sources.base import (
     SourceFile,
     local_version,
     match_columns,
-    same_version,
     text_schema,
 )
 from dativo_dagster.spec import CsvOptions, FieldSpec, LoadedSpec
@@ -44,7 +43,7 @@ from dativo_dagster.storage import (
     list_s3_objects,
     split_s3_uri,
 )
-from dativo_dagster.table_schema import REPEATED_TYPE, SOURCE_FILE, repeated
+from dativo_dagster.table_schema import SOURCE_FILE, repeated
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from dativo_dagster.errors import redact
+from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
 from dativo_dagster.sources.base import (
     PARSE_ERROR,
     RAW_RECORD,
@@ -30,7 +30,6 @@ from dativo_dagster.sources.base import (
     match_columns,
     text_schema,
 )
-from dativo_dagster.sources.postgres import DatabaseSourceError, DatabaseUnavailableError
 from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
 from dativo_dagster.table_schema import SOURCE_FILE, repeated
 

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from dativo_dagster.errors import TerminalError, TransientError, redact
+from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
 from dativo_dagster.sources.base import (
     PARSE_ERROR,
     RAW_RECORD,
@@ -54,15 +54,6 @@ _TRANSIENT_CONNECT_TEXT = re.compile(
     r"connection to server was lost|SSL SYSCALL error|EOF detected",
     re.IGNORECASE,
 )
-
-
-class DatabaseSourceError(TerminalError):
-    """A database source cannot be read and retrying cannot help: a missing variable, a refused login, an unknown
-    table or column. The message names the spec; it never holds the URL's password."""
-
-
-class DatabaseUnavailableError(TransientError):
-    """The database could not be reached or dropped the connection: the RetryPolicy tries the run's read again."""
 
 
 @dataclass(frozen=True)

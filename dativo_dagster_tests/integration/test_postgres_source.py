@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from psycopg2 import sql
 
-from dativo_dagster.errors import is_transient
+from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, is_transient
 from dativo_dagster.sources import source_for
-from dativo_dagster.sources.postgres import DatabaseSourceError, DatabaseUnavailableError
 from dativo_dagster.spec import LoadedSpec, load_spec_file
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
