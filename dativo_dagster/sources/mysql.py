@@ -11,10 +11,9 @@ UTC with ``+00:00``, binary strings as hex), and validation parses that text by 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -24,13 +23,11 @@ from dativo_dagster.sources.base import (
     PARSE_ERROR,
     RAW_RECORD,
     SOURCE_LINE,
-    DuplicateColumnError,
     FileReport,
     SourceFile,
-    match_columns,
     text_schema,
 )
-from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
+from dativo_dagster.sources.database import DatabaseSource
 from dativo_dagster.table_schema import SOURCE_FILE, repeated
 
 log = logging.getLogger(__name__)
@@ -59,39 +56,12 @@ _TRANSIENT_CODES = {1040, 1053, 1205, 1213, 1927}
 
 
 @dataclass(frozen=True)
-class MySQLSource:
+class MySQLSource(DatabaseSource):
     """``source.type: mysql`` bound to one spec (:class:`dativo_dagster.sources.base.Source`)."""
 
-    loaded: LoadedSpec
-    null_values: Sequence[str] = ()  # a database has real nulls: no text means null
-
-    @property
-    def spec(self) -> DatabaseSourceSpec:
-        source = self.loaded.spec.source
-        assert isinstance(source, DatabaseSourceSpec)
-        return source
-
-    def _where(self) -> str:
-        return f"{self.loaded.display_path}: source"
-
-    def url(self) -> str:
-        """The connection URL from the environment variable the spec names.
-
-        Raises:
-            DatabaseSourceError: the variable is not set, or does not hold a mysql:// URL.
-        """
-        name = self.spec.connection.url_env
-        url = os.environ.get(name, "").strip()
-        if not url:
-            raise DatabaseSourceError(
-                f"{self._where()}.connection.url_env: environment variable {name} is not set; it must hold the"
-                " database URL (mysql://user:password@host:3306/db)"
-            )
-        if urlsplit(url).scheme not in URL_SCHEMES:
-            raise DatabaseSourceError(
-                f"{self._where()}.connection.url_env: environment variable {name} does not hold a mysql:// URL"
-            )
-        return url
+    URI_SCHEME: ClassVar[str] = "mysql"
+    URL_SCHEMES: ClassVar[tuple[str, ...]] = URL_SCHEMES
+    URL_EXAMPLE: ClassVar[str] = "mysql://user:password@host:3306/db"
 
     def _address(self) -> tuple[str, int, str]:
         parts = urlsplit(self.url())
@@ -108,24 +78,11 @@ class MySQLSource:
         shown_host = f"[{host}]" if ":" in host else host
         return f"mysql://{shown_host}:{port}/{database}/{self.spec.table or 'query'}"
 
-    def list_units(self) -> list[SourceFile]:
-        """One unit: the table or query. A full read has no version (cursor incremental will put its mark here)."""
-        return [SourceFile(uri=self.uri(), size=0, version="")]
-
-    def read(self, units: Sequence[SourceFile], reports: list[FileReport]) -> Iterator[pa.RecordBatch]:
-        """Stream the table or query in one REPEATABLE READ, READ ONLY transaction with a consistent snapshot, as
-        batches in :func:`text_schema`; ``_source_line`` is null (the spec's columns identify a record)."""
-        for unit in units:
-            report = FileReport(uri=unit.uri)
-            reports.append(report)
-            yield from self._read_unit(unit, report)
-
     def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
         import pymysql.cursors  # noqa: PLC0415 - loaded only when a database is read
 
         password = unquote(urlsplit(self.url()).password or "")
-        fields = self.loaded.spec.fields
-        schema = text_schema(fields)
+        schema = text_schema(self.loaded.spec.fields)
         conn = self._connect(password, unit.uri)
         stream = None
         try:
@@ -134,22 +91,11 @@ class MySQLSource:
                 for setting in SESSION_SETTINGS:
                     cur.execute(setting)
                 cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-                relation = self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
+                relation = self._relation()
                 cur.execute(f"SELECT * FROM {relation} LIMIT 0")  # noqa: S608 - the spec's own SQL
                 described = list(cur.description or ())
                 cur.close()
-            names = [d[0] for d in described]
-            try:
-                mapping, report.missing_columns, report.extra_columns = match_columns(names, fields)
-            except DuplicateColumnError as exc:
-                raise DatabaseSourceError(
-                    f"{self._where()}: {unit.uri} has more than one column named {exc.name!r} (columns {exc.columns})"
-                ) from None
-            selected = list(mapping.items())
-            if not selected:
-                raise DatabaseSourceError(
-                    f"{self._where()}: {unit.uri} has none of the spec's columns; it has " + ", ".join(names)
-                )
+            selected = self._selected([d[0] for d in described], unit, report)
             columns = ", ".join(
                 f"{_as_text(described[index])} AS c{position}" for position, (_, index) in enumerate(selected)
             )

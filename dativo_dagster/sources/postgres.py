@@ -10,10 +10,10 @@ of CONTRACT section 2: a value is accepted only when the spec type holds it exac
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -23,13 +23,11 @@ from dativo_dagster.sources.base import (
     PARSE_ERROR,
     RAW_RECORD,
     SOURCE_LINE,
-    DuplicateColumnError,
     FileReport,
     SourceFile,
-    match_columns,
     text_schema,
 )
-from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
+from dativo_dagster.sources.database import DatabaseSource
 from dativo_dagster.table_schema import SOURCE_FILE, repeated
 
 log = logging.getLogger(__name__)
@@ -57,39 +55,12 @@ _TRANSIENT_CONNECT_TEXT = re.compile(
 
 
 @dataclass(frozen=True)
-class PostgresSource:
+class PostgresSource(DatabaseSource):
     """``source.type: postgres`` bound to one spec (:class:`dativo_dagster.sources.base.Source`)."""
 
-    loaded: LoadedSpec
-    null_values: Sequence[str] = ()  # a database has real nulls: no text means null
-
-    @property
-    def spec(self) -> DatabaseSourceSpec:
-        source = self.loaded.spec.source
-        assert isinstance(source, DatabaseSourceSpec)
-        return source
-
-    def _where(self) -> str:
-        return f"{self.loaded.display_path}: source"
-
-    def url(self) -> str:
-        """The connection URL from the environment variable the spec names.
-
-        Raises:
-            DatabaseSourceError: the variable is not set, or does not hold a postgresql:// URL.
-        """
-        name = self.spec.connection.url_env
-        url = os.environ.get(name, "").strip()
-        if not url:
-            raise DatabaseSourceError(
-                f"{self._where()}.connection.url_env: environment variable {name} is not set; it must hold the"
-                " database URL (postgresql://user:password@host:5432/db)"
-            )
-        if urlsplit(url).scheme not in URL_SCHEMES:
-            raise DatabaseSourceError(
-                f"{self._where()}.connection.url_env: environment variable {name} does not hold a postgresql:// URL"
-            )
-        return url
+    URI_SCHEME: ClassVar[str] = "postgresql"
+    URL_SCHEMES: ClassVar[tuple[str, ...]] = URL_SCHEMES
+    URL_EXAMPLE: ClassVar[str] = "postgresql://user:password@host:5432/db"
 
     def uri(self) -> str:
         """The source as ``_source_file`` shows it: ``postgresql://host:port/db/<table>`` or ``.../query``, without
@@ -105,23 +76,10 @@ class PostgresSource:
         database = unquote(parts.path.lstrip("/")) or (unquote(parts.username or "") or "postgres")
         return f"postgresql://{host}:{port}/{database}/{self.spec.table or 'query'}"
 
-    def list_units(self) -> list[SourceFile]:
-        """One unit: the table or query. A full read has no version (cursor incremental will put its mark here)."""
-        return [SourceFile(uri=self.uri(), size=0, version="")]
-
-    def read(self, units: Sequence[SourceFile], reports: list[FileReport]) -> Iterator[pa.RecordBatch]:
-        """Stream the table or query in one REPEATABLE READ, READ ONLY transaction, as batches in
-        :func:`text_schema`; ``_source_line`` is null (the spec's columns identify a record)."""
-        for unit in units:
-            report = FileReport(uri=unit.uri)
-            reports.append(report)
-            yield from self._read_unit(unit, report)
-
     def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
         url = self.url()
         password = unquote(urlsplit(url).password or "")
-        fields = self.loaded.spec.fields
-        schema = text_schema(fields)
+        schema = text_schema(self.loaded.spec.fields)
         conn = self._connect(url, password, unit.uri)
         try:
             cur = conn.cursor()
@@ -129,20 +87,9 @@ class PostgresSource:
                 cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 for setting in SESSION_SETTINGS:
                     cur.execute(setting)
-                relation = self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
+                relation = self._relation()
                 described = cur.adbc_execute_schema(f"SELECT * FROM {relation}")  # noqa: S608 - the spec's own SQL
-            try:
-                mapping, report.missing_columns, report.extra_columns = match_columns(described.names, fields)
-            except DuplicateColumnError as exc:
-                raise DatabaseSourceError(
-                    f"{self._where()}: {unit.uri} has more than one column named {exc.name!r} (columns {exc.columns})"
-                ) from None
-            selected = list(mapping.items())
-            if not selected:
-                raise DatabaseSourceError(
-                    f"{self._where()}: {unit.uri} has none of the spec's columns; it has "
-                    + ", ".join(described.names)
-                )
+            selected = self._selected(described.names, unit, report)
             columns = ", ".join(
                 f"{_as_text(described.field(index))} AS c{position}" for position, (_, index) in enumerate(selected)
             )

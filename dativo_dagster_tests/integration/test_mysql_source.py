@@ -315,9 +315,9 @@ def test_the_snapshot_is_taken_when_the_transaction_starts(
     project = Project(tmp_path / "project")
     path = project.write_spec(db_spec("early", {"table": "early"}, schema=[{"name": "id", "type": "long"}]))
     monkeypatch.setenv(URL_ENV, url(shop))
-    from dativo_dagster.sources import mysql  # noqa: PLC0415 - the module whose step is slowed
+    from dativo_dagster.sources import database  # noqa: PLC0415 - where the columns are matched, inside the read
 
-    real_match_columns = mysql.match_columns
+    real_match_columns = database.match_columns
     inserted = []
 
     def insert_then_match(*args: Any, **kwargs: Any) -> Any:  # runs between the transaction's start and its SELECT
@@ -325,7 +325,7 @@ def test_the_snapshot_is_taken_when_the_transaction_starts(
         inserted.append(True)
         return real_match_columns(*args, **kwargs)
 
-    monkeypatch.setattr(mysql, "match_columns", insert_then_match)
+    monkeypatch.setattr(database, "match_columns", insert_then_match)
     source = source_for(loaded(project, path), S3Settings())
     ids = sorted(int(i) for batch in source.read(source.list_units(), []) for i in batch.column("id").to_pylist())
     assert inserted  # the insert happened during the read

@@ -1,0 +1,100 @@
+"""What the database sources share: the spec, the URL from the environment, one unit per table or query, the
+relation to select from, and the spec's columns matched to the relation's (CONTRACT section 7)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+
+from dativo_dagster.errors import DatabaseSourceError
+from dativo_dagster.sources.base import DuplicateColumnError, FileReport, SourceFile, match_columns
+from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
+
+
+@dataclass(frozen=True)
+class DatabaseSource:
+    """A ``postgres`` or ``mysql`` source bound to one spec; a kind's module adds ``uri`` and ``_read_unit``."""
+
+    URI_SCHEME: ClassVar[str]  # the scheme of ``_source_file`` and of the URL the messages ask for
+    URL_SCHEMES: ClassVar[tuple[str, ...]]  # the schemes a URL may have
+    URL_EXAMPLE: ClassVar[str]
+
+    loaded: LoadedSpec
+    null_values: Sequence[str] = ()  # a database has real nulls: no text means null
+
+    @property
+    def spec(self) -> DatabaseSourceSpec:
+        source = self.loaded.spec.source
+        assert isinstance(source, DatabaseSourceSpec)
+        return source
+
+    def _where(self) -> str:
+        return f"{self.loaded.display_path}: source"
+
+    def url(self) -> str:
+        """The connection URL from the environment variable the spec names.
+
+        Raises:
+            DatabaseSourceError: the variable is not set, or does not hold a URL of this kind.
+        """
+        name = self.spec.connection.url_env
+        url = os.environ.get(name, "").strip()
+        if not url:
+            raise DatabaseSourceError(
+                f"{self._where()}.connection.url_env: environment variable {name} is not set; it must hold the"
+                f" database URL ({self.URL_EXAMPLE})"
+            )
+        if urlsplit(url).scheme not in self.URL_SCHEMES:
+            raise DatabaseSourceError(
+                f"{self._where()}.connection.url_env: environment variable {name} does not hold a"
+                f" {self.URI_SCHEME}:// URL"
+            )
+        return url
+
+    def uri(self) -> str:
+        """The source as ``_source_file`` shows it, without credentials."""
+        raise NotImplementedError
+
+    def list_units(self) -> list[SourceFile]:
+        """One unit: the table or query. A full read has no version (cursor incremental will put its mark here)."""
+        return [SourceFile(uri=self.uri(), size=0, version="")]
+
+    def read(self, units: Sequence[SourceFile], reports: list[FileReport]) -> Iterator[pa.RecordBatch]:
+        """Stream each unit in one consistent, read-only snapshot as batches in :func:`text_schema`; ``_source_line``
+        is null (the spec's columns identify a record)."""
+        for unit in units:
+            report = FileReport(uri=unit.uri)
+            reports.append(report)
+            yield from self._read_unit(unit, report)
+
+    def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def _relation(self) -> str:
+        """What the reads select from: the table, or the spec's query as a derived table."""
+        return self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
+
+    def _selected(self, names: Sequence[str], unit: SourceFile, report: FileReport) -> list[tuple[str, int]]:
+        """The spec's fields found among the relation's columns ``names``, as (field, column index); the columns
+        the spec lacks and the fields the relation lacks go to ``report``.
+
+        Raises:
+            DatabaseSourceError: a column name occurs twice, or none of the spec's fields is there.
+        """
+        try:
+            mapping, report.missing_columns, report.extra_columns = match_columns(names, self.loaded.spec.fields)
+        except DuplicateColumnError as exc:
+            raise DatabaseSourceError(
+                f"{self._where()}: {unit.uri} has more than one column named {exc.name!r} (columns {exc.columns})"
+            ) from None
+        selected = list(mapping.items())
+        if not selected:
+            raise DatabaseSourceError(
+                f"{self._where()}: {unit.uri} has none of the spec's columns; it has " + ", ".join(names)
+            )
+        return selected
