@@ -12,8 +12,17 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from dativo_dagster.errors import DatabaseSourceError
-from dativo_dagster.sources.base import DuplicateColumnError, FileReport, SourceFile, match_columns
+from dativo_dagster.sources.base import (
+    PARSE_ERROR,
+    RAW_RECORD,
+    SOURCE_LINE,
+    DuplicateColumnError,
+    FileReport,
+    SourceFile,
+    match_columns,
+)
 from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
+from dativo_dagster.table_schema import SOURCE_FILE, repeated
 
 
 @dataclass(frozen=True)
@@ -98,3 +107,21 @@ class DatabaseSource:
                 f"{self._where()}: {unit.uri} has none of the spec's columns; it has " + ", ".join(names)
             )
         return selected
+
+
+def text_batch(
+    values: Sequence[pa.Array], num_rows: int, schema: pa.Schema, position_of: dict[str, int], uri: str
+) -> pa.RecordBatch:
+    """The selected columns' text (``values``, in the order of the SELECT) in :func:`text_schema`: each spec field
+    from its column (null when the relation lacks it), ``_source_file`` the source's URI, no line or parse error."""
+    columns = []
+    for f in schema:
+        if f.name == SOURCE_FILE:
+            columns.append(repeated(uri, num_rows))
+        elif f.name in (SOURCE_LINE, PARSE_ERROR, RAW_RECORD):
+            columns.append(pa.nulls(num_rows, f.type))
+        elif f.name in position_of:
+            columns.append(values[position_of[f.name]])
+        else:
+            columns.append(pa.nulls(num_rows, pa.string()))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)

@@ -11,7 +11,7 @@ UTC with ``+00:00``, binary strings as hex), and validation parses that text by 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -20,15 +20,11 @@ import pyarrow as pa
 
 from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
 from dativo_dagster.sources.base import (
-    PARSE_ERROR,
-    RAW_RECORD,
-    SOURCE_LINE,
     FileReport,
     SourceFile,
     text_schema,
 )
-from dativo_dagster.sources.database import DatabaseSource
-from dativo_dagster.table_schema import SOURCE_FILE, repeated
+from dativo_dagster.sources.database import DatabaseSource, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +105,8 @@ class MySQLSource(DatabaseSource):
                 if not rows:
                     break
                 report.rows += len(rows)
-                yield _text_batch(rows, len(selected), schema, position_of, unit.uri)
+                text = [pa.array(column, pa.string()) for column in zip(*rows, strict=True)]
+                yield text_batch(text, len(rows), schema, position_of, unit.uri)
             with self._errors(password, unit.uri, "reading"):
                 stream.close()  # every row was read: nothing left to drain
         finally:
@@ -201,25 +198,6 @@ def _as_text(column: tuple) -> str:
     if type_code in _STRING_TYPES:  # text as it is, binary strings (BLOB, BINARY, VARBINARY) as hex
         return f"IF(CHARSET({quoted}) = 'binary', HEX({quoted}), CONVERT({quoted} USING utf8mb4))"
     return f"CAST({quoted} AS CHAR)"
-
-
-def _text_batch(
-    rows: Sequence[tuple], width: int, schema: pa.Schema, position_of: dict[str, int], uri: str
-) -> pa.RecordBatch:
-    """Fetched rows (``c0``, ``c1``... as text) in :func:`text_schema`: one Arrow array per column."""
-    n = len(rows)
-    values = [pa.array(column, pa.string()) for column in zip(*rows, strict=True)] if width else []
-    columns = []
-    for f in schema:
-        if f.name == SOURCE_FILE:
-            columns.append(repeated(uri, n))
-        elif f.name in (SOURCE_LINE, PARSE_ERROR, RAW_RECORD):
-            columns.append(pa.nulls(n, f.type))
-        elif f.name in position_of:
-            columns.append(values[position_of[f.name]])
-        else:
-            columns.append(pa.nulls(n, pa.string()))
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 __all__ = ["MySQLSource"]

@@ -20,15 +20,11 @@ import pyarrow as pa
 
 from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
 from dativo_dagster.sources.base import (
-    PARSE_ERROR,
-    RAW_RECORD,
-    SOURCE_LINE,
     FileReport,
     SourceFile,
     text_schema,
 )
-from dativo_dagster.sources.database import DatabaseSource
-from dativo_dagster.table_schema import SOURCE_FILE, repeated
+from dativo_dagster.sources.database import DatabaseSource, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +100,8 @@ class PostgresSource(DatabaseSource):
                 if batch is None:
                     break
                 report.rows += batch.num_rows
-                yield _text_batch(batch, schema, position_of, unit.uri)
+                text = [c if c.type == pa.string() else c.cast(pa.string()) for c in batch.columns]
+                yield text_batch(text, batch.num_rows, schema, position_of, unit.uri)
         finally:
             try:
                 conn.close()  # ends the read-only transaction: nothing to commit
@@ -173,21 +170,4 @@ def _as_text(field: pa.Field) -> str:
     return f"{column}::text"
 
 
-def _text_batch(batch: pa.RecordBatch, schema: pa.Schema, position_of: dict[str, int], uri: str) -> pa.RecordBatch:
-    """A driver batch (``c0``, ``c1``... as text) in :func:`text_schema`."""
-    n = batch.num_rows
-    columns = []
-    for f in schema:
-        if f.name == SOURCE_FILE:
-            columns.append(repeated(uri, n))
-        elif f.name in (SOURCE_LINE, PARSE_ERROR, RAW_RECORD):
-            columns.append(pa.nulls(n, f.type))
-        elif f.name in position_of:
-            column = batch.column(position_of[f.name])
-            columns.append(column if column.type == pa.string() else column.cast(pa.string()))
-        else:
-            columns.append(pa.nulls(n, pa.string()))
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
-
-
-__all__ = ["DatabaseSourceError", "DatabaseUnavailableError", "PostgresSource"]
+__all__ = ["PostgresSource"]
