@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from dativo_dagster.errors import DatabaseSourceError
+from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
 from dativo_dagster.sources.base import (
     PARSE_ERROR,
     RAW_RECORD,
@@ -32,6 +32,7 @@ class DatabaseSource:
     URI_SCHEME: ClassVar[str]  # the scheme of ``_source_file`` and of the URL the messages ask for
     URL_SCHEMES: ClassVar[tuple[str, ...]]  # the schemes a URL may have
     URL_EXAMPLE: ClassVar[str]
+    DRIVER_ERRORS: ClassVar[type[DriverErrors]]  # how the kind's driver errors read and which are transient
 
     loaded: LoadedSpec
     null_values: Sequence[str] = ()  # a database has real nulls: no text means null
@@ -84,6 +85,10 @@ class DatabaseSource:
     def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
         raise NotImplementedError
 
+    def _errors(self, password: str, uri: str, doing: str) -> DriverErrors:
+        """A context that turns the driver's errors while ``doing`` (e.g. "reading") into ours."""
+        return self.DRIVER_ERRORS(self._where(), password, uri, doing)
+
     def _relation(self) -> str:
         """What the reads select from: the table, or the spec's query as a derived table."""
         return self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
@@ -125,3 +130,29 @@ def text_batch(
         else:
             columns.append(pa.nulls(num_rows, pa.string()))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+class DriverErrors:
+    """Turns a driver error into :class:`DatabaseSourceError` or :class:`DatabaseUnavailableError`, naming the spec,
+    the source and what was being done, with the password removed. A kind says which errors are its driver's, what
+    their message is and which a new attempt can get past (:meth:`classify`)."""
+
+    def __init__(self, where: str, password: str, uri: str, doing: str):
+        self.where, self.password, self.uri, self.doing = where, password, uri, doing
+
+    def classify(self, exc: BaseException) -> tuple[str, bool] | None:
+        """The driver error's message (with its code) and whether it is transient; None: not the driver's."""
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, (DatabaseSourceError, DatabaseUnavailableError)):
+            return False
+        classified = self.classify(exc)
+        if classified is None:
+            return False
+        message, transient = classified
+        full = f"{self.where}: {self.doing} {self.uri}: " + redact(" ".join(message.split()), [self.password])
+        raise (DatabaseUnavailableError if transient else DatabaseSourceError)(full) from None

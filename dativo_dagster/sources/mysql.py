@@ -18,13 +18,13 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
+from dativo_dagster.errors import DatabaseSourceError
 from dativo_dagster.sources.base import (
     FileReport,
     SourceFile,
     text_schema,
 )
-from dativo_dagster.sources.database import DatabaseSource, text_batch
+from dativo_dagster.sources.database import DatabaseSource, DriverErrors, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,20 @@ _STRING_TYPES = {15, 249, 250, 251, 252, 253, 254}  # text and binary strings sh
 _TRANSIENT_CODES = {1040, 1053, 1205, 1213, 1927}
 
 
+class _DriverErrors(DriverErrors):
+    """PyMySQL's errors and socket errors; transient: a lost connection (client codes 2000-2099) or _TRANSIENT_CODES."""
+
+    def classify(self, exc: BaseException) -> tuple[str, bool] | None:
+        import pymysql  # noqa: PLC0415 - loaded only when a database is read
+
+        if not isinstance(exc, (pymysql.MySQLError, OSError)):
+            return None
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        message = str(exc.args[1]) if code is not None and len(exc.args) > 1 else str(exc)
+        lost = isinstance(exc, (OSError, pymysql.err.InterfaceError)) or (code is not None and 2000 <= code < 2100)
+        return message + (f" (error {code})" if code else ""), lost or code in _TRANSIENT_CODES
+
+
 @dataclass(frozen=True)
 class MySQLSource(DatabaseSource):
     """``source.type: mysql`` bound to one spec (:class:`dativo_dagster.sources.base.Source`)."""
@@ -58,6 +72,7 @@ class MySQLSource(DatabaseSource):
     URI_SCHEME: ClassVar[str] = "mysql"
     URL_SCHEMES: ClassVar[tuple[str, ...]] = URL_SCHEMES
     URL_EXAMPLE: ClassVar[str] = "mysql://user:password@host:3306/db"
+    DRIVER_ERRORS: ClassVar[type[DriverErrors]] = _DriverErrors
 
     def _address(self) -> tuple[str, int, str]:
         parts = urlsplit(self.url())
@@ -129,8 +144,6 @@ class MySQLSource(DatabaseSource):
                 autocommit=True,
             )
 
-    def _errors(self, password: str, uri: str, doing: str) -> _DriverErrors:
-        return _DriverErrors(self._where(), password, uri, doing)
 
 
 def _close(conn: Any, stream: Any, uri: str) -> None:
@@ -149,33 +162,6 @@ def _close(conn: Any, stream: Any, uri: str) -> None:
         result.unbuffered_active = False
     if stream is not None:
         stream.connection = None
-
-
-class _DriverErrors:
-    """Turns a PyMySQL error into :class:`DatabaseSourceError` or :class:`DatabaseUnavailableError`, naming the spec
-    and the source, with the password removed."""
-
-    def __init__(self, where: str, password: str, uri: str, doing: str):
-        self.where, self.password, self.uri, self.doing = where, password, uri, doing
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        if exc is None or isinstance(exc, (DatabaseSourceError, DatabaseUnavailableError)):
-            return False
-        import pymysql  # noqa: PLC0415 - loaded only when a database is read
-
-        if not isinstance(exc, (pymysql.MySQLError, OSError)):
-            return False
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        message = str(exc.args[1]) if code is not None and len(exc.args) > 1 else str(exc)
-        message = redact(" ".join(message.split()), [self.password])
-        full = f"{self.where}: {self.doing} {self.uri}: {message}" + (f" (error {code})" if code else "")
-        lost = isinstance(exc, (OSError, pymysql.err.InterfaceError)) or (code is not None and 2000 <= code < 2100)
-        if lost or code in _TRANSIENT_CODES:
-            raise DatabaseUnavailableError(full) from None
-        raise DatabaseSourceError(full) from None
 
 
 def _quoted(name: str) -> str:

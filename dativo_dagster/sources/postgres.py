@@ -18,13 +18,13 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 
-from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, redact
+from dativo_dagster.errors import DatabaseSourceError
 from dativo_dagster.sources.base import (
     FileReport,
     SourceFile,
     text_schema,
 )
-from dativo_dagster.sources.database import DatabaseSource, text_batch
+from dativo_dagster.sources.database import DatabaseSource, DriverErrors, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,22 @@ _TRANSIENT_CONNECT_TEXT = re.compile(
 )
 
 
+class _DriverErrors(DriverErrors):
+    """ADBC's errors, and the Arrow stream's (OSError) when the server fails a query half-way; transient by SQLSTATE."""
+
+    def classify(self, exc: BaseException) -> tuple[str, bool] | None:
+        module = type(exc).__module__ or ""
+        if not (module.startswith("adbc_driver") or isinstance(exc, (pa.ArrowException, OSError))):
+            return None
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        text = str(exc)
+        # the driver's message, without its echo of the query ("Query was: ...") and its own prefixes
+        message = text.split("\nQuery was:", 1)[0].strip()
+        message = re.sub(r"^(?:[A-Z_]+: )?(?:\[libpq\] )?(?:Execution error \[PGRES_FATAL_ERROR\]: )?", "", message)
+        transient = bool(_TRANSIENT_SQLSTATE.match(sqlstate) or (not sqlstate and _TRANSIENT_CONNECT_TEXT.search(text)))
+        return message + (f" (SQLSTATE {sqlstate})" if sqlstate else ""), transient
+
+
 @dataclass(frozen=True)
 class PostgresSource(DatabaseSource):
     """``source.type: postgres`` bound to one spec (:class:`dativo_dagster.sources.base.Source`)."""
@@ -57,6 +73,7 @@ class PostgresSource(DatabaseSource):
     URI_SCHEME: ClassVar[str] = "postgresql"
     URL_SCHEMES: ClassVar[tuple[str, ...]] = URL_SCHEMES
     URL_EXAMPLE: ClassVar[str] = "postgresql://user:password@host:5432/db"
+    DRIVER_ERRORS: ClassVar[type[DriverErrors]] = _DriverErrors
 
     def uri(self) -> str:
         """The source as ``_source_file`` shows it: ``postgresql://host:port/db/<table>`` or ``.../query``, without
@@ -114,37 +131,6 @@ class PostgresSource(DatabaseSource):
         with self._errors(password, uri, "connecting to"):
             return adbc.connect(url, autocommit=True)
 
-    def _errors(self, password: str, uri: str, doing: str) -> _DriverErrors:
-        return _DriverErrors(self._where(), password, uri, doing)
-
-
-class _DriverErrors:
-    """Turns a driver error into :class:`DatabaseSourceError` or :class:`DatabaseUnavailableError`, naming the spec
-    and the source, with the password removed."""
-
-    def __init__(self, where: str, password: str, uri: str, doing: str):
-        self.where, self.password, self.uri, self.doing = where, password, uri, doing
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        if exc is None or isinstance(exc, (DatabaseSourceError, DatabaseUnavailableError)):
-            return False
-        module = type(exc).__module__ or ""
-        # the driver's own errors, and the Arrow stream's (OSError) when the server fails a query half-way
-        if not (module.startswith("adbc_driver") or isinstance(exc, (pa.ArrowException, OSError))):
-            return False
-        sqlstate = getattr(exc, "sqlstate", None) or ""
-        text = str(exc)
-        # the driver's message, without its echo of the query ("Query was: ...") and its own prefixes
-        message = text.split("\nQuery was:", 1)[0].strip()
-        message = re.sub(r"^(?:[A-Z_]+: )?(?:\[libpq\] )?(?:Execution error \[PGRES_FATAL_ERROR\]: )?", "", message)
-        message = redact(" ".join(message.split()), [self.password])
-        full = f"{self.where}: {self.doing} {self.uri}: {message}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
-        if _TRANSIENT_SQLSTATE.match(sqlstate) or (not sqlstate and _TRANSIENT_CONNECT_TEXT.search(text)):
-            raise DatabaseUnavailableError(full) from None
-        raise DatabaseSourceError(full) from None
 
 
 def iter_batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
