@@ -140,6 +140,7 @@ class FieldSpec(_Model):
         ),
     ]
     required: bool = False
+    primary_key: bool = False
     description: str | None = None
     classification: str | None = None
     format: str | None = Field(
@@ -554,6 +555,9 @@ class AssetSpecModel(_Model):
         problems = []
         first: dict[str, int] = {}
         for index, field in enumerate(self.schema_):
+            if field.primary_key and not field.required:
+                message = "a primary key field must be required (a key with a null cannot identify a row); add required: true"
+                problems.append((f"schema[{index}].primary_key", message))
             key = field.name.lower()
             if key in first:
                 message = (
@@ -600,6 +604,11 @@ class AssetSpecModel(_Model):
     def fields(self) -> list[FieldSpec]:
         """The schema's columns in order."""
         return list(self.schema_)
+
+    @property
+    def primary_key(self) -> list[str]:
+        """The names of the key fields (``primary_key: true``) in schema order; empty without a key."""
+        return [field.name for field in self.schema_ if field.primary_key]
 
     @property
     def branch(self) -> str:

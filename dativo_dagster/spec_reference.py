@@ -105,6 +105,11 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "decimal(10,4)",
     ),
     "schema[].required": ("A null value (empty, or one of `null_values`) makes the row invalid.", "true"),
+    "schema[].primary_key": (
+        "Part of the table's key (the key is the fields marked, in schema order); such a field must be `required`."
+        " The key identifies rows at a database cursor's boundary and for `write_mode: merge`.",
+        "true",
+    ),
     "schema[].description": ("Column description in the asset's column schema in the UI.", "Primary key"),
     "schema[].classification": (
         "Column classification, shown as a tag on the column in the UI. `PII` (any case): a rejected value of the"
@@ -294,7 +299,7 @@ team: {owner: data-team@example.com, name: Data Platform}
 compliance: {classification: [confidential], retention_days: 365, regulations: [GDPR]}
 
 schema:
-  - {name: BusinessEntityID, type: integer, required: true, description: Primary key}
+  - {name: BusinessEntityID, type: integer, required: true, primary_key: true, description: Primary key}
   - {name: PersonType, type: string, required: true}
   - {name: FirstName, type: string, required: true, classification: PII}
   - {name: Rate, type: "decimal(10,4)"}

@@ -213,6 +213,7 @@ def test_valid_cases_load_together_with_paths_relative_to_the_project(tmp_path: 
         "asset_specs/nested/deeper/nested_spec.yaml",
         "asset_specs/overwrite.yaml",
         "asset_specs/partition_transforms.yaml",
+        "asset_specs/primary_key.yaml",
         "asset_specs/timestamp_format.yaml",
         "asset_specs/uppercase_name.yaml",
         "asset_specs/warn_mode.yaml",
@@ -656,3 +657,8 @@ def test_mysql_source_uri_has_no_credentials_and_the_url_must_be_mysql(tmp_path:
         "asset_specs/orders.yaml: source.connection.url_env: environment variable DATIVO_TEST_ORDERS_URL does not"
         " hold a mysql:// URL"
     )
+
+
+def test_primary_key_is_the_marked_fields_in_schema_order() -> None:
+    assert load_valid("primary_key.yaml").primary_key == ["region", "id"]
+    assert load_valid("minimal.yaml").primary_key == []
