@@ -19,7 +19,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 
 from dativo_dagster.component import IngestionComponent
 from dativo_dagster.definitions import build_definitions
-from dativo_dagster.errors import SpecError
+from dativo_dagster.errors import DeploymentError, SpecError
 from dativo_dagster_tests.conftest import base_spec, branch_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +170,31 @@ def test_importing_the_package_leaves_dagster_out_and_dg_finds_the_component_thr
     assert [(p.name, p.value) for p in points if p.value.startswith("dativo_dagster")] == [
         ("dativo_dagster", "dativo_dagster")
     ]
+
+
+def test_a_partial_deployment_fails_the_load_naming_the_missing_variable(
+    sandbox: DefsFolderSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = sandbox.scaffold_component(component_cls=IngestionComponent, defs_path="ingest")
+    monkeypatch.setenv("DATIVO_WAREHOUSE", "s3://lake/warehouse")
+    with pytest.raises(Exception) as caught, sandbox.load_component_and_build_defs(defs_path=folder):
+        pass
+    chain = []
+    seen: BaseException | None = caught.value
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    errors = [e for e in chain if isinstance(e, DeploymentError)]
+    assert errors and errors[0].missing == ["DATIVO_CATALOG_URI"]
+    assert "lake" not in str(errors[0])  # names variables, never their values
+
+
+def test_an_absolute_specs_dir_is_taken_as_it_is(sandbox: DefsFolderSandbox, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "team_specs"
+    (elsewhere / "asset_specs").mkdir(parents=True)
+    spec = base_spec("orders", source={"type": "csv", "files": [{"path": "data/orders.csv"}]})
+    (elsewhere / "asset_specs" / "orders.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    folder = _component_folder(sandbox, specs_dir=str(elsewhere / "asset_specs"))
+    with sandbox.load_component_and_build_defs(defs_path=folder) as (_, defs):
+        [asset] = list(defs.assets or [])
+    assert asset.key == dg.AssetKey("orders")  # type: ignore[union-attr]
