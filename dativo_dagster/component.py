@@ -44,6 +44,17 @@ target:
   write_mode: overwrite
 """
 
+EXAMPLE_COMPONENT_PY = f"""\
+import dagster as dg
+
+from dativo_dagster import IngestionComponent
+
+
+@dg.component_instance
+def load(context: dg.ComponentLoadContext) -> IngestionComponent:
+    return IngestionComponent(specs_dir="{EXAMPLE_SPECS_DIR}")
+"""
+
 EXAMPLE_CSV = "id,name,joined_on\n1,Ada,2024-01-02\n2,Grace,2024-02-03\n3,Linus,\n"
 
 
@@ -51,8 +62,15 @@ class IngestionScaffolder(dg.Scaffolder):
     """Writes ``defs.yaml`` (``specs_dir: asset_specs``), an example spec and the tiny CSV file it reads."""
 
     def scaffold(self, request: dg.ScaffoldRequest) -> None:
-        """Scaffold the component at ``request.target_path``; existing example files are left as they are."""
-        dg.scaffold_component(request, {"specs_dir": EXAMPLE_SPECS_DIR})
+        """Scaffold the component at ``request.target_path``; existing example files are left as they are.
+
+        ``--format python`` writes a ``component.py`` that returns the component (Dagster's default would
+        leave a function without a body).
+        """
+        if request.scaffold_format == "python":
+            Path(request.target_path, "component.py").write_text(EXAMPLE_COMPONENT_PY, encoding="utf-8")
+        else:
+            dg.scaffold_component(request, {"specs_dir": EXAMPLE_SPECS_DIR})
         if request.append:
             return  # another component in the same defs.yaml: the first one brought the example
         target = Path(request.target_path)
@@ -75,11 +93,14 @@ class IngestionComponent(dg.Component, dg.Resolvable, dg.Model):
 
     specs_dir: str = Field(
         description=(
-            "Folder of asset specs (*.yaml, *.yml, recursively), relative to the folder of this defs.yaml."
+            "Folder of asset specs (*.yaml, *.yml, recursively), relative to the folder of this defs.yaml"
+            " (or component.py)."
             " Relative source paths in the specs resolve against this folder's parent."
         ),
     )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         """The specs folder's definitions; a broken spec raises ``SpecError`` naming each file and key path."""
-        return build_definitions(context.path / self.specs_dir, project_dir=context.project_root)
+        # a defs.yaml's component is loaded at its folder, a component.py's at the file itself
+        folder = context.path if context.path.is_dir() else context.path.parent
+        return build_definitions(folder / self.specs_dir, project_dir=context.project_root)

@@ -198,3 +198,16 @@ def test_an_absolute_specs_dir_is_taken_as_it_is(sandbox: DefsFolderSandbox, tmp
     with sandbox.load_component_and_build_defs(defs_path=folder) as (_, defs):
         [asset] = list(defs.assets or [])
     assert asset.key == dg.AssetKey("orders")  # type: ignore[union-attr]
+
+
+def test_the_python_format_scaffolds_a_component_py_that_builds_the_example(sandbox: DefsFolderSandbox) -> None:
+    folder = sandbox.scaffold_component(component_cls=IngestionComponent, defs_path="ingest", scaffold_format="python")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "asset_specs/example_people.yaml",
+        "component.py",
+        "data/example_people.csv",
+    ]
+    with sandbox.load_component_and_build_defs(defs_path=folder) as (_, defs):
+        assert [a.key for a in defs.assets or []] == [dg.AssetKey("example_people")]  # type: ignore[union-attr]
+        storage = defs.resources["dativo_storage"]
+    assert storage.warehouse == str(sandbox.project_root.resolve() / ".dativo" / "warehouse")  # type: ignore[attr-defined]
