@@ -1,4 +1,4 @@
-"""The ``dg`` Component: a ``defs.yaml`` of type ``dativo_dagster.IngestionComponent`` builds a specs folder's assets."""
+"""The ``dg`` Component: a ``defs.yaml`` of type ``dativo_dagster.IngestionComponent`` builds a specs folder."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ class IngestionScaffolder(dg.Scaffolder):
         if request.append:
             return  # another component in the same defs.yaml: the first one brought the example
         target = Path(request.target_path)
-        for relative, text in ((f"{EXAMPLE_SPECS_DIR}/{EXAMPLE_SPEC_FILE}", EXAMPLE_SPEC), (EXAMPLE_DATA_FILE, EXAMPLE_CSV)):
+        examples = {f"{EXAMPLE_SPECS_DIR}/{EXAMPLE_SPEC_FILE}": EXAMPLE_SPEC, EXAMPLE_DATA_FILE: EXAMPLE_CSV}
+        for relative, text in examples.items():
             path = target / relative
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)

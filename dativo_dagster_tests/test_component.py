@@ -88,9 +88,8 @@ def test_the_embedded_default_lives_under_the_dg_project_root_and_sources_resolv
     assert storage.warehouse == str(dativo / "warehouse")  # type: ignore[attr-defined]
     assert catalog.uri == f"sqlite:///{dativo / 'catalog.db'}"  # type: ignore[attr-defined]
     assert not (folder / ".dativo").exists()  # nothing inside the project's Python package
-    table = SqlCatalog("dativo", uri=catalog.uri, warehouse=(dativo / "warehouse").as_uri()).load_table(  # type: ignore[attr-defined]
-        "example.example_people"
-    )
+    sql_catalog = SqlCatalog("dativo", uri=f"sqlite:///{dativo / 'catalog.db'}", warehouse=(dativo / "warehouse").as_uri())
+    table = sql_catalog.load_table("example.example_people")
     rows = sorted(branch_rows(table, "example_tenant"), key=lambda row: row["id"])
     assert [(r["id"], r["name"], str(r["joined_on"])) for r in rows] == [
         (1, "Ada", "2024-01-02"),
@@ -103,7 +102,11 @@ def test_the_embedded_default_lives_under_the_dg_project_root_and_sources_resolv
 def test_the_scaffolder_writes_defs_yaml_an_example_spec_and_its_csv(sandbox: DefsFolderSandbox) -> None:
     folder = sandbox.scaffold_component(component_cls=IngestionComponent, defs_path="ingest")
     defs_yaml = yaml.safe_load((folder / "defs.yaml").read_text())
-    assert defs_yaml == {"type": "dativo_dagster.component.IngestionComponent", "attributes": {"specs_dir": "asset_specs"}}
+    # the sandbox names the type by the module that declares it; dg scaffold defs by the name it was given
+    assert defs_yaml == {
+        "type": "dativo_dagster.component.IngestionComponent",
+        "attributes": {"specs_dir": "asset_specs"},
+    }
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
         "asset_specs/example_people.yaml",
         "data/example_people.csv",
@@ -210,4 +213,5 @@ def test_the_python_format_scaffolds_a_component_py_that_builds_the_example(sand
     with sandbox.load_component_and_build_defs(defs_path=folder) as (_, defs):
         assert [a.key for a in defs.assets or []] == [dg.AssetKey("example_people")]  # type: ignore[union-attr]
         storage = defs.resources["dativo_storage"]
-    assert storage.warehouse == str(sandbox.project_root.resolve() / ".dativo" / "warehouse")  # type: ignore[attr-defined]
+    warehouse = sandbox.project_root.resolve() / ".dativo" / "warehouse"
+    assert storage.warehouse == str(warehouse)  # type: ignore[attr-defined]
