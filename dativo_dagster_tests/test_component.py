@@ -88,7 +88,9 @@ def test_the_embedded_default_lives_under_the_dg_project_root_and_sources_resolv
     assert storage.warehouse == str(dativo / "warehouse")  # type: ignore[attr-defined]
     assert catalog.uri == f"sqlite:///{dativo / 'catalog.db'}"  # type: ignore[attr-defined]
     assert not (folder / ".dativo").exists()  # nothing inside the project's Python package
-    sql_catalog = SqlCatalog("dativo", uri=f"sqlite:///{dativo / 'catalog.db'}", warehouse=(dativo / "warehouse").as_uri())
+    sql_catalog = SqlCatalog(
+        "dativo", uri=f"sqlite:///{dativo / 'catalog.db'}", warehouse=(dativo / "warehouse").as_uri()
+    )
     table = sql_catalog.load_table("example.example_people")
     rows = sorted(branch_rows(table, "example_tenant"), key=lambda row: row["id"])
     assert [(r["id"], r["name"], str(r["joined_on"])) for r in rows] == [
