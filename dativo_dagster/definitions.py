@@ -29,15 +29,18 @@ def specs_dir_from_env() -> Path:
     return Path(os.environ.get("DATIVO_ASSET_SPECS_DIR") or DEFAULT_SPECS_DIR).resolve()
 
 
-def build_definitions(specs_dir: Path) -> dg.Definitions:
+def build_definitions(specs_dir: Path, project_dir: Path | None = None) -> dg.Definitions:
     """Definitions for every spec under ``specs_dir``; raises ``SpecError`` listing every problem.
+
+    The one factory of the code location (``defs`` below) and of the ``dg`` Component (component.py).
+    ``project_dir`` holds the embedded default's ``.dativo/`` (default: the parent of ``specs_dir``).
 
     ``DATIVO_LOG_FORMAT=json`` makes the console logger write one JSON object per line. Every job runs its steps
     in the run's process unless it says otherwise (the group jobs) or its run config does (executors.py): this
     executor is also the one of the implicit asset job that `dagster asset materialize` and the UI run.
     """
     loaded = load_specs(specs_dir)
-    resources = resources_from_env(specs_dir)
+    resources = resources_from_env(specs_dir, project_dir)
     maintenance = build_maintenance_job(loaded)
     jobs = asset_jobs(loaded)
     freshness_checks = build_freshness_checks(loaded)

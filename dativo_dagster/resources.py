@@ -379,9 +379,13 @@ def check_deployment(environ: Mapping[str, str] | None = None) -> None:
         )
 
 
-def embedded_defaults(specs_dir: Path) -> dict[str, str]:
-    """The embedded default: a warehouse folder and a SQLite catalog under ``<project>/.dativo``."""
-    base = project_root(specs_dir) / ".dativo"
+def embedded_defaults(specs_dir: Path, project_dir: Path | None = None) -> dict[str, str]:
+    """The embedded default: a warehouse folder and a SQLite catalog under ``<project>/.dativo``.
+
+    ``project_dir`` is the project that holds ``.dativo/``; by default the parent of ``specs_dir``
+    (``project_root``). A ``dg`` project passes its own root, so that the default stays out of its package.
+    """
+    base = (project_dir.resolve() if project_dir is not None else project_root(specs_dir)) / ".dativo"
     return {
         "warehouse": str(base / "warehouse"),
         "catalog_uri": f"sqlite:///{base / 'catalog.db'}",
@@ -389,17 +393,18 @@ def embedded_defaults(specs_dir: Path) -> dict[str, str]:
     }
 
 
-def resources_from_env(specs_dir: Path) -> dict[str, object]:
+def resources_from_env(specs_dir: Path, project_dir: Path | None = None) -> dict[str, object]:
     """Resources for the deployment that the environment describes (CONTRACT section 6).
 
     Each setting is a ``dg.EnvVar`` when its variable is set, so secrets stay out of config and
-    the UI; with none of the deployment's variables set, the embedded default.
+    the UI; with none of the deployment's variables set, the embedded default (under ``project_dir``,
+    see ``embedded_defaults``).
 
     Raises:
         DeploymentError: a partial deployment (``check_deployment``).
     """
     check_deployment()
-    defaults = embedded_defaults(specs_dir)
+    defaults = embedded_defaults(specs_dir, project_dir)
     storage = StorageResource(
         warehouse=_env("DATIVO_WAREHOUSE") or defaults["warehouse"],
         s3_endpoint=_env("DATIVO_S3_ENDPOINT"),
