@@ -1,0 +1,199 @@
+"""Publishing to main (CONTRACT 9, dativo_dagster.publish): the run's change moves the branch and main in one catalog
+commit, readers of main (pyiceberg, DuckDB, no snapshot id) see the branch's rows, main that someone wrote to directly
+is never moved, and a run that fails publishes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.table import Table
+from pyiceberg.table.update import AssertRefSnapshotId, RemoveSnapshotRefUpdate, SetSnapshotRefUpdate
+
+from dativo_dagster.commit import commit_files
+from dativo_dagster.errors import MainDivergedError
+from dativo_dagster.table_schema import Partitioner
+from dativo_dagster_tests.conftest import branch_rows
+from dativo_dagster_tests.test_commit import BRANCH, catalog, spec, table, write_files  # noqa: F401 - fixtures
+
+TABLE = "testdomain.people"
+
+
+def publish(table: Table, run_id: str, ids: list[int], *, overwrite: bool = False, publish: bool = True) -> Any:
+    return commit_files(
+        table,
+        branch=BRANCH,
+        files=write_files(table, run_id, ids),
+        partitioner=Partitioner(table.spec(), table.schema()),
+        run_id=run_id,
+        properties={"dativo.source-state": json.dumps({"/src/people.csv": run_id})},
+        overwrite=overwrite,
+        publish=publish,
+    )
+
+
+def main_rows(table: Table) -> list[tuple[int, str]]:
+    """What a reader of main sees with pyiceberg, without naming a snapshot."""
+    return sorted((r["id"], r["_run_id"]) for r in table.scan().to_arrow().to_pylist())
+
+
+def duckdb_main_rows(con: Any, table: Table) -> list[tuple[int, str]]:
+    """What DuckDB sees reading the table's metadata file, without naming a snapshot."""
+    return sorted(con.execute(f"SELECT id, _run_id FROM iceberg_scan('{table.metadata_location}')").fetchall())
+
+
+def pairs(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    return sorted((r["id"], r["_run_id"]) for r in rows)
+
+
+def ref_ids(table: Table) -> dict[str, int]:
+    return {name: ref.snapshot_id for name, ref in table.metadata.refs.items()}
+
+
+@pytest.fixture
+def commits(catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    """Every catalog commit of the test: (requirements, updates)."""
+    seen: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+    commit_table = SqlCatalog.commit_table
+
+    def recording(self: SqlCatalog, table: Table, requirements: Any, updates: Any) -> Any:
+        seen.append((tuple(requirements), tuple(updates)))
+        return commit_table(self, table, requirements, updates)
+
+    monkeypatch.setattr(SqlCatalog, "commit_table", recording)
+    return seen
+
+
+def test_each_run_moves_branch_and_main_in_one_catalog_commit(
+    catalog: SqlCatalog, table: Table, commits: list[Any], duckdb_connection: Any
+) -> None:
+    publish(table, "run-a", [1, 2])  # a new table: main's empty snapshot and the branch first, then the run
+    before = catalog.load_table(TABLE)
+    before_location, refs_before = before.metadata_location, ref_ids(before)
+    commits.clear()
+
+    result = publish(before, "run-b", [3])
+    table = catalog.load_table(TABLE)
+
+    assert len(commits) == 1  # one catalog commit
+    requirements, updates = commits[0]
+    moved = {u.ref_name: u.snapshot_id for u in updates if isinstance(u, SetSnapshotRefUpdate)}
+    assert moved == {BRANCH: result.snapshot_id, "main": result.snapshot_id}
+    asserted = {r.ref: r.snapshot_id for r in requirements if isinstance(r, AssertRefSnapshotId)}
+    assert asserted == refs_before
+    # the metadata file before this one has both refs where they were: no version shows one without the other
+    assert ref_ids(table) == {BRANCH: result.snapshot_id, "main": result.snapshot_id}
+    assert table.metadata.metadata_log[-1].metadata_file == before_location
+    assert result.main_snapshot_id == result.snapshot_id
+    expected = [(1, "run-a"), (2, "run-a"), (3, "run-b")]
+    assert pairs(branch_rows(table, BRANCH)) == expected
+    assert main_rows(table) == expected
+    assert duckdb_main_rows(duckdb_connection, table) == expected
+
+
+def test_overwrite_and_append_publish_alike_and_main_always_reads_as_the_branch(
+    catalog: SqlCatalog, table: Table, duckdb_connection: Any
+) -> None:
+    steps = [("run-a", [1, 2], False), ("run-b", [3], False), ("run-c", [7], True), ("run-d", [8, 9], False)]
+    for run_id, ids, overwrite in steps:
+        result = publish(catalog.load_table(TABLE), run_id, ids, overwrite=overwrite)
+        table = catalog.load_table(TABLE)
+        on_branch = pairs(branch_rows(table, BRANCH))
+        assert main_rows(table) == on_branch
+        assert duckdb_main_rows(duckdb_connection, table) == on_branch
+        assert table.snapshot_by_name("main").snapshot_id == result.snapshot_id == result.main_snapshot_id
+    assert on_branch == [(7, "run-c"), (8, "run-d"), (9, "run-d")]
+
+
+def test_without_publish_main_stays_empty_and_the_first_publish_fast_forwards_it(
+    catalog: SqlCatalog, table: Table
+) -> None:
+    publish(table, "run-a", [1], publish=False)
+    publish(catalog.load_table(TABLE), "run-b", [2], publish=False)
+    table = catalog.load_table(TABLE)
+    assert main_rows(table) == []
+
+    result = publish(table, "run-c", [3])
+    table = catalog.load_table(TABLE)
+    assert main_rows(table) == [(1, "run-a"), (2, "run-b"), (3, "run-c")]
+    assert ref_ids(table) == {BRANCH: result.snapshot_id, "main": result.snapshot_id}
+
+
+def test_a_run_that_commits_nothing_still_brings_main_up_to_the_branch(catalog: SqlCatalog, table: Table) -> None:
+    publish(table, "run-a", [1], publish=False)
+    table = catalog.load_table(TABLE)
+    head = table.snapshot_by_name(BRANCH).snapshot_id
+
+    result = commit_files(
+        table, branch=BRANCH, files=[], partitioner=Partitioner(table.spec(), table.schema()),
+        run_id="run-b", properties={}, publish=True,
+    )
+    table = catalog.load_table(TABLE)
+    assert result.snapshot_id is None  # no snapshot added (CONTRACT 5) ...
+    assert ref_ids(table) == {BRANCH: head, "main": head}  # ... but main now shows what the branch holds
+    assert result.main_snapshot_id == head
+    assert main_rows(table) == [(1, "run-a")]
+
+
+def test_main_written_to_directly_is_never_moved(catalog: SqlCatalog, table: Table) -> None:
+    publish(table, "run-a", [1])
+    table = catalog.load_table(TABLE)
+    table.append(pa.Table.from_pylist([], schema=table.schema().as_arrow()))  # a writer of main, not of the branch
+    table = catalog.load_table(TABLE)
+    main, branch = table.snapshot_by_name("main").snapshot_id, table.snapshot_by_name(BRANCH).snapshot_id
+    assert main != branch
+    metadata = table.metadata_location
+
+    with pytest.raises(MainDivergedError) as info:
+        publish(table, "run-b", [2])
+
+    message = str(info.value)
+    assert f"main is at snapshot {main}" in message and f"head: snapshot {branch}" in message
+    assert "testdomain.people" in message and "set_current_snapshot" in message and "Nothing was committed" in message
+    table = catalog.load_table(TABLE)
+    assert table.metadata_location == metadata  # the table is exactly as it was
+    assert ref_ids(table) == {BRANCH: branch, "main": main}
+
+
+def test_a_writer_moving_main_during_the_commit_makes_the_publish_refuse_cleanly(
+    catalog: SqlCatalog, table: Table, commits: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run plans on a view where main is at the branch's head; another writer appends to main before the run's
+    catalog commit. The catalog refuses the commit (main's requirement), the retry sees main diverged and refuses."""
+    publish(table, "run-a", [1])
+    stale = catalog.load_table(TABLE)
+    branch = stale.snapshot_by_name(BRANCH).snapshot_id
+    other = catalog.load_table(TABLE)
+    other.append(pa.Table.from_pylist([], schema=other.schema().as_arrow()))
+    after_other = catalog.load_table(TABLE)
+    moved_main = after_other.snapshot_by_name("main").snapshot_id
+    commits.clear()
+
+    with caplog.at_level("WARNING", logger="dativo_dagster.commit"), pytest.raises(MainDivergedError):
+        publish(stale, "run-b", [2])
+
+    # the race happened: one commit was sent, asserting main where the stale view had it, and was refused
+    assert len(commits) == 1 and any("main" in r.getMessage() and "conflicted" in r.getMessage() for r in caplog.records)
+    asserted = {r.ref: r.snapshot_id for r in commits[0][0] if isinstance(r, AssertRefSnapshotId)}
+    assert asserted["main"] == branch != moved_main
+    table = catalog.load_table(TABLE)
+    assert table.metadata_location == after_other.metadata_location  # nothing of run-b landed
+    assert ref_ids(table) == {BRANCH: branch, "main": moved_main}
+    assert pairs(branch_rows(table, BRANCH)) == [(1, "run-a")]
+
+
+def test_the_first_publish_creates_main_when_there_is_none(catalog: SqlCatalog, table: Table) -> None:
+    publish(table, "run-a", [1], publish=False)
+    table = catalog.load_table(TABLE)
+    catalog.commit_table(table, (), (RemoveSnapshotRefUpdate(ref_name="main"),))
+    table = catalog.load_table(TABLE)
+    assert table.snapshot_by_name("main") is None
+
+    result = publish(table, "run-b", [2])
+    table = catalog.load_table(TABLE)
+    assert ref_ids(table) == {BRANCH: result.snapshot_id, "main": result.snapshot_id}
+    assert main_rows(table) == [(1, "run-a"), (2, "run-b")]
