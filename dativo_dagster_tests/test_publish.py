@@ -17,7 +17,8 @@ from pyiceberg.table.update import AssertRefSnapshotId, RemoveSnapshotRefUpdate,
 from dativo_dagster.commit import commit_files
 from dativo_dagster.errors import MainDivergedError
 from dativo_dagster.table_schema import Partitioner
-from dativo_dagster_tests.conftest import branch_rows
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, project  # noqa: F401 - fixture
+from dativo_dagster_tests.table_checks import failures, materialization
 from dativo_dagster_tests.test_commit import BRANCH, catalog, spec, table, write_files  # noqa: F401 - fixtures
 
 TABLE = "testdomain.people"
@@ -197,3 +198,68 @@ def test_the_first_publish_creates_main_when_there_is_none(catalog: SqlCatalog, 
     table = catalog.load_table(TABLE)
     assert ref_ids(table) == {BRANCH: result.snapshot_id, "main": result.snapshot_id}
     assert main_rows(table) == [(1, "run-a"), (2, "run-b")]
+
+
+# --- through the asset: metadata, quarantine, strict rejection -------------------------------------------------
+
+
+def published_spec(**overrides: Any) -> dict[str, Any]:
+    return base_spec("people", target={"partitioning": ["ingest_date"], "publish": True}, **overrides)
+
+
+def test_the_materialization_shows_both_refs_and_the_quarantine_stays_on_the_branch(
+    project: Project, duckdb_connection: Any
+) -> None:
+    project.write_spec(published_spec(schema_validation_mode="warn"))
+    project.write_data("people.csv", "id,name\n1,Ann\nbad,Bob\n2,Cy\n")
+
+    result = project.materialize()
+
+    assert result.success, failures(result)
+    metadata = materialization(result, "people")
+    table = project.table(TABLE)
+    head = table.snapshot_by_name(BRANCH).snapshot_id
+    assert (metadata["snapshot_id"], metadata["main_snapshot_id"]) == (str(head), str(head))
+    assert (metadata["branch"], metadata["published_to_main"]) == (BRANCH, True)
+    assert main_rows(table) == pairs(branch_rows(table, BRANCH)) == [(1, result.run_id), (2, result.run_id)]
+    assert duckdb_main_rows(duckdb_connection, table) == main_rows(table)
+    rejects = project.table(f"{TABLE}__rejects")
+    assert [r["id"] for r in branch_rows(rejects, BRANCH)] == ["bad"]
+    main = rejects.snapshot_by_name("main")
+    assert main is not None and main.snapshot_id != rejects.snapshot_by_name(BRANCH).snapshot_id
+    assert rejects.scan().to_arrow().num_rows == 0  # readers of main see no quarantined row
+
+
+def test_a_strict_rejection_publishes_nothing(project: Project) -> None:
+    project.write_spec(published_spec())
+    project.write_data("people.csv", "id,name\n1,Ann\n")
+    first = project.materialize()
+    assert first.success, failures(first)
+    table = project.table(TABLE)
+    metadata_location, refs = table.metadata_location, ref_ids(table)
+
+    project.write_data("people.csv", "id,name\n2,Bob\nbad,Cy\n")
+    failed = project.materialize()
+
+    table = project.table(TABLE)
+    assert ref_ids(table) == refs and main_rows(table) == [(1, first.run_id)]
+    assert table.metadata_location == metadata_location
+    assert not failed.success and any("strict validation failed" in f for f in failures(failed))
+
+
+def test_a_publish_refused_because_main_diverged_fails_the_run_without_retries(project: Project) -> None:
+    project.write_spec(published_spec(retry_config={"max_retries": 2, "retry_delay_seconds": 0}))
+    project.write_data("people.csv", "id,name\n1,Ann\n")
+    assert project.materialize().success
+    table = project.table(TABLE)
+    table.append(pa.Table.from_pylist([], schema=table.schema().as_arrow()))
+    table = project.table(TABLE)
+    metadata_location = table.metadata_location
+
+    failed = project.materialize()
+
+    messages = failures(failed)
+    assert not failed.success and len(messages) == 1  # terminal: not retried
+    assert "cannot publish acme to main" in messages[0]
+    assert str(table.snapshot_by_name("main").snapshot_id) in messages[0]
+    assert project.table(TABLE).metadata_location == metadata_location
