@@ -18,6 +18,13 @@ from dativo_dagster.commit import commit_files
 from dativo_dagster.errors import MainDivergedError
 from dativo_dagster.table_schema import Partitioner
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, project  # noqa: F401 - fixture
+from dativo_dagster_tests.publish_kill import (
+    KILL_POINTS,
+    assert_both_refs_or_neither,
+    refs,
+    start_killed_publish,
+    wait_killed,
+)
 from dativo_dagster_tests.table_checks import failures, materialization
 from dativo_dagster_tests.test_commit import BRANCH, catalog, spec, table, write_files  # noqa: F401 - fixtures
 
@@ -263,3 +270,38 @@ def test_a_publish_refused_because_main_diverged_fails_the_run_without_retries(p
     assert "cannot publish acme to main" in messages[0]
     assert str(table.snapshot_by_name("main").snapshot_id) in messages[0]
     assert project.table(TABLE).metadata_location == metadata_location
+
+
+# --- SIGKILL around the publishing commit (embedded SQLite catalog; the servers' in integration/) ----------------
+
+
+def test_a_run_killed_around_its_publishing_commit_moves_both_refs_or_neither(
+    tmp_path: Path, duckdb_connection: Any
+) -> None:
+    started = {}
+    for point in KILL_POINTS:
+        project = Project(tmp_path / point / "project")
+        project.write_spec(published_spec(source={"type": "csv", "files": [{"path": "data/*.csv"}],
+                                                  "incremental": {"strategy": "file_modified_time"}}))
+        project.write_data("a.csv", "id,name\n1,Ann\n2,Bob\n")
+        first = project.materialize()
+        assert first.success, failures(first)
+        project.write_data("b.csv", "id,name\n3,Cy\n")
+        before = refs(project.table(TABLE), BRANCH)
+        assert before[BRANCH] == before["main"]
+        started[point] = (project, before, start_killed_publish(tmp_path / point, point, project.specs_dir))
+
+    for point, (project, before, process) in started.items():
+        killed = wait_killed(tmp_path / point, point, process)
+        table = project.table(TABLE)
+        assert_both_refs_or_neither(killed, table, BRANCH, before)
+        assert main_rows(table) == pairs(branch_rows(table, BRANCH))
+
+        again = project.materialize()  # the next run: every file once, on both refs
+        assert again.success, failures(again)
+        table = project.table(TABLE)
+        ids = sorted(r["id"] for r in branch_rows(table, BRANCH))
+        assert ids == [1, 2, 3]
+        assert main_rows(table) == pairs(branch_rows(table, BRANCH))
+        assert duckdb_main_rows(duckdb_connection, table) == main_rows(table)
+        assert refs(table, BRANCH)[BRANCH] == refs(table, BRANCH)["main"]
