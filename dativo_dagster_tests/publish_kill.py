@@ -112,13 +112,12 @@ def assert_both_refs_or_neither(killed: KilledPublish, table: Table, branch: str
     """The run died at its publishing commit, which carried both refs, and the table shows both moved to the run's
     snapshot (``after``) or neither (``before``); returns the refs' common snapshot id."""
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    now = refs(table, branch)
+    assert now[branch] == now["main"], f"killed {killed.point} the publishing commit: refs {now}, before {before}"
+    assert (now == before) is (killed.point == "before")
     moved, asserted = killed.report["moved"], killed.report["asserted"]
     assert set(moved) == {branch, "main"} and moved[branch] == moved["main"]  # one commit for both refs
     assert {ref: asserted[ref] for ref in (branch, "main")} == before  # each required where the run found it
-    now = refs(table, branch)
-    if killed.point == "before":
-        assert now == before
-    else:
-        assert now == {branch: moved[branch], "main": moved[branch]} and moved[branch] != before[branch]
-    assert now[branch] == now["main"]
+    if killed.point == "after":
+        assert now[branch] == moved[branch]
     return now[branch]
