@@ -14,6 +14,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.table import Table
 from pyiceberg.table.update import AssertRefSnapshotId, RemoveSnapshotRefUpdate, SetSnapshotRefUpdate
 
+from dativo_dagster import cli
 from dativo_dagster.commit import commit_files
 from dativo_dagster.errors import MainDivergedError
 from dativo_dagster.table_schema import Partitioner
@@ -305,3 +306,14 @@ def test_a_run_killed_around_its_publishing_commit_moves_both_refs_or_neither(
         assert main_rows(table) == pairs(branch_rows(table, BRANCH))
         assert duckdb_main_rows(duckdb_connection, table) == main_rows(table)
         assert refs(table, BRANCH)[BRANCH] == refs(table, BRANCH)["main"]
+
+
+def test_the_command_line_summary_names_mains_snapshot(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    project.write_spec(published_spec())
+    project.write_data("people.csv", "id,name\n1,Ann\n")
+
+    code = cli.main(["materialize", "--specs", str(project.specs_dir)])
+
+    head = project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("people: "))
+    assert code == 0 and f" snapshot={head} " in line and f" branch={BRANCH} main={head}" in line
