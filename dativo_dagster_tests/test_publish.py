@@ -15,8 +15,10 @@ from pyiceberg.table import Table
 from pyiceberg.table.update import AssertRefSnapshotId, RemoveSnapshotRefUpdate, SetSnapshotRefUpdate
 
 from dativo_dagster import cli
+from dativo_dagster.assets import build_asset
 from dativo_dagster.commit import commit_files
 from dativo_dagster.errors import MainDivergedError
+from dativo_dagster.spec import AssetSpecModel, LoadedSpec
 from dativo_dagster.table_schema import Partitioner
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, project  # noqa: F401 - fixture
 from dativo_dagster_tests.publish_kill import (
@@ -317,3 +319,26 @@ def test_the_command_line_summary_names_mains_snapshot(project: Project, capsys:
     head = project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("people: "))
     assert code == 0 and f" snapshot={head} " in line and f" branch={BRANCH} main={head}" in line
+
+
+@pytest.mark.parametrize("mode", ["strict", "warn"])
+def test_every_blocking_check_is_evaluated_before_the_publishing_commit(mode: str) -> None:
+    """main must never show rows that a blocking check rejected: each blocking check of a publishing asset comes out of
+    a step upstream of the commit step, so its failure stops the run before anything is committed or published. A
+    blocking check added later that reads the committed table would have to be evaluated inside the commit (on the
+    transaction's staged state) instead; this test names such a check."""
+    spec = AssetSpecModel.model_validate(published_spec(schema_validation_mode=mode))
+    asset = build_asset(LoadedSpec(spec=spec, path=Path("/p/asset_specs/people.yaml"), base_dir=Path("/p")))
+    graph = asset.node_def
+    produced_by = {m.graph_output_name: m.maps_from.node_name for m in graph.output_mappings}
+    upstream_of_commit: set[str] = set()
+    pending = ["people__commit"]
+    while pending:
+        for output in graph.dependency_structure.all_upstream_outputs_from_node(pending.pop()):
+            if output.node_name not in upstream_of_commit:
+                upstream_of_commit.add(output.node_name)
+                pending.append(output.node_name)
+    blocking = {name: check for name, check in asset.check_specs_by_output_name.items() if check.blocking}
+    assert bool(blocking) is (mode == "strict")  # the validation check blocks in strict mode
+    for output_name, check in blocking.items():
+        assert produced_by[output_name] in upstream_of_commit, f"blocking check {check.name} runs after the commit"
