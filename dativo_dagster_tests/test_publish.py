@@ -12,11 +12,12 @@ import pyarrow as pa
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.table.update import AssertRefSnapshotId, RemoveSnapshotRefUpdate, SetSnapshotRefUpdate
 
 from dativo_dagster import cli
 from dativo_dagster.assets import build_asset
-from dativo_dagster.commit import commit_files
+from dativo_dagster.commit import RUN_ID_KEY, commit_files
 from dativo_dagster.errors import MainDivergedError
 from dativo_dagster.spec import AssetSpecModel, LoadedSpec
 from dativo_dagster.table_schema import Partitioner
@@ -28,7 +29,7 @@ from dativo_dagster_tests.publish_kill import (
     start_killed_publish,
     wait_killed,
 )
-from dativo_dagster_tests.table_checks import failures, materialization
+from dativo_dagster_tests.table_checks import failures, materialization, touch
 from dativo_dagster_tests.test_commit import BRANCH, catalog, spec, table, write_files  # noqa: F401 - fixtures
 
 TABLE = "testdomain.people"
@@ -342,3 +343,31 @@ def test_every_blocking_check_is_evaluated_before_the_publishing_commit(mode: st
     assert bool(blocking) is (mode == "strict")  # the validation check blocks in strict mode
     for output_name, check in blocking.items():
         assert produced_by[output_name] in upstream_of_commit, f"blocking check {check.name} runs after the commit"
+
+
+def test_a_changed_file_replaces_its_rows_on_main_too(project: Project, duckdb_connection: Any) -> None:
+    """Incremental: the changed file's earlier rows are deleted (a shared data file rewritten) and its new rows
+    appended on the branch, and main moves with it in the same commit."""
+    project.write_spec(base_spec(
+        "people",
+        source={"type": "csv", "files": [{"path": "data/*.csv"}], "incremental": {"strategy": "file_modified_time"}},
+        target={"publish": True},  # unpartitioned: both files' rows share one data file, which the change rewrites
+    ))
+    project.write_data("a.csv", "id,name\n1,Ann\n2,Bob\n")
+    project.write_data("b.csv", "id,name\n3,Cy\n")
+    assert project.materialize().success
+    changed = project.write_data("a.csv", "id,name\n1,Ann\n4,Dee\n")
+    touch(changed, 60)
+
+    second = project.materialize()
+
+    assert second.success, failures(second)
+    assert materialization(second, "people")["replaced_sources"] == [str(changed)]
+    table = project.table(TABLE)
+    assert sorted(r["id"] for r in branch_rows(table, BRANCH)) == [1, 3, 4]
+    run_snapshots = [s for s in ancestors_of(table.snapshot_by_name("main"), table.metadata)
+                     if s.summary.additional_properties.get(RUN_ID_KEY) == second.run_id]
+    assert [s.summary.operation.value for s in run_snapshots] == ["append", "overwrite"]  # the shared file rewritten
+    assert main_rows(table) == pairs(branch_rows(table, BRANCH))
+    assert duckdb_main_rows(duckdb_connection, table) == main_rows(table)
+    assert refs(table, BRANCH)[BRANCH] == refs(table, BRANCH)["main"]
