@@ -7,7 +7,12 @@ import logging
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.table.snapshots import ancestors_of
-from pyiceberg.table.update import AssertRefSnapshotId, SetSnapshotRefUpdate, UpdatesAndRequirements, UpdateTableMetadata
+from pyiceberg.table.update import (
+    AssertRefSnapshotId,
+    SetSnapshotRefUpdate,
+    UpdatesAndRequirements,
+    UpdateTableMetadata,
+)
 
 from dativo_dagster.errors import MainDivergedError
 

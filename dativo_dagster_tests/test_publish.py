@@ -21,7 +21,7 @@ from dativo_dagster.commit import RUN_ID_KEY, commit_files
 from dativo_dagster.errors import MainDivergedError
 from dativo_dagster.spec import AssetSpecModel, LoadedSpec
 from dativo_dagster.table_schema import Partitioner
-from dativo_dagster_tests.conftest import Project, base_spec, branch_rows, project  # noqa: F401 - fixture
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.publish_kill import (
     KILL_POINTS,
     assert_both_refs_or_neither,
@@ -189,7 +189,8 @@ def test_a_writer_moving_main_during_the_commit_makes_the_publish_refuse_cleanly
         publish(stale, "run-b", [2])
 
     # the race happened: one commit was sent, asserting main where the stale view had it, and was refused
-    assert len(commits) == 1 and any("main" in r.getMessage() and "conflicted" in r.getMessage() for r in caplog.records)
+    conflicts = [r.getMessage() for r in caplog.records if "conflicted" in r.getMessage()]
+    assert len(commits) == 1 and len(conflicts) == 1 and "main" in conflicts[0]
     asserted = {r.ref: r.snapshot_id for r in commits[0][0] if isinstance(r, AssertRefSnapshotId)}
     assert asserted["main"] == branch != moved_main
     table = catalog.load_table(TABLE)
