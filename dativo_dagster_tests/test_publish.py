@@ -259,7 +259,9 @@ def test_a_strict_rejection_publishes_nothing(project: Project) -> None:
     assert not failed.success and any("strict validation failed" in f for f in failures(failed))
 
 
-def test_a_publish_refused_because_main_diverged_fails_the_run_without_retries(project: Project) -> None:
+def test_a_publish_refused_because_main_diverged_fails_the_run_without_retries(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
     project.write_spec(published_spec(retry_config={"max_retries": 2, "retry_delay_seconds": 0}))
     project.write_data("people.csv", "id,name\n1,Ann\n")
     assert project.materialize().success
@@ -274,6 +276,10 @@ def test_a_publish_refused_because_main_diverged_fails_the_run_without_retries(p
     assert not failed.success and len(messages) == 1  # terminal: not retried
     assert "cannot publish acme to main" in messages[0]
     assert str(table.snapshot_by_name("main").snapshot_id) in messages[0]
+    assert project.table(TABLE).metadata_location == metadata_location
+    capsys.readouterr()
+    assert cli.main(["materialize", "--specs", str(project.specs_dir)]) == 2  # for CI: a failure
+    assert "people: FAILED at commit" in capsys.readouterr().out
     assert project.table(TABLE).metadata_location == metadata_location
 
 
@@ -372,3 +378,26 @@ def test_a_changed_file_replaces_its_rows_on_main_too(project: Project, duckdb_c
     assert main_rows(table) == pairs(branch_rows(table, BRANCH))
     assert duckdb_main_rows(duckdb_connection, table) == main_rows(table)
     assert refs(table, BRANCH)[BRANCH] == refs(table, BRANCH)["main"]
+
+
+def test_two_publishing_runs_racing_both_land_and_main_ends_at_the_branch(
+    catalog: SqlCatalog, table: Table, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run B publishes first; run A, planned on the view before B, is refused by the catalog (both refs moved), plans
+    again on the fresh head, where main is the branch's head again, and publishes on top of B."""
+    publish(table, "run-0", [0])
+    handle_a, handle_b = catalog.load_table(TABLE), catalog.load_table(TABLE)
+    files_a = write_files(handle_a, "run-a", [1])
+    won = publish(handle_b, "run-b", [2])
+
+    with caplog.at_level("WARNING", logger="dativo_dagster.commit"):
+        lost = commit_files(
+            handle_a, branch=BRANCH, files=files_a, partitioner=Partitioner(handle_a.spec(), handle_a.schema()),
+            run_id="run-a", properties={}, publish=True,
+        )
+
+    assert len([r for r in caplog.records if "conflicted" in r.getMessage()]) == 1  # the race happened
+    table = catalog.load_table(TABLE)
+    assert table.snapshot_by_id(lost.snapshot_id).parent_snapshot_id == won.snapshot_id
+    assert ref_ids(table) == {BRANCH: lost.snapshot_id, "main": lost.snapshot_id}
+    assert main_rows(table) == pairs(branch_rows(table, BRANCH)) == [(0, "run-0"), (1, "run-a"), (2, "run-b")]
