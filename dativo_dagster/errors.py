@@ -89,7 +89,7 @@ class MainDivergedError(TerminalError):
     """``publish: true`` found ``main`` at a snapshot the branch has never held (someone committed to ``main``
     directly): publishing would drop those rows from ``main``, so the run commits nothing."""
 
-    def __init__(self, *, table: str, branch: str, main_snapshot_id: int, branch_snapshot_id: int | None):
+    def __init__(self, *, table: str, branch: str, main_snapshot_id: int, branch_snapshot_id: int):
         self.table = table
         self.branch = branch
         self.main_snapshot_id = main_snapshot_id

@@ -57,12 +57,13 @@ def main_before_publish(table: Table, branch: str) -> int | None:
     if main is None:
         return None
     head = table.snapshot_by_name(branch)
-    lineage = ancestors_of(head, table.metadata) if head is not None else ()
-    if any(snapshot.snapshot_id == main.snapshot_id for snapshot in lineage):
+    if head is None:
+        return main.snapshot_id  # the branch is going to start at main's head
+    if any(snapshot.snapshot_id == main.snapshot_id for snapshot in ancestors_of(head, table.metadata)):
         return main.snapshot_id
     raise MainDivergedError(
         table=".".join(table.name()), branch=branch, main_snapshot_id=main.snapshot_id,
-        branch_snapshot_id=head.snapshot_id if head is not None else None,
+        branch_snapshot_id=head.snapshot_id,
     )
 
 
@@ -83,8 +84,10 @@ def fast_forward_main(table: Table, branch: str) -> Table:
     """Move ``main`` to the head of ``branch`` when it is behind it, in a commit of its own (a run that commits
     nothing: an earlier commit made while publish was off, or by a run that found nothing new)."""
     head = table.snapshot_by_name(branch)
+    if head is None:
+        return table  # nothing committed to the branch yet: nothing to publish
     expected = main_before_publish(table, branch)
-    if head is None or expected == head.snapshot_id:
+    if expected == head.snapshot_id:
         return table
     with table.transaction() as tx:
         PublishToMain(tx, head.snapshot_id, expected).commit()

@@ -401,3 +401,17 @@ def test_two_publishing_runs_racing_both_land_and_main_ends_at_the_branch(
     assert table.snapshot_by_id(lost.snapshot_id).parent_snapshot_id == won.snapshot_id
     assert ref_ids(table) == {BRANCH: lost.snapshot_id, "main": lost.snapshot_id}
     assert main_rows(table) == pairs(branch_rows(table, BRANCH)) == [(0, "run-0"), (1, "run-a"), (2, "run-b")]
+
+
+def test_a_run_without_rows_on_a_table_without_the_branch_changes_nothing(catalog: SqlCatalog, table: Table) -> None:
+    table.append(pa.Table.from_pylist([], schema=table.schema().as_arrow()))  # main has a snapshot, no branch yet
+    table = catalog.load_table(TABLE)
+    metadata_location = table.metadata_location
+
+    result = commit_files(
+        table, branch=BRANCH, files=[], partitioner=Partitioner(table.spec(), table.schema()),
+        run_id="run-a", properties={}, publish=True,
+    )
+
+    assert result.snapshot_id is None
+    assert catalog.load_table(TABLE).metadata_location == metadata_location
