@@ -441,7 +441,7 @@ class TargetSpec(_Model):
     parquet_target_size_mb: float = Field(default=128, gt=0, le=4096, strict=True)
     write_mode: WriteMode = WriteMode.APPEND
     # write-audit-publish (CONTRACT 9): each run's commit also moves main to the branch's new head, in one catalog
-    # commit (commit.publish_to_main)
+    # commit (publish.publish_to_main)
     publish: bool = Field(default=False, strict=True)
 
     @property
