@@ -844,6 +844,7 @@ def _commit(
         replace_sources=written.incremental,
         record_sources=written.incremental,
         writer=writer,
+        publish=spec.target.publish,  # the data table only: the quarantine table stays on the branch (CONTRACT 9)
     )
     if written.nothing_new:
         result = result.model_copy(update={"nothing_new": True})
@@ -854,6 +855,14 @@ def _commit(
     elif result.snapshot_id is None or (not written.data_files and not overwrite):
         context.log.info(f"{spec.name}: no valid rows; nothing committed to {table_name}")
     return result
+
+
+def _publish_metadata(loaded: LoadedSpec, result: CommitResult) -> dict[str, Any]:
+    """What a publishing asset's run published: main's head after the run (the branch's, ``snapshot_id``)."""
+    if not loaded.spec.target.publish:
+        return {"published_to_main": False}
+    main = result.main_snapshot_id
+    return {"published_to_main": main is not None, "main_snapshot_id": str(main) if main is not None else ""}
 
 
 def _materialization_metadata(
@@ -884,6 +893,7 @@ def _materialization_metadata(
     if spec.target.catalog is CatalogKind.ICEBERG:
         metadata["catalog"] = catalog.display_uri
         metadata["metadata_location"] = result.metadata_location
+        metadata.update(_publish_metadata(loaded, result))
     else:
         metadata["commit_marker"] = result.metadata_location
     if written.rows_rejected:

@@ -143,6 +143,8 @@ def summarize(result: object, selected: Sequence[str]) -> int:
             )
             if m.get("branch"):
                 line += f" branch={m.get('branch')}"
+            if m.get("published_to_main"):
+                line += f" main={m.get('main_snapshot_id')}"  # publish: main's head, the branch's (CONTRACT 9)
             if rejected:
                 line += f" rejects={m.get('rejects_table')}"
             if m.get("nothing_new"):

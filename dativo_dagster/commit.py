@@ -36,6 +36,7 @@ from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
+from dativo_dagster.publish import fast_forward_main, main_before_publish, publish_to_main
 from dativo_dagster.rewrite import SourceRemoval, remove_sources
 from dativo_dagster.storage import S3Settings, map_per_object
 from dativo_dagster.table_schema import Partitioner, arrow_schema
@@ -102,6 +103,7 @@ class CommitResult(BaseModel):
     table_rows_before: int | None = None  # rows at the branch head it committed on
     table_rows_after: int | None = None  # rows at its own newest snapshot
     overwrite: bool = False  # the commit replaced every row of the branch
+    main_snapshot_id: int | None = None  # publish: main's head after the commit (the branch's head, CONTRACT 9)
 
 
 def ensure_table(
@@ -371,6 +373,7 @@ def commit_files(
     replace_sources: bool = False,
     record_sources: bool = False,
     writer: WriterSettings | None = None,
+    publish: bool = False,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
 
@@ -390,8 +393,12 @@ def commit_files(
     that loses a race with another writer is retried here on a fresh view of the table, checking again
     before each attempt whether the run's commit already landed and which sources the branch now holds.
 
+    With ``publish`` the same catalog commit also moves ``main`` to the branch's new head (``publish.py``), each ref
+    required to be where this attempt found it; a run with nothing to commit still brings ``main`` up to the branch.
+
     Raises:
         CommitError: the catalog refused the commit (transient; the caller may retry).
+        MainDivergedError: with ``publish``, ``main`` holds a snapshot the branch has never held (terminal).
     """
     name = ".".join(table.name())
     result = CommitResult(
@@ -418,20 +425,24 @@ def commit_files(
         removal: SourceRemoval | None = None
         try:
             table, decided = _plan_on_branch(table, branch, plan)
+            if publish and (decided.previous is not None or not decided.needed):
+                table = fast_forward_main(_without_pyiceberg_retries(table), branch)
+            main_before = main_before_publish(table, branch) if publish and decided.needed else None
             if decided.previous is not None:
                 log.info("run %s already committed snapshot %s to %s@%s", run_id, decided.previous.snapshot_id, name,
                          branch)
                 counts = run_commit_counts(table, table.snapshot_by_id(decided.previous.snapshot_id), run_id)
                 return result.model_copy(
                     update={"snapshot_id": decided.previous.snapshot_id, "already_committed": True,
-                            "metadata_location": table.metadata_location,
+                            "metadata_location": table.metadata_location, **_published(table, publish),
                             "table_rows": branch_row_count(table, branch),
                             **(counts.as_update() if counts is not None else {})}
                 )
             if not decided.needed:
                 rows = branch_row_count(table, branch)
                 return result.model_copy(update={"table_rows": rows, "records_added": 0, "records_removed": 0,
-                                                 "table_rows_before": rows, "table_rows_after": rows})
+                                                 "table_rows_before": rows, "table_rows_after": rows,
+                                                 **_published(table, publish)})
             if data_files is None:
                 data_files = _data_files(table, files, partitioner, run_id)
             # the rows the replaced sources brought, taken off this head (rewriting files they share with others)
@@ -442,7 +453,8 @@ def commit_files(
             # the state before this commit, for the next one to read instead of this branch's whole history
             state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite)
             state_property = {STATE_FILE_KEY: state_file} if state_file is not None else {}
-            _commit_once(table, branch, data_files, {**snapshot_properties, **state_property}, overwrite, replacement)
+            _commit_once(table, branch, data_files, {**snapshot_properties, **state_property}, overwrite, replacement,
+                         publish=publish, main_before=main_before)
         except CommitStateUnknownException as exc:
             last_error = exc  # the commit may have landed, naming the state file and the rewritten files: keep them
         except (CommitFailedException, ValueError) as exc:
@@ -468,7 +480,7 @@ def commit_files(
             return result.model_copy(
                 update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
                         "table_rows": branch_row_count(table, branch), "replaced_sources": decided.replaced,
-                        **(counts.as_update() if counts is not None else {})}
+                        **(counts.as_update() if counts is not None else {}), **_published(table, publish)}
             )
         # the text only: a log record holding the exception keeps its frames (tables, catalog connections)
         # alive for as long as any handler keeps the record
@@ -579,6 +591,12 @@ def _discard(removal: SourceRemoval | None) -> None:
         removal.discard()
 
 
+def _published(table: Table, publish: bool) -> dict[str, int | None]:
+    """The result's ``main_snapshot_id`` when publishing."""
+    main = table.snapshot_by_name(MAIN) if publish else None
+    return {"main_snapshot_id": main.snapshot_id} if main is not None else {}
+
+
 def _commit_once(
     table: Table,
     branch: str,
@@ -586,9 +604,13 @@ def _commit_once(
     snapshot_properties: Mapping[str, str],
     overwrite: bool,
     replacement: tuple[Sequence[DataFile], Sequence[DataFile]] | None = None,
+    *,
+    publish: bool = False,
+    main_before: int | None = None,
 ) -> None:
     """One transaction, one new metadata version: everything deleted (overwrite), or the replaced sources' files
-    exchanged for their survivors' (``replacement``: files to delete, files to add), then the append."""
+    exchanged for their survivors' (``replacement``: files to delete, files to add), then the append; with
+    ``publish``, ``main`` moves from ``main_before`` to the branch's new head in the same catalog commit."""
     properties = dict(snapshot_properties)
     with _without_pyiceberg_retries(table).transaction() as tx:
         if overwrite:
@@ -610,6 +632,8 @@ def _commit_once(
             with tx.update_snapshot(snapshot_properties=properties, branch=branch).merge_append() as append:
                 for data_file in data_files:
                     append.append_data_file(data_file)
+        if publish:
+            publish_to_main(tx, branch, main_before)
 
 
 def source_state_json(state: Mapping[str, str]) -> str:

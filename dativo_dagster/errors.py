@@ -85,6 +85,25 @@ class CatalogAccessError(TerminalError):
     "password authentication failed"): retrying with the same ones cannot help."""
 
 
+class MainDivergedError(TerminalError):
+    """``publish: true`` found ``main`` at a snapshot the branch has never held (someone committed to ``main``
+    directly): publishing would drop those rows from ``main``, so the run commits nothing."""
+
+    def __init__(self, *, table: str, branch: str, main_snapshot_id: int, branch_snapshot_id: int):
+        self.table = table
+        self.branch = branch
+        self.main_snapshot_id = main_snapshot_id
+        self.branch_snapshot_id = branch_snapshot_id
+        super().__init__(
+            f"{table}: cannot publish {branch} to main: main is at snapshot {main_snapshot_id}, which is not in the"
+            f" history of {branch} (head: snapshot {branch_snapshot_id}); something committed to main directly, and"
+            f" moving main would drop those rows. Nothing was committed. Bring those rows into {branch} (or decide"
+            f" to drop them), set main to a snapshot of {branch} (pyiceberg:"
+            f" table.manage_snapshots().set_current_snapshot({branch_snapshot_id}).commit()) and run again;"
+            " or remove target.publish"
+        )
+
+
 class StorageError(TransientError):
     """The object store could not be reached."""
 

@@ -440,6 +440,9 @@ class TargetSpec(_Model):
     partitioning: list[Annotated[str, AfterValidator(_partition_entry)]] = Field(default_factory=list)
     parquet_target_size_mb: float = Field(default=128, gt=0, le=4096, strict=True)
     write_mode: WriteMode = WriteMode.APPEND
+    # write-audit-publish (CONTRACT 9): each run's commit also moves main to the branch's new head, in one catalog
+    # commit (publish.publish_to_main)
+    publish: bool = Field(default=False, strict=True)
 
     @property
     def partition_fields(self) -> list[PartitionField]:
@@ -535,6 +538,7 @@ class AssetSpecModel(_Model):
         problems = [*self._column_problems(), *self._partition_problems()]
         if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
+        problems.extend(self._publish_problems())
         if self.sensor is not None and self.source.type != "csv":
             problems.append((
                 "sensor",
@@ -550,6 +554,19 @@ class AssetSpecModel(_Model):
         if problems:
             raise SpecProblems(problems)
         return self
+
+    def _publish_problems(self) -> list[tuple[str, str]]:
+        if not self.target.publish:
+            return []
+        if self.target.catalog is CatalogKind.NONE:
+            return [("target.publish", "publishing to main needs catalog: iceberg; remove publish for catalog: none")]
+        if self.branch == "main":
+            return [(
+                "target.publish",
+                "the branch is main itself, so there is nothing to publish; commit to another branch (target.branch,"
+                " default: the tenant) or remove publish",
+            )]
+        return []
 
     def _column_problems(self) -> list[tuple[str, str]]:
         problems = []

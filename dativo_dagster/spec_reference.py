@@ -221,6 +221,14 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "none`.",
         "staging",
     ),
+    "target.publish": (
+        "`true`: write-audit-publish. Every run's commit also moves `main` to the branch's new head, in the same"
+        " catalog commit (both refs or neither), so readers of `main` see exactly the branch's rows; blocking checks"
+        " run before it, and a failed run publishes nothing. `main` must be in the branch's history (fast-forward);"
+        " a `main` written to directly is refused. The quarantine table stays on the branch. Iceberg only, with a"
+        " branch other than `main`.",
+        "true",
+    ),
     "target.partitioning": (
         f"Partition fields, in order; each is {PARTITION_FORMS}. `ingest_date` is the day of `_ingested_at`."
         " Quote entries with a comma inside a `[...]` list.",
@@ -317,6 +325,7 @@ target:
   catalog: iceberg
   warehouse: s3://lake                 # default: DATIVO_WAREHOUSE
   branch: demo_tenant
+  publish: false                       # true: every run also lands on main, in the same commit
   partitioning: [ingest_date]
   parquet_target_size_mb: 128
   write_mode: append

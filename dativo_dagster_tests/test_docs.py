@@ -275,6 +275,13 @@ def test_readme_snippets_run_against_the_make_run_warehouse(demo_project: Path) 
     assert f"branch head: {head.snapshot_id}" in printed, printed
     assert "0 rows on main" in printed, printed
     assert table.scan().to_arrow().num_rows == 0
+    # the published dimension: main is the branch's head, and its rows are what a plain reader sees
+    published = _catalog(demo_project).load_table("adventureworks.dim_currency")
+    main, branch = published.snapshot_by_name("main"), published.snapshot_by_name("demo_tenant")
+    assert main.snapshot_id == branch.snapshot_id
+    assert f"{published.scan().to_arrow().num_rows} rows on main of dim_currency" in printed, printed
+    assert published.scan().to_arrow().num_rows == 105
+    assert f"main: {main.snapshot_id} branch: {branch.snapshot_id}" in printed, printed
     # DuckDB's count per PersonType equals pyiceberg's
     counted = rows.group_by("PersonType").aggregate([("PersonType", "count")]).to_pylist()
     per_type = sorted((r["PersonType"], r["PersonType_count"]) for r in counted)

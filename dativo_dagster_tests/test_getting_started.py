@@ -199,7 +199,7 @@ def test_make_dev_starts_on_the_shipped_instance_without_warnings(tmp_path: Path
 
 
 def test_a_spec_with_target_branch_main_commits_where_plain_readers_look(project: Project) -> None:
-    """README 'Why main looks empty': `target: {branch: main}` puts the rows on main, which `table.scan()` reads."""
+    """README 'Rows on main': `target: {branch: main}` puts the rows on main, which `table.scan()` reads."""
     spec = base_spec("people", target={"partitioning": ["ingest_date"], "branch": "main"})
     project.write_spec(spec)
     project.write_data("people.csv", "id,name\n1,Ann\n2,Bob\n")

@@ -370,6 +370,29 @@ def test_overwrite_with_branch_schedule_and_csv_options() -> None:
     assert (spec.schedule.cron, spec.schedule.timezone) == ("@daily", "Europe/Berlin")
 
 
+def test_publish_defaults_to_off_and_is_read_from_target(tmp_path: Path) -> None:
+    assert load_valid("minimal.yaml").target.publish is False
+    text = (VALID / "minimal.yaml").read_text(encoding="utf-8") + "target: {publish: true}\n"
+    (tmp_path / "asset_specs").mkdir()
+    (tmp_path / "asset_specs" / "published.yaml").write_text(text, encoding="utf-8")
+    loaded, problems = load_spec_file(tmp_path / "asset_specs" / "published.yaml", tmp_path)
+    assert problems == []
+    assert loaded is not None
+    assert (loaded.spec.target.publish, loaded.spec.branch) == (True, "acme")
+
+
+def test_publish_from_a_tenant_named_main_is_a_spec_error(tmp_path: Path) -> None:
+    text = (VALID / "minimal.yaml").read_text(encoding="utf-8").replace("tenant: acme", "tenant: Main")
+    (tmp_path / "asset_specs").mkdir()
+    (tmp_path / "asset_specs" / "published.yaml").write_text(text + "target: {publish: true}\n", encoding="utf-8")
+    loaded, problems = load_spec_file(tmp_path / "asset_specs" / "published.yaml", tmp_path)
+    assert loaded is None
+    assert problems == [
+        "asset_specs/published.yaml: target.publish: the branch is main itself, so there is nothing to publish;"
+        " commit to another branch (target.branch, default: the tenant) or remove publish"
+    ]
+
+
 def test_warn_mode_with_sensor_and_incremental() -> None:
     spec = load_valid("warn_mode.yaml")
     assert spec.schema_validation_mode is ValidationMode.WARN
