@@ -6,7 +6,7 @@ Runs in its own virtualenv (``benchmarks/.venv-dlt-db``, made by run.py with pin
 ``sql_database`` extra, SQLAlchemy's psycopg2 and PyMySQL drivers), like dlt_load.py for CSV. The pyarrow backend
 is dlt's fastest documented path for SQL sources (rows fetched in chunks and turned into Arrow tables, no per-row
 normalisation); ``chunk_size`` stays dlt's default; MySQL's DOUBLE is read as a float (see
-``float_columns_as_floats``). Prints one JSON line last: seconds of ``pipeline.run`` and the
+``doubles_as_floats``). Prints one JSON line last: seconds of ``pipeline.run`` and the
 rows in the table.
 """
 
@@ -22,14 +22,16 @@ from pathlib import Path
 TABLE = "bench_table"
 
 
-def float_columns_as_floats(sql_type):  # noqa: ANN001, ANN201 - SQLAlchemy types
+def doubles_as_floats(table):  # noqa: ANN001, ANN201 - a SQLAlchemy Table
     """MySQL's DOUBLE reflects as a float that SQLAlchemy returns as Decimal (``asdecimal=True``), whose precision
-    then differs from chunk to chunk and fails dlt's schema merge: read it as the float it is, as the other tools do."""
+    then differs from chunk to chunk and fails dlt's schema merge: read such columns as the floats they are, as the
+    other tools do (``table_adapter_callback`` changes the reflected table that the query is built from)."""
     import sqlalchemy as sa  # noqa: PLC0415
 
-    if isinstance(sql_type, sa.Float) and getattr(sql_type, "asdecimal", False):
-        return sa.Double()
-    return sql_type
+    for column in table.columns:
+        if isinstance(column.type, sa.Float) and getattr(column.type, "asdecimal", False):
+            column.type = sa.Double()
+    return table
 
 
 def main() -> int:
@@ -46,7 +48,7 @@ def main() -> int:
     from dlt.sources.sql_database import sql_table  # noqa: PLC0415
 
     resource = sql_table(credentials=args.url, table=args.table, backend="pyarrow",
-                         type_adapter_callback=float_columns_as_floats).with_name(TABLE)
+                         table_adapter_callback=doubles_as_floats).with_name(TABLE)
     pipeline = dlt.pipeline(
         pipeline_name="bench_db",
         pipelines_dir=str(out / "pipelines"),
