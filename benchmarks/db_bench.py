@@ -277,7 +277,7 @@ def section(measured: dict[DbCase, list[DbRun]], header: dict[str, str], errors:
         if dativo and small:
             flat = med(dativo, "rss_mib") / med(small, "rss_mib")
             verdicts.append(f"| 10x the rows <= {bench.TARGET_RSS_FLAT}x the RSS | {db} |"
-                            f" {med(dativo, 'rss_mib'):.0f} / {med(small, 'rss_mib'):.0f} MiB = {flat:.2f}x |"
+                            f" {med(dativo, 'rss_mib'):.0f} / {med(small, 'rss_mib'):.0f} MiB = {flat:.3f}x |"
                             f" {'met' if flat <= bench.TARGET_RSS_FLAT else '**missed**'} |")
     lines += ["", "| target (issue 17) | database | measured | |", "|---|---|---|---|", *verdicts]
     lines += ["", "A second run with nothing new (under 2 s of work) is not measured: cursor incremental is not on"
