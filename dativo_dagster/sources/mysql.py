@@ -10,6 +10,7 @@ UTC with ``+00:00``, binary strings as hex), and validation parses that text by 
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
+import pyarrow.json as pajson
 
 from dativo_dagster.errors import DatabaseSourceError
 from dativo_dagster.sources.base import (
@@ -107,21 +109,18 @@ class MySQLSource(DatabaseSource):
                 described = list(cur.description or ())
                 cur.close()
             selected = self._selected([d[0] for d in described], unit, report)
-            columns = ", ".join(
-                f"{_as_text(described[index])} AS c{position}" for position, (_, index) in enumerate(selected)
-            )
+            row_object = _row_as_json([described[index] for _, index in selected])
             position_of = {name: position for position, (name, _) in enumerate(selected)}
             with self._errors(password, unit.uri, "reading"):
                 stream = conn.cursor(pymysql.cursors.SSCursor)
-                stream.execute(f"SELECT {columns} FROM {relation}")  # noqa: S608 - quoted names and the spec's SQL
+                stream.execute(f"SELECT {row_object} FROM {relation}")  # noqa: S608 - quoted names and the spec's SQL
             while True:
                 with self._errors(password, unit.uri, "reading"):
                     rows = stream.fetchmany(BATCH_ROWS)
                 if not rows:
                     break
                 report.rows += len(rows)
-                text = [pa.array(column, pa.string()) for column in zip(*rows, strict=True)]
-                yield text_batch(text, len(rows), schema, position_of, unit.uri)
+                yield text_batch(_columns_of(rows, len(selected)), len(rows), schema, position_of, unit.uri)
             with self._errors(password, unit.uri, "reading"):
                 stream.close()  # every row was read: nothing left to drain
         finally:
@@ -162,6 +161,32 @@ def _close(conn: Any, stream: Any, uri: str) -> None:
         result.unbuffered_active = False
     if stream is not None:
         stream.connection = None
+
+
+def _row_as_json(columns: list[tuple]) -> str:
+    """SQL for one row as one JSON object of its columns' texts, ``{"c0": "...", "c1": null, ...}``.
+
+    PyMySQL parses every field of every row in Python: one field a row instead of one a column makes the read 2-3x
+    faster (docs/sources/mysql.md, "Speed"), and Arrow's JSON reader splits the objects into columns in C++. The
+    server's JSON escaping keeps every text exactly (quotes, backslashes, line breaks, control characters).
+    """
+    return "JSON_OBJECT(" + ", ".join(f"'c{position}', {_as_text(c)}" for position, c in enumerate(columns)) + ")"
+
+
+def _columns_of(rows: list[tuple[str]], count: int) -> list[pa.Array]:
+    """The columns' texts of ``rows`` (each one JSON object from :func:`_row_as_json`), in the SELECT's order."""
+    body = "\n".join([row[0] for row in rows]).encode()  # a JSON text holds no raw line break: one object a line
+    table = pajson.read_json(
+        io.BytesIO(body),
+        read_options=pajson.ReadOptions(use_threads=False, block_size=len(body) + 1),
+        parse_options=pajson.ParseOptions(
+            explicit_schema=pa.schema([(f"c{position}", pa.string()) for position in range(count)]),
+            unexpected_field_behavior="error",
+        ),
+    )
+    if table.num_rows != len(rows):
+        raise DatabaseSourceError(f"read {len(rows)} rows but decoded {table.num_rows}")
+    return [column.combine_chunks() for column in table.columns]
 
 
 def _quoted(name: str) -> str:
