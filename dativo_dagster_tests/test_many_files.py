@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 
 import dagster as dg
 
+from dativo_dagster.pipeline import LOGGED_FILES
 from dativo_dagster.table_state import SOURCE_STATE_KEY, STATE_FILE_KEY, read_branch_state
 from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.table_checks import branch_snapshot_ids, incremental_spec, materialization
@@ -40,7 +42,14 @@ def test_thousands_of_small_files_load_every_row_once_with_its_file_and_the_reru
     project.write_spec(incremental_spec(target={"partitioning": []}))
     expected = write_files(project)
 
-    first = materialization(run(project), "events")
+    instance = dg.DagsterInstance.ephemeral()
+    result = project.materialize(instance=instance)
+    assert result.success, [e.message for e in result.get_step_failure_events()]
+    first = materialization(result, "events")
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    # files are named one by one only up to LOGGED_FILES: a Dagster log call per file cost about a millisecond each
+    assert sum(1 for m in messages if re.match(rf"events: file \d+ of {FILES}: ", m)) == LOGGED_FILES == 20
+    assert max(len(m) for m in messages) < 8192  # no message lists every file
     table = project.table(TABLE)
     rows = branch_rows(table, BRANCH)
     assert len(rows) == FILES * ROWS_PER_FILE
