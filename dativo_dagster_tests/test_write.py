@@ -582,3 +582,28 @@ def test_a_failed_stream_removes_spilled_and_written_files(tmp_path, monkeypatch
         write_batches(batches(), writer)
     assert writer._spill.bytes_written > 0
     assert [p for p in location.rglob("*") if p.is_file()] == []
+
+
+def test_split_by_source_gives_each_source_file_its_own_files_in_one_pass(tmp_path):
+    """catalog: none keeps each source file's rows in files of their own: 500 sources interleaved row by row in
+    one batch are grouped by one sort (not a filter over the batch per source), every row with its source."""
+    spec = make_spec(["cat"])
+    schema = iceberg_schema(spec.fields)
+    writer = PartitionedParquetWriter(
+        location=str(tmp_path / "data"), schema=arrow_schema(schema),
+        partitioner=Partitioner(partition_spec(spec, schema), schema), target_bytes=8 * MIB, file_prefix="p",
+        metadata={}, s3=S3Settings(), split_by_source=True,
+    )
+    n = 20_000
+    table = realistic_table(writer, n, seed=14)
+    sources = pa.array([f"/data/s{i % 500:03d}.csv" for i in range(n)])
+    table = table.set_column(table.schema.get_field_index("_source_file"), "_source_file", sources)
+    files = write_all(writer, table, batch_rows=n)
+    assert len(files) == 500 * 3  # every (partition, source) pair has a file of its own
+    seen = 0
+    for f in files:
+        rows = pq.read_table(f.uri)
+        assert set(rows.column("_source_file").to_pylist()) == set(f.sources) and len(f.sources) == 1
+        assert set(rows.column("cat").to_pylist()) == {f.partition_path.removeprefix("cat=")}
+        seen += rows.num_rows
+    assert seen == n
