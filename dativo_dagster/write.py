@@ -51,7 +51,7 @@ ROW_GROUP_MAX_BYTES = 16 * MIB
 MIN_ROW_GROUP_BYTES = 64 * 1024
 # In-memory bytes buffered across all partitions. Beyond it the partitions holding most are spilled (see _Spill)
 # until SPILL_TO_FRACTION of it is left, so memory stays flat however many partitions a run touches.
-TOTAL_BUFFER_BYTES = 48 * MIB
+TOTAL_BUFFER_BYTES = 32 * MIB
 SPILL_TO_FRACTION = 0.5
 # Parquet files open at once while the rows stream in: each holds its columns' encoders and row group metadata.
 # A partition whose rows fill a row group while this many are open waits in the spill file until the end.
