@@ -196,7 +196,8 @@ class _Spill:
     """A local temporary file that holds rows of partitions waiting for their row group, in Arrow IPC messages.
 
     Rows are spilled under memory pressure instead of being written as small row groups into a Parquet file per
-    partition, each holding its encoders open: memory then stays flat whatever the number of partitions, and every
+    partition, each holding its encoders open: buffered rows then stay within the budget whatever the number of
+    partitions (what each partition and spilled piece costs besides its rows remains: benchmarks/PROFILE.md), and every
     Parquet file still ends near the target (CONTRACT 4) because none has to be finished early. Dictionary columns
     (the repeated system columns) are stored as their indices; their values are kept once here, each piece
     remembering which of them its indices mean. The file is unlinked as soon as it is open: it goes away with the
@@ -308,7 +309,7 @@ class PartitionedParquetWriter:
     and never beyond what the worst ratio could push past ``MAX_FILE_FRACTION`` of the target.
     A file is finished once it reaches ``CLOSE_FRACTION`` of the target, or at the end of the run.
 
-    Memory stays flat whatever the number of partitions: at most ``TOTAL_BUFFER_BYTES`` of rows wait in memory
+    Buffered rows do not grow with the number of partitions: at most ``TOTAL_BUFFER_BYTES`` of rows wait in memory
     (beyond it the partitions holding most go to a local spill file, :class:`_Spill`) and at most
     ``MAX_OPEN_WRITERS`` files are open while rows stream in. Partitions whose rows never filled a row group
     are written at the end, one file each, on ``CLOSE_THREADS`` threads.
