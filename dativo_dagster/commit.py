@@ -446,7 +446,8 @@ def commit_files(
             # the state before this commit, for the next one to read instead of this branch's whole history
             # a run over many files keeps its own share of the state in the state file, not in the summary
             own_sources = large_source_share(snapshot_properties)
-            state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite, own_sources=own_sources)
+            state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite,
+                                               own_sources=own_sources)
             properties_now = {**snapshot_properties, **({STATE_FILE_KEY: state_file} if state_file is not None else {})}
             if state_file is not None and own_sources:
                 properties_now.pop(SOURCE_STATE_KEY)
