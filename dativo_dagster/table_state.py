@@ -9,7 +9,10 @@ expiring old snapshots forgets nothing.
 
 The state lives in a file and not in the summary itself because summaries are copied into every table metadata
 version (which pyiceberg also copies many times per commit): a state of 100,000 files inline in every snapshot
-would make each commit rewrite megabytes per snapshot kept. A summary carries only the file's location.
+would make each commit rewrite megabytes per snapshot kept. A summary carries only the file's location. For the
+same reason a commit that read more than ``SUMMARY_SOURCES_MAX`` files keeps its own share in its state file
+too (which then holds the state just after it), not in its summary: one run over 10,000 files would otherwise
+add a megabyte to every later metadata version.
 
 Tables written before the file existed (or whose file is gone) are read as before: by walking the branch
 lineage from the head and merging each snapshot's own share, the newest first, down to the first snapshot
@@ -47,6 +50,8 @@ STATE_FILE_FORMAT = 1
 # a run re-executed after this many later commits to its branch is no longer recognised by its run id (an
 # incremental spec still finds its files in the source state); ~80 bytes each, so the file stays under 1 MB
 RUNS_REMEMBERED = 10_000
+# a commit's own share of the source state goes into its summary up to this many files (see the module docstring)
+SUMMARY_SOURCES_MAX = 100
 
 
 def parse_source_state(text: str | None) -> dict[str, str]:
@@ -152,18 +157,29 @@ def state_file_folders(table: Table) -> list[str]:
     return [table.location_provider().metadata_path.rstrip("/"), f"{table.location().rstrip('/')}/{STATE_FOLDER}"]
 
 
-def write_state_file(table: Table, state: BranchState, *, keep_sources: bool = True) -> str:
+def large_source_share(properties: dict[str, str]) -> dict[str, str]:
+    """A commit's own share of the source state when it is too large for its summary (``SUMMARY_SOURCES_MAX``),
+    else an empty mapping: then the summary keeps it."""
+    share = parse_source_state(properties.get(SOURCE_STATE_KEY))
+    return share if len(share) > SUMMARY_SOURCES_MAX else {}
+
+
+def write_state_file(
+    table: Table, state: BranchState, *, keep_sources: bool = True, own_sources: dict[str, str] | None = None
+) -> str:
     """Write ``state`` as the state file of the next commit on its branch; returns the file's location.
 
     With ``keep_sources`` False (a commit that replaces every row) the file lists no source file: the commit's
-    own summary names the only ones the branch will hold. Runs are kept either way, newest first, at most
-    ``RUNS_REMEMBERED``.
+    own summary names the only ones the branch will hold. ``own_sources`` (:func:`large_source_share`) is the
+    commit's own share, kept here instead of in its summary; it wins over the branch's earlier versions. Runs are
+    kept either way, newest first, at most ``RUNS_REMEMBERED``.
 
     Raises:
         OSError: no folder of :func:`state_file_folders` accepts the file (the last folder's error).
     """
+    sources = {**(state.sources if keep_sources else {}), **(own_sources or {})}
     content = StateFile(
-        sources=dict(sorted(state.sources.items())) if keep_sources else {},
+        sources=dict(sorted(sources.items())),
         runs=list(state.runs.items())[:RUNS_REMEMBERED],
     ).model_dump_json().encode()
     name = f"{STATE_FILE_PREFIX}{uuid.uuid4()}.json"

@@ -9,6 +9,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,7 +49,15 @@ ROW_GROUP_MAX_BYTES = 16 * MIB
 # Row groups never get smaller than this, so a tiny target cannot make a file per handful of rows;
 # it binds only for targets under about 1 MiB, where the file-size rule cannot hold anyway.
 MIN_ROW_GROUP_BYTES = 64 * 1024
-TOTAL_BUFFER_BYTES = 128 * MIB  # in-memory bytes buffered across all partitions
+# In-memory bytes buffered across all partitions. Beyond it the partitions holding most are spilled (see _Spill)
+# until SPILL_TO_FRACTION of it is left, so memory stays flat however many partitions a run touches.
+TOTAL_BUFFER_BYTES = 32 * MIB
+SPILL_TO_FRACTION = 0.5
+# Parquet files open at once while the rows stream in: each holds its columns' encoders and row group metadata.
+# A partition whose rows fill a row group while this many are open waits in the spill file until the end.
+MAX_OPEN_WRITERS = 64
+# At the end, the partitions still open or spilled are finished on this many threads (the encoder releases the GIL)
+CLOSE_THREADS = 2
 SPLIT_BYTES = 8 * MIB  # incoming in-memory bytes gathered before they are split by partition
 # A file's first row group decides each column's encoding (_encodings): a column is "unique" when more than
 # UNIQUE_FRACTION of its first DICTIONARY_SAMPLE_ROWS values are distinct, and then gets no dictionary pages.
@@ -173,6 +182,108 @@ class _Sink:
 _Upload = tuple[_Sink, dict[str, str], WrittenFile]  # a finished file waiting to be published, with its object metadata
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Rows of one partition in the spill file: where their IPC message is, and their dictionaries' value ids."""
+
+    offset: int
+    length: int
+    nbytes: int  # in-memory bytes when spilled
+    dictionary_ids: tuple[np.ndarray, ...]  # per dictionary column: the spill's id of each of its values
+
+
+class _Spill:
+    """A local temporary file that holds rows of partitions waiting for their row group, in Arrow IPC messages.
+
+    Rows are spilled under memory pressure instead of being written as small row groups into a Parquet file per
+    partition, each holding its encoders open: buffered rows then stay within the budget whatever the number of
+    partitions (what each partition and spilled piece costs besides its rows remains: benchmarks/PROFILE.md), and every
+    Parquet file still ends near the target (CONTRACT 4) because none has to be finished early. Dictionary columns
+    (the repeated system columns) are stored as their indices; their values are kept once here, each piece
+    remembering which of them its indices mean. The file is unlinked as soon as it is open: it goes away with the
+    process, whatever happens.
+    """
+
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+        self._dictionary_columns = [i for i, f in enumerate(schema) if pa.types.is_dictionary(f.type)]
+        self.spill_schema = pa.schema(
+            [f.with_type(f.type.index_type) if pa.types.is_dictionary(f.type) else f for f in schema]
+        )
+        self._values: list[dict[Any, int]] = [{} for _ in self._dictionary_columns]
+        self._arrays: list[pa.Array | None] = [None for _ in self._dictionary_columns]
+        self._fd: int | None = None
+        self.path = ""
+        self._end = 0
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+
+    def _file(self) -> int:
+        if self._fd is None:
+            handle, self.path = tempfile.mkstemp(prefix="dativo-spill-", suffix=".arrows")
+            os.unlink(self.path)
+            self._fd = handle
+        return self._fd
+
+    def put(self, table: pa.Table) -> list[_Piece]:
+        """Append ``table`` (in ``schema``); returns where its rows are."""
+        pieces = []
+        for batch in table.combine_chunks().to_batches():
+            columns = list(batch.columns)
+            ids = []
+            for slot, index in enumerate(self._dictionary_columns):
+                column = columns[index]
+                ids.append(self._ids(slot, column.dictionary))
+                columns[index] = column.indices
+            message = pa.RecordBatch.from_arrays(columns, schema=self.spill_schema).serialize()
+            pieces.append(_Piece(self._append(message), message.size, batch.nbytes, tuple(ids)))
+        return pieces
+
+    def _ids(self, slot: int, dictionary: pa.Array) -> np.ndarray:
+        known = self._values[slot]
+        return np.fromiter((known.setdefault(v, len(known)) for v in dictionary.to_pylist()), np.int32,
+                           len(dictionary))
+
+    def _append(self, message: pa.Buffer) -> int:
+        fd = self._file()
+        with self._lock:
+            offset = self._end
+            view = memoryview(message)
+            try:
+                while view:
+                    written = os.pwrite(fd, view, self._end)
+                    view = view[written:]
+                    self._end += written
+            except OSError as exc:
+                raise StorageError(f"{self.path}: cannot spill rows to this temporary file: {exc}") from None
+            self.bytes_written += message.size
+        return offset
+
+    def get(self, piece: _Piece) -> pa.Table:
+        """The rows of ``piece``, in ``schema``."""
+        data = os.pread(self._file(), piece.length, piece.offset)
+        batch = pa.ipc.read_record_batch(pa.py_buffer(data), self.spill_schema)
+        columns = list(batch.columns)
+        for slot, index in enumerate(self._dictionary_columns):
+            values = self._value_array(slot).take(pa.array(piece.dictionary_ids[slot]))
+            columns[index] = pa.DictionaryArray.from_arrays(columns[index], values)
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def _value_array(self, slot: int) -> pa.Array:
+        with self._lock:
+            array = self._arrays[slot]
+            if array is None or len(array) != len(self._values[slot]):
+                value_type = self.schema.field(self._dictionary_columns[slot]).type.value_type
+                array = pa.array(list(self._values[slot]), value_type)
+                self._arrays[slot] = array
+            return array
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 @dataclass
 class _PartitionState:
     values: tuple[Any, ...]
@@ -180,6 +291,8 @@ class _PartitionState:
     source: str | None = None
     buffer: list[pa.Table] = field(default_factory=list)
     buffered_bytes: int = 0
+    spilled: list[_Piece] = field(default_factory=list)
+    spilled_bytes: int = 0  # in-memory bytes of the spilled rows
     writer: pq.ParquetWriter | None = None
     sink: _Sink | None = None
     written: int = 0  # bytes in the open file, footer not included
@@ -194,7 +307,12 @@ class PartitionedParquetWriter:
     Rows are buffered per partition and written as large row groups. Each row group is sized from
     the compression ratio seen so far so that the file ends close to the target in written bytes,
     and never beyond what the worst ratio could push past ``MAX_FILE_FRACTION`` of the target.
-    A file is finished once it reaches ``CLOSE_FRACTION`` of the target.
+    A file is finished once it reaches ``CLOSE_FRACTION`` of the target, or at the end of the run.
+
+    Buffered rows do not grow with the number of partitions: at most ``TOTAL_BUFFER_BYTES`` of rows wait in memory
+    (beyond it the partitions holding most go to a local spill file, :class:`_Spill`) and at most
+    ``MAX_OPEN_WRITERS`` files are open while rows stream in. Partitions whose rows never filled a row group
+    are written at the end, one file each, on ``CLOSE_THREADS`` threads.
     """
 
     def __init__(
@@ -236,6 +354,10 @@ class PartitionedParquetWriter:
         self._states: dict[Any, _PartitionState] = {}
         self._buffered = 0
         self._seq = 0
+        self._open_writers = 0
+        self._closing = False  # close(): every partition may open its file now
+        self._lock = threading.Lock()  # close() finishes partitions on several threads
+        self._spill = _Spill(self.file_schema)
         self._incoming: list[pa.Table] = []
         self._incoming_bytes = 0
         self._base_footer = _empty_footer_bytes(self.file_schema, self._footer_metadata("", 0)) + 64
@@ -264,15 +386,38 @@ class PartitionedParquetWriter:
                     state = _PartitionState(values=values, path=self.partitioner.hive_path(values), source=source)
                     self._states[key] = state
                 self._add(state, rows)
-        while self._buffered > TOTAL_BUFFER_BYTES:
-            largest = max(self._states.values(), key=lambda s: s.buffered_bytes)
-            self._flush(largest)
+        if self._buffered > TOTAL_BUFFER_BYTES:
+            self._relieve()
+
+    def _relieve(self) -> None:
+        """Spill the partitions holding most rows in memory until ``SPILL_TO_FRACTION`` of the budget is left."""
+        for state in sorted(self._states.values(), key=lambda s: s.buffered_bytes, reverse=True):
+            if self._buffered <= TOTAL_BUFFER_BYTES * SPILL_TO_FRACTION or not state.buffer:
+                break
+            pieces = self._spill.put(pa.concat_tables(state.buffer))
+            state.spilled += pieces
+            state.spilled_bytes += state.buffered_bytes
+            self._buffered -= state.buffered_bytes
+            state.buffer, state.buffered_bytes = [], 0
 
     def _by_source(self, part: pa.Table) -> list[tuple[str | None, pa.Table]]:
         if not self.split_by_source or SOURCE_FILE_COLUMN not in part.column_names:
             return [(None, part)]
+        # one sort by source instead of a filter over every row per source (a batch of small files holds hundreds)
         column = part.column(SOURCE_FILE_COLUMN)
-        return [(uri, part.filter(pc.equal(column, uri))) for uri in pc.unique(column).to_pylist()]
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        encoded = pc.dictionary_encode(column.combine_chunks())
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        if len(encoded.dictionary) == 1:
+            return [(encoded.dictionary[0].as_py(), part)]
+        order = np.argsort(codes, kind="stable")
+        starts = np.flatnonzero(np.diff(codes[order])) + 1
+        part = part.combine_chunks()
+        return [
+            (encoded.dictionary[int(codes[rows[0]])].as_py(), part.take(pa.array(rows)))
+            for rows in np.split(order, starts)
+        ]
 
     def _limit(self, state: _PartitionState) -> int:
         """In-memory bytes to buffer before the partition's next row group is written."""
@@ -288,6 +433,29 @@ class PartitionedParquetWriter:
         return len(self.schema) * CHUNK_METADATA_BYTES + self._statistics_bytes
 
     def _add(self, state: _PartitionState, table: pa.Table) -> None:
+        """Buffer ``table``; once the partition holds a row group (spilled rows included), write it out."""
+        if not (state.writer is not None or self._closing or self._open_writers < MAX_OPEN_WRITERS):
+            self._buffer(state, table, table.nbytes)  # no file may open now: the rows wait (spilled if need be)
+            return
+        if not state.spilled:
+            self._fill(state, table)
+            return
+        self._buffer(state, table, table.nbytes)
+        if state.buffered_bytes + state.spilled_bytes >= self._limit(state):
+            self._drain(state)
+
+    def _drain(self, state: _PartitionState) -> None:
+        """Write the partition's spilled and buffered rows as full row groups; what is left stays buffered."""
+        spilled, buffered = state.spilled, state.buffer
+        state.spilled, state.spilled_bytes = [], 0
+        self._unbuffer(state)
+        for piece in spilled:
+            self._fill(state, self._spill.get(piece))
+        for table in buffered:
+            self._fill(state, table)
+
+    def _fill(self, state: _PartitionState, table: pa.Table) -> None:
+        """Buffer ``table``, writing a row group each time the partition's limit is reached."""
         sizes: np.ndarray | None = None  # cumulative in-memory bytes per row, once the table must be split
         start = 0
         while start < table.num_rows:
@@ -312,7 +480,13 @@ class PartitionedParquetWriter:
     def _buffer(self, state: _PartitionState, table: pa.Table, size: int) -> None:
         state.buffer.append(table)
         state.buffered_bytes += size
-        self._buffered += size
+        with self._lock:
+            self._buffered += size
+
+    def _unbuffer(self, state: _PartitionState) -> None:
+        with self._lock:
+            self._buffered -= state.buffered_bytes
+        state.buffer, state.buffered_bytes = [], 0
 
     def _flush(self, state: _PartitionState) -> None:
         if not state.buffer:
@@ -320,8 +494,7 @@ class PartitionedParquetWriter:
         # the buffered pieces go in as chunks of one row group: no copy into one contiguous table
         data = pa.concat_tables(state.buffer)
         in_memory = state.buffered_bytes
-        self._buffered -= state.buffered_bytes
-        state.buffer, state.buffered_bytes = [], 0
+        self._unbuffer(state)
         if state.writer is None or state.sink is None:
             state.writer, state.sink = self._open(state, data)
         before = state.sink.tell()
@@ -352,8 +525,11 @@ class PartitionedParquetWriter:
     def _open(self, state: _PartitionState, first: pa.Table) -> tuple[pq.ParquetWriter, _Sink]:
         """Start the partition's next file, with ``first`` as its first row group; its name is unique to this
         run and writer."""
-        self._seq += 1
-        name = f"{self.file_prefix}-{uuid.uuid4().hex}-{self._seq:05d}.parquet"
+        with self._lock:
+            self._seq += 1
+            self._open_writers += 1
+            seq = self._seq
+        name = f"{self.file_prefix}-{uuid.uuid4().hex}-{seq:05d}.parquet"
         folder = f"{self.location}/{state.path}" if state.path else self.location
         sink = _Sink(f"{folder}/{name}", self.s3)
         writer = pq.ParquetWriter(
@@ -400,6 +576,8 @@ class PartitionedParquetWriter:
         sink = state.sink
         state.writer, state.sink = None, None
         state.written, state.footer, state.rows_in_file = 0, 0, 0
+        with self._lock:
+            self._open_writers -= 1
         if uploads is None:
             sink.publish(metadata)
             self.files.append(written)
@@ -413,15 +591,30 @@ class PartitionedParquetWriter:
         storage their uploads go out on pyiceberg's shared thread pool (a day-partitioned run ends with hundreds).
         """
         self._route()
+        self._closing = True
         uploads: list[_Upload] = []
+
+        def finish(state: _PartitionState) -> None:
+            if state.spilled:
+                self._drain(state)
+            self._flush(state)
+            self._close(state, uploads)
+
+        states = list(self._states.values())
         try:
-            for state in list(self._states.values()):
-                self._flush(state)
-                self._close(state, uploads)
+            if len(states) > 1 and CLOSE_THREADS > 1:
+                with ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="dativo-write") as pool:
+                    for future in [pool.submit(finish, state) for state in states]:
+                        future.result()
+            else:
+                for state in states:
+                    finish(state)
         except BaseException:
             for sink, _, _ in uploads:
                 sink.discard()
             raise
+        finally:
+            self._spill.close()
         self._publish(uploads)
         return self.files
 
@@ -460,6 +653,7 @@ class PartitionedParquetWriter:
 
     def abort(self) -> None:
         """Close and remove everything this writer wrote (a failed run leaves no files)."""
+        self._spill.close()
         for state in self._states.values():
             if state.writer is not None and state.sink is not None:
                 try:

@@ -481,3 +481,51 @@ def test_iter_source_batches_reads_each_file_with_its_own_report(tmp_path):
         (str(data / "a.csv"), 1, 0, ["city", "extra"]),
         (str(data / "b.csv"), 2, 1, []),
     ]
+
+
+class _CountingFileSystem:
+    """A pyarrow filesystem that counts the files opened through it."""
+
+    def __init__(self, inner: Any, opened: list[str]):
+        self._inner = inner
+        self._opened = opened
+
+    def open_input_stream(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        self._opened.append(path)
+        return self._inner.open_input_stream(path, *args, **kwargs)
+
+    def open_input_file(self, path: str) -> Any:
+        self._opened.append(path)
+        return self._inner.open_input_file(path)
+
+
+def test_a_small_file_is_opened_once_and_a_large_one_streamed(tmp_path, monkeypatch):
+    """A file up to SMALL_FILE_BYTES is fetched with one request and read from memory (its header, rows and last
+    record used to take three opens: three GETs on object storage); a larger one is still streamed."""
+    from dativo_dagster.sources import csv as csv_module  # noqa: PLC0415
+
+    opened: list[str] = []
+    real = csv_module.filesystem_for
+
+    def counting(uri: str, s3: S3Settings) -> tuple[Any, str]:
+        fs, path = real(uri, s3)
+        return _CountingFileSystem(fs, opened), path
+
+    monkeypatch.setattr(csv_module, "filesystem_for", counting)
+    small = tmp_path / "small.csv"
+    small.write_text("id,name,city\n" + "".join(f"{i},n{i},\"c\n{i}\"\n" for i in range(200)))
+    large = tmp_path / "large.csv"
+    large.write_text("id,name,city\n" + "".join(f"{i},n{i},c{i}\n" for i in range(BLOCK_SIZE // 8)))
+    spec = AssetSpecModel.model_validate(base_spec(schema=[{"name": n, "type": "string"} for n in PEOPLE]))
+    loaded = LoadedSpec(spec=spec, path=tmp_path / "x.yaml", base_dir=tmp_path)
+    files = [SourceFile(uri=str(p), size=p.stat().st_size, version="1") for p in (small, large)]
+    reports: list[FileReport] = []
+    table = pa.Table.from_batches(list(iter_source_batches(files, loaded, S3Settings(), reports)))
+
+    assert opened.count(str(small)) == 1
+    assert opened.count(str(large)) >= 2  # header, then the streaming pass
+    rows = table.to_pylist()
+    assert [r["city"] for r in rows[:200]] == [f"c\n{i}" for i in range(200)]
+    assert [r[SOURCE_LINE] for r in rows[:3]] == [2, 4, 6]  # line numbers as from a streamed read
+    assert {r[SOURCE_FILE] for r in rows[:200]} == {str(small)}
+    assert [r.rows for r in reports] == [200, BLOCK_SIZE // 8]

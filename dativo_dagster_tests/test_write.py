@@ -338,7 +338,10 @@ def test_object_tags_are_few_and_tag_safe():
 
 
 def test_many_open_partitions_do_not_hold_file_handles(tmp_path, monkeypatch):
-    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 0)  # every partition writes a row group at once
+    # every partition opens its file and writes a row group at once
+    monkeypatch.setattr(write_module, "MIN_ROW_GROUP_BYTES", 0)
+    monkeypatch.setattr(write_module, "ROW_GROUP_MAX_BYTES", 0)
+    monkeypatch.setattr(write_module, "MAX_OPEN_WRITERS", 5000)
     writer = make_writer(tmp_path / "data", ["id"], 8 * MIB)
     table = realistic_table(writer, 1200, seed=1)
     table = table.set_column(0, "id", pa.array(np.arange(1200), pa.int64()))
@@ -467,3 +470,140 @@ def test_each_column_gets_the_encoding_that_suits_its_type_and_values(tmp_path):
     assert id_bytes < n // 100
     assert meta.row_group(0).column(0).statistics.min == 10_000
     assert pq.read_table(written.uri).select(table.column_names).to_pylist() == table.to_pylist()
+
+
+def interleaved_partitions(writer: PartitionedParquetWriter, n: int, partitions: int, seed: int) -> pa.Table:
+    """Rows whose ``cat`` cycles through ``partitions`` values row by row: every batch touches every partition."""
+    table = realistic_table(writer, n, seed=seed)
+    cats = pa.array([f"p{i % partitions:04d}" for i in range(n)])
+    return table.set_column(table.schema.get_field_index("cat"), writer.schema.field("cat"), cats)
+
+
+def write_watching(writer: PartitionedParquetWriter, table: pa.Table, batch_rows: int) -> tuple[list[WrittenFile], int,
+                                                                                                int]:
+    """Write ``table`` in batches; returns the files and the most rows buffered and files open after any batch."""
+    most_buffered = most_open = 0
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        writer.write(pa.Table.from_batches([batch]))
+        most_buffered = max(most_buffered, writer._buffered)
+        most_open = max(most_open, writer._open_writers)
+    return writer.close(), most_buffered, most_open
+
+
+def test_many_partitions_under_a_small_memory_cap_spill_and_end_in_one_file_each(tmp_path, monkeypatch):
+    """1,000 partitions, every batch touching all of them, under a 1 MiB buffer and 8 open files: the rows wait in
+    the spill file, memory and open files stay within the caps, and each partition ends in one file holding exactly
+    its rows, with its footer metadata (CONTRACT 4: a partition's only file may be any size)."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 1 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 256 * 1024)
+    monkeypatch.setattr(write_module, "MAX_OPEN_WRITERS", 8)
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    table = interleaved_partitions(writer, 200_000, 1_000, seed=11)
+    assert table.nbytes > 10 * MIB  # ten times the buffer
+    files, most_buffered, most_open = write_watching(writer, table, batch_rows=5_000)
+
+    groups = by_partition(files)
+    assert sorted(groups) == [f"cat=p{i:04d}" for i in range(1_000)]
+    assert all(len(group) == 1 for group in groups.values())
+    assert most_open <= 8
+    assert most_buffered <= 1 * MIB + 256 * 1024  # the budget, plus at most one split's worth before it is relieved
+    assert writer._spill.bytes_written > 5 * MIB  # the rows did go through the spill file
+    back = []
+    for f in files:
+        rows = pq.read_table(f.uri)
+        assert rows.num_rows == f.record_count == 200
+        assert set(rows.column("cat").to_pylist()) == {f.partition_path.removeprefix("cat=")}
+        metadata = pq.read_metadata(f.uri).metadata
+        assert metadata[b"dativo.partition"] == f.partition_path.encode()
+        assert metadata[b"dativo.record-count"] == b"200"
+        assert metadata[b"dativo.run-id"] == b"run-1"
+        back.append(rows)
+    everything = pa.concat_tables(back).sort_by("id")
+    assert everything.num_rows == table.num_rows
+    assert everything.column("id").equals(table.sort_by("id").column("id"))
+    assert everything.column("_source_file").to_pylist() == ["/data/people.csv"] * table.num_rows
+    assert writer._spill._fd is None  # the spill file is closed (it was unlinked when opened)
+
+
+def test_spilled_partitions_keep_the_size_rule(tmp_path, monkeypatch):
+    """Three large partitions under a buffer smaller than a row group and one open file at a time: the two
+    partitions that wait are written at the end, and every file but each partition's last is within the rule."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 2 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 512 * 1024)
+    monkeypatch.setattr(write_module, "MAX_OPEN_WRITERS", 1)
+    target = 1 * MIB
+    writer = make_writer(tmp_path / "data", ["cat"], target)
+    table = realistic_table(writer, 1_000_000, seed=12)
+    files, most_buffered, most_open = write_watching(writer, table, batch_rows=20_000)
+    assert writer._spill.bytes_written > table.nbytes / 5  # two of the three partitions waited there
+    assert most_open <= 1
+    assert most_buffered <= 2 * MIB + 512 * 1024
+    assert sorted(by_partition(files)) == ["cat=cat0", "cat=cat1", "cat=cat2"]
+    assert all(len(group) >= 3 for group in by_partition(files).values())
+    assert_size_rule(files, target)
+    rows = pa.concat_tables([pq.read_table(f.uri) for f in files])
+    assert rows.num_rows == table.num_rows == sum(f.record_count for f in files)
+    assert rows.sort_by("id").column("name").equals(table.sort_by("id").column("name"))
+
+
+def test_spilled_rows_keep_their_source_files(tmp_path, monkeypatch):
+    """The dictionary columns go to the spill file as indices: each row comes back with its own source file."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 64 * 1024)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 16 * 1024)
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    parts = []
+    for index in range(40):
+        part = realistic_table(writer, 500, seed=100 + index)
+        part = part.set_column(0, writer.schema.field("id"), pa.array(np.arange(500) + index * 500, pa.int64()))
+        source = pa.repeat(pa.scalar(f"/data/file-{index:02d}.csv"), 500)
+        parts.append(part.set_column(part.schema.get_field_index("_source_file"), "_source_file", source))
+    for part in parts:
+        writer.write(part)
+    files = writer.close()
+    assert writer._spill.bytes_written > 0
+    rows = pa.concat_tables([pq.read_table(f.uri) for f in files]).to_pylist()
+    assert len(rows) == 20_000
+    assert all(row["_source_file"] == f"/data/file-{row['id'] // 500:02d}.csv" for row in rows)
+    assert {row["_run_id"] for row in rows} == {"run-1"}
+
+
+def test_a_failed_stream_removes_spilled_and_written_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 256 * 1024)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 64 * 1024)
+    location = tmp_path / "data"
+    writer = make_writer(location, ["cat"], 1 * MIB)
+    table = interleaved_partitions(writer, 100_000, 300, seed=13)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield from table.to_batches(max_chunksize=10_000)
+        raise RuntimeError("validation stream broke")
+
+    with pytest.raises(RuntimeError, match="stream broke"):
+        write_batches(batches(), writer)
+    assert writer._spill.bytes_written > 0
+    assert [p for p in location.rglob("*") if p.is_file()] == []
+
+
+def test_split_by_source_gives_each_source_file_its_own_files_in_one_pass(tmp_path):
+    """catalog: none keeps each source file's rows in files of their own: 500 sources interleaved row by row in
+    one batch are grouped by one sort (not a filter over the batch per source), every row with its source."""
+    spec = make_spec(["cat"])
+    schema = iceberg_schema(spec.fields)
+    writer = PartitionedParquetWriter(
+        location=str(tmp_path / "data"), schema=arrow_schema(schema),
+        partitioner=Partitioner(partition_spec(spec, schema), schema), target_bytes=8 * MIB, file_prefix="p",
+        metadata={}, s3=S3Settings(), split_by_source=True,
+    )
+    n = 20_000
+    table = realistic_table(writer, n, seed=14)
+    sources = pa.array([f"/data/s{i % 500:03d}.csv" for i in range(n)])
+    table = table.set_column(table.schema.get_field_index("_source_file"), "_source_file", sources)
+    files = write_all(writer, table, batch_rows=n)
+    assert len(files) == 500 * 3  # every (partition, source) pair has a file of its own
+    seen = 0
+    for f in files:
+        rows = pq.read_table(f.uri)
+        assert set(rows.column("_source_file").to_pylist()) == set(f.sources) and len(f.sources) == 1
+        assert set(rows.column("cat").to_pylist()) == {f.partition_path.removeprefix("cat=")}
+        seen += rows.num_rows
+    assert seen == n
