@@ -7,11 +7,12 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dativo_dagster import commit as commit_module
 from dativo_dagster import rewrite as rewrite_module
-from dativo_dagster.merge import last_per_key, recorded_key
+from dativo_dagster.merge import MergeKeys, last_per_key, recorded_key
 from dativo_dagster.spec import parse_spec_document
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.table_checks import (
@@ -180,3 +181,233 @@ def test_a_valid_merge_spec_parses() -> None:
 
     assert problems == [] and parsed is not None
     assert parsed.target.delete_field == "deleted" and parsed.primary_key == ["id"]
+
+
+# ---- the table's recorded key -----------------------------------------------------------------------------------
+
+
+def test_merge_onto_a_table_created_in_append_mode_is_refused_until_an_overwrite_records_the_key(
+    project: Project,
+) -> None:
+    spec = merge_spec()
+    spec["target"] = {"partitioning": ["ingest_date"]}  # append, key marked but not recorded on a new append table
+    project.write_spec(spec)
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n2,b,false\n")
+    run(project)
+    assert recorded_key(project.table(TABLE)) == []
+    before = project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id
+
+    project.write_spec(merge_spec())
+    refused = project.materialize()
+
+    assert not refused.success
+    message = " ".join(failures(refused))
+    assert "holds rows but records no primary key" in message and "write_mode: overwrite" in message
+    assert project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id == before
+
+    overwrite = merge_spec()
+    overwrite["target"] = {"partitioning": ["ingest_date"], "write_mode": "overwrite"}
+    project.write_spec(overwrite)
+    run(project)
+    assert recorded_key(project.table(TABLE)) == ["id"]
+
+    project.write_spec(merge_spec())
+    project.write_data("people.csv", "id,name,deleted\n2,b2,false\n3,c,false\n")
+    run(project)
+    assert rows_by_id(project) == {1: "a", 2: "b2", 3: "c"}
+
+
+def test_merge_with_a_changed_key_is_refused_naming_the_fix(project: Project) -> None:
+    spec = merge_spec()
+    spec["schema"][1].update(required=True)
+    project.write_spec(spec)
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n")
+    run(project)
+
+    spec["schema"][0]["primary_key"] = False
+    spec["schema"][1]["primary_key"] = True
+    project.write_spec(spec)
+    result = project.materialize()
+
+    assert not result.success
+    message = " ".join(failures(result))
+    assert "primary key ['name'] differs from the key the table records ['id']" in message
+    assert "primary_key: true on id" in message and "write_mode: overwrite" in message
+    assert rows_by_id(project) == {1: "a"}
+
+
+# ---- only the files that can hold a key are read and rewritten -----------------------------------------------------
+
+
+def test_merge_touching_one_partition_leaves_the_other_partitions_files_alone(project: Project) -> None:
+    spec = merge_spec(partitioning=["region"])
+    spec["schema"].insert(0, {"name": "region", "type": "string", "required": True, "primary_key": True})
+    project.write_spec(spec)
+    project.write_data(
+        "people.csv",
+        "region,id,name,deleted\n" + "".join(f"{r},{i},{r}-{i},false\n" for r in ("eu", "us") for i in range(1, 51)),
+    )
+    run(project)
+    table = project.table(TABLE)
+    us_before = [f for f in data_files(table, BRANCH) if "/region=us/" in f]
+    eu_before = [f for f in data_files(table, BRANCH) if "/region=eu/" in f]
+    assert us_before and eu_before
+
+    project.write_data("people.csv", "region,id,name,deleted\neu,7,changed,false\neu,99,new,false\n")
+    result = run(project)
+
+    table = project.table(TABLE)
+    after = data_files(table, BRANCH)
+    assert [f for f in after if "/region=us/" in f] == us_before
+    assert not set(eu_before) & set(after)  # the eu file was rewritten without id 7
+    rows = branch_rows(table, BRANCH)
+    assert len(rows) == 101 and {(r["region"], r["id"], r["name"]) for r in rows} >= {("eu", 7, "changed"),
+                                                                                     ("eu", 99, "new"),
+                                                                                     ("us", 7, "us-7")}
+    # every file on the branch, the rewritten one included, was written by the project (CONTRACT 4)
+    run_id = result.run_id
+    rewritten = [f for f in after if "/region=eu/" in f and f not in eu_before]
+    for uri in rewritten:
+        keys = assert_written_by_project(table, uri, run_id=run_id)
+        assert keys["asset-name"] == "people" and keys["partition"] == "region=eu"
+
+
+def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.write_spec(merge_spec(partitioning=[]))
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(1, 101)))
+    run(project)
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1001, 1101)))
+    run(project)
+    read: list[str] = []
+
+    class SpyScan(rewrite_module.ArrowScan):  # the scans the merge's removal makes (not the unique_key check's)
+        def to_table(self, tasks: Any) -> Any:
+            read.extend(t.file.file_path for t in tasks)
+            return super().to_table(tasks)
+
+    monkeypatch.setattr(rewrite_module, "ArrowScan", SpyScan)
+    files_before = set(data_files(project.table(TABLE), BRANCH))
+    assert len(files_before) == 2
+
+    # ids 500 and 1050 lie within the second file's bounds only (its own range is 1001..1100): the first is not read
+    project.write_data("people.csv", "id,name,deleted\n1050,c-1050,false\n")
+    run(project)
+
+    rows = rows_by_id(project)
+    assert rows[1050] == "c-1050" and rows[1] == "a-1" and len(rows) == 200
+    first_run_file = [f for f in files_before if f in data_files(project.table(TABLE), BRANCH)]
+    assert len(first_run_file) == 1 and read and first_run_file[0] not in read
+
+
+# ---- exactly once ----------------------------------------------------------------------------------------------
+
+
+def test_merge_re_executed_with_the_same_run_id_does_not_apply_twice(project: Project) -> None:
+    project.write_spec(merge_spec())
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n2,b,false\n")
+    run(project)
+    project.write_data("people.csv", "id,name,deleted\n2,b2,false\n3,c,false\n")
+    instance = dg.DagsterInstance.ephemeral()
+    first = project.materialize(instance=instance)
+    assert first.success
+    head = project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id
+
+    # the same run's commit step once more (a retried step): the run id finds its commit, nothing is applied
+    # again, and the run's keys file (removed after the commit) is not even needed
+    table = project.table(TABLE)
+    again = commit_module.commit_files(
+        table, branch=BRANCH, files=[], partitioner=commit_module.Partitioner(table.spec(), table.schema()),
+        run_id=first.run_id, properties={},
+        merge=MergeKeys(str(project.root / "missing.parquet"), ("id",)),
+    )
+    assert again.already_committed and again.snapshot_id is not None
+    assert project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id == head
+    assert rows_by_id(project) == {1: "a", 2: "b2", 3: "c"}
+
+
+def test_concurrent_merges_of_overlapping_keys_both_land_exactly(project: Project) -> None:
+    project.write_spec(merge_spec())
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},v1-{i},false\n" for i in range(1, 21)))
+    run(project)
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},v2-{i},false\n" for i in range(10, 31)))
+
+    with commit_conflicts() as conflicts:
+        results = materialize_concurrently(project, 2, commit_together=True)
+
+    assert all(r.success for r in results), [failures(r) for r in results]
+    assert conflicts.lines, "the two commits did not race"
+    rows = rows_by_id(project)  # asserts each key occurs once
+    assert rows == {**{i: f"v1-{i}" for i in range(1, 10)}, **{i: f"v2-{i}" for i in range(10, 31)}}
+    assert all(check(r, "unique_key").passed for r in results)
+
+
+def test_merge_failing_mid_commit_leaves_the_table_unchanged(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    project.write_spec(merge_spec(partitioning=[]))
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n2,b,false\n3,c,false\n")
+    run(project)
+    table = project.table(TABLE)
+    head, files = table.snapshot_by_name(BRANCH).snapshot_id, data_files(table, BRANCH)
+    on_disk = {p for p in Path(table.location().removeprefix("file://"), "data").rglob("*.parquet")}
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError("catalog refused the write (injected)")
+
+    monkeypatch.setattr(commit_module, "_commit_once", broken)
+    project.write_data("people.csv", "id,name,deleted\n2,b2,false\n4,d,false\n")
+    result = project.materialize()
+
+    assert not result.success and "injected" in " ".join(failures(result))
+    table = project.table(TABLE)
+    assert table.snapshot_by_name(BRANCH).snapshot_id == head and data_files(table, BRANCH) == files
+    assert rows_by_id(project) == {1: "a", 2: "b", 3: "c"}
+    # the file the merge rewrote (1 and 3 without 2) was removed again; only the run's own files remain uncommitted
+    new = {p for p in Path(table.location().removeprefix("file://"), "data").rglob("*.parquet")} - on_disk
+    assert all(result.run_id[:8] in p.name for p in new)
+    assert sum(pq.read_metadata(p).num_rows for p in new) <= 2
+
+
+# ---- the unique_key check ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pii", [False, True])
+def test_unique_key_fails_on_a_branch_with_a_duplicate_key(project: Project, pii: bool) -> None:
+    spec = merge_spec()
+    spec["target"] = {"partitioning": ["ingest_date"]}  # append: loading the file twice repeats its keys
+    if pii:
+        spec["schema"][0]["classification"] = "PII"
+    project.write_spec(spec)
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n2,b,false\n")
+    first = run(project)
+    assert check(first, "unique_key").passed
+
+    project.write_data("people.csv", "id,name,deleted\n2,b,false\n3,c,false\n")
+    second = run(project)  # append: not blocking, the run succeeds
+
+    unique = check(second, "unique_key")
+    assert not unique.passed
+    assert unique.metadata["duplicate_keys"].value == 1 and unique.metadata["extra_rows"].value == 1
+    assert unique.metadata["rows_checked"].value == 4
+    if pii:
+        assert "withheld" in unique.metadata["examples"].value
+        assert "'2'" not in str(unique.metadata["examples"].value)
+    else:
+        assert unique.metadata["examples"].value == [{"id": "2", "count_all": "2"}]
+
+
+def test_unique_key_is_blocking_for_merge_and_absent_without_a_key(project: Project) -> None:
+    from dativo_dagster.assets import build_asset  # noqa: PLC0415
+    from dativo_dagster.spec import LoadedSpec  # noqa: PLC0415
+
+    def specs_of(spec: dict[str, Any]) -> dict[str, bool]:
+        parsed, problems = parse_spec_document(spec, "x.yaml")
+        assert parsed is not None, problems
+        asset = build_asset(LoadedSpec(spec=parsed, path=Path("x.yaml"), base_dir=Path(".")))
+        return {s.name: s.blocking for s in asset.check_specs}
+
+    assert specs_of(merge_spec())["unique_key"] is True
+    append = merge_spec()
+    append["target"] = {}
+    assert specs_of(append)["unique_key"] is False
+    assert "unique_key" not in specs_of(base_spec())
