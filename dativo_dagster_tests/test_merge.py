@@ -276,10 +276,11 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     project.write_spec(merge_spec(partitioning=[]))
-    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(1, 101)))
-    run(project)
-    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1001, 1101)))
-    run(project)
+    files: list[str] = []
+    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
+        run(project)
+        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     read: list[str] = []
 
     class SpyScan(rewrite_module.ArrowScan):  # the scans the merge's removal makes (not the unique_key check's)
@@ -288,17 +289,18 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
             return super().to_table(tasks)
 
     monkeypatch.setattr(rewrite_module, "ArrowScan", SpyScan)
-    files_before = set(data_files(project.table(TABLE), BRANCH))
-    assert len(files_before) == 2
 
-    # ids 500 and 1050 lie within the second file's bounds only (its own range is 1001..1100): the first is not read
-    project.write_data("people.csv", "id,name,deleted\n1050,c-1050,false\n")
+    # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
+    # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
+    changed = [*range(1, 126), *range(1001, 1126)]
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in changed))
     run(project)
 
     rows = rows_by_id(project)
-    assert rows[1050] == "c-1050" and rows[1] == "a-1" and len(rows) == 200
-    first_run_file = [f for f in files_before if f in data_files(project.table(TABLE), BRANCH)]
-    assert len(first_run_file) == 1 and read and first_run_file[0] not in read
+    assert len(rows) == 350 and rows[1] == "b-1" and rows[250] == "a-250" and rows[1125] == "b-1125"
+    assert sorted(set(read)) == sorted([files[0], files[2]])
+    assert files[1] in data_files(project.table(TABLE), BRANCH)  # untouched
+    assert files[0] not in data_files(project.table(TABLE), BRANCH)  # every row replaced: deleted whole
 
 
 # ---- exactly once ----------------------------------------------------------------------------------------------
