@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,22 @@ def test_unique_key_is_blocking_for_merge_and_absent_without_a_key(project: Proj
     append["target"] = {}
     assert specs_of(append)["unique_key"] is False
     assert "unique_key" not in specs_of(base_spec())
+
+
+def test_merge_with_file_modified_time_replaces_a_changed_files_rows_and_merges_keys(project: Project) -> None:
+    spec = merge_spec()
+    spec["source"] = {"type": "csv", "files": [{"path": "data/people/*.csv"}],
+                      "incremental": {"strategy": "file_modified_time"}}
+    project.write_spec(spec)
+    a = project.write_data("people/a.csv", "id,name,deleted\n1,a-1,false\n2,a-2,false\n")
+    project.write_data("people/b.csv", "id,name,deleted\n3,b-3,false\n")
+    run(project)
+
+    # a.csv changes: its earlier rows are replaced (2 is no longer in it), and its key 3 replaces b.csv's row
+    a.write_text("id,name,deleted\n1,a2-1,false\n3,a2-3,false\n")
+    os.utime(a, (a.stat().st_mtime + 5, a.stat().st_mtime + 5))
+    result = run(project)
+
+    assert rows_by_id(project) == {1: "a2-1", 3: "a2-3"}
+    assert materialization(result, "people")["replaced_sources"] == [str(a)]
+    assert materialization(project.materialize(), "people")["nothing_new"] is True

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from dativo_dagster.merge import recorded_key
-from dativo_dagster_tests.conftest import Project, base_spec
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.table_checks import assert_written_by_project, data_files, failures
 
 from .deployment import CONTRACT_METADATA_KEYS, CONTRACT_TAG_KEYS, branch_head, make_deployment, run, unique
 from .servers import PostgresCluster, SeaweedFS
+from .test_postgres_source import DB, PASSWORD, READER, db_spec, materialize, shop, url  # noqa: F401 - shop: fixture
 
 
 @pytest.mark.parametrize("kind", ["postgres", "rest"])
@@ -79,3 +80,38 @@ def test_merge_on_s3_with_a_real_catalog_upserts_deletes_and_keeps_contract_meta
     leftover = client.list_objects_v2(Bucket=keys_prefix[0], Prefix=f"{keys_prefix[1]}/_dativo_merge/")
     assert leftover.get("KeyCount", 0) == 0
     gc.collect()
+
+
+def test_merge_from_a_postgresql_source_needs_no_source_specific_code(shop: PostgresCluster, tmp_path: Path) -> None:
+    """A database table read in full every run, merged by its key: updated and deleted rows in the database become
+    updated and deleted keys on the branch (the delete flag is a column of the source)."""
+    conn = shop.connect(DB)
+    conn.autocommit = True
+    table_name = unique("customers_")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE sales.{table_name} (id integer PRIMARY KEY, name text, gone boolean DEFAULT false)")
+        cur.execute(f"INSERT INTO sales.{table_name} (id, name) SELECT i, 'v1-' || i FROM generate_series(1, 20) i")
+        cur.execute(f"GRANT SELECT ON sales.{table_name} TO {READER}")
+    project = Project(tmp_path / "project")
+    schema = [
+        {"name": "id", "type": "integer", "required": True, "primary_key": True},
+        {"name": "name", "type": "string"},
+        {"name": "gone", "type": "boolean"},
+    ]
+    project.write_spec(db_spec("customers", {"table": f"sales.{table_name}"}, schema=schema,
+                               target={"partitioning": [], "write_mode": "merge", "delete_field": "gone"}))
+    done = materialize(project, url(shop))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    with conn.cursor() as cur:
+        cur.execute(f"UPDATE sales.{table_name} SET name = 'v2-' || id WHERE id % 5 = 0")
+        cur.execute(f"UPDATE sales.{table_name} SET gone = true WHERE id IN (1, 2)")
+        cur.execute(f"INSERT INTO sales.{table_name} (id, name) VALUES (21, 'new-21')")
+    conn.close()
+    done = materialize(project, url(shop))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    rows = branch_rows(project.table("testdomain.customers"), "acme")
+    expected = {i: (f"v2-{i}" if i % 5 == 0 else f"v1-{i}") for i in range(3, 21)} | {21: "new-21"}
+    assert sorted((r["id"], r["name"]) for r in rows) == sorted(expected.items())
+    assert PASSWORD not in done.stdout + done.stderr
