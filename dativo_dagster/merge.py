@@ -309,7 +309,7 @@ class KeySelection:
             if not isinstance(self.schema.find_field(name).field_type, _FILTERABLE):
                 continue
             column = self.keys.column(name)
-            if not terms and pc.count_distinct(column).as_py() <= IN_LIMIT:
+            if not terms and self.keys.num_rows <= IN_LIMIT:  # the keys are distinct: so are at most as many values
                 terms.append(In(name, pc.unique(column).to_pylist()))
                 break
             bounds = pc.min_max(column).as_py()
@@ -340,10 +340,16 @@ class KeySelection:
         """Rows whose key is one of the run's keys (an Arrow hash join), or that came from a changed source."""
         names = self.keys.column_names
         rows = data.select(names)
-        indexed = rows.append_column(ROW, _row_index(data.num_rows))
-        keys = self.keys.cast(rows.schema)
-        hit = indexed.join(keys, keys=names, join_type="left semi", use_threads=False).column(ROW)
-        found = pc.is_in(indexed.column(ROW), value_set=hit.combine_chunks() if hit.num_chunks else pa.array([], pa.int64()))
+        if len(names) == 1:
+            # one key column: a hash set of the run's keys, probed by the column (less memory than a join)
+            column = rows.column(0)
+            found = pc.is_in(column, value_set=self.keys.column(0).cast(column.type).combine_chunks())
+        else:
+            indexed = rows.append_column(ROW, _row_index(data.num_rows))
+            keys = self.keys.cast(rows.schema)
+            hit = indexed.join(keys, keys=names, join_type="left semi", use_threads=False).column(ROW)
+            matched = hit.combine_chunks() if hit.num_chunks else pa.array([], pa.int64())
+            found = pc.is_in(indexed.column(ROW), value_set=matched)
         if self.sources:
             found = pc.or_(found, SourceSelection(self.sources).matches(data))
         return found

@@ -148,7 +148,7 @@ def remove_rows(
     scan = table.scan(snapshot_id=head.snapshot_id, row_filter=selection.row_filter())
     needed = ArrowScan(table.metadata, table.io, table.schema().select(*selection.columns()), AlwaysTrue())
     deleted: list[DataFile] = []
-    to_rewrite: list[FileScanTask] = []
+    to_rewrite: list[tuple[FileScanTask, pa.Array | pa.ChunkedArray]] = []  # with the rows that leave
     removed = 0
     # one file after the other: ArrowScan reads each on pyiceberg's shared pool already, and a read started from a
     # task of that pool (storage.map_per_object) could wait forever for a worker
@@ -156,14 +156,15 @@ def remove_rows(
         if not selection.might_hold(task.file):
             continue
         data = needed.to_table([task])
-        found = pc.sum(selection.matches(data)).as_py() or 0
+        leaving = selection.matches(data)
+        found = pc.sum(leaving).as_py() or 0
         if not found:
             continue  # the bounds could not rule it out, but it holds none of the selected rows
         deleted.append(task.file)
         removed += found
         if found < data.num_rows:
-            to_rewrite.append(task)
-    written = _write_survivors(table, to_rewrite, selection, new_writer) if to_rewrite else []
+            to_rewrite.append((task, leaving))
+    written = _write_survivors(table, to_rewrite, new_writer) if to_rewrite else []
     if deleted:
         log.info(
             "%s@%s: %d row(s) of %s leave %d data file(s), %d rewritten into %d",
@@ -173,19 +174,28 @@ def remove_rows(
 
 
 def _write_survivors(
-    table: Table, tasks: Sequence[FileScanTask], selection: RowSelection,
+    table: Table,
+    tasks: Sequence[tuple[FileScanTask, pa.Array | pa.ChunkedArray]],
     new_writer: Callable[[], PartitionedParquetWriter],
 ) -> list[WrittenFile]:
-    """Stream the rows of ``tasks`` that ``selection`` does not match into new files of the project's writer."""
+    """Stream the rows of each task's file that do not leave (``leaving``, computed once per file from the columns the
+    selection needs, in the file's row order) into new files of the project's writer."""
     writer = new_writer()
     scan = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue())
     try:
-        for task in tasks:
+        for task, leaving in tasks:
+            offset = 0
             for batch in scan.to_record_batches([task]):
-                data = pa.Table.from_batches([batch])
-                survivors = data.filter(pc.invert(selection.matches(data)))
+                keep = pc.invert(leaving.slice(offset, batch.num_rows))
+                offset += batch.num_rows
+                survivors = pa.Table.from_batches([batch]).filter(keep)
                 if survivors.num_rows:
                     writer.write(survivors.cast(writer.schema))
+            if offset != len(leaving):
+                raise ValueError(
+                    f"{task.file.file_path}: read {offset} row(s) to rewrite, but {len(leaving)} when planning;"
+                    " nothing was committed"
+                )
         return writer.close()
     except BaseException:
         writer.abort()
