@@ -15,12 +15,13 @@ commit is refused, removes the new files (:meth:`SourceRemoval.discard`) and pla
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, BooleanExpression, In
 from pyiceberg.io.pyarrow import ArrowScan
 from pyiceberg.manifest import DataFile
@@ -173,6 +174,28 @@ def remove_rows(
     return SourceRemoval(head.snapshot_id, sources, deleted, written, len(to_rewrite), removed, s3)
 
 
+BATCH_ROWS = 65_536
+
+
+def _file_batches(table: Table, task: FileScanTask, scan: ArrowScan) -> Iterator[pa.RecordBatch]:
+    """The rows of one data file in the table's columns, in file order, a batch at a time.
+
+    pyiceberg's scan reads far ahead (measured: about a whole 5M-row file, 1.2 GiB, before the first batch is used),
+    so a file that holds every table column under its field id and name and has no delete files (the project's own
+    files) is read with pyarrow's Parquet reader, one row group after the other; any other file through pyiceberg's
+    scan, which maps columns by field id and applies deletes.
+    """
+    if not task.delete_files:
+        columns = list(table.schema().fields)
+        with table.io.new_input(task.file.file_path).open() as stream:
+            parquet = pq.ParquetFile(stream)
+            ids = {f.name: (f.metadata or {}).get(b"PARQUET:field_id") for f in parquet.schema_arrow}
+            if all(ids.get(f.name) == str(f.field_id).encode() for f in columns):
+                yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=[f.name for f in columns])
+                return
+    yield from scan.to_record_batches([task])
+
+
 def _write_survivors(
     table: Table,
     tasks: Sequence[tuple[FileScanTask, pa.Array | pa.ChunkedArray]],
@@ -185,7 +208,7 @@ def _write_survivors(
     try:
         for task, leaving in tasks:
             offset = 0
-            for batch in scan.to_record_batches([task]):
+            for batch in _file_batches(table, task, scan):
                 keep = pc.invert(leaving.slice(offset, batch.num_rows))
                 offset += batch.num_rows
                 survivors = pa.Table.from_batches([batch]).filter(keep)

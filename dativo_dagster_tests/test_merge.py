@@ -433,3 +433,43 @@ def test_merge_with_file_modified_time_replaces_a_changed_files_rows_and_merges_
     assert rows_by_id(project) == {1: "a2-1", 3: "a2-3"}
     assert materialization(result, "people")["replaced_sources"] == [str(a)]
     assert materialization(project.materialize(), "people")["nothing_new"] is True
+
+
+def test_rewritten_files_are_streamed_by_pyarrow_unless_their_columns_differ_from_the_table(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The project's files are rewritten a row group at a time with pyarrow's reader (pyiceberg's scan reads about a
+    whole file ahead); a file that lacks a column the table gained since goes through pyiceberg's scan, which fills
+    the column with nulls."""
+    spec = merge_spec(partitioning=[])
+    project.write_spec(spec)
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(1, 11)))
+    run(project)
+    scanned: list[str] = []
+
+    class SpyScan(rewrite_module.ArrowScan):  # counts the batch scans of whole files (not the key-column reads)
+        reading_columns = False
+
+        def to_table(self, tasks: Any) -> Any:
+            self.reading_columns = True
+            return super().to_table(tasks)
+
+        def to_record_batches(self, tasks: Any) -> Any:
+            tasks = list(tasks)
+            if not self.reading_columns:
+                scanned.extend(t.file.file_path for t in tasks)
+            return super().to_record_batches(tasks)
+
+    monkeypatch.setattr(rewrite_module, "ArrowScan", SpyScan)
+    project.write_data("people.csv", "id,name,deleted\n1,b-1,false\n")
+    run(project)
+    assert scanned == [] and rows_by_id(project)[1] == "b-1" and len(rows_by_id(project)) == 10
+
+    spec["schema"].append({"name": "city", "type": "string"})
+    project.write_spec(spec)
+    project.write_data("people.csv", "id,name,deleted,city\n2,b-2,false,Oslo\n")
+    run(project)
+
+    assert len(scanned) == 1  # the file without `city`
+    rows = {r["id"]: (r["name"], r["city"]) for r in branch_rows(project.table(TABLE), BRANCH)}
+    assert rows[2] == ("b-2", "Oslo") and rows[3] == ("a-3", None) and rows[1] == ("b-1", None) and len(rows) == 10
