@@ -34,6 +34,7 @@ from dativo_dagster.io_managers import (
     TABLE_PATH_META,
     WAREHOUSE_META,
 )
+from dativo_dagster.merge import MergeBuffer, MergeKeys, duplicate_keys, ensure_key, keyed_schema, keys_uri
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
 from dativo_dagster.pipeline import (
     LOGGED_FILES,
@@ -67,6 +68,7 @@ TABLE_IO = "dativo_table_io"
 VALIDATION_CHECK = "validation"
 SCHEMA_DRIFT_CHECK = "schema_drift"
 RECONCILIATION_CHECK = "reconciliation"
+UNIQUE_KEY_CHECK = "unique_key"
 # a run that finds nothing new records its checks' last evaluations again, naming the run that made them
 CARRIED_FROM_META = "carried_from_run"
 CARRY_LOOKBACK = 20
@@ -113,6 +115,8 @@ class WriteResult(BaseModel):
     incremental: bool = False
     nothing_new: bool = False
     seconds: dict[str, float] = Field(default_factory=dict)  # busy time of each stage of the stream
+    merge_keys: str = ""  # write_mode: merge: the file of the keys the run brought (merge.MergeKeys)
+    rows_not_loaded: int = 0  # write_mode: merge: earlier rows of a key read again later in the run, and deletes
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -196,6 +200,18 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         SCHEMA_DRIFT_CHECK,
         asset=name,
         description="source columns that the spec lacks, and spec columns missing from the source files",
+    )
+    # a key on an Iceberg table: no key occurs twice on the branch (blocking for a merge, which promises it)
+    unique_key_spec = (
+        dg.AssetCheckSpec(
+            UNIQUE_KEY_CHECK,
+            asset=name,
+            description=f"no key ({', '.join(spec.primary_key)}) occurs twice on the branch, counted from its"
+            " committed data files",
+            blocking=spec.target.write_mode is WriteMode.MERGE,
+        )
+        if spec.primary_key and spec.target.catalog is CatalogKind.ICEBERG
+        else None
     )
     reconciliation_spec = dg.AssetCheckSpec(
         RECONCILIATION_CHECK,
@@ -333,6 +349,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         out={
             "result": dg.Out(CommitResult, io_manager_key=TABLE_IO),
             "reconciliation_check": dg.Out(dg.Nothing, is_required=False),
+            "unique_key_check": dg.Out(dg.Nothing, is_required=False),
         },
         retry_policy=policy,
         tags=op_tags,
@@ -358,6 +375,10 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             )
         else:
             yield _reconciliation_result(reconciliation_spec.key, written, result)
+        if unique_key_spec is not None:
+            carried = _carried_result(context, unique_key_spec.key) if written.nothing_new else None
+            with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
+                yield carried or _unique_key_result(unique_key_spec.key, loaded, dativo_catalog)
 
     @dg.graph_asset(
         name=name,
@@ -379,17 +400,18 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             "dativo/validation_mode": spec.schema_validation_mode.value,
             "dativo/write_mode": spec.target.write_mode.value,
         },
-        check_specs=[check_spec, drift_spec, reconciliation_spec],
+        check_specs=[check_spec, drift_spec, reconciliation_spec, *([unique_key_spec] if unique_key_spec else [])],
     )
     def asset():
         stream, extract_report = extract()
         validated, validation_check, drift_check = validate(stream, extract_report)
-        result, reconciliation_check = commit(write(validated, extract_report))
+        result, reconciliation_check, unique_key_check = commit(write(validated, extract_report))
         return {
             "result": result,
             check_spec.get_python_identifier(): validation_check,
             drift_spec.get_python_identifier(): drift_check,
             reconciliation_spec.get_python_identifier(): reconciliation_check,
+            **({unique_key_spec.get_python_identifier(): unique_key_check} if unique_key_spec else {}),
         }
 
     return asset
@@ -398,7 +420,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
 def is_incremental(loaded: LoadedSpec) -> bool:
     """Incremental specs read only new and changed files; ``overwrite`` always reads everything."""
     spec = loaded.spec
-    return spec.source.incremental is not None and spec.target.write_mode is WriteMode.APPEND
+    return spec.source.incremental is not None and spec.target.write_mode is not WriteMode.OVERWRITE
 
 
 def committed_sources(loaded: LoadedSpec, storage: StorageResource, catalog_resource: CatalogResource) -> dict[str, str]:
@@ -482,9 +504,11 @@ def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result
     """
     written_rows = sum(f.record_count for f in written.data_files)
     problems = []
-    if written.rows_read != written_rows + written.rows_rejected:
+    if written.rows_read != written_rows + written.rows_rejected + written.rows_not_loaded:
+        merged = f" + rows a merge did not load ({written.rows_not_loaded})" if written.rows_not_loaded else ""
         problems.append(
             f"rows read ({written.rows_read}) != rows written ({written_rows}) + rows rejected ({written.rows_rejected})"
+            + merged
         )
     metadata: dict[str, Any] = {
         "rows_read": written.rows_read,
@@ -492,6 +516,7 @@ def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result
         "rows_committed": written_rows,
         "rows_rejected": written.rows_rejected,
         "already_committed": result.already_committed,
+        **({"rows_not_loaded_by_merge": written.rows_not_loaded} if written.rows_not_loaded else {}),
     }
     counted = (result.records_added, result.records_removed, result.table_rows_before, result.table_rows_after)
     if None not in counted:
@@ -512,6 +537,33 @@ def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result
         passed=not problems,
         severity=dg.AssetCheckSeverity.ERROR,
         description="; ".join(problems) or None,
+        metadata=metadata,
+    )
+
+
+def _unique_key_result(key: dg.AssetCheckKey, loaded: LoadedSpec, catalog: CatalogResource) -> dg.AssetCheckResult:
+    """No key occurs twice at the head of the asset's branch, counted from its committed data files (only the key
+    columns are read). Examples of duplicated keys are shown unless a key field is PII."""
+    spec = loaded.spec
+    table = catalog.load_catalog().load_table(".".join(spec.table_identifier))
+    pii = any(f.is_pii for f in spec.fields if f.primary_key)
+    found = duplicate_keys(table, spec.branch, spec.primary_key, show_examples=not pii)
+    metadata: dict[str, Any] = {
+        "key": ", ".join(spec.primary_key),
+        "rows_checked": found.rows,
+        "duplicate_keys": found.duplicate_keys,
+        "extra_rows": found.extra_rows,
+    }
+    if found.duplicate_keys:
+        metadata["examples"] = (
+            dg.MetadataValue.json(found.examples) if not pii else "withheld: a key field is classified PII"
+        )
+    return dg.AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=not found.duplicate_keys,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{found.duplicate_keys} key(s) occur more than once on {spec.branch}" if found.duplicate_keys else None,
         metadata=metadata,
     )
 
@@ -596,7 +648,12 @@ def stream_sources(
         catalog = None
         if spec.target.catalog is CatalogKind.ICEBERG:
             catalog = catalog_resource.load_catalog()
+            merge = spec.target.write_mode is WriteMode.MERGE
+            if merge:
+                data_schema = keyed_schema(data_schema, spec.primary_key)  # a new table records its key
             table = _ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location, created)
+            if merge:
+                table = ensure_key(table, spec.primary_key)
             data_schema, location = table.schema(), table.location()
     settings = run_writer_settings(spec, branch=spec.branch, run_id=run_id, ingested_at=ingested_at, s3=s3)
     split_by_source = spec.target.catalog is CatalogKind.NONE and extract_report.incremental
@@ -620,13 +677,20 @@ def stream_sources(
             split_by_source=split_by_source,
         )
 
+    data_writer = settings.writer(
+        f"{location}/data",
+        arrow_schema(data_schema),
+        Partitioner(partition_spec(spec, data_schema), data_schema),
+        split_by_source=split_by_source,
+    )
+    if spec.target.write_mode is WriteMode.MERGE:
+        # the last row of each key, without the deletes, reaches the writer once the stream ends (merge.py)
+        data_writer = MergeBuffer(
+            data_writer, key=spec.primary_key, delete_field=spec.target.delete_field,
+            keys_uri=keys_uri(location, run_id), s3=s3,
+        )
     sinks = Sinks(
-        data=settings.writer(
-            f"{location}/data",
-            arrow_schema(data_schema),
-            Partitioner(partition_spec(spec, data_schema), data_schema),
-            split_by_source=split_by_source,
-        ),
+        data=data_writer,
         open_rejects=open_rejects,
         ingested_at=pa.scalar(ingested_at, pa.timestamp("us", tz="UTC")),
         run_id=run_id,
@@ -647,6 +711,11 @@ def stream_sources(
         raise to_failure(exc.error, loaded, exc.stage, secrets) from None
     if outcome.strict_failed or outcome.write_error is not None:
         _drop_created(created, s3)
+    elif isinstance(data_writer, MergeBuffer) and data_writer.outcome is not None:
+        outcome.merge_keys = data_writer.keys_uri if data_writer.outcome.keys else ""
+        outcome.rows_not_loaded = data_writer.outcome.rows_not_loaded
+        if not data_writer.outcome.keys:
+            MergeKeys(data_writer.keys_uri, tuple(spec.primary_key), s3).remove()
     return outcome
 
 
@@ -719,6 +788,8 @@ def _write_result(outcome: PipelineOutcome, extract_report: "ExtractReport") -> 
         incremental=extract_report.incremental,
         nothing_new=extract_report.nothing_new,
         seconds=outcome.seconds,
+        merge_keys=outcome.merge_keys,
+        rows_not_loaded=outcome.rows_not_loaded,
     )
 
 
@@ -841,6 +912,7 @@ def _commit(
         )
         if reject_result.rows:
             context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
+    merge = MergeKeys(written.merge_keys, tuple(spec.primary_key), storage.s3_settings()) if written.merge_keys else None
     result = commit_files(
         table,
         branch=spec.branch,
@@ -854,7 +926,13 @@ def _commit(
         record_sources=written.incremental,
         writer=writer,
         publish=spec.target.publish,  # the data table only: the quarantine table stays on the branch (CONTRACT 9)
+        merge=merge,
     )
+    if merge is not None:
+        merge.remove()  # committed (or committed before): the keys are not needed again
+    if overwrite and spec.primary_key:
+        # the overwrite replaced every row: the table records the spec's key from now on (a merge may follow)
+        ensure_key(catalog.load_table(".".join(spec.table_identifier)), spec.primary_key, overwrite=True)
     if written.nothing_new:
         result = result.model_copy(update={"nothing_new": True})
     if result.replaced_sources:

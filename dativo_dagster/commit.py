@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 from pyiceberg.catalog import Catalog
@@ -36,8 +37,9 @@ from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, TerminalError, is_transient
+from dativo_dagster.merge import KeySelection, MergeKeys
 from dativo_dagster.publish import fast_forward_main, main_before_publish, publish_to_main
-from dativo_dagster.rewrite import SourceRemoval, remove_sources
+from dativo_dagster.rewrite import SourceRemoval, remove_rows, remove_sources
 from dativo_dagster.storage import S3Settings, map_per_object
 from dativo_dagster.table_schema import Partitioner, arrow_schema
 from dativo_dagster.table_state import (
@@ -378,6 +380,7 @@ def commit_files(
     record_sources: bool = False,
     writer: WriterSettings | None = None,
     publish: bool = False,
+    merge: MergeKeys | None = None,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
 
@@ -387,7 +390,9 @@ def commit_files(
     only such rows are deleted, files that mix them with other sources' rows are rewritten with ``writer`` (the run's
     writer settings, so the new files keep CONTRACT 4; see ``rewrite.py``). With
     ``record_sources`` a run whose sources brought no row at all (empty files, every row quarantined)
-    still commits an empty snapshot recording their versions, so that later runs do not read them again.
+    still commits an empty snapshot recording their versions, so that later runs do not read them again. With
+    ``merge`` (``write_mode: merge``) the rows of the branch whose key the run brought are taken away in the same
+    commit (``merge.KeySelection``, rewriting shared files like ``replace_sources``), so every key occurs once.
 
     Each commit also writes the branch's state before it (source files held, runs committed) to a small file
     that its summary names (see ``table_state``), so the next commit and the next run read the state from the
@@ -420,7 +425,8 @@ def commit_files(
     last_error: Exception | None = None
     table = _own_properties(table)
     plan = functools.partial(_plan, branch=branch, run_id=run_id, files=files, sources=sources, overwrite=overwrite,
-                             replace_sources=replace_sources, record_sources=record_sources)
+                             replace_sources=replace_sources, record_sources=record_sources, merging=merge is not None)
+    merge_keys: pa.Table | None = None
     for attempt in range(COMMIT_ATTEMPTS):
         if attempt:
             time.sleep(random.uniform(*COMMIT_BACKOFF_SECONDS) * min(attempt, 5) / 5)
@@ -450,7 +456,9 @@ def commit_files(
             if data_files is None:
                 data_files = _data_files(table, files, partitioner, run_id)
             # the rows the replaced sources brought, taken off this head (rewriting files they share with others)
-            removal = _remove_sources(table, branch, decided.replaced, partitioner, writer)
+            if merge is not None and merge_keys is None:
+                merge_keys = merge.read()
+            removal = _remove_sources(table, branch, decided.replaced, partitioner, writer, merge_keys)
             replacement = None
             if removal is not None:
                 replacement = (removal.deleted, _data_files(table, removal.written, partitioner, run_id))
@@ -518,6 +526,7 @@ def _plan(
     overwrite: bool,
     replace_sources: bool,
     record_sources: bool,
+    merging: bool = False,
 ) -> _Plan:
     state = read_branch_state(table, branch)
     previous = find_run_commit(table, branch, run_id, state)
@@ -528,7 +537,7 @@ def _plan(
         # a source read at a version the branch does not hold yet must be recorded even when it
         # brought no row (empty, or every row quarantined), or every later run reads it again
         unrecorded = record_sources and any(state.sources.get(uri) != version for uri, version in sources.items())
-    needed = previous is None and bool(files or overwrite or replaced or unrecorded)
+    needed = previous is None and bool(files or overwrite or replaced or unrecorded or merging)
     return _Plan(state, previous, replaced, needed)
 
 
@@ -578,10 +587,12 @@ def _without_pyiceberg_retries(table: Table) -> Table:
 
 
 def _remove_sources(
-    table: Table, branch: str, replaced: Sequence[str], partitioner: Partitioner, writer: WriterSettings | None
+    table: Table, branch: str, replaced: Sequence[str], partitioner: Partitioner, writer: WriterSettings | None,
+    merge_keys: pa.Table | None = None,
 ) -> SourceRemoval | None:
-    """The replaced sources' rows taken off the head of ``branch`` (``rewrite.remove_sources``), or None."""
-    if not replaced:
+    """The replaced sources' rows, and the rows with a merge's keys, taken off the head of ``branch``
+    (``rewrite.remove_rows``), or None."""
+    if not replaced and merge_keys is None:
         return None
 
     def new_writer() -> PartitionedParquetWriter:
@@ -592,7 +603,11 @@ def _remove_sources(
             )
         return writer.writer(f"{table.location().rstrip('/')}/data", arrow_schema(table.schema()), partitioner)
 
-    return remove_sources(table, branch, replaced, new_writer, writer.s3 if writer is not None else S3Settings())
+    s3 = writer.s3 if writer is not None else S3Settings()
+    if merge_keys is not None:
+        selection = KeySelection(merge_keys, table.schema(), sorted(set(replaced)))
+        return remove_rows(table, branch, selection, new_writer, s3)
+    return remove_sources(table, branch, replaced, new_writer, s3)
 
 
 def _discard(removal: SourceRemoval | None) -> None:

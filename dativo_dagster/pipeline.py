@@ -35,6 +35,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from dativo_dagster.errors import DativoError, redact
+from dativo_dagster.merge import MergeBuffer
 from dativo_dagster.sources import FileReport, Source, SourceFile, source_for
 from dativo_dagster.spec import LoadedSpec, ValidationMode
 from dativo_dagster.storage import S3Settings
@@ -84,6 +85,8 @@ class PipelineOutcome(BaseModel):
     rejects_location: str = ""
     write_error: StageError | None = None
     strict_failed: bool = False  # strict mode and a row was rejected: nothing was written
+    merge_keys: str = ""  # write_mode: merge: the file of the keys the run read (merge.MergeBuffer)
+    rows_not_loaded: int = 0  # write_mode: merge: rows read but superseded by a later row of their key, or deletes
     seconds: dict[str, float] = Field(default_factory=dict)  # busy time per stage and the wall time
 
     @property
@@ -104,7 +107,7 @@ class StageFailure(Exception):  # noqa: N818 - carries another stage's exception
 class Sinks:
     """Where the write stage puts rows: the data writer, and the quarantine writer made on first use."""
 
-    data: PartitionedParquetWriter
+    data: PartitionedParquetWriter | MergeBuffer
     open_rejects: Callable[[], PartitionedParquetWriter]
     ingested_at: pa.Scalar
     run_id: str

@@ -100,6 +100,7 @@ class WriteMode(str, enum.Enum):
 
     APPEND = "append"
     OVERWRITE = "overwrite"
+    MERGE = "merge"  # by primary key: a row replaces the row with its key, or adds a new key (CONTRACT 8)
 
 
 class CatalogKind(str, enum.Enum):
@@ -440,6 +441,8 @@ class TargetSpec(_Model):
     partitioning: list[Annotated[str, AfterValidator(_partition_entry)]] = Field(default_factory=list)
     parquet_target_size_mb: float = Field(default=128, gt=0, le=4096, strict=True)
     write_mode: WriteMode = WriteMode.APPEND
+    # merge only: a boolean field whose true value removes the row's key from the table (the row is not loaded)
+    delete_field: str | None = Field(default=None, min_length=1)
     # write-audit-publish (CONTRACT 9): each run's commit also moves main to the branch's new head, in one catalog
     # commit (publish.publish_to_main)
     publish: bool = Field(default=False, strict=True)
@@ -535,7 +538,7 @@ class AssetSpecModel(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> AssetSpecModel:
-        problems = [*self._column_problems(), *self._partition_problems()]
+        problems = [*self._column_problems(), *self._partition_problems(), *self._merge_problems()]
         if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
         problems.extend(self._publish_problems())
@@ -582,6 +585,51 @@ class AssetSpecModel(_Model):
                 )
                 problems.append((f"schema[{index}].name", message))
             first.setdefault(key, index)
+        return problems
+
+    def _merge_problems(self) -> list[tuple[str, str]]:
+        """``write_mode: merge`` needs a key and an Iceberg table; ``delete_field`` is a boolean field, merge only."""
+        problems = []
+        target = self.target
+        merge = target.write_mode is WriteMode.MERGE
+        if merge and not self.primary_key:
+            problems.append((
+                "target.write_mode",
+                "merge needs a primary key: mark the key field(s) in schema with primary_key: true (and required: true)",
+            ))
+        if merge and target.catalog is CatalogKind.NONE:
+            problems.append((
+                "target.write_mode",
+                "merge needs catalog: iceberg (it rewrites and deletes files in one atomic commit); use append or"
+                " overwrite with catalog: none",
+            ))
+        for index, field in enumerate(self.schema_):
+            if merge and field.primary_key and field.type.kind is TypeKind.FLOAT:
+                problems.append((
+                    f"schema[{index}].primary_key",
+                    f"a float/double field ({field.name!r}) cannot be a key of a merge (Iceberg refuses it as an"
+                    " identifier field, and equal-looking values may differ); use an integer, string or decimal key",
+                ))
+        if target.delete_field is not None:
+            kinds = {f.name: f.type.kind for f in self.schema_}
+            if not merge:
+                problems.append((
+                    "target.delete_field",
+                    f"only allowed with write_mode: merge (this spec has write_mode: {target.write_mode.value})",
+                ))
+            elif target.delete_field not in kinds:
+                known = ", ".join(f.name for f in self.schema_ if f.type.kind is TypeKind.BOOLEAN) or "none"
+                problems.append((
+                    "target.delete_field",
+                    f"unknown field {target.delete_field!r}; expected a boolean schema field (boolean fields: {known})",
+                ))
+            elif kinds[target.delete_field] is not TypeKind.BOOLEAN:
+                problems.append((
+                    "target.delete_field",
+                    f"field {target.delete_field!r} is {kinds[target.delete_field].value}; expected a boolean field",
+                ))
+            elif target.delete_field in self.primary_key:
+                problems.append(("target.delete_field", f"{target.delete_field!r} is a key field; use another field"))
         return problems
 
     def _partition_problems(self) -> list[tuple[str, str]]:

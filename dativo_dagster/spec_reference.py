@@ -93,7 +93,7 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "schema": (
         "The columns, in table order (at least one). Names are unique ignoring case and must not be a system"
         " column (`_ingested_at`, `_source_file`, `_run_id`, `_reject_reason`, `_source_line`, `_raw_record`).",
-        "[{name: id, type: integer, required: true}]",
+        "[{name: id, type: integer, required: true, primary_key: true}, {name: Deleted, type: boolean}]",
     ),
     "schema[].name": (
         "Column name as in the file's header (exact match first, else case-insensitive) and in the table;"
@@ -171,7 +171,7 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         '["", "NULL", "n/a"]',
     ),
     "source.incremental": (
-        "Read only new and changed files (with `write_mode: append`); omit it to read every file on every run."
+        "Read only new and changed files (with `write_mode: append` or `merge`); omit it to read every file on every run."
         " Not supported yet for postgres and mysql (a spec error).",
         "{strategy: file_modified_time, lookback_days: 7}",
     ),
@@ -240,8 +240,18 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "256",
     ),
     "target.write_mode": (
-        "`append`: each run adds its rows; `overwrite`: each run replaces the whole table.",
-        "overwrite",
+        "`append`: each run adds its rows; `overwrite`: each run replaces the whole table (and records the spec's"
+        " primary key on it, if any); `merge`: by the primary key (`primary_key: true` fields; Iceberg only), a row"
+        " replaces the branch's row with its key or adds a new key, the last row read for a key wins within a run,"
+        " and after the run every key occurs once. The table records its key (Iceberg identifier fields): a merge"
+        " onto a table that holds rows under no key (made by an append) or another key is refused; run once with"
+        " `overwrite` to record the key, then merge.",
+        "merge",
+    ),
+    "target.delete_field": (
+        "With `write_mode: merge` only: a boolean field; a row whose value is true removes its key from the table"
+        " and is not loaded (the last row read for a key decides).",
+        "Deleted",
     ),
     "schema_validation_mode": (
         "`strict`: any invalid row fails the run and nothing is committed; `warn`: valid rows are committed and"
@@ -313,6 +323,7 @@ schema:
   - {name: Rate, type: "decimal(10,4)"}
   - {name: Born, type: date, format: "%d/%m/%Y"}
   - {name: ModifiedDate, type: timestamp, required: true}
+  - {name: Deleted, type: boolean}
 
 source:
   type: csv
@@ -328,7 +339,8 @@ target:
   publish: false                       # true: every run also lands on main, in the same commit
   partitioning: [ingest_date]
   parquet_target_size_mb: 128
-  write_mode: append
+  write_mode: merge                    # append | overwrite | merge (by the primary key)
+  delete_field: Deleted                # merge only: true removes the key
 
 schema_validation_mode: strict
 retry_config: {max_retries: 3, retry_delay_seconds: 5, backoff: exponential, retryable_errors: []}
