@@ -18,7 +18,7 @@ from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
-from dativo_dagster.errors import StorageError, is_transient
+from dativo_dagster.errors import DuplicateKeysError, StorageError, is_transient
 from dativo_dagster.sources import SourceFile, source_for
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
@@ -34,7 +34,15 @@ from dativo_dagster.io_managers import (
     TABLE_PATH_META,
     WAREHOUSE_META,
 )
-from dativo_dagster.merge import MergeBuffer, MergeKeys, duplicate_keys, ensure_key, keyed_schema, keys_uri
+from dativo_dagster.merge import (
+    DuplicateKeys,
+    MergeBuffer,
+    MergeKeys,
+    duplicate_keys,
+    ensure_key,
+    keyed_schema,
+    keys_uri,
+)
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
 from dativo_dagster.pipeline import (
     LOGGED_FILES,
@@ -363,8 +371,17 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     ):
         secrets = _secrets(dativo_storage, dativo_catalog)
         started = time.perf_counter()
+        refused: DuplicateKeysError | None = None
         with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
-            result = _commit(context, loaded, written, dativo_storage, dativo_catalog)
+            try:
+                result = _commit(context, loaded, written, dativo_storage, dativo_catalog)
+            except DuplicateKeysError as exc:
+                refused = exc  # a merge's staged snapshot failed unique_key: nothing was committed or published
+        if refused is not None:
+            if unique_key_spec is not None:
+                yield _unique_key_check(unique_key_spec.key, loaded, refused.found)
+            with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
+                raise refused
         dativo_staging.remove_steps(context.run_id, f"{name}.")
         metadata = _materialization_metadata(loaded, written, result, dativo_catalog)
         metadata["commit_seconds"] = round(time.perf_counter() - started, 3)
@@ -377,6 +394,9 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             yield _reconciliation_result(reconciliation_spec.key, written, result)
         if unique_key_spec is not None:
             carried = _carried_result(context, unique_key_spec.key) if written.nothing_new else None
+            if carried is None and result.unique_key is not None:
+                # a merge's commit counted the keys of its staged snapshot (the committed files) before committing
+                carried = _unique_key_check(unique_key_spec.key, loaded, DuplicateKeys(**result.unique_key))
             with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
                 yield carried or _unique_key_result(unique_key_spec.key, loaded, dativo_catalog)
 
@@ -547,7 +567,13 @@ def _unique_key_result(key: dg.AssetCheckKey, loaded: LoadedSpec, catalog: Catal
     spec = loaded.spec
     table = catalog.load_catalog().load_table(".".join(spec.table_identifier))
     pii = any(f.is_pii for f in spec.fields if f.primary_key)
-    found = duplicate_keys(table, spec.branch, spec.primary_key, show_examples=not pii)
+    return _unique_key_check(key, loaded, duplicate_keys(table, spec.branch, spec.primary_key, show_examples=not pii))
+
+
+def _unique_key_check(key: dg.AssetCheckKey, loaded: LoadedSpec, found: DuplicateKeys) -> dg.AssetCheckResult:
+    """The ``unique_key`` result for counts taken from the branch's data files (examples withheld for PII keys)."""
+    spec = loaded.spec
+    pii = any(f.is_pii for f in spec.fields if f.primary_key)
     metadata: dict[str, Any] = {
         "key": ", ".join(spec.primary_key),
         "rows_checked": found.rows,
@@ -927,6 +953,8 @@ def _commit(
         writer=writer,
         publish=spec.target.publish,  # the data table only: the quarantine table stays on the branch (CONTRACT 9)
         merge=merge,
+        # a merge promises one row per key: counted on the staged snapshot, so a failure commits and publishes nothing
+        unique_key=spec.primary_key if spec.target.write_mode is WriteMode.MERGE else None,
     )
     if merge is not None:
         merge.remove()  # committed (or committed before): the keys are not needed again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -31,13 +32,13 @@ from pyiceberg.io.pyarrow import (
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table
+from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
-from dativo_dagster.errors import CommitError, TerminalError, is_transient
-from dativo_dagster.merge import KeySelection, MergeKeys
+from dativo_dagster.errors import CommitError, DuplicateKeysError, TerminalError, is_transient
+from dativo_dagster.merge import DuplicateKeys, KeySelection, MergeKeys, duplicate_keys
 from dativo_dagster.publish import fast_forward_main, main_before_publish, publish_to_main
 from dativo_dagster.rewrite import SourceRemoval, remove_rows, remove_sources
 from dativo_dagster.storage import S3Settings, map_per_object
@@ -108,6 +109,8 @@ class CommitResult(BaseModel):
     table_rows_after: int | None = None  # rows at its own newest snapshot
     overwrite: bool = False  # the commit replaced every row of the branch
     main_snapshot_id: int | None = None  # publish: main's head after the commit (the branch's head, CONTRACT 9)
+    # merge: the key counts of the committed snapshot's data files, taken before the catalog commit (unique_key)
+    unique_key: dict[str, Any] | None = None
 
 
 def ensure_table(
@@ -381,6 +384,7 @@ def commit_files(
     writer: WriterSettings | None = None,
     publish: bool = False,
     merge: MergeKeys | None = None,
+    unique_key: Sequence[str] | None = None,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
 
@@ -404,6 +408,10 @@ def commit_files(
 
     With ``publish`` the same catalog commit also moves ``main`` to the branch's new head (``publish.py``), each ref
     required to be where this attempt found it; a run with nothing to commit still brings ``main`` up to the branch.
+
+    With ``unique_key`` (a merge: its blocking ``unique_key`` check) the key columns of the data files the commit
+    would leave on the branch are counted on the transaction's staged snapshot, before the catalog commit: a key
+    found twice fails the run with nothing committed or published (``DuplicateKeysError``); the counts are returned.
 
     Raises:
         CommitError: the catalog refused the commit (transient; the caller may retry).
@@ -470,8 +478,12 @@ def commit_files(
             properties_now = {**snapshot_properties, **({STATE_FILE_KEY: state_file} if state_file is not None else {})}
             if state_file is not None and own_sources:
                 properties_now.pop(SOURCE_STATE_KEY)
-            _commit_once(table, branch, data_files, properties_now, overwrite, replacement,
-                         publish=publish, main_before=main_before)
+            checked = _commit_once(table, branch, data_files, properties_now, overwrite, replacement,
+                                   publish=publish, main_before=main_before, unique_key=unique_key)
+        except DuplicateKeysError:
+            _discard(removal)  # never committed: nothing names the rewritten files or the state file
+            delete_state_file(table, state_file)
+            raise
         except CommitStateUnknownException as exc:
             last_error = exc  # the commit may have landed, naming the state file and the rewritten files: keep them
         except (CommitFailedException, ValueError) as exc:
@@ -497,7 +509,8 @@ def commit_files(
             return result.model_copy(
                 update={"snapshot_id": head.snapshot_id if head else None, "metadata_location": table.metadata_location,
                         "table_rows": branch_row_count(table, branch), "replaced_sources": decided.replaced,
-                        **(counts.as_update() if counts is not None else {}), **_published(table, publish)}
+                        **(counts.as_update() if counts is not None else {}), **_published(table, publish),
+                        "unique_key": dataclasses.asdict(checked) if checked is not None else None}
             )
         # the text only: a log record holding the exception keeps its frames (tables, catalog connections)
         # alive for as long as any handler keeps the record
@@ -631,10 +644,15 @@ def _commit_once(
     *,
     publish: bool = False,
     main_before: int | None = None,
-) -> None:
+    unique_key: Sequence[str] | None = None,
+) -> DuplicateKeys | None:
     """One transaction, one new metadata version: everything deleted (overwrite), or the replaced sources' files
     exchanged for their survivors' (``replacement``: files to delete, files to add), then the append; with
-    ``publish``, ``main`` moves from ``main_before`` to the branch's new head in the same catalog commit."""
+    ``publish``, ``main`` moves from ``main_before`` to the branch's new head in the same catalog commit.
+
+    With ``unique_key`` the staged snapshot's keys are counted before the catalog commit (returned); a key found
+    twice raises ``DuplicateKeysError`` and the transaction is not committed."""
+    checked: DuplicateKeys | None = None
     properties = dict(snapshot_properties)
     with _without_pyiceberg_retries(table).transaction() as tx:
         if overwrite:
@@ -656,8 +674,21 @@ def _commit_once(
             with tx.update_snapshot(snapshot_properties=properties, branch=branch).merge_append() as append:
                 for data_file in data_files:
                     append.append_data_file(data_file)
+        if unique_key:
+            checked = _staged_unique_key(table, tx, branch, unique_key)
         if publish:
             publish_to_main(tx, branch, main_before)
+    return checked
+
+
+def _staged_unique_key(table: Table, tx: Transaction, branch: str, key: Sequence[str]) -> DuplicateKeys:
+    """Count the keys of the snapshot ``tx`` has staged for ``branch`` (its manifests are written already): the data
+    files this commit would leave on the branch. Raises ``DuplicateKeysError`` when a key occurs twice."""
+    staged = Table(table.name(), tx.table_metadata, table.metadata_location, table.io, table.catalog)
+    found = duplicate_keys(staged, branch, key)  # examples stay out of the message (a key may be PII)
+    if found.duplicate_keys:
+        raise DuplicateKeysError(table=".".join(table.name()), branch=branch, key=list(key), found=found)
+    return found
 
 
 def source_state_json(state: Mapping[str, str]) -> str:

@@ -104,6 +104,22 @@ class MainDivergedError(TerminalError):
         )
 
 
+class DuplicateKeysError(TerminalError):
+    """A merge's commit, evaluated on its staged snapshot before the catalog commit, would leave a key more than once
+    on the branch (the blocking ``unique_key`` check): nothing is committed or published. ``found`` holds the counts
+    (``merge.DuplicateKeys``); examples never appear in the message (a key may be PII)."""
+
+    def __init__(self, *, table: str, branch: str, key: list[str], found: object):
+        self.found = found
+        duplicated = getattr(found, "duplicate_keys", 0)
+        super().__init__(
+            f"{table}@{branch}: the merge would leave {duplicated} key(s) ({', '.join(key)}) more than once on the"
+            f" branch, so nothing was committed (the unique_key check's metadata lists examples). The branch held"
+            " them before this run (rows written by another writer, or before the key was recorded): remove the"
+            " duplicates, or run once with write_mode: overwrite, then merge again"
+        )
+
+
 class StorageError(TransientError):
     """The object store could not be reached."""
 

@@ -399,6 +399,37 @@ def test_unique_key_fails_on_a_branch_with_a_duplicate_key(project: Project, pii
         assert unique.metadata["examples"].value == [{"id": "2", "count_all": "2"}]
 
 
+def test_a_merge_onto_a_branch_holding_a_duplicate_key_commits_and_publishes_nothing(project: Project) -> None:
+    """The blocking unique_key check of a merge is counted on the staged snapshot before the catalog commit: when
+    the branch already holds a key twice (another writer appended a row), the run fails, nothing lands on the branch
+    or on main, and the check records the failure with its counts."""
+    project.write_spec(merge_spec(publish=True))
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n2,b,false\n")
+    first = run(project)
+    assert check(first, "unique_key").passed and check(first, "unique_key").metadata["rows_checked"].value == 2
+    table = project.table(TABLE)
+    head = table.snapshot_by_name(BRANCH)
+    twice = table.scan(snapshot_id=head.snapshot_id).to_arrow().filter(pa.compute.equal(pa.compute.field("id"), 2))
+    table.append(twice, branch=BRANCH)  # another writer repeats key 2 on the branch
+    table = table.refresh()
+    branch_before, main_before = table.snapshot_by_name(BRANCH).snapshot_id, table.snapshot_by_name("main").snapshot_id
+
+    project.write_data("people.csv", "id,name,deleted\n3,c,false\n")
+    result = project.materialize()
+
+    assert not result.success
+    assert "would leave 1 key(s) (id) more than once" in " ".join(failures(result))
+    unique = check(result, "unique_key")
+    assert not unique.passed
+    assert unique.metadata["duplicate_keys"].value == 1 and unique.metadata["extra_rows"].value == 1
+    assert unique.metadata["examples"].value == [{"id": "2", "count_all": "2"}]
+    table = table.refresh()
+    assert table.snapshot_by_name(BRANCH).snapshot_id == branch_before
+    assert table.snapshot_by_name("main").snapshot_id == main_before
+    assert sorted(r["id"] for r in branch_rows(table, BRANCH)) == [1, 2, 2]
+    assert 3 not in [r["id"] for r in branch_rows(table, "main")]
+
+
 def test_unique_key_is_blocking_for_merge_and_absent_without_a_key(project: Project) -> None:
     from dativo_dagster.assets import build_asset  # noqa: PLC0415
     from dativo_dagster.spec import LoadedSpec  # noqa: PLC0415

@@ -334,7 +334,8 @@ def test_every_blocking_check_is_evaluated_before_the_publishing_commit(mode: st
     """main must never show rows that a blocking check rejected: each blocking check of a publishing asset comes out of
     a step upstream of the commit step, so its failure stops the run before anything is committed or published. A
     blocking check added later that reads the committed table would have to be evaluated inside the commit (on the
-    transaction's staged state) instead; this test names such a check."""
+    transaction's staged state) instead, as merge's unique_key is (test_merge.py::
+    test_a_merge_onto_a_branch_holding_a_duplicate_key_commits_and_publishes_nothing); this test names such a check."""
     spec = AssetSpecModel.model_validate(published_spec(schema_validation_mode=mode))
     asset = build_asset(LoadedSpec(spec=spec, path=Path("/p/asset_specs/people.yaml"), base_dir=Path("/p")))
     graph = asset.node_def
