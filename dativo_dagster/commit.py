@@ -504,8 +504,9 @@ def _plan(
     unrecorded = False
     if replace_sources and sources and not overwrite:
         replaced = sorted(uri for uri in sources if uri in state.sources)
+    if sources and not overwrite:
         # a source read at a version the branch does not hold yet must be recorded even when it
-        # brought no row (empty, or every row quarantined), or every later run reads it again
+        # brought no row (empty, or every row quarantined; a cursor's new mark), or every later run reads it again
         unrecorded = record_sources and any(state.sources.get(uri) != version for uri, version in sources.items())
     needed = previous is None and bool(files or overwrite or replaced or unrecorded)
     return _Plan(state, previous, replaced, needed)

@@ -28,12 +28,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from dativo_dagster.cursor import CursorRead, format_mark
 from dativo_dagster.errors import DativoError, redact
 from dativo_dagster.sources import FileReport, Source, SourceFile, source_for
 from dativo_dagster.spec import LoadedSpec, ValidationMode
@@ -81,6 +82,9 @@ class PipelineOutcome(BaseModel):
     rejects_location: str = ""
     write_error: StageError | None = None
     strict_failed: bool = False  # strict mode and a row was rejected: nothing was written
+    # cursor incremental (cursor.py): the mark to commit per unit, and the boundary rows skipped as committed already
+    cursor_marks: dict[str, str] = Field(default_factory=dict)
+    rows_skipped: int = 0
     seconds: dict[str, float] = Field(default_factory=dict)  # busy time per stage and the wall time
 
     @property
@@ -145,10 +149,13 @@ def run_pipeline(
     secrets: Sequence[str | None] = (),
     classify: Callable[[BaseException], bool] = lambda exc: False,
     source: Source | None = None,
+    cursor: CursorRead | None = None,
 ) -> PipelineOutcome:
     """Stream ``files`` (the source's units) through validation into ``sinks``; fills and returns ``outcome``.
 
-    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`).
+    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`). With ``cursor``
+    (a cursor incremental run) valid rows already committed at the boundary are skipped (not counted as read) and
+    the highest cursor value read becomes ``outcome.cursor_marks``.
 
     Raises:
         StageFailure: reading (stage ``extract``) or validating (stage ``validate``) failed; every file
@@ -211,6 +218,11 @@ def run_pipeline(
                     return
                 started = time.perf_counter()
                 valid, rejects, tally = validate_batch(item, spec.fields, null_values)
+                if cursor is not None:
+                    kept = cursor.observe(valid, rejects)
+                    skipped = valid.num_rows - kept.num_rows
+                    tally = replace(tally, rows_read=tally.rows_read - skipped, rows_valid=tally.rows_valid - skipped)
+                    valid = kept
                 report.add(tally)
                 progress.busy["validate"] += time.perf_counter() - started
                 if rejects.num_rows and not strict and not put(typed, ("rejects", rejects)):
@@ -248,6 +260,10 @@ def run_pipeline(
     busy = {stage: round(seconds, 3) for stage, seconds in progress.busy.items()}
     outcome.seconds = {**busy, "wall": round(time.perf_counter() - wall, 3)}
     outcome.strict_failed = strict and report.rows_rejected > 0
+    if cursor is not None:
+        outcome.rows_skipped = cursor.skipped
+        mark = cursor.new_mark
+        outcome.cursor_marks = {unit.uri: format_mark(mark) for unit in files} if mark is not None else {}
     if failure is not None or outcome.strict_failed or outcome.write_error is not None:
         sinks.abort()
         outcome.data_files, outcome.reject_files = [], []

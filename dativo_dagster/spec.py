@@ -588,6 +588,10 @@ class AssetSpecModel(_Model):
         if not field.required:
             problems.append((key, f"{field.name!r} must be required (a row with a null cursor is never at or above"
                              " the mark); add required: true to its schema entry"))
+        if self.target.write_mode is WriteMode.OVERWRITE:
+            problems.append(("source.incremental", "a cursor reads only the rows past the committed mark, and"
+                             " write_mode: overwrite would replace the table with them: use write_mode: append, or"
+                             " remove incremental to read every row on every run"))
         if incremental.lookback_seconds and field.type.kind not in (TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ):
             problems.append(("source.incremental.lookback_seconds", f"only time stamp cursors have a lookback;"
                              f" {field.name!r} is {field.type}: remove it or set 0"))
