@@ -235,3 +235,87 @@ def test_a_query_source_is_filtered_as_a_subselect(db: Database, env_url: str, t
     db.insert(table, [(4, T0 + timedelta(minutes=2), "at-mark"), (5, T0 + timedelta(minutes=3), "skip-me")])
     run(project)
     assert [r[0] for r in rows_of(project, name)] == [1, 3, 4]
+
+
+def bulk_insert(db: Database, table: str, first_id: int, count: int, start: datetime) -> None:
+    """``count`` rows from ``first_id``, one second apart from ``start``, with 200 bytes of note each (several
+    batches of the drivers' streams)."""
+    at = start.isoformat(sep=" ")
+    if db.kind == "postgres":
+        db.execute(
+            f"INSERT INTO {table} SELECT g, timestamp '{at}' + (g - {first_id}) * interval '1 second', repeat('x', 200)"  # noqa: S608
+            f" FROM generate_series({first_id}, {first_id + count - 1}) g"
+        )
+    else:
+        db.execute(
+            f"INSERT INTO {table} SELECT seq, TIMESTAMP'{at}' + INTERVAL (seq - {first_id}) SECOND, REPEAT('x', 100)"  # noqa: S608
+            f" FROM seq_{first_id}_to_{first_id + count - 1}"
+        )
+
+
+def source_ids(db: Database, table: str) -> Counter:
+    if db.kind == "postgres":
+        conn = db.server.connect(DB)
+    else:
+        conn = db.server.connect(DB)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT id, updated_at FROM {table}")  # noqa: S608
+        rows = Counter((i, at.replace(tzinfo=None)) for i, at in cur.fetchall())
+    conn.close()
+    return rows
+
+
+def table_ids(project: Project, name: str) -> Counter:
+    head = project.table(f"testdomain.{name}").snapshot_by_name("acme")
+    if head is None:
+        return Counter()
+    rows = project.table(f"testdomain.{name}").scan(snapshot_id=head.snapshot_id, selected_fields=("id", "updated_at"))
+    return Counter((r["id"], r["updated_at"]) for r in rows.to_arrow().to_pylist())
+
+
+def cli_materialize(project: Project, env_url: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATIVO_") and k != "DAGSTER_HOME"}
+    env[URL_ENV] = env_url
+    return subprocess.run(
+        [str(DATIVO_DAGSTER), "materialize", "--specs", str(project.specs_dir)],
+        capture_output=True, text=True, env=env, cwd="/", timeout=300, check=False,
+    )
+
+
+def test_killed_runs_never_lose_or_double_a_row(db: Database, env_url: str, tmp_path: Path) -> None:
+    from dativo_dagster_tests.fault_injection import start_killed_run, write_wrapper  # noqa: PLC0415
+
+    table, name = unique("kill"), unique("kill")
+    db.create_orders(table)
+    count = 120_000 if db.kind == "postgres" else 25_000  # several batches of each driver's stream
+    bulk_insert(db, table, 1, count, T0)
+    project = Project(tmp_path / "project")
+    project.write_spec(orders_spec(db, name, table, retry_config={"max_retries": 0, "retry_delay_seconds": 0}))
+    first = cli_materialize(project, env_url)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert table_ids(project, name) == source_ids(db, table)
+    wrapper = write_wrapper(tmp_path)
+    next_id, start = count + 1, T0 + timedelta(seconds=count)
+    for point in ("extract", "commit-before", "commit-after"):
+        mark_before, rows_before = committed_mark(project, name), table_ids(project, name)
+        at_mark = datetime.fromisoformat(mark_before.removeprefix("cursor:"))  # a new row AT the mark is loaded too
+        db.insert(table, [(next_id, at_mark, "at-mark")])
+        bulk_insert(db, table, next_id + 1, count, start)
+        report = tmp_path / f"{point}.json"
+        proc = start_killed_run(wrapper, point, project.specs_dir, report)
+        proc.communicate(timeout=300)
+        assert proc.returncode == -9, point  # SIGKILL
+        died = json.loads(report.read_text())
+        assert died["point"] == point and (point != "extract" or died["batches"] >= 1), died  # killed mid-stream
+        if point == "commit-after":
+            # the rows and their mark landed in one commit: the head holds both
+            rows_now = table_ids(project, name)
+            assert rows_now == source_ids(db, table)
+            assert committed_mark(project, name) == f"cursor:{max(at for _, at in rows_now).isoformat()}"
+        else:
+            assert table_ids(project, name) == rows_before and committed_mark(project, name) == mark_before, point
+        again = cli_materialize(project, env_url)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert table_ids(project, name) == source_ids(db, table), point  # every row exactly once
+        assert PASSWORD not in again.stdout + again.stderr
+        next_id, start = next_id + count + 1, start + timedelta(seconds=count + 10)
