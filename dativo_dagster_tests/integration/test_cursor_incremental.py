@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dativo_dagster.table_state import SOURCE_STATE_KEY
+from dativo_dagster.table_state import SOURCE_STATE_KEY, read_branch_state
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
 from .servers import MariaDBServer, PostgresCluster
@@ -135,9 +135,11 @@ def head_id(project: Project, name: str) -> int | None:
 
 
 def committed_mark(project: Project, name: str) -> str:
-    head = project.table(f"testdomain.{name}").snapshot_by_name("acme")
-    state = json.loads(head.summary.additional_properties[SOURCE_STATE_KEY])
-    (mark,) = state.values()
+    """The mark the branch holds (its state at the head), and the head's own summary agrees."""
+    table = project.table(f"testdomain.{name}")
+    (mark,) = read_branch_state(table, "acme").sources.values()
+    head_state = json.loads(table.snapshot_by_name("acme").summary.additional_properties.get(SOURCE_STATE_KEY, "{}"))
+    assert head_state in ({}, {next(iter(read_branch_state(table, "acme").sources)): mark})
     return mark
 
 
