@@ -321,3 +321,104 @@ def test_killed_runs_never_lose_or_double_a_row(db: Database, env_url: str, tmp_
         assert table_ids(project, name) == source_ids(db, table), point  # every row exactly once
         assert PASSWORD not in again.stdout + again.stderr
         next_id, start = next_id + count + 1, start + timedelta(seconds=count + 10)
+
+
+def drop_reader_connection(db: Database) -> int:
+    """Terminate the reader's sessions from another connection, as a server-side drop; returns how many."""
+    if db.kind == "postgres":
+        conn = db.server.connect(DB)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (READER,))
+            dropped = sum(1 for (ok,) in cur.fetchall() if ok)
+        conn.close()
+        return dropped
+    conn = db.server.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT id FROM information_schema.processlist WHERE user = %s", (READER,))
+        ids = [i for (i,) in cur.fetchall()]
+        for i in ids:
+            cur.execute(f"KILL CONNECTION {int(i)}")
+    conn.close()
+    return len(ids)
+
+
+def test_a_connection_dropped_mid_read_is_retried_from_a_fresh_snapshot(
+    db: Database, env_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dativo_dagster.sources import database  # noqa: PLC0415
+
+    table, name = unique("drop"), unique("drop")
+    db.create_orders(table)
+    count = 120_000 if db.kind == "postgres" else 300_000  # more than the socket buffers hold once the read starts
+    bulk_insert(db, table, 1, count, T0)
+    project = Project(tmp_path / "project")
+    project.write_spec(orders_spec(db, name, table, retry_config={"max_retries": 2, "retry_delay_seconds": 0}))
+    read = database.DatabaseSource.read
+    attempts: list[dict[str, int]] = []
+
+    def dropping(self, *args, **kwargs):  # noqa: ANN001, ANN202 - wraps DatabaseSource.read
+        attempt = {"batches": 0, "dropped": 0}
+        attempts.append(attempt)
+        for batch in read(self, *args, **kwargs):
+            attempt["batches"] += 1
+            if len(attempts) == 1 and attempt["batches"] == 1:
+                attempt["dropped"] = drop_reader_connection(db)  # the server ends the read's session
+                # committed meanwhile: only a new snapshot sees them
+                bulk_insert(db, table, count + 1, 10, T0 + timedelta(seconds=count))
+            yield batch
+
+    monkeypatch.setattr(database.DatabaseSource, "read", dropping)
+    result = project.materialize()
+    assert result.success
+    assert len(attempts) == 2 and attempts[0]["dropped"] >= 1, attempts  # the drop happened while rows streamed
+    retried = [e for e in result.all_events if e.event_type_value == "STEP_RESTARTED"]
+    assert [e.step_key for e in retried] == [f"{name}.{name}__extract"]
+    assert table_ids(project, name) == source_ids(db, table)  # as if not interrupted, the late rows included
+    assert sum(table_ids(project, name).values()) == count + 10
+
+
+def test_the_sensor_requests_a_run_only_when_the_cursor_moved(db: Database, env_url: str, tmp_path: Path) -> None:
+    import dagster as dg  # noqa: PLC0415
+
+    from dativo_dagster.definitions import build_definitions  # noqa: PLC0415
+    from dativo_dagster.sensors import SENSOR_FILES_TAG  # noqa: PLC0415
+
+    table, name = unique("sense"), unique("sense")
+    db.create_orders(table)
+    db.insert(table, [(1, T0, "a"), (2, T0 + timedelta(minutes=1), "b")])
+    project = Project(tmp_path / "project")
+    project.write_spec(orders_spec(db, name, table, sensor={"minimum_interval_seconds": 30}))
+
+    def tick(instance: dg.DagsterInstance, cursor: str | None) -> Any:
+        defs = build_definitions(project.specs_dir)
+        sensor = defs.resolve_sensor_def(f"{name}__sensor")
+        resources = {key: defs.resources[key] for key in ("dativo_storage", "dativo_catalog")}
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources, definitions=defs) as context:
+            started = time.perf_counter()
+            data = sensor.evaluate_tick(context)
+            return data, time.perf_counter() - started
+
+    with dg.instance_for_test() as instance:
+        first, _ = tick(instance, None)  # nothing committed yet: the source's rows are new
+        assert [r.run_key for r in first.run_requests] and first.run_requests[0].tags[SENSOR_FILES_TAG]
+        request = first.run_requests[0]
+        done = project.materialize(instance=instance, tags={**request.tags, "dagster/run_key": request.run_key})
+        assert done.success
+        idle, seconds = tick(instance, first.cursor)
+        assert not idle.run_requests and "nothing past the committed mark" in idle.skip_message
+        assert seconds < 2, seconds
+        db.insert(table, [(3, T0 + timedelta(minutes=2), "c")])
+        moved, _ = tick(instance, idle.cursor)
+        assert len(moved.run_requests) == 1 and moved.run_requests[0].run_key != request.run_key
+        assert json.loads(moved.cursor) == {
+            next(iter(json.loads(moved.cursor))): f"cursor:{(T0 + timedelta(minutes=2)).isoformat()}"
+        }
+        again, _ = tick(instance, moved.cursor)  # the same state asks with the same key (Dagster starts it once)
+        assert [r.run_key for r in again.run_requests] == [moved.run_requests[0].run_key]
+        artefacts = [first.cursor, idle.cursor, moved.cursor, idle.skip_message]
+        for data in (first, moved):
+            artefacts += [r.run_key for r in data.run_requests]
+            artefacts += [json.dumps(dict(r.tags)) for r in data.run_requests]
+        assert all(a for a in artefacts) and not [a for a in artefacts if PASSWORD in a or READER in a]
+        assert any(f"{db.server.host}:{db.server.port}/{DB}/{table}" in a for a in artefacts)
