@@ -637,7 +637,7 @@ def stream_sources(
         cursor = None
         if is_cursor_run(loaded) and files:
             with failures(loaded, "extract", secrets):
-                cursor = cursor_read(loaded, files, table if catalog is not None else None, location, s3)
+                cursor = cursor_read(loaded, files, catalog, location, rejects_location, s3)
         run_pipeline(
             loaded,
             files,

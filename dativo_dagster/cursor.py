@@ -117,8 +117,31 @@ class CursorRead:
     committed: pa.Array  # the keys of the committed rows at or above the lower bound
     mark: CursorValue | None  # the committed mark (None: first run)
     highest: CursorValue | None = None  # the highest cursor value read this run, valid or rejected
+    quarantined: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # keys of quarantined rows
     skipped: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def skip_quarantined(self, batch: pa.RecordBatch, names: Sequence[str]) -> pa.RecordBatch:
+        """A text batch less the rows the quarantine holds already (the same text: they would be rejected again).
+
+        Their cursor values still count towards the new mark (they were read)."""
+        if not len(self.quarantined) or not batch.num_rows:
+            return batch
+        seen = pc.is_in(row_keys(batch, names), value_set=self.quarantined)
+        if not pc.any(seen).as_py():
+            return batch
+        again = batch.filter(seen)
+        parsed = parse_column(again.column(self.field.name), self.field.type, null_values=(), required=True,
+                              fmt=self.field.format)
+        self._fold([pc.max(parsed.values).as_py()], again.num_rows)
+        return batch.filter(pc.invert(seen))
+
+    def _fold(self, highest: Sequence[CursorValue | None], skipped: int) -> None:
+        with self._lock:
+            for value in highest:
+                if value is not None and (self.highest is None or value > self.highest):
+                    self.highest = value
+            self.skipped += skipped
 
     def observe(self, valid: pa.RecordBatch, rejects: pa.RecordBatch) -> pa.RecordBatch:
         """Fold the batch's cursor values into the new mark; return ``valid`` less the rows already committed."""
@@ -132,11 +155,7 @@ class CursorRead:
         if len(self.committed) and valid.num_rows:
             seen = pc.is_in(row_keys(valid, self.columns), value_set=self.committed)
             keep = valid.filter(pc.invert(seen))
-        with self._lock:
-            for value in highest:
-                if value is not None and (self.highest is None or value > self.highest):
-                    self.highest = value
-            self.skipped += valid.num_rows - keep.num_rows
+        self._fold(highest, valid.num_rows - keep.num_rows)
         return keep
 
     @property
@@ -194,24 +213,64 @@ def files_scan(uris: Sequence[str], s3) -> Callable[[str, CursorValue, list[str]
     return scan
 
 
-def cursor_read(loaded: LoadedSpec, units: Sequence, table, location: str, s3) -> CursorRead:  # noqa: ANN001
-    """The boundary of a cursor run over ``units`` (at their committed marks): the keys of the rows the branch
-    (``table``; None: the files commit markers under ``location`` make visible) holds at or above the lower bound."""
+def cursor_read(loaded: LoadedSpec, units: Sequence, catalog, location: str, rejects_location: str, s3) -> CursorRead:  # noqa: ANN001
+    """The boundary of a cursor run over ``units`` (at their committed marks): the keys of the rows the branch holds
+    at or above the lower bound, and of the rows its quarantine holds from these units (as text).
+
+    ``catalog``: the Iceberg catalog (the branch's tables), or None for ``catalog: none`` (the files that commit
+    markers under ``location`` / ``rejects_location`` make visible).
+    """
+    from dativo_dagster.markers import committed_files  # noqa: PLC0415
+
+    spec = loaded.spec
     field_spec = cursor_field(loaded)
     columns = key_columns(loaded)
     marks = [parse_mark(unit.version, field_spec.type.kind) for unit in units]
     mark = max((m for m in marks if m is not None), default=None)
     bound = lower_bound(loaded, mark)
-    committed = pa.array([], pa.string())
-    if bound is not None:
-        if table is not None:
-            scan = iceberg_scan(table, loaded.spec.branch)
-        else:
-            from dativo_dagster.markers import committed_files  # noqa: PLC0415
+    committed = quarantined = pa.array([], pa.string())
+    if bound is None:  # a first run: nothing committed to skip
+        return CursorRead(field_spec, columns, committed, mark)
+    names = [f.name for f in spec.fields]
+    uris = [unit.uri for unit in units]
+    if catalog is not None:
+        committed = committed_in_window(loaded, bound, iceberg_scan(catalog.load_table(".".join(spec.table_identifier)),
+                                                                    spec.branch))
+        rejects_name = ".".join(spec.rejects_identifier)
+        if catalog.table_exists(rejects_name):
+            rejects = _iceberg_rows_of(catalog.load_table(rejects_name), spec.branch, uris, names)
+            quarantined = pc.unique(row_keys(rejects, names)) if rejects.num_rows else quarantined
+    else:
+        committed = committed_in_window(loaded, bound, files_scan(committed_files(location, s3), s3))
+        rejects = _file_rows_of(committed_files(rejects_location, s3), s3, uris, names)
+        quarantined = pc.unique(row_keys(rejects, names)) if rejects.num_rows else quarantined
+    return CursorRead(field_spec, columns, committed, mark, quarantined=quarantined)
 
-            scan = files_scan(committed_files(location, s3), s3)
-        committed = committed_in_window(loaded, bound, scan)
-    return CursorRead(field_spec, columns, committed, mark)
+
+def _iceberg_rows_of(table, branch: str, uris: list[str], names: list[str]) -> pa.Table:  # noqa: ANN001
+    """The quarantined rows of ``uris`` at the head of ``branch`` (their spec columns, as text)."""
+    from pyiceberg.expressions import In  # noqa: PLC0415
+
+    from dativo_dagster.table_schema import SOURCE_FILE  # noqa: PLC0415
+
+    head = table.snapshot_by_name(branch)
+    if head is None:
+        return pa.table({n: pa.array([], pa.string()) for n in names})
+    return table.scan(row_filter=In(SOURCE_FILE, uris), selected_fields=tuple(names),
+                      snapshot_id=head.snapshot_id).to_arrow()
+
+
+def _file_rows_of(files: Sequence[str], s3, uris: list[str], names: list[str]) -> pa.Table:  # noqa: ANN001
+    import pyarrow.dataset as ds  # noqa: PLC0415
+
+    from dativo_dagster.storage import filesystem_for  # noqa: PLC0415
+    from dativo_dagster.table_schema import SOURCE_FILE  # noqa: PLC0415
+
+    if not files:
+        return pa.table({n: pa.array([], pa.string()) for n in names})
+    fs, _ = filesystem_for(files[0], s3)
+    dataset = ds.dataset([filesystem_for(f, s3)[1] for f in files], format="parquet", filesystem=fs)
+    return dataset.to_table(columns=names, filter=ds.field(SOURCE_FILE).isin(uris))
 
 
 def cursor_run_found_nothing(units: Sequence, outcome) -> bool:  # noqa: ANN001 - SourceFile, PipelineOutcome

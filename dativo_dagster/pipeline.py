@@ -217,6 +217,8 @@ def run_pipeline(
                     put(typed, item)
                     return
                 started = time.perf_counter()
+                if cursor is not None:  # rows quarantined by an earlier run are not judged (nor counted) again
+                    item = cursor.skip_quarantined(item, [f.name for f in spec.fields])
                 valid, rejects, tally = validate_batch(item, spec.fields, null_values)
                 if cursor is not None:
                     kept = cursor.observe(valid, rejects)

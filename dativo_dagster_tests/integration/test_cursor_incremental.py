@@ -422,3 +422,32 @@ def test_the_sensor_requests_a_run_only_when_the_cursor_moved(db: Database, env_
             artefacts += [json.dumps(dict(r.tags)) for r in data.run_requests]
         assert all(a for a in artefacts) and not [a for a in artefacts if PASSWORD in a or READER in a]
         assert any(f"{db.server.host}:{db.server.port}/{DB}/{table}" in a for a in artefacts)
+
+
+def test_a_quarantined_row_advances_the_mark_and_is_quarantined_once(db: Database, env_url: str, tmp_path: Path) -> None:
+    table, name = unique("warn"), unique("warn")
+    db.create_orders(table)
+    mark = T0 + timedelta(minutes=2)
+    db.insert(table, [(1, T0, "10"), (2, T0 + timedelta(minutes=1), "20"), (3, mark, "not a number")])
+    project = Project(tmp_path / "project")
+    spec = orders_spec(db, name, table, schema_validation_mode="warn")
+    spec["schema"][2]["type"] = "integer"  # note's text must be a number: row 3 is rejected
+    project.write_spec(spec)
+    run(project)
+    assert sorted(r["id"] for r in branch_rows(project.table(f"testdomain.{name}"), "acme")) == [1, 2]
+    # the mark is the highest cursor read, the quarantined row's included: it is not read past again
+    assert committed_mark(project, name) == f"cursor:{mark.isoformat()}"
+    rejects = project.table(f"testdomain.{name}__rejects")
+    assert [r["id"] for r in branch_rows(rejects, "acme")] == ["3"]
+    heads = (head_id(project, name), rejects.snapshot_by_name("acme").snapshot_id)
+    # the quarantined row sits AT the mark, so it is read again: it is neither loaded nor quarantined twice
+    result = run(project)
+    assert result.asset_materializations_for_node(name)[0].metadata["nothing_new"].value is True
+    rejects = project.table(f"testdomain.{name}__rejects")
+    assert (head_id(project, name), rejects.snapshot_by_name("acme").snapshot_id) == heads
+    # a new row at the mark that is invalid too is quarantined; the earlier one stays once
+    db.insert(table, [(4, mark, "also bad")])
+    run(project)
+    rejects = project.table(f"testdomain.{name}__rejects")
+    assert sorted(r["id"] for r in branch_rows(rejects, "acme")) == ["3", "4"]
+    assert sorted(r["id"] for r in branch_rows(project.table(f"testdomain.{name}"), "acme")) == [1, 2]
