@@ -451,3 +451,40 @@ def test_a_quarantined_row_advances_the_mark_and_is_quarantined_once(db: Databas
     rejects = project.table(f"testdomain.{name}__rejects")
     assert sorted(r["id"] for r in branch_rows(rejects, "acme")) == ["3", "4"]
     assert sorted(r["id"] for r in branch_rows(project.table(f"testdomain.{name}"), "acme")) == [1, 2]
+
+
+def test_catalog_none_commits_the_mark_in_the_commit_marker(pg_db: PostgresCluster, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from dativo_dagster.markers import committed_files, read_commit_markers  # noqa: PLC0415
+    from dativo_dagster.storage import S3Settings  # noqa: PLC0415
+
+    db = Database("postgres", pg_db)
+    monkeypatch.setenv(URL_ENV, db.url)
+    table, name = unique("plain"), unique("plain")
+    db.create_orders(table)
+    db.insert(table, [(1, T0, "a"), (2, T0 + timedelta(minutes=1), "b")])
+    project = Project(tmp_path / "project")
+    spec = orders_spec(db, name, table)
+    spec["target"] = {"catalog": "none", "partitioning": ["ingest_date"]}
+    project.write_spec(spec)
+    location = str(project.warehouse / "testdomain" / "testproduct" / name)
+
+    def rows() -> Counter:
+        found: Counter = Counter()
+        for uri in committed_files(location, S3Settings()):
+            found.update((r["id"], r["note"]) for r in pq.read_table(uri, columns=["id", "note"]).to_pylist())
+        return found
+
+    run(project)
+    db.insert(table, [(3, T0 + timedelta(minutes=1), "at-mark"), (4, T0 + timedelta(minutes=5), "d")])
+    run(project)
+    assert rows() == Counter({(1, "a"): 1, (2, "b"): 1, (3, "at-mark"): 1, (4, "d"): 1})
+    markers = read_commit_markers(location, S3Settings())
+    assert len(markers) == 2
+    assert json.loads(markers[-1]["properties"][SOURCE_STATE_KEY]) == {
+        f"postgresql://{pg_db.host}:{pg_db.port}/{DB}/{table}": f"cursor:{(T0 + timedelta(minutes=5)).isoformat()}"
+    }
+    run(project)  # nothing new: no marker
+    assert len(read_commit_markers(location, S3Settings())) == 2 and sum(rows().values()) == 4
