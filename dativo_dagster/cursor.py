@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dativo_dagster.parsing import parse_column
+from dativo_dagster.sources.base import SourceFile
 from dativo_dagster.spec import CursorIncremental, FieldSpec, LoadedSpec, WriteMode
 from dativo_dagster.types import TypeKind
 
@@ -213,7 +214,7 @@ def files_scan(uris: Sequence[str], s3) -> Callable[[str, CursorValue, list[str]
     return scan
 
 
-def cursor_read(loaded: LoadedSpec, units: Sequence, catalog, location: str, rejects_location: str, s3) -> CursorRead:  # noqa: ANN001
+def cursor_read(loaded: LoadedSpec, units: Sequence[SourceFile], catalog, location: str, rejects_location: str, s3) -> CursorRead:  # noqa: ANN001
     """The boundary of a cursor run over ``units`` (at their committed marks): the keys of the rows the branch holds
     at or above the lower bound, and of the rows its quarantine holds from these units (as text).
 
@@ -273,27 +274,30 @@ def _file_rows_of(files: Sequence[str], s3, uris: list[str], names: list[str]) -
     return dataset.to_table(columns=names, filter=ds.field(SOURCE_FILE).isin(uris))
 
 
-def cursor_run_found_nothing(units: Sequence, outcome) -> bool:  # noqa: ANN001 - SourceFile, PipelineOutcome
+def cursor_run_found_nothing(units: Sequence[SourceFile], outcome) -> bool:  # noqa: ANN001 - a PipelineOutcome
     """Whether a cursor run read no row past what the branch holds and its mark did not move."""
     return outcome.validation.rows_read == 0 and all(
         outcome.cursor_marks.get(unit.uri, unit.version) == unit.version for unit in units
     )
 
 
-def units_with_marks(units: Sequence, committed: Mapping[str, str]) -> list:  # noqa: ANN001 - SourceFile
+def units_with_marks(units: Sequence[SourceFile], committed: Mapping[str, str]) -> list[SourceFile]:
     """The source's units, each at the mark the branch has committed for it (no mark: a first run)."""
-    from dataclasses import replace  # noqa: PLC0415
-
     return [replace(unit, version=committed.get(unit.uri, "")) for unit in units]
 
 
 __all__ = [
     "CursorRead",
     "committed_in_window",
+    "cursor_field",
     "cursor_of",
+    "cursor_read",
+    "cursor_run_found_nothing",
     "format_mark",
+    "is_cursor_run",
     "key_columns",
     "lower_bound",
     "parse_mark",
     "row_keys",
+    "units_with_marks",
 ]

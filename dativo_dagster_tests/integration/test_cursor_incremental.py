@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ class Database:
         return f"{scheme}://{READER}:{PASSWORD}@{self.server.host}:{self.server.port}/{DB}"
 
     def execute(self, *statements: str) -> None:
-        if self.kind == "mysql":
-            self.server.execute(list(statements), DB)
+        if self.kind == "mysql":  # literals are UTC, as the postgres cluster's sessions
+            self.server.execute(["SET time_zone = '+00:00'", *statements], DB)
             return
         conn = self.server.connect(DB)
         conn.autocommit = True
@@ -54,10 +54,14 @@ class Database:
                 cur.execute(statement)
         conn.close()
 
-    def create_orders(self, table: str, *, key: bool = True) -> None:
-        """``table(id, updated_at, note)``; ``id`` is the primary key with ``key``."""
+    def create_orders(self, table: str, *, key: bool = True, zoned: bool = False) -> None:
+        """``table(id, updated_at, note)``; ``id`` is the primary key with ``key``; ``updated_at`` an instant with
+        ``zoned`` (``timestamptz`` / MySQL ``TIMESTAMP``)."""
         id_type = "integer PRIMARY KEY" if key else "integer"
-        ts_type = "timestamp(6)" if self.kind == "postgres" else "DATETIME(6)"
+        if self.kind == "postgres":
+            ts_type = "timestamptz(6)" if zoned else "timestamp(6)"
+        else:
+            ts_type = "TIMESTAMP(6)" if zoned else "DATETIME(6)"
         note_type = "text" if self.kind == "postgres" else "VARCHAR(100)"
         self.execute(f"CREATE TABLE {table} (id {id_type}, updated_at {ts_type} NOT NULL, note {note_type})")
         if self.kind == "postgres":
@@ -97,10 +101,11 @@ def db(request: pytest.FixtureRequest) -> Database:
     return Database(request.param, server)
 
 
-def orders_spec(db: Database, name: str, table: str, *, key: bool = True, lookback: int = 0, **overrides: Any) -> dict:
+def orders_spec(db: Database, name: str, table: str, *, key: bool = True, lookback: int = 0, zoned: bool = False,
+                **overrides: Any) -> dict:
     schema = [
         {"name": "id", "type": "integer", "required": True, **({"primary_key": True} if key else {})},
-        {"name": "updated_at", "type": "timestamp", "required": True},
+        {"name": "updated_at", "type": "timestamptz" if zoned else "timestamp", "required": True},
         {"name": "note", "type": "string"},
     ]
     spec = base_spec(name, schema=schema, **overrides)
@@ -189,20 +194,22 @@ def test_each_row_is_loaded_once_across_runs_and_at_the_boundary(db: Database, e
 
 
 def test_lookback_rereads_late_rows_without_doubling(db: Database, env_url: str, tmp_path: Path) -> None:
+    # an instant cursor (timestamptz / MySQL TIMESTAMP): the mark and the bound are UTC
     table, name = unique("late"), unique("late")
-    db.create_orders(table)
+    db.create_orders(table, zoned=True)
+    t0 = T0.replace(tzinfo=timezone.utc)
     db.insert(table, [(1, T0, "a"), (2, T0 + timedelta(seconds=50), "b"), (3, T0 + timedelta(seconds=100), "c")])
     project = Project(tmp_path / "project")
-    project.write_spec(orders_spec(db, name, table, lookback=60))
+    project.write_spec(orders_spec(db, name, table, lookback=60, zoned=True))
     run(project)
     # a transaction that committed late: its row's cursor is 30 s below the mark, inside the 60 s lookback
-    late = (4, T0 + timedelta(seconds=70), "late")
-    db.insert(table, [late])
+    db.insert(table, [(4, T0 + timedelta(seconds=70), "late")])
     run(project)
     rows = rows_of(project, name)
-    assert rows == sorted([(1, T0, "a"), (2, T0 + timedelta(seconds=50), "b"), (3, T0 + timedelta(seconds=100), "c"), late])
+    assert rows == [(1, t0, "a"), (2, t0 + timedelta(seconds=50), "b"), (3, t0 + timedelta(seconds=100), "c"),
+                    (4, t0 + timedelta(seconds=70), "late")]
     # row 2 (at mark - 50 s) and row 3 (at the mark) were read again and skipped; the mark did not move
-    assert committed_mark(project, name) == f"cursor:{(T0 + timedelta(seconds=100)).isoformat()}"
+    assert committed_mark(project, name) == f"cursor:{(t0 + timedelta(seconds=100)).isoformat()}"
     head = head_id(project, name)
     run(project)
     assert head_id(project, name) == head and rows_of(project, name) == rows
@@ -467,6 +474,7 @@ def test_catalog_none_commits_the_mark_in_the_commit_marker(pg_db: PostgresClust
     db.insert(table, [(1, T0, "a"), (2, T0 + timedelta(minutes=1), "b")])
     project = Project(tmp_path / "project")
     spec = orders_spec(db, name, table)
+    spec["source"]["incremental"] = {"strategy": "cursor", "cursor_field": "id"}  # an integer cursor
     spec["target"] = {"catalog": "none", "partitioning": ["ingest_date"]}
     project.write_spec(spec)
     location = str(project.warehouse / "testdomain" / "testproduct" / name)
@@ -478,13 +486,13 @@ def test_catalog_none_commits_the_mark_in_the_commit_marker(pg_db: PostgresClust
         return found
 
     run(project)
-    db.insert(table, [(3, T0 + timedelta(minutes=1), "at-mark"), (4, T0 + timedelta(minutes=5), "d")])
+    db.insert(table, [(3, T0, "c"), (4, T0, "d")])  # row 2 (id at the mark) is read again and skipped
     run(project)
-    assert rows() == Counter({(1, "a"): 1, (2, "b"): 1, (3, "at-mark"): 1, (4, "d"): 1})
+    assert rows() == Counter({(1, "a"): 1, (2, "b"): 1, (3, "c"): 1, (4, "d"): 1})
     markers = read_commit_markers(location, S3Settings())
     assert len(markers) == 2
     assert json.loads(markers[-1]["properties"][SOURCE_STATE_KEY]) == {
-        f"postgresql://{pg_db.host}:{pg_db.port}/{DB}/{table}": f"cursor:{(T0 + timedelta(minutes=5)).isoformat()}"
+        f"postgresql://{pg_db.host}:{pg_db.port}/{DB}/{table}": "cursor:4"
     }
     run(project)  # nothing new: no marker
     assert len(read_commit_markers(location, S3Settings())) == 2 and sum(rows().values()) == 4
