@@ -106,6 +106,7 @@ class WriteResult(BaseModel):
     incremental: bool = False
     nothing_new: bool = False
     seconds: dict[str, float] = Field(default_factory=dict)  # busy time of each stage of the stream
+    cursor_read_from: dict[str, str] = Field(default_factory=dict)  # a cursor run: the marks it read from
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -717,6 +718,7 @@ def _write_result(outcome: PipelineOutcome, extract_report: "ExtractReport") -> 
         data_files=outcome.data_files,
         reject_files=outcome.reject_files,
         source_state={**extract_report.source_state, **outcome.cursor_marks},
+        cursor_read_from=extract_report.source_state if outcome.cursor_marks else {},
         rows_read=outcome.validation.rows_read,
         rows_rejected=outcome.validation.rows_rejected,
         location=outcome.location,
@@ -863,6 +865,7 @@ def _commit(
         replace_sources=replace_sources,
         record_sources=written.incremental,
         writer=writer,
+        read_from=written.cursor_read_from if is_cursor_run(loaded) else None,
     )
     if written.nothing_new:
         result = result.model_copy(update={"nothing_new": True})

@@ -371,8 +371,12 @@ def commit_files(
     replace_sources: bool = False,
     record_sources: bool = False,
     writer: WriterSettings | None = None,
+    read_from: Mapping[str, str] | None = None,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
+
+    ``read_from`` (a cursor run: each unit's mark when the run read it) must still be what the branch holds when the
+    commit lands: a run whose unit another run committed meanwhile read the same rows, and is refused (terminal).
 
     With ``overwrite`` the commit replaces all rows. With ``replace_sources`` it first deletes the rows
     that earlier commits brought from any of ``sources`` (a changed file, or a file another run loaded
@@ -409,7 +413,7 @@ def commit_files(
     last_error: Exception | None = None
     table = _own_properties(table)
     plan = functools.partial(_plan, branch=branch, run_id=run_id, files=files, sources=sources, overwrite=overwrite,
-                             replace_sources=replace_sources, record_sources=record_sources)
+                             replace_sources=replace_sources, record_sources=record_sources, read_from=read_from)
     for attempt in range(COMMIT_ATTEMPTS):
         if attempt:
             time.sleep(random.uniform(*COMMIT_BACKOFF_SECONDS) * min(attempt, 5) / 5)
@@ -497,9 +501,17 @@ def _plan(
     overwrite: bool,
     replace_sources: bool,
     record_sources: bool,
+    read_from: Mapping[str, str] | None = None,
 ) -> _Plan:
     state = read_branch_state(table, branch)
     previous = find_run_commit(table, branch, run_id, state)
+    moved = sorted(uri for uri, mark in (read_from or {}).items() if state.sources.get(uri, "") != mark)
+    if previous is None and moved:
+        raise TerminalError(
+            f"{'.'.join(table.name())}@{branch}: another run committed rows of {', '.join(moved)} after run {run_id}"
+            " read them from the mark it had then; nothing of this run was committed (it would load those rows"
+            " twice): materialize the asset again"
+        )
     replaced: list[str] = []
     unrecorded = False
     if replace_sources and sources and not overwrite:

@@ -129,8 +129,13 @@ def build_sensor(loaded: LoadedSpec) -> dg.SensorDefinition:
         asset_selection=dg.AssetSelection.assets(spec.name),
         minimum_interval_seconds=spec.sensor.minimum_interval_seconds,
         default_status=dg.DefaultSensorStatus.STOPPED,
-        description=f"Runs {spec.name} when a source file of {loaded.display_path} is not in its table at its"
-        " current version (new, changed, or its run failed).",
+        description=(
+            f"Runs {spec.name} when the source's max({cursor_of(loaded).cursor_field}) is past the mark its table"
+            " committed (new rows, or its run failed)."
+            if cursor_of(loaded) is not None
+            else f"Runs {spec.name} when a source file of {loaded.display_path} is not in its table at its"
+            " current version (new, changed, or its run failed)."
+        ),
     )
     def source_sensor(
         context: dg.SensorEvaluationContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource

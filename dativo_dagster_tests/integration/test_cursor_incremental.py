@@ -496,3 +496,41 @@ def test_catalog_none_commits_the_mark_in_the_commit_marker(pg_db: PostgresClust
     }
     run(project)  # nothing new: no marker
     assert len(read_commit_markers(location, S3Settings())) == 2 and sum(rows().values()) == 4
+
+
+def test_a_run_overtaken_by_another_commits_nothing(
+    pg_db: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dativo_dagster import assets  # noqa: PLC0415
+
+    db = Database("postgres", pg_db)
+    monkeypatch.setenv(URL_ENV, db.url)
+    table, name = unique("race"), unique("race")
+    db.create_orders(table)
+    db.insert(table, [(1, T0, "a")])
+    project = Project(tmp_path / "project")
+    project.write_spec(orders_spec(db, name, table))
+    run(project)
+    db.insert(table, [(2, T0 + timedelta(minutes=1), "b")])
+    commit_files = assets.commit_files
+    overtook: list[str] = []
+
+    def overtaken(table_, **kwargs):  # noqa: ANN001, ANN202 - wraps commit_files
+        if not overtook:
+            # another run that read from the same mark commits first (here: its commit's source state)
+            (uri,) = kwargs["sources"]
+            other_mark = f"cursor:{(T0 + timedelta(minutes=1)).isoformat()}"
+            commit_files(table_, branch="acme", files=[], partitioner=kwargs["partitioner"], run_id="other-run",
+                         properties={SOURCE_STATE_KEY: json.dumps({uri: other_mark})}, sources={uri: other_mark},
+                         record_sources=True)
+            overtook.append(other_mark)
+            table_ = table_.refresh()
+        return commit_files(table_, **kwargs)
+
+    monkeypatch.setattr(assets, "commit_files", overtaken)
+    result = project.materialize()
+    assert overtook and committed_mark(project, name) == overtook[0]  # the race happened
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "another run committed rows of" in failure.event_specific_data.error.message
+    assert rows_of(project, name) == [(1, T0, "a")]  # nothing of the overtaken run
