@@ -18,6 +18,7 @@ from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
+from dativo_dagster.cursor import cursor_read, cursor_run_found_nothing, is_cursor_run, units_with_marks
 from dativo_dagster.errors import DuplicateKeysError, StorageError, is_transient
 from dativo_dagster.sources import SourceFile, source_for
 from dativo_dagster.incremental import (
@@ -125,6 +126,7 @@ class WriteResult(BaseModel):
     seconds: dict[str, float] = Field(default_factory=dict)  # busy time of each stage of the stream
     merge_keys: str = ""  # write_mode: merge: the file of the keys the run brought (merge.MergeKeys)
     rows_not_loaded: int = 0  # write_mode: merge: earlier rows of a key read again later in the run, and deletes
+    cursor_read_from: dict[str, str] = Field(default_factory=dict)  # a cursor run: the marks it read from
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -261,6 +263,12 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         )
         outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
         extract_report.file_reports = outcome.file_reports
+        if is_cursor_run(loaded):
+            context.log.info(f"{name}: {outcome.validation.rows_read} new row(s) read past the committed mark,"
+                             f" {outcome.rows_skipped} boundary row(s) already committed skipped")
+            if cursor_run_found_nothing(files, outcome):
+                context.log.info(f"{name}: nothing new past the committed mark; the table stays as it is")
+                extract_report.files = []  # reported as nothing new, as an incremental run that found no file
         for report in outcome.file_reports:
             if report["extra_columns"]:
                 context.log.warning(f"{report['uri']}: columns not in the spec, not loaded: {report['extra_columns']}")
@@ -461,6 +469,10 @@ def select_sources(
     spec = loaded.spec
     if not is_incremental(loaded):
         return Selection(to_read=list(listed), new=[f.uri for f in listed])
+    if is_cursor_run(loaded):  # each unit is read from the mark its table committed (cursor.py)
+        to_read = units_with_marks(listed, committed_sources(loaded, storage, catalog_resource))
+        return Selection(to_read=to_read, new=[f.uri for f in to_read if not f.version],
+                         changed=[f.uri for f in to_read if f.version])
     assert spec.source.incremental is not None
     return select_files(
         listed,
@@ -722,6 +734,10 @@ def stream_sources(
         run_id=run_id,
     )
     try:
+        cursor = None
+        if is_cursor_run(loaded) and files:
+            with failures(loaded, "extract", secrets):
+                cursor = cursor_read(loaded, files, catalog, location, rejects_location, s3)
         run_pipeline(
             loaded,
             files,
@@ -731,6 +747,7 @@ def stream_sources(
             log_info=context.log.info,
             secrets=secrets,
             classify=lambda exc: is_transient(exc, spec.retry_config.retryable_errors),
+            cursor=cursor,
         )
     except StageFailure as exc:
         _drop_created(created, s3)
@@ -804,7 +821,8 @@ def _write_result(outcome: PipelineOutcome, extract_report: "ExtractReport") -> 
         ingested_at=outcome.ingested_at,
         data_files=outcome.data_files,
         reject_files=outcome.reject_files,
-        source_state=extract_report.source_state,
+        source_state={**extract_report.source_state, **outcome.cursor_marks},
+        cursor_read_from=extract_report.source_state if outcome.cursor_marks else {},
         rows_read=outcome.validation.rows_read,
         rows_rejected=outcome.validation.rows_rejected,
         location=outcome.location,
@@ -884,6 +902,8 @@ def _commit(
         context.log.info(f"{spec.name}: committing files written by run {written.run_id} under that run's id")
     overwrite = spec.target.write_mode is WriteMode.OVERWRITE
     table_name = f"{spec.domain}.{spec.name}"
+    # a cursor's unit is the same table every run: its rows are added, never replaced; its new mark is recorded
+    replace_sources = written.incremental and not is_cursor_run(loaded)
     if spec.target.catalog is CatalogKind.NONE:
         s3 = storage.s3_settings()
         # overwrite replaces the quarantine's rows too (CONTRACT 3), also when this run rejected nothing
@@ -896,7 +916,7 @@ def _commit(
                 s3=s3,
                 table=f"{table_name}__rejects",
                 overwrite=overwrite,
-                replace_sources=written.incremental,
+                replace_sources=replace_sources,
             )
         result = write_commit_marker(
             location=written.location,
@@ -906,7 +926,8 @@ def _commit(
             s3=s3,
             table=table_name,
             overwrite=overwrite,
-            replace_sources=written.incremental and not written.nothing_new,
+            replace_sources=replace_sources and not written.nothing_new,
+            record_sources=is_cursor_run(loaded) and not written.nothing_new,
         )
         return result.model_copy(
             update={"table_rows": committed_records(written.location, s3), "nothing_new": written.nothing_new}
@@ -921,7 +942,7 @@ def _commit(
     )
     # a changed file also replaces the rows its earlier version left in quarantine, and an overwrite replaces all of
     # them (CONTRACT 3), even with no new rejects
-    replaces_rejects = overwrite or (written.incremental and written.source_state)
+    replaces_rejects = overwrite or (replace_sources and written.source_state)
     if written.reject_files or (replaces_rejects and catalog.table_exists(rejects_name)):
         reject_table = catalog.load_table(rejects_name)
         reject_result = commit_files(
@@ -933,7 +954,7 @@ def _commit(
             properties=properties,
             overwrite=overwrite,
             sources=written.source_state,
-            replace_sources=written.incremental,
+            replace_sources=replace_sources,
             writer=writer,
         )
         if reject_result.rows:
@@ -948,13 +969,14 @@ def _commit(
         properties=properties,
         overwrite=overwrite,
         sources=written.source_state,
-        replace_sources=written.incremental,
+        replace_sources=replace_sources,
         record_sources=written.incremental,
         writer=writer,
         publish=spec.target.publish,  # the data table only: the quarantine table stays on the branch (CONTRACT 9)
         merge=merge,
         # a merge promises one row per key: counted on the staged snapshot, so a failure commits and publishes nothing
         unique_key=spec.primary_key if spec.target.write_mode is WriteMode.MERGE else None,
+        read_from=written.cursor_read_from if is_cursor_run(loaded) else None,
     )
     if merge is not None:
         merge.remove()  # committed (or committed before): the keys are not needed again

@@ -385,8 +385,12 @@ def commit_files(
     publish: bool = False,
     merge: MergeKeys | None = None,
     unique_key: Sequence[str] | None = None,
+    read_from: Mapping[str, str] | None = None,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
+
+    ``read_from`` (a cursor run: each unit's mark when the run read it) must still be what the branch holds when the
+    commit lands: a run whose unit another run committed meanwhile read the same rows, and is refused (terminal).
 
     With ``overwrite`` the commit replaces all rows. With ``replace_sources`` it first deletes the rows
     that earlier commits brought from any of ``sources`` (a changed file, or a file another run loaded
@@ -433,7 +437,8 @@ def commit_files(
     last_error: Exception | None = None
     table = _own_properties(table)
     plan = functools.partial(_plan, branch=branch, run_id=run_id, files=files, sources=sources, overwrite=overwrite,
-                             replace_sources=replace_sources, record_sources=record_sources, merging=merge is not None)
+                             replace_sources=replace_sources, record_sources=record_sources, merging=merge is not None,
+                             read_from=read_from)
     merge_keys: pa.Table | None = None
     for attempt in range(COMMIT_ATTEMPTS):
         if attempt:
@@ -540,15 +545,24 @@ def _plan(
     replace_sources: bool,
     record_sources: bool,
     merging: bool = False,
+    read_from: Mapping[str, str] | None = None,
 ) -> _Plan:
     state = read_branch_state(table, branch)
     previous = find_run_commit(table, branch, run_id, state)
+    moved = sorted(uri for uri, mark in (read_from or {}).items() if state.sources.get(uri, "") != mark)
+    if previous is None and moved:
+        raise TerminalError(
+            f"{'.'.join(table.name())}@{branch}: another run committed rows of {', '.join(moved)} after run {run_id}"
+            " read them from the mark it had then; nothing of this run was committed (it would load those rows"
+            " twice): materialize the asset again"
+        )
     replaced: list[str] = []
     unrecorded = False
     if replace_sources and sources and not overwrite:
         replaced = sorted(uri for uri in sources if uri in state.sources)
+    if sources and not overwrite:
         # a source read at a version the branch does not hold yet must be recorded even when it
-        # brought no row (empty, or every row quarantined), or every later run reads it again
+        # brought no row (empty, or every row quarantined; a cursor's new mark), or every later run reads it again
         unrecorded = record_sources and any(state.sources.get(uri) != version for uri, version in sources.items())
     needed = previous is None and bool(files or overwrite or replaced or unrecorded or merging)
     return _Plan(state, previous, replaced, needed)

@@ -52,13 +52,15 @@ def write_commit_marker(
     table: str,
     overwrite: bool = False,
     replace_sources: bool = False,
+    record_sources: bool = False,
 ) -> CommitResult:
     """Write the run's marker listing its files, unless the run already has one (idempotent).
 
     The marker is written to a temporary name and moved into place, so a reader sees all of a
     run's files or none. With ``overwrite`` the marker hides every file committed before it; with
     ``replace_sources`` it hides the earlier files of every source file it read (files are written one
-    source file each in this mode, so nothing else is hidden with them).
+    source file each in this mode, so nothing else is hidden with them). With ``record_sources`` (a cursor's new
+    mark) a marker is written even without files, so that its source state is committed.
     """
     uri = marker_uri(location, run_id)
     result = CommitResult(
@@ -73,7 +75,7 @@ def write_commit_marker(
     )
     if _marker_exists(uri, s3):
         return result.model_copy(update={"already_committed": True})
-    if not files and not overwrite and not replace_sources:
+    if not files and not overwrite and not replace_sources and not record_sources:
         return result.model_copy(update={"metadata_location": ""})
     body = {
         "run_id": run_id,

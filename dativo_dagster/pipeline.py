@@ -28,12 +28,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from dativo_dagster.cursor import CursorRead, format_mark
 from dativo_dagster.errors import DativoError, redact
 from dativo_dagster.merge import MergeBuffer
 from dativo_dagster.sources import FileReport, Source, SourceFile, source_for
@@ -87,6 +88,9 @@ class PipelineOutcome(BaseModel):
     strict_failed: bool = False  # strict mode and a row was rejected: nothing was written
     merge_keys: str = ""  # write_mode: merge: the file of the keys the run read (merge.MergeBuffer)
     rows_not_loaded: int = 0  # write_mode: merge: rows read but superseded by a later row of their key, or deletes
+    # cursor incremental (cursor.py): the mark to commit per unit, and the boundary rows skipped as committed already
+    cursor_marks: dict[str, str] = Field(default_factory=dict)
+    rows_skipped: int = 0
     seconds: dict[str, float] = Field(default_factory=dict)  # busy time per stage and the wall time
 
     @property
@@ -151,10 +155,13 @@ def run_pipeline(
     secrets: Sequence[str | None] = (),
     classify: Callable[[BaseException], bool] = lambda exc: False,
     source: Source | None = None,
+    cursor: CursorRead | None = None,
 ) -> PipelineOutcome:
     """Stream ``files`` (the source's units) through validation into ``sinks``; fills and returns ``outcome``.
 
-    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`).
+    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`). With ``cursor``
+    (a cursor incremental run) valid rows already committed at the boundary are skipped (not counted as read) and
+    the highest cursor value read becomes ``outcome.cursor_marks``.
 
     Raises:
         StageFailure: reading (stage ``extract``) or validating (stage ``validate``) failed; every file
@@ -216,7 +223,14 @@ def run_pipeline(
                     put(typed, item)
                     return
                 started = time.perf_counter()
+                if cursor is not None:  # rows quarantined by an earlier run are not judged (nor counted) again
+                    item = cursor.skip_quarantined(item, [f.name for f in spec.fields])
                 valid, rejects, tally = validate_batch(item, spec.fields, null_values)
+                if cursor is not None:
+                    kept = cursor.observe(valid, rejects)
+                    skipped = valid.num_rows - kept.num_rows
+                    tally = replace(tally, rows_read=tally.rows_read - skipped, rows_valid=tally.rows_valid - skipped)
+                    valid = kept
                 report.add(tally)
                 progress.busy["validate"] += time.perf_counter() - started
                 if rejects.num_rows and not strict and not put(typed, ("rejects", rejects)):
@@ -254,6 +268,10 @@ def run_pipeline(
     busy = {stage: round(seconds, 3) for stage, seconds in progress.busy.items()}
     outcome.seconds = {**busy, "wall": round(time.perf_counter() - wall, 3)}
     outcome.strict_failed = strict and report.rows_rejected > 0
+    if cursor is not None:
+        outcome.rows_skipped = cursor.skipped
+        mark = cursor.new_mark
+        outcome.cursor_marks = {unit.uri: format_mark(mark) for unit in files} if mark is not None else {}
     if failure is not None or outcome.strict_failed or outcome.write_error is not None:
         sinks.abort()
         outcome.data_files, outcome.reject_files = [], []

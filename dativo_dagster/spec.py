@@ -111,6 +111,7 @@ class CatalogKind(str, enum.Enum):
 
 
 _FORMAT_KINDS = (TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ)
+CURSOR_KINDS = (TypeKind.INTEGER, TypeKind.DATE, TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ)
 
 
 def _any_case(word: str) -> str:
@@ -253,9 +254,34 @@ class IncrementalStrategy(str, enum.Enum):
     FILE_MODIFIED_TIME = "file_modified_time"
 
 
+def _strategy_for(kind: str, expected: str) -> Any:
+    """A before-validator of ``strategy``: the other kind's strategy gets a message saying where it belongs."""
+
+    def check(value: Any) -> Any:
+        if value in ("cursor", "file_modified_time") and value != expected:
+            other = "database sources (postgres, mysql)" if value == "cursor" else "csv sources"
+            raise ValueError(f"{value!r} is for {other} only; {kind} sources use {expected!r}")
+        return value
+
+    return check
+
+
 class Incremental(_Model):
     strategy: IncrementalStrategy = IncrementalStrategy.FILE_MODIFIED_TIME
     lookback_days: int = Field(default=0, ge=0, strict=True)
+
+    _strategy = field_validator("strategy", mode="before")(_strategy_for("csv", "file_modified_time"))
+
+
+class CursorIncremental(_Model):
+    """``incremental: {strategy: cursor, ...}`` of a database source (CONTRACT 7): rows at or above the committed
+    high-water mark of ``cursor_field`` (less ``lookback_seconds`` for time stamps)."""
+
+    strategy: Literal["cursor"]
+    cursor_field: str = Field(min_length=1, max_length=255)
+    lookback_seconds: int = Field(default=0, ge=0, strict=True)
+
+    _strategy = field_validator("strategy", mode="before")(_strategy_for("database", "cursor"))
 
 
 class CsvSourceSpec(_Model):
@@ -299,11 +325,7 @@ class DatabaseSourceSpec(_Model):
     connection: Connection
     table: str | None = Field(default=None, min_length=1, max_length=1000)
     query: str | None = Field(default=None, min_length=1, max_length=100_000)
-    incremental: Any = Field(
-        default=None,
-        description="not supported yet for database sources",
-        json_schema_extra={"not": {}},
-    )
+    incremental: CursorIncremental | None = None
 
     @field_validator("table")
     @classmethod
@@ -323,12 +345,6 @@ class DatabaseSourceSpec(_Model):
         if (self.table is None) == (self.query is None):
             key = "table" if self.table is None else "query"
             problems.append((key, "expected exactly one of table or query"))
-        if self.incremental is not None:
-            problems.append((
-                "incremental",
-                f"not supported yet for {self.type} sources (cursor incremental is planned); remove it, every run"
-                " reads the whole table or query",
-            ))
         if problems:
             raise SpecProblems(problems)
         return self
@@ -542,10 +558,12 @@ class AssetSpecModel(_Model):
         if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
         problems.extend(self._publish_problems())
-        if self.sensor is not None and self.source.type != "csv":
+        problems += self._cursor_problems()
+        if self.sensor is not None and self.source.type != "csv" and self.source.incremental is None:
             problems.append((
                 "sensor",
-                f"not supported yet for {self.source.type} sources (a database sensor is planned); use schedule:",
+                f"a {self.source.type} source's sensor compares the source's highest cursor value with the committed"
+                " mark: it needs source.incremental: {strategy: cursor, cursor_field: ...}; add it, or use schedule:",
             ))
         elif self.sensor is not None and self.source.incremental is None and self.target.write_mode is WriteMode.APPEND:
             problems.append((
@@ -570,6 +588,34 @@ class AssetSpecModel(_Model):
                 " default: the tenant) or remove publish",
             )]
         return []
+
+    def _cursor_problems(self) -> list[tuple[str, str]]:
+        """``source.incremental`` of a database source: the cursor field is a required spec field of a type with an
+        order (integer/long, date, timestamp, timestamptz); ``lookback_seconds`` only for time stamps."""
+        incremental = self.source.incremental
+        if not isinstance(incremental, CursorIncremental):
+            return []
+        key = "source.incremental.cursor_field"
+        fields = {f.name: f for f in self.schema_}
+        field = fields.get(incremental.cursor_field)
+        if field is None:
+            return [(key, f"{_shown(incremental.cursor_field)} is not a field of schema; expected one of "
+                     + ", ".join(fields))]
+        problems = []
+        if field.type.kind not in CURSOR_KINDS:
+            problems.append((key, f"{field.name!r} is {field.type}; a cursor field must be integer/long, date,"
+                             " timestamp or timestamptz"))
+        if not field.required:
+            problems.append((key, f"{field.name!r} must be required (a row with a null cursor is never at or above"
+                             " the mark); add required: true to its schema entry"))
+        if self.target.write_mode is WriteMode.OVERWRITE:
+            problems.append(("source.incremental", "a cursor reads only the rows past the committed mark, and"
+                             " write_mode: overwrite would replace the table with them: use write_mode: append, or"
+                             " remove incremental to read every row on every run"))
+        if incremental.lookback_seconds and field.type.kind not in (TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ):
+            problems.append(("source.incremental.lookback_seconds", f"only time stamp cursors have a lookback;"
+                             f" {field.name!r} is {field.type}: remove it or set 0"))
+        return problems
 
     def _column_problems(self) -> list[tuple[str, str]]:
         problems = []

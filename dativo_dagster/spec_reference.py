@@ -171,18 +171,32 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         '["", "NULL", "n/a"]',
     ),
     "source.incremental": (
-        "Read only new and changed files (with `write_mode: append` or `merge`); omit it to read every file on every run."
-        " Not supported yet for postgres and mysql (a spec error).",
+        "csv: read only new and changed files (with `write_mode: append` or `merge`); omit it to read every file on every"
+        " run. postgres, mysql: `{strategy: cursor, cursor_field, lookback_seconds}` reads only rows at or above the"
+        " committed high-water mark (docs/sources/postgres.md).",
         "{strategy: file_modified_time, lookback_days: 7}",
     ),
     "source.incremental.strategy": (
-        "How changes are detected: a file is read when it is new or its version (local: modification time and"
-        " size; S3: ETag) differs from the last committed run. A changed file replaces the rows of its earlier version.",
+        "How changes are detected. csv: `file_modified_time`, a file is read when it is new or its version (local:"
+        " modification time and size; S3: ETag) differs from the last committed run; a changed file replaces the rows"
+        " of its earlier version. postgres, mysql: `cursor` (see `cursor_field`); each kind refuses the other's.",
         "file_modified_time",
     ),
     "source.incremental.lookback_days": (
         "Files last modified more than this many days ago are never read; 0: no limit.",
         "7",
+    ),
+    "source.incremental.cursor_field": (
+        "postgres, mysql (`strategy: cursor`): the spec field whose highest committed value is the high-water mark;"
+        " a required field of type integer/long, date, timestamp or timestamptz. The first run reads every row, later"
+        " runs the rows at or above the mark; rows already committed at the boundary (same primary key and cursor"
+        " value, or without a key the same content) are skipped. The mark is committed with the rows.",
+        "ModifiedDate",
+    ),
+    "source.incremental.lookback_seconds": (
+        "postgres, mysql (`strategy: cursor`, time stamp cursors only): re-read this many seconds below the mark, for"
+        " rows whose transactions committed late; rows already committed are skipped, never loaded twice.",
+        "300",
     ),
     "source.connection": (
         "postgres, mysql: how to reach the database. The URL itself never goes into a spec.",
@@ -355,6 +369,7 @@ source:
   type: postgres
   connection: {url_env: SHOP_DB_URL}
   table: sales.orders
+  incremental: {strategy: cursor, cursor_field: ModifiedDate, lookback_seconds: 300}
 """
 
 
@@ -389,11 +404,9 @@ def _fields(
     seen = set() if seen is None else seen
     for name, info in model.model_fields.items():
         path = f"{prefix}{info.alias or name}"
-        if path in seen:
-            continue
-        seen.add(path)
-        nested = _model_in(info.annotation)
-        yield path, info, nested
+        if path not in seen:  # a key another kind has too: listed once, its own nested keys below it still are
+            seen.add(path)
+            yield path, info, _model_in(info.annotation)
         for kind in _models_in(info.annotation):
             yield from _fields(kind, f"{path}[]." if _is_list(info.annotation) else f"{path}.", seen)
 

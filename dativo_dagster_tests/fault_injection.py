@@ -2,7 +2,7 @@
 (``dativo-dagster materialize``) or a Dagster job against a persistent instance.
 
 Points (``KILL_POINTS``):
-- ``extract``: while the source files are being read, after the first batch came out;
+- ``extract``: while the source files (or a database source's rows) are being read, after the first batch came out;
 - ``write``: after the first data file was finished, before the others;
 - ``commit-before``: before the first catalog commit of the run (nothing committed);
 - ``between-tables``: after the quarantine table's commit, before the data table's (warn mode);
@@ -50,6 +50,19 @@ if point == "extract":
             yield batch
 
     extract.read_source_file = reading
+
+    from dativo_dagster.sources import database
+
+    read_database = database.DatabaseSource.read
+
+    def reading_database(self, *args, **kwargs):
+        for batch in read_database(self, *args, **kwargs):
+            if calls["batches"] >= 1:
+                die(batches=calls["batches"], file=self.uri())
+            calls["batches"] += 1
+            yield batch
+
+    database.DatabaseSource.read = reading_database
 elif point == "write":
     close = write.PartitionedParquetWriter._close
 

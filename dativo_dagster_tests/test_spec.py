@@ -586,7 +586,7 @@ def _postgres_spec_problems(source: dict, **overrides: object) -> list[str]:
         ),
         (
             {"connection": {"url_env": "DB"}, "table": "t", "incremental": {"strategy": "cursor"}},
-            "asset_specs/orders.yaml: source.incremental: not supported yet for postgres sources",
+            "asset_specs/orders.yaml: source.incremental.cursor_field: required key is missing",
         ),
         ({"connection": {"url_env": "postgresql://u:pw@h/db"}, "table": "t"}, "source.connection.url_env: expected the NAME"),
         ({"connection": {"url_env": "DB"}, "table": "t; DROP TABLE t"}, "source.table: expected a table or view name"),
@@ -605,9 +605,61 @@ def test_unknown_source_type_and_valid_postgres_spec() -> None:
         "asset_specs/orders.yaml: source.type: expected one of 'csv', 'postgres', 'mysql'; got 'mysqlx'"
     ]
     assert _postgres_spec_problems({"type": "postgres", "connection": {"url_env": "DB"}, "table": '"Sales"."Orders"'}) == []
-    assert _postgres_spec_problems(
+    problems = _postgres_spec_problems(
         {"type": "postgres", "connection": {"url_env": "DB"}, "table": "t"}, sensor={"minimum_interval_seconds": 60}
-    ) == ["asset_specs/orders.yaml: sensor: not supported yet for postgres sources (a database sensor is planned); use schedule:"]
+    )
+    assert len(problems) == 1 and problems[0].startswith(
+        "asset_specs/orders.yaml: sensor: a postgres source's sensor compares the source's highest cursor value"
+    ), problems
+
+
+CURSOR_SCHEMA = [
+    {"name": "id", "type": "integer", "required": True, "primary_key": True},
+    {"name": "updated_at", "type": "timestamptz", "required": True},
+    {"name": "day", "type": "date", "required": True},
+    {"name": "note", "type": "string", "required": True},
+    {"name": "loose", "type": "timestamp"},
+]
+
+
+@pytest.mark.parametrize("kind", ["postgres", "mysql"])
+@pytest.mark.parametrize(
+    ("incremental", "expected"),
+    [
+        ({"strategy": "cursor", "cursor_field": "updated_at", "lookback_seconds": 300}, None),
+        ({"strategy": "cursor", "cursor_field": "id"}, None),
+        ({"strategy": "cursor", "cursor_field": "day"}, None),
+        ({"strategy": "cursor", "cursor_field": "nope"},
+         "source.incremental.cursor_field: 'nope' is not a field of schema; expected one of id, updated_at"),
+        ({"strategy": "cursor", "cursor_field": "note"},
+         "source.incremental.cursor_field: 'note' is string; a cursor field must be integer/long, date, timestamp"),
+        ({"strategy": "cursor", "cursor_field": "loose"}, "source.incremental.cursor_field: 'loose' must be required"),
+        ({"strategy": "cursor", "cursor_field": "id", "lookback_seconds": 60},
+         "source.incremental.lookback_seconds: only time stamp cursors have a lookback; 'id' is integer"),
+        ({"strategy": "cursor", "cursor_field": "updated_at", "lookback_seconds": -1},
+         "source.incremental.lookback_seconds: "),
+        ({"strategy": "file_modified_time"},
+         "source.incremental.strategy: 'file_modified_time' is for csv sources only; database sources use 'cursor'"),
+        ({"strategy": "cursor", "cursor_field": "id", "lookback_days": 1}, "source.incremental.lookback_days: unknown key"),
+    ],
+)
+def test_cursor_incremental_spec_checks_name_the_key(kind: str, incremental: dict, expected: str | None) -> None:
+    source = {"type": kind, "connection": {"url_env": "DB"}, "table": "t", "incremental": incremental}
+    problems = _postgres_spec_problems(source, schema=CURSOR_SCHEMA, sensor={"minimum_interval_seconds": 30})
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(p.startswith(f"asset_specs/orders.yaml: {expected}") for p in problems), problems
+
+
+def test_cursor_strategy_on_a_csv_source_is_refused() -> None:
+    problems = _postgres_spec_problems(
+        {"type": "csv", "files": [{"path": "data/x.csv"}], "incremental": {"strategy": "cursor"}}
+    )
+    assert any(
+        p.startswith("asset_specs/orders.yaml: source.incremental.strategy: 'cursor' is for database sources"
+                     " (postgres, mysql) only; csv sources use 'file_modified_time'") for p in problems
+    ), problems
 
 
 def test_missing_url_variable_is_a_terminal_error_naming_spec_and_variable(tmp_path: Path, monkeypatch) -> None:

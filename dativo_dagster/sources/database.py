@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -23,6 +24,9 @@ from dativo_dagster.sources.base import (
 )
 from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
 from dativo_dagster.table_schema import SOURCE_FILE, repeated
+from dativo_dagster.types import TypeKind
+
+CursorValue = int | date | datetime
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,33 @@ class DatabaseSource:
         """What the reads select from: the table, or the spec's query as a derived table."""
         return self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
 
+    def _cursor_bound(self, unit: SourceFile) -> CursorValue | None:
+        """The lowest cursor value the unit's read takes (the committed mark less the lookback; None: every row)."""
+        from dativo_dagster.cursor import cursor_field, cursor_of, lower_bound, parse_mark  # noqa: PLC0415
+
+        if cursor_of(self.loaded) is None:
+            return None
+        return lower_bound(self.loaded, parse_mark(unit.version, cursor_field(self.loaded).type.kind))
+
+    def _cursor_column(self, names: Sequence[str], selected: Sequence[tuple[str, int]], unit: SourceFile) -> str | None:
+        """The relation's column that holds the cursor field (None: the spec has no cursor).
+
+        Raises:
+            DatabaseSourceError: the relation has no such column.
+        """
+        from dativo_dagster.cursor import cursor_of  # noqa: PLC0415
+
+        cursor = cursor_of(self.loaded)
+        if cursor is None:
+            return None
+        index = dict(selected).get(cursor.cursor_field)
+        if index is None:
+            raise DatabaseSourceError(
+                f"{self._where()}.incremental.cursor_field: {unit.uri} has no column {cursor.cursor_field!r}; it has "
+                + ", ".join(names)
+            )
+        return names[index]
+
     def _selected(self, names: Sequence[str], unit: SourceFile, report: FileReport) -> list[tuple[str, int]]:
         """The spec's fields found among the relation's columns ``names``, as (field, column index); the columns
         the spec lacks and the fields the relation lacks go to ``report``.
@@ -130,6 +161,19 @@ def text_batch(
         else:
             columns.append(pa.nulls(num_rows, pa.string()))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def cursor_value(value: object, kind: TypeKind) -> CursorValue | None:
+    """A value the driver returned as the spec's cursor type (time stamps with a zone in UTC)."""
+    if value is None:
+        return None
+    if kind is TypeKind.TIMESTAMPTZ and isinstance(value, datetime):
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if kind is TypeKind.TIMESTAMP and isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    if kind is TypeKind.DATE and isinstance(value, datetime):
+        return value.date()
+    return value if isinstance(value, (date, datetime)) else int(value)
 
 
 class DriverErrors:

@@ -14,6 +14,7 @@ import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
@@ -26,7 +27,7 @@ from dativo_dagster.sources.base import (
     SourceFile,
     text_schema,
 )
-from dativo_dagster.sources.database import DatabaseSource, DriverErrors, text_batch
+from dativo_dagster.sources.database import CursorValue, DatabaseSource, DriverErrors, cursor_value, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,10 @@ class MySQLSource(DatabaseSource):
             selected = self._selected([d[0] for d in described], unit, report)
             row_object = _row_as_json([described[index] for _, index in selected])
             position_of = {name: position for position, (name, _) in enumerate(selected)}
+            where = self._where_cursor(conn, [d[0] for d in described], selected, unit)
             with self._errors(password, unit.uri, "reading"):
                 stream = conn.cursor(pymysql.cursors.SSCursor)
-                stream.execute(f"SELECT {row_object} FROM {relation}")  # noqa: S608 - quoted names and the spec's SQL
+                stream.execute(f"SELECT {row_object} FROM {relation}{where}")  # noqa: S608 - quoted names, the spec's SQL
             while True:
                 with self._errors(password, unit.uri, "reading"):
                     rows = stream.fetchmany(BATCH_ROWS)
@@ -125,6 +127,40 @@ class MySQLSource(DatabaseSource):
                 stream.close()  # every row was read: nothing left to drain
         finally:
             _close(conn, stream, unit.uri)
+
+    def _where_cursor(self, conn: Any, names: list[str], selected: list[tuple[str, int]], unit: SourceFile) -> str:
+        """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, else nothing; the bound is escaped by
+        the driver as it escapes query parameters (a zoned mark in UTC, the session's time zone)."""
+        column = self._cursor_column(names, selected, unit)
+        bound = self._cursor_bound(unit)
+        if column is None or bound is None:
+            return ""
+        if isinstance(bound, datetime) and bound.tzinfo is not None:
+            bound = bound.astimezone(timezone.utc).replace(tzinfo=None)
+        return f" WHERE {_quoted(column)} >= {conn.escape(bound)}"
+
+    def max_cursor(self) -> CursorValue | None:
+        """The source's highest cursor value now (``SELECT max(...)``: one row, no row transfer)."""
+        from dativo_dagster.cursor import cursor_field  # noqa: PLC0415
+
+        password = unquote(urlsplit(self.url()).password or "")
+        uri = self.uri()
+        unit = SourceFile(uri=uri, size=0, version="")
+        conn = self._connect(password, uri)
+        try:
+            with self._errors(password, uri, "reading"):
+                cur = conn.cursor()
+                cur.execute(SESSION_SETTINGS[0])
+                relation = self._relation()
+                cur.execute(f"SELECT * FROM {relation} LIMIT 0")  # noqa: S608 - the spec's own SQL
+                names = [d[0] for d in cur.description or ()]
+            column = self._cursor_column(names, self._selected(names, unit, FileReport(uri=uri)), unit)
+            with self._errors(password, uri, "reading"):
+                cur.execute(f"SELECT max({_quoted(column)}) FROM {relation}")  # noqa: S608 - as above
+                value = cur.fetchone()[0]
+        finally:
+            _close(conn, None, uri)
+        return cursor_value(value, cursor_field(self.loaded).type.kind)
 
     def _connect(self, password: str, uri: str):  # noqa: ANN202 - the driver's connection type
         import pymysql  # noqa: PLC0415 - loaded only when a database is read

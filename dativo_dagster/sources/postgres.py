@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
@@ -24,7 +25,7 @@ from dativo_dagster.sources.base import (
     SourceFile,
     text_schema,
 )
-from dativo_dagster.sources.database import DatabaseSource, DriverErrors, text_batch
+from dativo_dagster.sources.database import CursorValue, DatabaseSource, DriverErrors, cursor_value, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ class PostgresSource(DatabaseSource):
             columns = ", ".join(
                 f"{_as_text(described.field(index))} AS c{position}" for position, (_, index) in enumerate(selected)
             )
+            where = self._where_cursor(described.names, selected, unit)
             with self._errors(password, unit.uri, "reading"):
-                cur.execute(f"SELECT {columns} FROM {relation}")  # noqa: S608 - quoted names and the spec's own SQL
+                cur.execute(f"SELECT {columns} FROM {relation}{where}")  # noqa: S608 - quoted names, the spec's SQL
                 reader = cur.fetch_record_batch()
             position_of = {name: position for position, (name, _) in enumerate(selected)}
             batches = iter_batches(reader)
@@ -125,6 +127,45 @@ class PostgresSource(DatabaseSource):
             except Exception:  # noqa: BLE001 - the read's own outcome matters; the server ends the session anyway
                 log.warning("could not close the connection to %s", unit.uri)
 
+    def _where_cursor(self, names: list[str], selected: list[tuple[str, int]], unit: SourceFile) -> str:
+        """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, else nothing.
+
+        The bound is a typed literal rendered from the parsed mark (an int, a date or a datetime, never text from
+        anywhere else): the driver streams a result through ``COPY``, which takes no bound parameters.
+        """
+        column = self._cursor_column(names, selected, unit)
+        bound = self._cursor_bound(unit)
+        if column is None or bound is None:
+            return ""
+        return f" WHERE {_quoted(column)} >= {_literal(bound)}"
+
+    def max_cursor(self) -> CursorValue | None:
+        """The source's highest cursor value now (``SELECT max(...)``: one row, no row transfer)."""
+        from dativo_dagster.cursor import cursor_field  # noqa: PLC0415
+
+        url = self.url()
+        password = unquote(urlsplit(url).password or "")
+        uri = self.uri()
+        report = FileReport(uri=uri)
+        conn = self._connect(url, password, uri)
+        try:
+            cur = conn.cursor()
+            with self._errors(password, uri, "reading"):
+                cur.execute("SET TimeZone = 'UTC'")
+                relation = self._relation()
+                described = cur.adbc_execute_schema(f"SELECT * FROM {relation}")  # noqa: S608 - the spec's own SQL
+            selected = self._selected(described.names, SourceFile(uri=uri, size=0, version=""), report)
+            column = self._cursor_column(described.names, selected, SourceFile(uri=uri, size=0, version=""))
+            with self._errors(password, uri, "reading"):
+                cur.execute(f"SELECT max({_quoted(column)}) FROM {relation}")  # noqa: S608 - as above
+                value = cur.fetchone()[0]
+        finally:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - the query's own outcome matters; the server ends the session anyway
+                log.warning("could not close the connection to %s", uri)
+        return cursor_value(value, cursor_field(self.loaded).type.kind)
+
     def _connect(self, url: str, password: str, uri: str):  # noqa: ANN202 - the driver's connection type
         import adbc_driver_postgresql.dbapi as adbc  # noqa: PLC0415 - loaded only when a database is read
 
@@ -140,6 +181,15 @@ def iter_batches(reader: pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:
             yield reader.read_next_batch()
         except StopIteration:
             return
+
+
+def _literal(value: CursorValue) -> str:
+    """A typed SQL literal of a cursor value (an int, a date or a datetime)."""
+    if isinstance(value, datetime):
+        return f"TIMESTAMPTZ '{value.isoformat()}'" if value.tzinfo is not None else f"TIMESTAMP '{value.isoformat()}'"
+    if isinstance(value, date):
+        return f"DATE '{value.isoformat()}'"
+    return str(int(value))
 
 
 def _quoted(name: str) -> str:
