@@ -193,6 +193,30 @@ def test_each_row_is_loaded_once_across_runs_and_at_the_boundary(db: Database, e
     assert work < 2, work
 
 
+def test_a_cursor_with_merge_replaces_updated_rows_by_key(db: Database, env_url: str, tmp_path: Path) -> None:
+    """Cursor + write_mode: merge: an updated row (same key, later cursor) replaces its key's row, a new key is added,
+    a row committed at the mark is not read twice; each key once on the branch."""
+    table, name = unique("orders"), unique("orders")
+    db.create_orders(table)
+    first = [(i, T0 + timedelta(minutes=i), f"v1-{i}") for i in range(1, 4)]
+    db.insert(table, first)
+    project = Project(tmp_path / "project")
+    project.write_spec(orders_spec(db, name, table, target={"write_mode": "merge"}))
+    run(project)
+    assert rows_of(project, name) == first
+
+    db.execute(f"UPDATE {table} SET updated_at = '{(T0 + timedelta(minutes=8)).isoformat(sep=' ')}', note = 'v2-2'"
+               " WHERE id = 2")
+    db.insert(table, [(4, T0 + timedelta(minutes=9), "new")])
+    result = run(project)
+
+    assert rows_of(project, name) == [first[0], (2, T0 + timedelta(minutes=8), "v2-2"), first[2],
+                                      (4, T0 + timedelta(minutes=9), "new")]
+    unique_key = [e for e in result.get_asset_check_evaluations() if e.check_name == "unique_key"]
+    assert [e.passed for e in unique_key] == [True]
+    assert committed_mark(project, name) == f"cursor:{(T0 + timedelta(minutes=9)).isoformat()}"
+
+
 def test_lookback_rereads_late_rows_without_doubling(db: Database, env_url: str, tmp_path: Path) -> None:
     # an instant cursor (timestamptz / MySQL TIMESTAMP): the mark and the bound are UTC
     table, name = unique("late"), unique("late")
