@@ -96,8 +96,18 @@ EXPECTED_REASONS = {
 
 @pytest.fixture(scope="module")
 def shop(postgres: PostgresCluster) -> PostgresCluster:
-    """Database ``shop`` with schema ``sales``, its ``types`` table, and a role that logs in with a password."""
+    """Database ``shop`` with schema ``sales``, its ``types`` table, and a role that logs in with a password.
+
+    Other modules import this fixture (test_merge_servers.py): each module runs it once on the session's cluster, so
+    a cluster that has the role already is set up."""
     postgres.create_database(DB)
+    conn = postgres.connect(DB)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,))
+        ready = cur.fetchone() is not None
+    conn.close()
+    if ready:
+        return postgres
     hba = postgres.data_dir / "pg_hba.conf"
     # the cluster trusts everyone; the reader role must give its password (so a wrong one is refused)
     hba.write_text(f"host all {READER} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
