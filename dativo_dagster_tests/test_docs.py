@@ -22,6 +22,7 @@ from dativo_dagster.logging import JsonLineFormatter
 from dativo_dagster.spec import parse_spec_document, spec_json_schema
 from dativo_dagster.spec_reference import (
     DATABASE_SOURCE_EXAMPLE,
+    PARTITIONS_EXAMPLE,
     EXAMPLE,
     KEY_DOCS,
     REGENERATE,
@@ -72,10 +73,14 @@ def test_the_complete_example_is_a_valid_spec_that_sets_every_key() -> None:
     database = _database_variant(document)
     model, problems = parse_spec_document(database, "database.yaml")
     assert model is not None, problems
+    partitioned = _partitioned_variant(document)
+    model, problems = parse_spec_document(partitioned, "partitioned.yaml")
+    assert model is not None, problems
     # a database source takes exactly one of table / query: the example sets table
-    assert _flat_keys(document) | _flat_keys(database) | {"source.query"} == set(key_paths())
+    assert _flat_keys(document) | _flat_keys(database) | _flat_keys(partitioned) | {"source.query"} == set(key_paths())
     jsonschema.validate(document, spec_json_schema())
     jsonschema.validate(database, spec_json_schema())
+    jsonschema.validate(partitioned, spec_json_schema())
 
 
 def _database_variant(document: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +88,13 @@ def _database_variant(document: dict[str, Any]) -> dict[str, Any]:
     database = {**document, **yaml.safe_load(DATABASE_SOURCE_EXAMPLE)}
     database.pop("sensor")
     return database
+
+
+def _partitioned_variant(document: dict[str, Any]) -> dict[str, Any]:
+    """The complete example as a time-partitioned asset (no sensor: not supported with partitions)."""
+    partitioned = {**document, **yaml.safe_load(PARTITIONS_EXAMPLE)}
+    partitioned.pop("sensor")
+    return partitioned
 
 
 def _set(document: dict[str, Any], path: str, value: Any) -> None:
@@ -103,7 +115,9 @@ def _set(document: dict[str, Any], path: str, value: Any) -> None:
 def test_every_documented_example_value_is_valid_for_its_key(path: str) -> None:
     document = yaml.safe_load(EXAMPLE)
     database = _database_variant(document)
-    if path not in _flat_keys(document):  # a key of the database source
+    if path.startswith("partitions"):
+        document = _partitioned_variant(document)
+    elif path not in _flat_keys(document):  # a key of the database source
         document = database
     document = copy.deepcopy(document)
     _set(document, path, yaml.safe_load(KEY_DOCS[path][1]))
