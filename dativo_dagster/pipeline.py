@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
@@ -42,6 +42,9 @@ from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import INGESTED_AT, RUN_ID, repeated
 from dativo_dagster.validate import ValidationReport, validate_batch
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile
+
+if TYPE_CHECKING:
+    from dativo_dagster.partitions import PartitionWindow
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +154,12 @@ def run_pipeline(
     secrets: Sequence[str | None] = (),
     classify: Callable[[BaseException], bool] = lambda exc: False,
     source: Source | None = None,
+    window: PartitionWindow | None = None,
 ) -> PipelineOutcome:
     """Stream ``files`` (the source's units) through validation into ``sinks``; fills and returns ``outcome``.
 
-    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`).
+    ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`). With a partition
+    ``window`` rows outside it are rejected (``out_of_partition``).
 
     Raises:
         StageFailure: reading (stage ``extract``) or validating (stage ``validate``) failed; every file
@@ -216,7 +221,7 @@ def run_pipeline(
                     put(typed, item)
                     return
                 started = time.perf_counter()
-                valid, rejects, tally = validate_batch(item, spec.fields, null_values)
+                valid, rejects, tally = validate_batch(item, spec.fields, null_values, window)
                 report.add(tally)
                 progress.busy["validate"] += time.perf_counter() - started
                 if rejects.num_rows and not strict and not put(typed, ("rejects", rejects)):
