@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 from collections import Counter
 from typing import Any
 
@@ -267,3 +268,46 @@ def test_a_run_without_a_partition_key_fails_naming_it(project: Project) -> None
     (message,) = failures(result)
     assert "events is partitioned (daily): a run needs a partition key (--partition 2024-01-31" in message
     assert not project.warehouse.exists()  # failed before anything was read or created
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+
+
+def _dagster(project: Project, tmp_path: Any, *args: str) -> Any:
+    from dativo_dagster_tests.test_cli_materialize import DAGSTER, clean_env  # noqa: PLC0415
+
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    return subprocess.run(
+        [str(DAGSTER), "asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "events", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(DATIVO_ASSET_SPECS_DIR=str(project.specs_dir), DAGSTER_HOME=str(home)),
+        cwd=tmp_path,
+    )
+
+
+def test_dagster_asset_materialize_with_a_partition_and_a_partition_range(project: Project, tmp_path: Any) -> None:
+    project.write_spec(partitioned_spec())
+    # an unpartitioned asset of the same data product: its group job must still build
+    project.write_spec(base_spec("people"))
+    project.write_data("people.csv", "id,name\n1,a\n")
+    for day, ids in (("2024-01-30", range(1, 3)), ("2024-01-31", range(5, 8)), ("2024-02-01", range(9, 10))):
+        project.write_data(f"events/{day}.csv", day_csv(day, ids))
+
+    proc = _dagster(project, tmp_path, "--partition", "2024-01-31")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows(project) == Counter((i, "2024-01-31", f"v1-{i}") for i in range(5, 8))
+
+    # a range would be one run over several partitions: Dagster refuses it for an asset without a single-run
+    # backfill policy (a backfill runs one partition per run, through the UI or the daemon); the table is as it was
+    proc = _dagster(project, tmp_path, "--partition-range", "2024-01-30...2024-02-01")
+    assert proc.returncode != 0
+    assert "partition ranges for assets without a single-run backfill policy" in proc.stderr
+    assert rows(project) == Counter((i, "2024-01-31", f"v1-{i}") for i in range(5, 8))
+
+    proc = _dagster(project, tmp_path)
+    assert proc.returncode != 0
+    assert "Asset has partitions, but no '--partition' option was provided" in proc.stderr
+    assert rows(project) == Counter((i, "2024-01-31", f"v1-{i}") for i in range(5, 8))
