@@ -311,3 +311,25 @@ def test_dagster_asset_materialize_with_a_partition_and_a_partition_range(projec
     assert proc.returncode != 0
     assert "Asset has partitions, but no '--partition' option was provided" in proc.stderr
     assert rows(project) == Counter((i, "2024-01-31", f"v1-{i}") for i in range(5, 8))
+
+
+def test_dativo_dagster_materialize_takes_a_partition(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    from dativo_dagster.cli import main  # noqa: PLC0415
+
+    project.write_spec(partitioned_spec())
+    project.write_spec(base_spec("people"))
+    project.write_data("people.csv", "id,name\n1,a\n")
+    project.write_data("events/2024-01-31.csv", day_csv("2024-01-31", range(5, 8)))
+    specs = ["materialize", "--specs", str(project.specs_dir)]
+
+    assert main(specs) == 2
+    assert "time-partitioned asset(s) events need --partition KEY" in capsys.readouterr().err
+    assert main([*specs, "--partition", "2024-01-31"]) == 2
+    assert "--partition applies to time-partitioned assets only; not partitioned: people" in capsys.readouterr().err
+    assert main([*specs, "--select", "events", "--partition", "2024-1-31"]) == 2
+    assert "events: no partition '2024-1-31'" in capsys.readouterr().err
+    assert not project.warehouse.exists()
+
+    assert main([*specs, "--select", "events", "--partition", "2024-01-31"]) == 0
+    assert "events:" in capsys.readouterr().out
+    assert rows(project) == Counter((i, "2024-01-31", f"v1-{i}") for i in range(5, 8))
