@@ -333,3 +333,28 @@ def test_dativo_dagster_materialize_takes_a_partition(project: Project, capsys: 
     assert main([*specs, "--select", "events", "--partition", "2024-01-31"]) == 0
     assert "events:" in capsys.readouterr().out
     assert rows(project) == Counter((i, "2024-01-31", f"v1-{i}") for i in range(5, 8))
+
+
+@pytest.mark.parametrize("kind", ["timestamptz", "timestamp"])
+def test_hourly_partitions_in_a_zone_replace_their_hour(project: Project, kind: str) -> None:
+    """Hourly partitions in Europe/Berlin (UTC+1 in January): partition 2024-01-31-05:00 is 04:00-05:00 UTC for a
+    timestamptz field, 05:00-06:00 wall-clock for a timestamp field; a re-run replaces only its hour."""
+    spec = partitioned_spec(
+        schema=[{"name": "id", "type": "integer", "required": True}, {"name": "at", "type": kind, "required": True}],
+        source={"type": "csv", "files": [{"path": "data/events/{partition}.csv"}]},
+        target={"partitioning": ["hour(at)"]},
+        partitions={"type": "hourly", "start": "2024-01-01 00:00", "field": "at", "timezone": "Europe/Berlin"},
+    )
+    project.write_spec(spec)
+    five, six = ("04", "05") if kind == "timestamptz" else ("05", "06")  # the hours as the CSV writes them
+    zone = "Z" if kind == "timestamptz" else ""
+    project.write_data("events/2024-01-31-05:00.csv",
+                       f"id,at\n1,2024-01-31 {five}:00:00{zone}\n2,2024-01-31 {five}:59:59.999999{zone}\n")
+    project.write_data("events/2024-01-31-06:00.csv", f"id,at\n3,2024-01-31 {six}:00:00{zone}\n")
+    for key in ("2024-01-31-05:00", "2024-01-31-06:00"):
+        result = materialize(project, key)
+        assert result.success, failures(result)
+    project.write_data("events/2024-01-31-05:00.csv", f"id,at\n4,2024-01-31 {five}:30:00{zone}\n")
+    result = materialize(project, "2024-01-31-05:00")
+    assert result.success, failures(result)
+    assert sorted(r["id"] for r in branch_rows(project.table(TABLE), BRANCH)) == [3, 4]
