@@ -22,9 +22,9 @@ from dativo_dagster.logging import JsonLineFormatter
 from dativo_dagster.spec import parse_spec_document, spec_json_schema
 from dativo_dagster.spec_reference import (
     DATABASE_SOURCE_EXAMPLE,
-    PARTITIONS_EXAMPLE,
     EXAMPLE,
     KEY_DOCS,
+    PARTITIONS_EXAMPLE,
     REGENERATE,
     key_paths,
     render_spec_reference,
