@@ -45,6 +45,13 @@ from dativo_dagster.merge import (
     keys_uri,
 )
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
+from dativo_dagster.partitions import (
+    PARTITION_KEY_PROPERTY,
+    WindowSelection,
+    for_partition,
+    partition_window,
+    partitions_definition,
+)
 from dativo_dagster.pipeline import (
     LOGGED_FILES,
     PipelineOutcome,
@@ -93,6 +100,7 @@ class ExtractReport(BaseModel):
     changed: list[str] = Field(default_factory=list)
     unchanged: list[str] = Field(default_factory=list)
     too_old: list[str] = Field(default_factory=list)
+    partition_key: str = ""  # a partitioned asset's run: the partition it reads and replaces
 
     @property
     def nothing_new(self) -> bool:
@@ -127,6 +135,7 @@ class WriteResult(BaseModel):
     merge_keys: str = ""  # write_mode: merge: the file of the keys the run brought (merge.MergeKeys)
     rows_not_loaded: int = 0  # write_mode: merge: earlier rows of a key read again later in the run, and deletes
     cursor_read_from: dict[str, str] = Field(default_factory=dict)  # a cursor run: the marks it read from
+    partition_key: str = ""  # a partitioned asset's run: the commit replaces this partition's window
 
 
 def retry_policy(loaded: LoadedSpec) -> dg.RetryPolicy:
@@ -242,9 +251,12 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
         s3 = dativo_storage.s3_settings()
         secrets = _secrets(dativo_storage, dativo_catalog)
+        partition_key = _partition_key(context, loaded)
         with failures(loaded, "extract", secrets):
-            listed = source_for(loaded, s3).list_units()
+            listed = source_for(run_spec(loaded, partition_key), s3).list_units()
             selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
+        if partition_key:
+            context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
         files = selection.to_read
         if is_incremental(loaded):
             context.log.info(f"{name}: {selection.describe()}")
@@ -260,6 +272,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             changed=selection.changed,
             unchanged=selection.unchanged,
             too_old=selection.too_old,
+            partition_key=partition_key,
         )
         outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
         extract_report.file_reports = outcome.file_reports
@@ -429,6 +442,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             "dativo/write_mode": spec.target.write_mode.value,
         },
         check_specs=[check_spec, drift_spec, reconciliation_spec, *([unique_key_spec] if unique_key_spec else [])],
+        partitions_def=partitions_definition(spec),
     )
     def asset():
         stream, extract_report = extract()
@@ -443,6 +457,24 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         }
 
     return asset
+
+
+def _partition_key(context: dg.OpExecutionContext, loaded: LoadedSpec) -> str:
+    """The partition a partitioned asset's run reads ("" for an unpartitioned asset)."""
+    if loaded.spec.partitions is None:
+        return ""
+    if not context.has_partition_key:
+        raise dg.Failure(
+            description=f"{loaded.spec.name} is partitioned ({loaded.spec.partitions.type.value}): a run needs a"
+            " partition key (--partition 2024-01-31, a partitioned schedule, or a backfill)",
+            allow_retries=False,
+        )
+    return context.partition_key
+
+
+def run_spec(loaded: LoadedSpec, partition_key: str) -> LoadedSpec:
+    """The spec as the run reads it: for a partition, ``{partition}`` in its source paths replaced by the key."""
+    return for_partition(loaded, partition_key) if partition_key else loaded
 
 
 def is_incremental(loaded: LoadedSpec) -> bool:
@@ -673,6 +705,7 @@ def stream_sources(
     failure, failed write), so that a failed run leaves the catalog as it was.
     """
     spec = loaded.spec
+    window = partition_window(loaded, extract_report.partition_key) if extract_report.partition_key else None
     secrets = _secrets(storage, catalog_resource)
     run_id = context.run_id
     ingested_at = datetime.now(timezone.utc)
@@ -739,7 +772,7 @@ def stream_sources(
             with failures(loaded, "extract", secrets):
                 cursor = cursor_read(loaded, files, catalog, location, rejects_location, s3)
         run_pipeline(
-            loaded,
+            run_spec(loaded, extract_report.partition_key),
             files,
             s3=s3,
             sinks=sinks,
@@ -748,6 +781,7 @@ def stream_sources(
             secrets=secrets,
             classify=lambda exc: is_transient(exc, spec.retry_config.retryable_errors),
             cursor=cursor,
+            window=window,
         )
     except StageFailure as exc:
         _drop_created(created, s3)
@@ -834,6 +868,7 @@ def _write_result(outcome: PipelineOutcome, extract_report: "ExtractReport") -> 
         seconds=outcome.seconds,
         merge_keys=outcome.merge_keys,
         rows_not_loaded=outcome.rows_not_loaded,
+        partition_key=extract_report.partition_key,
     )
 
 
@@ -897,6 +932,7 @@ def _commit(
         "dativo.spec-version": spec.version,
         "dativo.rows-read": str(written.rows_read),
         "dativo.rows-rejected": str(written.rows_rejected),
+        **({PARTITION_KEY_PROPERTY: written.partition_key} if written.partition_key else {}),
     }
     if written.run_id != context.run_id:
         context.log.info(f"{spec.name}: committing files written by run {written.run_id} under that run's id")
@@ -977,6 +1013,8 @@ def _commit(
         # a merge promises one row per key: counted on the staged snapshot, so a failure commits and publishes nothing
         unique_key=spec.primary_key if spec.target.write_mode is WriteMode.MERGE else None,
         read_from=written.cursor_read_from if is_cursor_run(loaded) else None,
+        # a partition's run replaces its window's rows (partitions.py), in the same commit
+        window=WindowSelection(partition_window(loaded, written.partition_key)) if written.partition_key else None,
     )
     if merge is not None:
         merge.remove()  # committed (or committed before): the keys are not needed again

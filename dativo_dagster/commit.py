@@ -40,7 +40,7 @@ from pyiceberg.typedef import Record
 from dativo_dagster.errors import CommitError, DuplicateKeysError, TerminalError, is_transient
 from dativo_dagster.merge import DuplicateKeys, KeySelection, MergeKeys, duplicate_keys
 from dativo_dagster.publish import fast_forward_main, main_before_publish, publish_to_main
-from dativo_dagster.rewrite import SourceRemoval, remove_rows, remove_sources
+from dativo_dagster.rewrite import RowSelection, SourceRemoval, remove_rows, remove_sources
 from dativo_dagster.storage import S3Settings, map_per_object
 from dativo_dagster.table_schema import Partitioner, arrow_schema
 from dativo_dagster.table_state import (
@@ -386,6 +386,7 @@ def commit_files(
     merge: MergeKeys | None = None,
     unique_key: Sequence[str] | None = None,
     read_from: Mapping[str, str] | None = None,
+    window: RowSelection | None = None,
 ) -> CommitResult:
     """Add ``files`` to ``branch`` in one atomic commit.
 
@@ -401,6 +402,8 @@ def commit_files(
     still commits an empty snapshot recording their versions, so that later runs do not read them again. With
     ``merge`` (``write_mode: merge``) the rows of the branch whose key the run brought are taken away in the same
     commit (``merge.KeySelection``, rewriting shared files like ``replace_sources``), so every key occurs once.
+    With ``window`` (a partition's run: ``partitions.WindowSelection``) the branch's rows in the partition's window
+    are taken away in the same commit, so the branch holds the window's rows of this run only.
 
     Each commit also writes the branch's state before it (source files held, runs committed) to a small file
     that its summary names (see ``table_state``), so the next commit and the next run read the state from the
@@ -437,8 +440,8 @@ def commit_files(
     last_error: Exception | None = None
     table = _own_properties(table)
     plan = functools.partial(_plan, branch=branch, run_id=run_id, files=files, sources=sources, overwrite=overwrite,
-                             replace_sources=replace_sources, record_sources=record_sources, merging=merge is not None,
-                             read_from=read_from)
+                             replace_sources=replace_sources, record_sources=record_sources,
+                             merging=merge is not None or window is not None, read_from=read_from)
     merge_keys: pa.Table | None = None
     for attempt in range(COMMIT_ATTEMPTS):
         if attempt:
@@ -471,7 +474,7 @@ def commit_files(
             # the rows the replaced sources brought, taken off this head (rewriting files they share with others)
             if merge is not None and merge_keys is None:
                 merge_keys = merge.read()
-            removal = _remove_sources(table, branch, decided.replaced, partitioner, writer, merge_keys)
+            removal = _remove_sources(table, branch, decided.replaced, partitioner, writer, merge_keys, window)
             replacement = None
             if removal is not None:
                 replacement = (removal.deleted, _data_files(table, removal.written, partitioner, run_id))
@@ -616,10 +619,11 @@ def _without_pyiceberg_retries(table: Table) -> Table:
 def _remove_sources(
     table: Table, branch: str, replaced: Sequence[str], partitioner: Partitioner, writer: WriterSettings | None,
     merge_keys: pa.Table | None = None,
+    window: RowSelection | None = None,
 ) -> SourceRemoval | None:
     """The replaced sources' rows, and the rows with a merge's keys, taken off the head of ``branch``
     (``rewrite.remove_rows``), or None."""
-    if not replaced and merge_keys is None:
+    if not replaced and merge_keys is None and window is None:
         return None
 
     def new_writer() -> PartitionedParquetWriter:
@@ -631,6 +635,8 @@ def _remove_sources(
         return writer.writer(f"{table.location().rstrip('/')}/data", arrow_schema(table.schema()), partitioner)
 
     s3 = writer.s3 if writer is not None else S3Settings()
+    if window is not None:
+        return remove_rows(table, branch, window, new_writer, s3)  # partitions allow no replaced sources or merge
     if merge_keys is not None:
         selection = KeySelection(merge_keys, table.schema(), sorted(set(replaced)))
         return remove_rows(table, branch, selection, new_writer, s3)

@@ -12,6 +12,7 @@ from pyiceberg.table import Table
 
 from dativo_dagster.executors import many_assets_executor
 from dativo_dagster.logging import logging_run_config
+from dativo_dagster.partitions import partitions_definition
 from dativo_dagster.maintenance import (
     MIN_AGE_HOURS,
     current_references,
@@ -65,6 +66,9 @@ def build_schedules(
         spec = item.spec
         if spec.schedule is None:
             continue
+        if spec.partitions is not None:
+            schedules.append(partitioned_schedule(item, jobs[spec.name] if jobs is not None else asset_job(item)))
+            continue
         schedules.append(
             dg.ScheduleDefinition(
                 name=f"{spec.name}__schedule",
@@ -75,6 +79,31 @@ def build_schedules(
             )
         )
     return schedules
+
+
+def partitioned_schedule(loaded: LoadedSpec, job: Any) -> dg.ScheduleDefinition:
+    """A partitioned spec's schedule: at each tick of its cron, a run of the last partition complete by then
+    (Dagster's ``build_schedule_from_partitioned_job`` would tie the cron to the partitions' own length)."""
+    spec = loaded.spec
+    assert spec.schedule is not None
+    partitions = partitions_definition(spec)
+    assert partitions is not None
+
+    @dg.schedule(
+        name=f"{spec.name}__schedule",
+        job=job,
+        cron_schedule=spec.schedule.cron,
+        execution_timezone=spec.schedule.timezone,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+    )
+    def request_last_partition(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        ended = partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+        key = ended[-1] if ended else None
+        if key is None:
+            return dg.SkipReason(f"no partition of {spec.name} has ended yet (the first starts {spec.partitions.start})")
+        return dg.RunRequest(run_key=key, partition_key=key)
+
+    return request_last_partition
 
 
 def build_sensors(loaded: Sequence[LoadedSpec]) -> list[dg.SensorDefinition]:

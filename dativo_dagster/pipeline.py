@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
@@ -43,6 +43,9 @@ from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import INGESTED_AT, RUN_ID, repeated
 from dativo_dagster.validate import ValidationReport, validate_batch
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile
+
+if TYPE_CHECKING:
+    from dativo_dagster.partitions import PartitionWindow
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +159,14 @@ def run_pipeline(
     classify: Callable[[BaseException], bool] = lambda exc: False,
     source: Source | None = None,
     cursor: CursorRead | None = None,
+    window: PartitionWindow | None = None,
 ) -> PipelineOutcome:
     """Stream ``files`` (the source's units) through validation into ``sinks``; fills and returns ``outcome``.
 
     ``source`` reads them (default: the spec's own kind, :func:`dativo_dagster.sources.source_for`). With ``cursor``
     (a cursor incremental run) valid rows already committed at the boundary are skipped (not counted as read) and
-    the highest cursor value read becomes ``outcome.cursor_marks``.
+    the highest cursor value read becomes ``outcome.cursor_marks``. With a partition ``window`` rows outside it are
+    rejected (``out_of_partition``).
 
     Raises:
         StageFailure: reading (stage ``extract``) or validating (stage ``validate``) failed; every file
@@ -225,7 +230,7 @@ def run_pipeline(
                 started = time.perf_counter()
                 if cursor is not None:  # rows quarantined by an earlier run are not judged (nor counted) again
                     item = cursor.skip_quarantined(item, [f.name for f in spec.fields])
-                valid, rejects, tally = validate_batch(item, spec.fields, null_values)
+                valid, rejects, tally = validate_batch(item, spec.fields, null_values, window)
                 if cursor is not None:
                     kept = cursor.observe(valid, rejects)
                     skipped = valid.num_rows - kept.num_rows

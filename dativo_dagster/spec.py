@@ -520,6 +520,54 @@ class SensorSpec(_Model):
     minimum_interval_seconds: int = Field(default=60, ge=1, strict=True)
 
 
+class PartitionType(str, enum.Enum):
+    """How long one time partition of a partitioned asset is."""
+
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+
+
+PARTITION_START_PATTERN = re.compile(r"^(\d{4}-\d{2}-\d{2})(?: (\d{2}:\d{2}))?$")
+
+
+class PartitionsSpec(_Model):
+    """``partitions:``: the asset is time-partitioned in Dagster; a partition's run replaces the rows whose ``field``
+    falls in its window (CONTRACT section 10, docs/partitions.md)."""
+
+    type: PartitionType
+    start: str = Field(min_length=1, description="first partition: YYYY-MM-DD, or YYYY-MM-DD HH:MM (hourly only)")
+    field: str = Field(min_length=1, description="a required date, timestamp or timestamptz schema field")
+    timezone: str = Field(default="UTC", description="IANA zone of the partitions' bounds")
+
+    @field_validator("start")
+    @classmethod
+    def _valid_start(cls, value: str) -> str:
+        from datetime import datetime  # noqa: PLC0415 - local: the module imports no datetime otherwise
+
+        match = PARTITION_START_PATTERN.fullmatch(value.strip())
+        expected = "expected YYYY-MM-DD or YYYY-MM-DD HH:MM (such as 2024-01-01 or 2024-01-01 00:00)"
+        if match is None:
+            raise ValueError(f"{expected}; got {_shown(value)}")
+        try:
+            datetime.strptime(value.strip(), "%Y-%m-%d %H:%M" if match.group(2) else "%Y-%m-%d")
+        except ValueError:
+            raise ValueError(f"not a real date or time; {expected}; got {_shown(value)}") from None
+        return value.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_zone(cls, value: str) -> str:
+        if value.upper() == "UTC":
+            return "UTC"
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r}; expected an IANA name such as UTC or Europe/Berlin") from None
+        return value
+
+
 class AssetSpecModel(_Model):
     """One asset spec file (ODCS v3.0.2 flavoured)."""
 
@@ -543,6 +591,7 @@ class AssetSpecModel(_Model):
     retry_config: RetryConfig = Field(default_factory=RetryConfig)
     schedule: ScheduleSpec | None = None
     sensor: SensorSpec | None = None
+    partitions: PartitionsSpec | None = None
 
     @field_validator("version", mode="before")
     @classmethod
@@ -555,6 +604,7 @@ class AssetSpecModel(_Model):
     @model_validator(mode="after")
     def _consistent(self) -> AssetSpecModel:
         problems = [*self._column_problems(), *self._partition_problems(), *self._merge_problems()]
+        problems.extend(self._time_partition_problems())
         if self.target.catalog is CatalogKind.NONE and self.target.branch is not None:
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
         problems.extend(self._publish_problems())
@@ -709,6 +759,63 @@ class AssetSpecModel(_Model):
                     " rename the column"
                 )
                 problems.append((key, message))
+        return problems
+
+    def _time_partition_problems(self) -> list[tuple[str, str]]:
+        """``partitions:`` needs a required time field and a source and write mode that a window can replace."""
+        parts = self.partitions
+        if parts is None:
+            return []
+        problems = []
+        by_name = {f.name: (index, f) for index, f in enumerate(self.schema_)}
+        found = by_name.get(parts.field)
+        if found is None:
+            known = ", ".join(f.name for f in self.schema_ if f.type.kind in _TIME_KINDS) or "none"
+            problems.append((
+                "partitions.field",
+                f"unknown field {parts.field!r}; expected a date, timestamp or timestamptz schema field ({known})",
+            ))
+        else:
+            index, field = found
+            if field.type.kind not in _TIME_KINDS:
+                problems.append((
+                    "partitions.field",
+                    f"field {parts.field!r} is {field.type}; expected a date, timestamp or timestamptz field",
+                ))
+            elif field.type.kind is TypeKind.DATE and parts.type is PartitionType.HOURLY:
+                problems.append(("partitions.field", f"field {parts.field!r} is a date: hourly partitions need a"
+                                 " timestamp or timestamptz field"))
+            if not field.required:
+                problems.append((
+                    "partitions.field",
+                    f"field {parts.field!r} must be required (schema[{index}].required: true): a row without it"
+                    " belongs to no partition",
+                ))
+        if " " in parts.start and parts.type is not PartitionType.HOURLY:
+            problems.append(("partitions.start", f"a time of day is for hourly partitions only; {parts.type.value}"
+                             " partitions start at midnight: write YYYY-MM-DD"))
+        if self.target.catalog is CatalogKind.NONE:
+            problems.append(("partitions", "needs catalog: iceberg (a partition's run replaces the rows of its window"
+                             " in one atomic commit); remove partitions for catalog: none"))
+        if self.target.write_mode is not WriteMode.APPEND:
+            problems.append((
+                "target.write_mode",
+                f"{self.target.write_mode.value} cannot be combined with partitions: a partition's run already"
+                " replaces exactly its window's rows; use write_mode: append (the default)",
+            ))
+        if self.source.type != "csv":
+            problems.append(("partitions", f"not supported yet for {self.source.type} sources (query windows"
+                             " :partition_start / :partition_end are planned); remove partitions"))
+        else:
+            if self.source.incremental is not None:
+                problems.append(("source.incremental", "not supported yet together with partitions: every partition"
+                                 " run reads its partition's files whole; remove incremental"))
+            if not any("{partition}" in f.path for f in self.source.files):
+                problems.append(("source.files", "a partitioned asset reads its partition's files: put {partition}"
+                                 " (the partition key, e.g. 2024-01-31) in at least one path"))
+        if self.sensor is not None:
+            problems.append(("sensor", "not supported with partitions (a sensor would request unpartitioned runs);"
+                             " use schedule:, which requests the last complete partition"))
         return problems
 
     @property
@@ -1093,6 +1200,8 @@ __all__ = [
     "FieldSpec",
     "LoadedSpec",
     "PartitionField",
+    "PartitionType",
+    "PartitionsSpec",
     "SpecProblems",
     "ValidationMode",
     "WriteMode",

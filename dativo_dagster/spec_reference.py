@@ -309,6 +309,31 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "{minimum_interval_seconds: 60}",
     ),
     "sensor.minimum_interval_seconds": ("Least time between two evaluations of the sensor, in seconds.", "300"),
+    "partitions": (
+        "Make the asset time-partitioned in Dagster (docs/partitions.md). A partition's run reads the source paths"
+        " with `{partition}` replaced by its key, rejects rows whose `field` falls outside its window"
+        " (`out_of_partition`) and replaces exactly the window's rows on the branch in one atomic commit. CSV"
+        " sources with `{partition}` in a path, `write_mode: append`, `catalog: iceberg`; not with"
+        " `source.incremental` or `sensor` (yet). With `schedule`, each tick requests the last partition ended"
+        " by then.",
+        '{type: daily, start: "2024-01-01", field: ModifiedDate}',
+    ),
+    "partitions.type": (
+        "Length of a partition: `hourly` (key `2024-01-31-05:00`), `daily` (`2024-01-31`), `weekly` (starts"
+        " Sunday, key of its first day) or `monthly` (`2024-01-01`).",
+        "daily",
+    ),
+    "partitions.start": ("First partition: `YYYY-MM-DD`, or `YYYY-MM-DD HH:MM` for hourly partitions.", '"2024-01-01"'),
+    "partitions.field": (
+        "A required `date`, `timestamp` or `timestamptz` field whose value places a row in a partition (a `date`"
+        " field cannot take hourly partitions).",
+        "ModifiedDate",
+    ),
+    "partitions.timezone": (
+        "IANA zone of the partitions' bounds (default UTC): a `timestamptz` is compared as an instant, a"
+        " `timestamp` as wall-clock time in this zone, a `date` as the calendar day in this zone.",
+        "Europe/Berlin",
+    ),
 }
 
 EXAMPLE = """\
@@ -372,6 +397,15 @@ source:
   incremental: {strategy: cursor, cursor_field: ModifiedDate, lookback_seconds: 300}
 """
 
+# a time-partitioned asset: what the complete example would change (docs/partitions.md)
+PARTITIONS_EXAMPLE = """\
+source:
+  type: csv
+  files:
+    - {path: "data/adventureworks/Person-{partition}.csv"}
+target: {partitioning: ["day(ModifiedDate)"], write_mode: append}
+partitions: {type: daily, start: "2024-01-01", field: ModifiedDate, timezone: UTC}
+"""
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -596,6 +630,13 @@ def render_spec_reference() -> str:
         "",
         "```yaml",
         DATABASE_SOURCE_EXAMPLE.rstrip("\n"),
+        "```",
+        "",
+        "A time-partitioned asset (docs/partitions.md): these keys instead of the example's `source`, `target`"
+        " and `sensor` (a partitioned asset takes no `incremental`, `sensor`, `merge` or `overwrite`):",
+        "",
+        "```yaml",
+        PARTITIONS_EXAMPLE.rstrip("\n"),
         "```",
         "",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,7 +17,11 @@ from dativo_dagster.spec import FieldSpec
 from dativo_dagster.table_schema import REPEATED_TYPE
 
 REJECT_REASON = "_reject_reason"
+if TYPE_CHECKING:
+    from dativo_dagster.partitions import PartitionWindow
+
 UNPARSEABLE = "unparseable_record"
+OUT_OF_PARTITION = "out_of_partition"  # a partition's run: the partition field falls outside its window
 MAX_EXAMPLES = 3
 MAX_EXAMPLE_CHARS = 200  # examples go into failure messages and check metadata; the rejects table keeps all
 
@@ -117,12 +122,16 @@ def rejects_schema(fields: Sequence[FieldSpec]) -> pa.Schema:
 
 
 def validate_batch(
-    batch: pa.RecordBatch, fields: Sequence[FieldSpec], null_values: Sequence[str]
+    batch: pa.RecordBatch,
+    fields: Sequence[FieldSpec],
+    null_values: Sequence[str],
+    window: PartitionWindow | None = None,
 ) -> tuple[pa.RecordBatch, pa.RecordBatch, BatchTally]:
     """Parse every column of a text batch at once; split it into valid typed rows and rejects.
 
     ``null_values`` are the texts that mean null (the source's: CSV options, none for a database); a null cell is
-    null whatever they are.
+    null whatever they are. With a partition ``window`` a row whose partition field falls outside it is invalid
+    (``out_of_partition``).
     """
     n = batch.num_rows
     parse_error = batch.column(PARSE_ERROR)
@@ -147,6 +156,16 @@ def validate_batch(
             prefixed = _prefixed(f.name, errors)
             reasons = prefixed if reasons is None else _join_reasons(reasons, prefixed)
             _tally_field(tally, f.name, errors, text, batch, withheld=f.is_pii)
+    if window is not None:
+        index = next(i for i, f in enumerate(fields) if f.name == window.field)
+        outside = window.outside(typed[index])
+        if pc.any(outside).as_py():
+            field = fields[index]
+            errors = pc.if_else(outside, OUT_OF_PARTITION, pa.nulls(n, pa.string()))
+            invalid = pc.or_(invalid, outside)
+            prefixed = _prefixed(field.name, errors)
+            reasons = prefixed if reasons is None else _join_reasons(reasons, prefixed)
+            _tally_field(tally, field.name, errors, batch.column(field.name), batch, withheld=field.is_pii)
     if any_unparseable:
         # the raw text holds every field's value, so it is withheld when any field is PII
         _tally_field(

@@ -191,11 +191,12 @@ def commits_released_together(runs: int) -> Iterator[None]:
 
 
 def materialize_concurrently(
-    project: Any, runs: int, *, commit_together: bool = False
+    project: Any, runs: int, *, commit_together: bool = False, partition_keys: Sequence[str] | None = None
 ) -> list[dg.ExecuteInProcessResult]:
     """``runs`` materializations of the project's assets at the same time, one thread each, each with its own
     instance and catalog client (as separate run workers would have), released together by a barrier; with
-    ``commit_together`` their commits are released together too (:func:`commits_released_together`)."""
+    ``commit_together`` their commits are released together too (:func:`commits_released_together`). With
+    ``partition_keys`` (one per run) run ``i`` materializes partition ``partition_keys[i]`` (a backfill)."""
     barrier = threading.Barrier(runs)
     # Dagster composes graph-backed assets on a process-wide stack: build each run's definitions one
     # after the other (run workers are processes in a deployment), then start the runs together
@@ -209,6 +210,7 @@ def materialize_concurrently(
             resources=defs.resources,
             raise_on_error=False,
             instance=dg.DagsterInstance.ephemeral(),
+            partition_key=partition_keys[index] if partition_keys is not None else None,
         )
 
     together = commits_released_together(runs) if commit_together else contextlib.nullcontext()

@@ -24,6 +24,7 @@ from dativo_dagster.spec_reference import (
     DATABASE_SOURCE_EXAMPLE,
     EXAMPLE,
     KEY_DOCS,
+    PARTITIONS_EXAMPLE,
     REGENERATE,
     key_paths,
     render_spec_reference,
@@ -72,15 +73,26 @@ def test_the_complete_example_is_a_valid_spec_that_sets_every_key() -> None:
     database = _database_variant(document)
     model, problems = parse_spec_document(database, "database.yaml")
     assert model is not None, problems
+    partitioned = _partitioned_variant(document)
+    model, problems = parse_spec_document(partitioned, "partitioned.yaml")
+    assert model is not None, problems
     # a database source takes exactly one of table / query: the example sets table
-    assert _flat_keys(document) | _flat_keys(database) | {"source.query"} == set(key_paths())
+    assert _flat_keys(document) | _flat_keys(database) | _flat_keys(partitioned) | {"source.query"} == set(key_paths())
     jsonschema.validate(document, spec_json_schema())
     jsonschema.validate(database, spec_json_schema())
+    jsonschema.validate(partitioned, spec_json_schema())
 
 
 def _database_variant(document: dict[str, Any]) -> dict[str, Any]:
     """The complete example with the database source instead of files (its sensor compares the cursor's max)."""
     return {**document, **yaml.safe_load(DATABASE_SOURCE_EXAMPLE)}
+
+
+def _partitioned_variant(document: dict[str, Any]) -> dict[str, Any]:
+    """The complete example as a time-partitioned asset (no sensor: not supported with partitions)."""
+    partitioned = {**document, **yaml.safe_load(PARTITIONS_EXAMPLE)}
+    partitioned.pop("sensor")
+    return partitioned
 
 
 def _set(document: dict[str, Any], path: str, value: Any) -> None:
@@ -101,7 +113,9 @@ def _set(document: dict[str, Any], path: str, value: Any) -> None:
 def test_every_documented_example_value_is_valid_for_its_key(path: str) -> None:
     document = yaml.safe_load(EXAMPLE)
     database = _database_variant(document)
-    if path not in _flat_keys(document):  # a key of the database source
+    if path.startswith("partitions"):
+        document = _partitioned_variant(document)
+    elif path not in _flat_keys(document):  # a key of the database source
         document = database
     document = copy.deepcopy(document)
     _set(document, path, yaml.safe_load(KEY_DOCS[path][1]))

@@ -1,0 +1,142 @@
+"""Time partitions: a spec's ``partitions:`` as a Dagster partitions definition, and one partition's window.
+
+A partition's run reads the files whose path holds its key (``{partition}``), rejects rows whose ``field`` falls
+outside its window (``out_of_partition``) and replaces the window's rows on the branch in its one commit
+(:class:`WindowSelection`, taken off by ``rewrite.remove_rows``). See docs/partitions.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, LessThan
+from pyiceberg.manifest import DataFile
+
+from dativo_dagster.spec import AssetSpecModel, CsvSourceSpec, LoadedSpec, PartitionType
+from dativo_dagster.types import TypeKind
+from dativo_dagster.validate import OUT_OF_PARTITION
+
+PARTITION_PLACEHOLDER = "{partition}"
+PARTITION_KEY_PROPERTY = "dativo.partition"  # snapshot summary: the partition a commit replaced
+
+_DEFINITIONS: dict[PartitionType, type[dg.TimeWindowPartitionsDefinition]] = {
+    PartitionType.HOURLY: dg.HourlyPartitionsDefinition,
+    PartitionType.DAILY: dg.DailyPartitionsDefinition,
+    PartitionType.WEEKLY: dg.WeeklyPartitionsDefinition,
+    PartitionType.MONTHLY: dg.MonthlyPartitionsDefinition,
+}
+
+
+def partitions_definition(spec: AssetSpecModel) -> dg.TimeWindowPartitionsDefinition | None:
+    """The Dagster partitions of a spec with ``partitions:`` (None without)."""
+    parts = spec.partitions
+    if parts is None:
+        return None
+    start = datetime.strptime(parts.start, "%Y-%m-%d %H:%M" if " " in parts.start else "%Y-%m-%d")
+    return _DEFINITIONS[parts.type](start_date=start, timezone=parts.timezone)
+
+
+@dataclass(frozen=True)
+class PartitionWindow:
+    """One partition: its key and its window ``[start, end)`` (aware, in the partitions' zone) over ``field``."""
+
+    key: str
+    start: datetime
+    end: datetime
+    field: str
+    kind: TypeKind
+
+    def _bound(self, moment: datetime) -> date | datetime:
+        if self.kind is TypeKind.DATE:
+            return moment.date()  # the calendar day in the partitions' zone
+        if self.kind is TypeKind.TIMESTAMP:
+            return moment.replace(tzinfo=None)  # wall-clock time in the partitions' zone
+        return moment.astimezone(timezone.utc)
+
+    def bounds(self) -> tuple[date | datetime, date | datetime]:
+        """The window's bounds as values of the field's type."""
+        return self._bound(self.start), self._bound(self.end)
+
+    def _scalars(self, arrow_type: pa.DataType) -> tuple[pa.Scalar, pa.Scalar]:
+        low, high = self.bounds()
+        return pa.scalar(low, arrow_type), pa.scalar(high, arrow_type)
+
+    def outside(self, values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+        """Per value: true when it is not null and falls outside the window (vectorised)."""
+        low, high = self._scalars(values.type)
+        inside = pc.and_(pc.greater_equal(values, low), pc.less(values, high))
+        return pc.fill_null(pc.invert(inside), False)
+
+    def describe(self) -> str:
+        low, high = self.bounds()
+        return f"partition {self.key}: {self.field} in [{low.isoformat()}, {high.isoformat()})"
+
+
+def partition_window(loaded: LoadedSpec, key: str) -> PartitionWindow:
+    """The window of partition ``key`` of a partitioned spec.
+
+    Raises:
+        ValueError: the spec has no ``partitions:``, or ``key`` is not one of its partition keys.
+    """
+    spec = loaded.spec
+    definition = partitions_definition(spec)
+    if definition is None or spec.partitions is None:
+        raise ValueError(f"{loaded.display_path}: the spec has no partitions; got partition key {key!r}")
+    window = definition.time_window_for_partition_key(key)
+    kind = next(f.type.kind for f in spec.fields if f.name == spec.partitions.field)
+    return PartitionWindow(key=key, start=window.start, end=window.end, field=spec.partitions.field, kind=kind)
+
+
+def for_partition(loaded: LoadedSpec, key: str) -> LoadedSpec:
+    """The spec as partition ``key``'s run reads it: ``{partition}`` in each source path replaced by the key."""
+    source = loaded.spec.source
+    if not isinstance(source, CsvSourceSpec):
+        return loaded
+    files = [f.model_copy(update={"path": f.path.replace(PARTITION_PLACEHOLDER, key)}) for f in source.files]
+    spec = loaded.spec.model_copy(update={"source": source.model_copy(update={"files": files})})
+    return loaded.model_copy(update={"spec": spec})
+
+
+@dataclass(frozen=True)
+class WindowSelection:
+    """The rows of a branch whose ``field`` falls in a partition's window: what a partition's run replaces
+    (a ``rewrite.RowSelection``)."""
+
+    window: PartitionWindow
+    sources: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return self.window.describe()
+
+    def columns(self) -> list[str]:
+        return [self.window.field]
+
+    def row_filter(self) -> BooleanExpression:
+        low, high = self.window.bounds()
+        # pyiceberg converts ISO text to the column's type (date, timestamp, timestamptz)
+        return And(GreaterThanOrEqual(self.window.field, low.isoformat()), LessThan(self.window.field, high.isoformat()))
+
+    def might_hold(self, data_file: DataFile) -> bool:
+        return True  # scan planning has pruned by partition values and column bounds already
+
+    def matches(self, data: pa.Table) -> pa.Array:
+        column = data.column(self.window.field)
+        low, high = self.window._scalars(column.type)
+        inside = pc.and_(pc.greater_equal(column, low), pc.less(column, high))
+        return pc.fill_null(inside, False)
+
+
+__all__ = [
+    "PARTITION_KEY_PROPERTY",
+    "OUT_OF_PARTITION",
+    "PARTITION_PLACEHOLDER",
+    "PartitionWindow",
+    "WindowSelection",
+    "for_partition",
+    "partition_window",
+    "partitions_definition",
+]
