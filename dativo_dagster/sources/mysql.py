@@ -1,7 +1,8 @@
 """MySQL / MariaDB source: one table or view, or one read-only SELECT, read in one snapshot and streamed as Arrow text.
 
-The driver is PyMySQL with an unbuffered (server-side) cursor (docs/sources/mysql.md says why): rows come off the
-socket as they are fetched, ``BATCH_ROWS`` at a time, so memory stays flat whatever the table size. Every column is
+PyMySQL looks the columns up (in a read-only transaction, with every error's code); the rows' one SELECT is read by
+ConnectorX in a process of its own (:mod:`dativo_dagster.mysql_reader`, docs/sources/mysql.md says why) and arrives
+``BATCH_ROWS`` at a time, so memory stays flat whatever the table size. Every column is
 rendered as text by the server (its own exact text of the value: decimals without trailing zeros, ``TIMESTAMP`` in
 UTC with ``+00:00``, binary strings as hex), and validation parses that text by the CSV rules of CONTRACT section
 2: a value is accepted only when the spec type holds it exactly (a zero date ``0000-00-00`` is not a date, a

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from dativo_dagster.errors import DatabaseSourceError, is_transient
+from dativo_dagster.errors import DatabaseSourceError, DatabaseUnavailableError, is_transient
 from dativo_dagster.sources import source_for
 from dativo_dagster.spec import LoadedSpec, load_spec_file
 from dativo_dagster.storage import S3Settings
@@ -143,3 +143,19 @@ def reader_connections(server: MariaDBServer) -> list[tuple]:
         if not rows or time.monotonic() > deadline or any(r[1] != "Sleep" for r in rows):
             return rows
         time.sleep(0.1)
+
+
+def test_a_reading_process_that_dies_is_transient(
+    stream_db: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(URL_ENV, reader_url(stream_db))
+    source = source_of(tmp_path, {"table": "people"}, SCHEMA)
+    units = source.list_units()
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the reading process exits 1 without a word
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        list(source.read(units, []))
+    assert is_transient(caught.value)
+    message = str(caught.value)
+    assert "asset_specs/people.yaml: source: reading mysql://" in message
+    assert "the reading process ended with exit code 1" in message
+    assert PASSWORD not in message and ENCODED not in message
