@@ -21,13 +21,13 @@ from urllib.parse import quote, unquote, urlsplit
 import pyarrow as pa
 
 from dativo_dagster.errors import DatabaseSourceError
+from dativo_dagster.mysql_reader import ReaderError, read_batches
 from dativo_dagster.sources.base import (
     FileReport,
     SourceFile,
     text_schema,
 )
 from dativo_dagster.sources.database import DatabaseSource, DriverErrors, text_batch
-from dativo_dagster.mysql_reader import ReaderError, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,16 @@ class MySQLSource(DatabaseSource):
         # one statement on a connection of its own: InnoDB reads it from one consistent snapshot (taken when the
         # statement starts), in a read-only session (STREAM_SETTINGS), so a query cannot lock or write rows
         batches = read_batches(self._connectorx_url(password), select, STREAM_SETTINGS, BATCH_ROWS)
-        while True:
-            with _StreamErrors(self._where(), password, unit.uri, "reading"):
-                batch = next(batches, None)
-            if batch is None:
-                return
-            report.rows += batch.num_rows
-            yield text_batch(batch.columns, batch.num_rows, schema, position_of, unit.uri)
+        try:
+            while True:
+                with _StreamErrors(self._where(), password, unit.uri, "reading"):
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                report.rows += batch.num_rows
+                yield text_batch(batch.columns, batch.num_rows, schema, position_of, unit.uri)
+        finally:
+            batches.close()  # a read stopped early: the reading process is stopped and its file removed now
 
     def _connectorx_url(self, password: str) -> str:
         """The URL ConnectorX connects with: the spec's user, password and database, scheme ``mysql``."""
