@@ -350,8 +350,10 @@ def run_databases(args: argparse.Namespace) -> int:
         "machine": bench.machine(),
         "servers": "PostgreSQL 15 and MariaDB 10.11 (Debian's packages), private, on loopback, fsync off",
         "versions": f"dativo-dagster in benchmarks/.venv-product; ADBC PostgreSQL driver"
-                    f" {bench.importlib.metadata.version('adbc-driver-postgresql')}, PyMySQL"
-                    f" {bench.importlib.metadata.version('pymysql')}; {', '.join(DLT_DB_REQUIREMENTS)} in"
+                    f" {bench.importlib.metadata.version('adbc-driver-postgresql')}, ConnectorX"
+                    f" {bench.importlib.metadata.version('connectorx')} (MySQL rows), PyMySQL"
+                    f" {bench.importlib.metadata.version('pymysql')} (MySQL column lookup);"
+                    f" {', '.join(DLT_DB_REQUIREMENTS)} in"
                     " benchmarks/.venv-dlt-db",
         "dativo-dagster": bench.code_version(None, "worktree"),
         "command": bench.shown_command(),

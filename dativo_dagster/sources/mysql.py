@@ -1,7 +1,8 @@
 """MySQL / MariaDB source: one table or view, or one read-only SELECT, read in one snapshot and streamed as Arrow text.
 
-The driver is PyMySQL with an unbuffered (server-side) cursor (docs/sources/mysql.md says why): rows come off the
-socket as they are fetched, ``BATCH_ROWS`` at a time, so memory stays flat whatever the table size. Every column is
+PyMySQL looks the columns up (in a read-only transaction, with every error's code); the rows' one SELECT is read by
+ConnectorX in a process of its own (:mod:`dativo_dagster.mysql_reader`, docs/sources/mysql.md says why) and arrives
+``BATCH_ROWS`` at a time, so memory stays flat whatever the table size. Every column is
 rendered as text by the server (its own exact text of the value: decimals without trailing zeros, ``TIMESTAMP`` in
 UTC with ``+00:00``, binary strings as hex), and validation parses that text by the CSV rules of CONTRACT section
 2: a value is accepted only when the spec type holds it exactly (a zero date ``0000-00-00`` is not a date, a
@@ -10,18 +11,18 @@ UTC with ``+00:00``, binary strings as hex), and validation parses that text by 
 
 from __future__ import annotations
 
-import io
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import pyarrow as pa
-import pyarrow.json as pajson
 
 from dativo_dagster.errors import DatabaseSourceError
+from dativo_dagster.mysql_reader import ReaderError, read_batches
 from dativo_dagster.sources.base import (
     FileReport,
     SourceFile,
@@ -42,6 +43,12 @@ SESSION_SETTINGS = (
     "SET SESSION net_write_timeout = 3600",
     "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
 )
+# the same for the rows' stream, whose one statement is its own read-only transaction (its snapshot)
+STREAM_SETTINGS = (
+    "SET time_zone = '+00:00'",
+    "SET SESSION net_write_timeout = 3600",
+    "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+)
 # MySQL protocol column types (pymysql.constants.FIELD_TYPE) that need more than CAST(... AS CHAR)
 _DECIMAL_TYPES = {0, 246}
 _TIMESTAMP = 7
@@ -52,6 +59,13 @@ _STRING_TYPES = {15, 249, 250, 251, 252, 253, 254}  # text and binary strings sh
 # timeout (1205), deadlock (1213), connection killed (1927, MariaDB); client codes 2000-2099: cannot connect,
 # server gone away, lost connection...
 _TRANSIENT_CODES = {1040, 1053, 1205, 1213, 1927}
+# how ConnectorX (the Rust mysql crate) words a server error, and a connection that could not be made or was lost
+_SERVER_ERROR = re.compile(r"ERROR (?P<code>\d+) \(\w+\): (?P<message>.*?) \}")
+_CONNECTION_LOST = re.compile(
+    r"IO error|IoError|Could not connect|Connection (refused|reset)|Broken pipe|timed out|bytes remaining"
+    r"|reading process",
+    re.IGNORECASE,
+)
 
 
 class _DriverErrors(DriverErrors):
@@ -66,6 +80,22 @@ class _DriverErrors(DriverErrors):
         message = str(exc.args[1]) if code is not None and len(exc.args) > 1 else str(exc)
         lost = isinstance(exc, (OSError, pymysql.err.InterfaceError)) or (code is not None and 2000 <= code < 2100)
         return message + (f" (error {code})" if code else ""), lost or code in _TRANSIENT_CODES
+
+
+class _StreamErrors(DriverErrors):
+    """ConnectorX's errors while rows stream (:class:`ReaderError`: the text of its ``RuntimeError`` or Rust panic),
+    holding the server's ``ERROR <code>`` or the client's I/O error. Transient: the codes of :class:`_DriverErrors`,
+    or no server code and a lost or refused connection, or the reading process ended without a word."""
+
+    def classify(self, exc: BaseException) -> tuple[str, bool] | None:
+        if not isinstance(exc, ReaderError):
+            return None
+        text = str(exc)
+        server = _SERVER_ERROR.search(text)
+        if server:
+            code = int(server["code"])
+            return f"{server['message']} (error {code})", 2000 <= code < 2100 or code in _TRANSIENT_CODES
+        return text, bool(_CONNECTION_LOST.search(text))
 
 
 @dataclass(frozen=True)
@@ -93,12 +123,9 @@ class MySQLSource(DatabaseSource):
         return f"mysql://{shown_host}:{port}/{database}/{self.spec.table or 'query'}"
 
     def _read_unit(self, unit: SourceFile, report: FileReport) -> Iterator[pa.RecordBatch]:
-        import pymysql.cursors  # noqa: PLC0415 - loaded only when a database is read
-
         password = unquote(urlsplit(self.url()).password or "")
         schema = text_schema(self.loaded.spec.fields)
         conn = self._connect(password, unit.uri)
-        stream = None
         try:
             with self._errors(password, unit.uri, "reading"):
                 cur = conn.cursor()
@@ -109,24 +136,35 @@ class MySQLSource(DatabaseSource):
                 cur.execute(f"SELECT * FROM {relation} LIMIT 0")  # noqa: S608 - the spec's own SQL
                 described = list(cur.description or ())
                 cur.close()
-            selected = self._selected([d[0] for d in described], unit, report)
-            row_object = _row_as_json([described[index] for _, index in selected])
-            position_of = {name: position for position, (name, _) in enumerate(selected)}
-            where = self._where_cursor(conn, [d[0] for d in described], selected, unit)
-            with self._errors(password, unit.uri, "reading"):
-                stream = conn.cursor(pymysql.cursors.SSCursor)
-                stream.execute(f"SELECT {row_object} FROM {relation}{where}")  # noqa: S608 - quoted names, the spec's SQL
-            while True:
-                with self._errors(password, unit.uri, "reading"):
-                    rows = stream.fetchmany(BATCH_ROWS)
-                if not rows:
-                    break
-                report.rows += len(rows)
-                yield text_batch(_columns_of(rows, len(selected)), len(rows), schema, position_of, unit.uri)
-            with self._errors(password, unit.uri, "reading"):
-                stream.close()  # every row was read: nothing left to drain
+            names = [d[0] for d in described]
+            selected = self._selected(names, unit, report)
+            where = self._where_cursor(conn, names, selected, unit)  # the driver escapes the bound while connected
         finally:
-            _close(conn, stream, unit.uri)
+            _close(conn, unit.uri)
+        row_texts = _text_columns([described[index] for _, index in selected])
+        position_of = {name: position for position, (name, _) in enumerate(selected)}
+        select = f"SELECT {row_texts} FROM {relation}{where}"  # noqa: S608 - quoted names and the spec's SQL
+        # one statement on a connection of its own: InnoDB reads it from one consistent snapshot (taken when the
+        # statement starts), in a read-only session (STREAM_SETTINGS), so a query cannot lock or write rows
+        batches = read_batches(self._connectorx_url(password), select, STREAM_SETTINGS, BATCH_ROWS)
+        try:
+            while True:
+                with _StreamErrors(self._where(), password, unit.uri, "reading"):
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                report.rows += batch.num_rows
+                yield text_batch(batch.columns, batch.num_rows, schema, position_of, unit.uri)
+        finally:
+            batches.close()  # a read stopped early: the reading process is stopped and its file removed now
+
+    def _connectorx_url(self, password: str) -> str:
+        """The URL ConnectorX connects with: the spec's user, password and database, scheme ``mysql``."""
+        parts = urlsplit(self.url())
+        host, port, database = self._address()
+        shown_host = f"[{host}]" if ":" in host else host
+        user = quote(unquote(parts.username or ""), safe="")
+        return f"mysql://{user}:{quote(password, safe='')}@{shown_host}:{port}/{quote(database, safe='')}"
 
     def _where_cursor(self, conn: Any, names: list[str], selected: list[tuple[str, int]], unit: SourceFile) -> str:
         """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, else nothing; the bound is escaped by
@@ -181,48 +219,17 @@ class MySQLSource(DatabaseSource):
 
 
 
-def _close(conn: Any, stream: Any, uri: str) -> None:
-    """Close the connection, which ends the read-only transaction (nothing to commit).
-
-    A read that stopped early (a strict-mode failure, a dropped connection) leaves rows unsent: closing the socket
-    drops them instead of draining the rest of the table, and the unbuffered result is marked finished so that
-    PyMySQL's destructors do not try to read from the closed socket.
-    """
+def _close(conn: Any, uri: str) -> None:
+    """Close the column lookup's connection, which ends its read-only transaction (nothing to commit)."""
     try:
         conn.close()
     except Exception:  # noqa: BLE001 - the read's own outcome matters; the server ends the session anyway
         log.warning("could not close the connection to %s", uri)
-    result = getattr(stream, "_result", None)
-    if result is not None and getattr(result, "unbuffered_active", False):
-        result.unbuffered_active = False
-    if stream is not None:
-        stream.connection = None
 
 
-def _row_as_json(columns: list[tuple]) -> str:
-    """SQL for one row as one JSON object of its columns' texts, ``{"c0": "...", "c1": null, ...}``.
-
-    PyMySQL parses every field of every row in Python: one field a row instead of one a column makes the read 2-3x
-    faster (docs/sources/mysql.md, "Speed"), and Arrow's JSON reader splits the objects into columns in C++. The
-    server's JSON escaping keeps every text exactly (quotes, backslashes, line breaks, control characters).
-    """
-    return "JSON_OBJECT(" + ", ".join(f"'c{position}', {_as_text(c)}" for position, c in enumerate(columns)) + ")"
-
-
-def _columns_of(rows: list[tuple[str]], count: int) -> list[pa.Array]:
-    """The columns' texts of ``rows`` (each one JSON object from :func:`_row_as_json`), in the SELECT's order."""
-    body = "\n".join([row[0] for row in rows]).encode()  # a JSON text holds no raw line break: one object a line
-    table = pajson.read_json(
-        io.BytesIO(body),
-        read_options=pajson.ReadOptions(use_threads=False, block_size=len(body) + 1),
-        parse_options=pajson.ParseOptions(
-            explicit_schema=pa.schema([(f"c{position}", pa.string()) for position in range(count)]),
-            unexpected_field_behavior="error",
-        ),
-    )
-    if table.num_rows != len(rows):
-        raise DatabaseSourceError(f"read {len(rows)} rows but decoded {table.num_rows}")
-    return [column.combine_chunks() for column in table.columns]
+def _text_columns(columns: list[tuple]) -> str:
+    """SQL for the columns' texts, named ``c0``, ``c1``... in order (a name the server could not misread)."""
+    return ", ".join(f"{_as_text(column)} AS c{position}" for position, column in enumerate(columns))
 
 
 def _quoted(name: str) -> str:
