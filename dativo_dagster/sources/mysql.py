@@ -197,7 +197,7 @@ class MySQLSource(DatabaseSource):
                 cur.execute(f"SELECT max({_quoted(column)}) FROM {relation}")  # noqa: S608 - as above
                 value = cur.fetchone()[0]
         finally:
-            _close(conn, None, uri)
+            _close(conn, uri)
         return cursor_value(value, cursor_field(self.loaded).type.kind)
 
     def _connect(self, password: str, uri: str):  # noqa: ANN202 - the driver's connection type
