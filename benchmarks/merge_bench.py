@@ -68,6 +68,9 @@ print(f"UPSERT {time.perf_counter() - started:.2f} {result.rows_updated} {result
 """
 
 
+TARGET_MB: float | None = None  # --target-mb: the table's parquet_target_size_mb (None: the spec's)
+
+
 def spec(name: str, source: Path, mode: str) -> dict:
     """The person spec of benchmarks/specs/person5m.yaml, keyed, with ``mode``."""
     loaded = yaml.safe_load((HERE / "specs" / "person5m.yaml").read_text())
@@ -75,15 +78,23 @@ def spec(name: str, source: Path, mode: str) -> dict:
     loaded["schema"][0]["primary_key"] = True
     loaded["source"]["files"] = [{"path": str(source)}]
     loaded["target"]["write_mode"] = mode
+    if TARGET_MB is not None:
+        loaded["target"]["parquet_target_size_mb"] = TARGET_MB
     return loaded
 
 
-def changes_file(source: Path, rows: int, out: Path, seed: int = 18) -> tuple[int, int]:
-    """10 % of ``rows`` existing keys (at random) with other values, and 10 % new keys; returns (changed, new)."""
+def changes_file(source: Path, rows: int, out: Path, seed: int = 18, *, clustered: bool = False) -> tuple[int, int]:
+    """10 % of ``rows`` existing keys with other values, and 10 % new keys (after the last); returns (changed, new).
+
+    The changed keys are drawn at random over the whole table, or (``clustered``) are the rows of one narrow range
+    in the middle of the table (the keys a day of updates to recent records would touch)."""
     table = pacsv.read_csv(source).slice(0, rows)
     rng = np.random.default_rng(seed)
     count = rows // 10
-    picked = np.sort(rng.choice(rows, size=count, replace=False))
+    if clustered:
+        picked = np.arange(rows // 2, rows // 2 + count)
+    else:
+        picked = np.sort(rng.choice(rows, size=count, replace=False))
     changed = table.take(pa.array(picked))
     changed = changed.set_column(
         changed.schema.get_field_index("last_name"), "last_name", pc.binary_join_element_wise(
@@ -157,26 +168,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upsert-limit", type=float, default=900.0, help="seconds before Table.upsert is stopped")
     parser.add_argument("--make-data", default=str(bench.DEFAULT_MAKE_DATA), help="path of shared/bench/make_data.py")
     parser.add_argument("--write", action="store_true", help="merge the section into benchmarks/RESULTS.md")
+    parser.add_argument("--keys", choices=("random", "clustered"), default="random",
+                        help="changed keys at random over the table, or one narrow range of it")
+    parser.add_argument("--target-mb", type=float, help="the table's parquet_target_size_mb (default: the spec's)")
+    parser.add_argument("--no-upsert", action="store_true", help="leave out pyiceberg's Table.upsert")
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # the files only (own process)
     args = parser.parse_args(argv)
+    global TARGET_MB  # noqa: PLW0603 - one invocation, one setting
+    TARGET_MB = args.target_mb
     source = bench.datasets()["person5m"].path
     if args.rows != 5_000_000:
         source = WORK / f"person_{args.rows}.csv"
-    changes = WORK / f"changes_{args.rows}.csv"
+    changes = WORK / f"changes_{args.rows}_{args.keys}.csv"
     if args.prepare:
         if not source.exists():
             pacsv.write_csv(pacsv.read_csv(bench.datasets()["person5m"].path).slice(0, args.rows), source)
-        changes_file(source, args.rows, changes)
+        changes_file(source, args.rows, changes, clustered=args.keys == "clustered")
         return 0
     bench.ensure_data([bench.datasets()["person5m"]], Path(args.make_data))
     WORK.mkdir(parents=True, exist_ok=True)
     # the files are made in a process of their own: a child forked from a process holding the whole table would
     # report that process's memory as its own peak RSS
-    subprocess.run([sys.executable, __file__, "--prepare", "--rows", str(args.rows)], check=True)  # noqa: S603
+    subprocess.run([sys.executable, __file__, "--prepare", "--rows", str(args.rows), "--keys", args.keys],  # noqa: S603
+                   check=True)
     changed = new = args.rows // 10
     began = time.time()
     results = {}
-    for tool, mode in (("merge", "merge"), ("append", "append"), ("upsert", "append")):
+    tools = (("merge", "merge"), ("append", "append"), *(() if args.no_upsert else (("upsert", "append"),)))
+    for tool, mode in tools:
         project = WORK / tool
         loaded = load(project, "bench_person", source, mode)
         print(f"{tool}: loaded {args.rows:,} rows in {loaded['wall']:.1f} s", flush=True)
@@ -188,16 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tool}: {results[tool]}", flush=True)
     verdict = check_merge(WORK / "merge", args.rows, changed, new)
     merge, append = results["merge"], results["append"]
-    up_seconds, up_done, up_rss = results["upsert"]
+    up_seconds, up_done, up_rss = results.get("upsert", (float("nan"), True, float("nan")))
     up_text = f"{up_seconds:.1f}" if up_done else f"> {up_seconds:.0f} (stopped)"
+    options = (f" --keys {args.keys}" if args.keys != "random" else "") + (
+        f" --target-mb {args.target_mb:g}" if args.target_mb is not None else "") + (
+        " --no-upsert" if args.no_upsert else "")
     lines = [
         SECTION,
         "",
         f"- **date**: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; **machine**: {platform.machine()},"
         f" {os.cpu_count()} cores; took {(time.time() - began) / 60:.1f} min",
-        f"- **command**: `python benchmarks/merge_bench.py --rows {args.rows} --upsert-limit {args.upsert_limit:.0f}`",
-        f"- a {args.rows:,}-row person table (key `business_entity_id`, unpartitioned, 128 MiB files), then"
-        f" {changed:,} changed rows (keys at random over the whole table) + {new:,} new keys in one CSV",
+        f"- **command**: `python benchmarks/merge_bench.py --rows {args.rows} --upsert-limit {args.upsert_limit:.0f}"
+        f"{options}`",
+        f"- a {args.rows:,}-row person table (key `business_entity_id`, unpartitioned,"
+        f" {args.target_mb or 128:g} MiB files), then {changed:,} changed rows (keys"
+        f" {'at random over the whole table' if args.keys == 'random' else 'in one narrow range'}) + {new:,} new keys"
+        " in one CSV",
         f"- merge result: {verdict}",
         "",
         "| run of the change file | four steps s | whole command s | peak RSS MiB | others' cores |",
@@ -206,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         f" {merge['others']:.2f} |",
         f"| append the same rows (`write_mode: append`) | {append['steps']:.1f} | {append['wall']:.1f} |"
         f" {append['rss']:.0f} | {append['others']:.2f} |",
-        f"| pyiceberg `Table.upsert` on a copy (the call alone; RSS: its process) | {up_text} | | {up_rss:.0f} | |",
+        *([] if args.no_upsert else [
+            f"| pyiceberg `Table.upsert` on a copy (the call alone; RSS: its process) | {up_text} | | {up_rss:.0f} | |"]),
         "",
-        f"Merge / append (four steps): **{merge['steps'] / append['steps']:.2f}x** (target <= 3x). Upsert / merge:"
-        f" **{'>= ' if not up_done else ''}{up_seconds / merge['steps']:.1f}x** (target >= 10x). Merge peak RSS:"
-        f" **{merge['rss']:.0f} MiB** (target <= 600).",
+        f"Merge / append (four steps): **{merge['steps'] / append['steps']:.2f}x** (target <= 3x)."
+        + ("" if args.no_upsert else f" Upsert / merge: **{'>= ' if not up_done else ''}"
+           f"{up_seconds / merge['steps']:.1f}x** (target >= 10x).")
+        + f" Merge peak RSS: **{merge['rss']:.0f} MiB** (target <= 600).",
         "",
         "Keys drawn at random over the whole table put a changed key in every data file, so the merge rewrites every"
         " file (copy-on-write: the surviving rows are read and written again through the project's writer); that"

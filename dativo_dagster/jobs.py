@@ -19,6 +19,7 @@ from dativo_dagster.maintenance import (
     expire_snapshots,
     iceberg_referenced_files,
     marker_referenced_files,
+    remove_stale_merge_keys,
     remove_stale_staging,
     remove_unreferenced,
     remove_unreferenced_metadata,
@@ -197,6 +198,7 @@ def build_maintenance_job(loaded: Sequence[LoadedSpec]) -> dg.JobDefinition:
         s3 = dativo_storage.s3_settings()
         removed: dict[str, int] = {}
         metadata_removed: dict[str, int] = {}
+        merge_keys_removed = 0
         for item in specs:
             spec = item.spec
             if spec.target.catalog is CatalogKind.NONE:
@@ -213,12 +215,17 @@ def build_maintenance_job(loaded: Sequence[LoadedSpec]) -> dg.JobDefinition:
             removed[name] = len(report.removed)
             metadata = remove_unreferenced_metadata(table, s3, older_than_seconds=seconds, dry_run=config.dry_run)
             metadata_removed[name] = len(metadata.removed)
+            # the keys file of a merge run that failed after writing it and was never re-executed
+            merge_keys = remove_stale_merge_keys(table.location(), s3, older_than_seconds=seconds,
+                                                 dry_run=config.dry_run)
+            _log_removed(context, name, merge_keys.removed)
+            merge_keys_removed += len(merge_keys.removed)
         stale = [] if config.dry_run else remove_stale_staging(dativo_staging.root, seconds, s3)
         return dg.Output(
             sum(removed.values()),
             metadata={"removed_per_table": dg.MetadataValue.json(removed),
                       "metadata_files_removed_per_table": dg.MetadataValue.json(metadata_removed),
-                      "staging_folders_removed": len(stale)},
+                      "staging_folders_removed": len(stale), "merge_keys_files_removed": merge_keys_removed},
         )
 
     @dg.job(

@@ -21,6 +21,7 @@ from pyiceberg.utils.datetime import datetime_to_millis
 
 from dativo_dagster.errors import CommitError
 from dativo_dagster.markers import read_commit_markers
+from dativo_dagster.merge import KEYS_FOLDER
 from dativo_dagster.storage import S3Object, S3Settings, delete_s3_object, filesystem_for, is_s3_uri, list_s3_objects
 from dativo_dagster.table_state import STATE_FILE_PREFIX, read_branch_state, state_file_folders, state_file_of
 
@@ -181,6 +182,26 @@ def remove_unreferenced(
     """
     return _remove_unreferenced(
         f"{location.rstrip('/')}/data", lambda name: name.endswith(".parquet"), referenced, s3,
+        older_than_seconds=older_than_seconds, dry_run=dry_run,
+    )
+
+
+def remove_stale_merge_keys(
+    location: str, s3: S3Settings, *, older_than_seconds: float, dry_run: bool = False
+) -> CleanupReport:
+    """Delete the merge keys files (``<location>/_dativo_merge/*.parquet``) last modified more than
+    ``older_than_seconds`` ago.
+
+    A merge run writes its keys there before its commit and removes the file once the commit landed; a run that
+    failed after writing it and is never re-executed leaves it behind. No commit references a keys file, so age
+    alone decides, with the same floor as data files (``MIN_AGE_HOURS``): a re-execution of the run's commit step
+    within that time still finds its keys; a later one fails naming the missing file (``merge.MergeKeys.read``).
+
+    Raises:
+        ValueError: ``older_than_seconds`` is below ``MIN_AGE_HOURS``.
+    """
+    return _remove_unreferenced(
+        f"{location.rstrip('/')}/{KEYS_FOLDER}", lambda name: name.endswith(".parquet"), frozenset, s3,
         older_than_seconds=older_than_seconds, dry_run=dry_run,
     )
 

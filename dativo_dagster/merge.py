@@ -299,7 +299,8 @@ class KeySelection:
         return f"{text} and {len(self.sources)} changed source file(s)" if self.sources else text
 
     def columns(self) -> list[str]:
-        return [*self.keys.column_names, *SourceSelection(self.sources).columns()]
+        # ``_source_file`` only when changed sources are replaced too: it is the widest column of a data file
+        return [*self.keys.column_names, *(SourceSelection(self.sources).columns() if self.sources else [])]
 
     def row_filter(self) -> BooleanExpression:
         """The first key column's values (up to IN_LIMIT of them) or each key column's range, for scan planning:

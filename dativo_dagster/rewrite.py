@@ -29,7 +29,7 @@ from pyiceberg.table import FileScanTask, Table
 
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_schema import SOURCE_FILE as SOURCE_FILE_COLUMN
-from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file
+from dativo_dagster.write import REPEATED_COLUMNS, PartitionedParquetWriter, WrittenFile, remove_file
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,8 @@ def remove_rows(
     if head is None:
         return SourceRemoval(None, sources, s3=s3)
     scan = table.scan(snapshot_id=head.snapshot_id, row_filter=selection.row_filter())
-    needed = ArrowScan(table.metadata, table.io, table.schema().select(*selection.columns()), AlwaysTrue())
+    needed_schema = table.schema().select(*selection.columns())
+    needed = ArrowScan(table.metadata, table.io, needed_schema, AlwaysTrue())
     deleted: list[DataFile] = []
     to_rewrite: list[tuple[FileScanTask, pa.Array | pa.ChunkedArray]] = []  # with the rows that leave
     removed = 0
@@ -156,14 +157,15 @@ def remove_rows(
     for task in scan.plan_files():
         if not selection.might_hold(task.file):
             continue
-        data = needed.to_table([task])
-        leaving = selection.matches(data)
+        data = _read_columns(table, task, needed, [f.name for f in needed_schema.fields])
+        leaving, rows = selection.matches(data), data.num_rows
+        del data  # only the mask is kept until the rewrite
         found = pc.sum(leaving).as_py() or 0
         if not found:
             continue  # the bounds could not rule it out, but it holds none of the selected rows
         deleted.append(task.file)
         removed += found
-        if found < data.num_rows:
+        if found < rows:
             to_rewrite.append((task, leaving))
     written = _write_survivors(table, to_rewrite, new_writer) if to_rewrite else []
     if deleted:
@@ -177,21 +179,40 @@ def remove_rows(
 BATCH_ROWS = 65_536
 
 
+def _own_columns(table: Table, parquet: pq.ParquetFile, names: Sequence[str]) -> bool:
+    """True when the file holds each of the table's columns ``names`` under its field id and name (the project's
+    own files), so that pyarrow's reader maps them as pyiceberg would."""
+    ids = {f.name: (f.metadata or {}).get(b"PARQUET:field_id") for f in parquet.schema_arrow}
+    schema = table.schema()
+    return all(ids.get(name) == str(schema.find_field(name).field_id).encode() for name in names)
+
+
+def _read_columns(table: Table, task: FileScanTask, scan: ArrowScan, names: Sequence[str]) -> pa.Table:
+    """Some columns of one data file, in file order: with pyarrow's reader for the project's own files (only those
+    columns' chunks are read), else through pyiceberg's scan (field ids, deletes)."""
+    if not task.delete_files:
+        with table.io.new_input(task.file.file_path).open() as stream:
+            parquet = pq.ParquetFile(stream)
+            if _own_columns(table, parquet, names):
+                return parquet.read(columns=list(names))
+    return scan.to_table([task])
+
+
 def _file_batches(table: Table, task: FileScanTask, scan: ArrowScan) -> Iterator[pa.RecordBatch]:
     """The rows of one data file in the table's columns, in file order, a batch at a time.
 
     pyiceberg's scan reads far ahead (measured: about a whole 5M-row file, 1.2 GiB, before the first batch is used),
     so a file that holds every table column under its field id and name and has no delete files (the project's own
-    files) is read with pyarrow's Parquet reader, one row group after the other; any other file through pyiceberg's
-    scan, which maps columns by field id and applies deletes.
+    files) is read with pyarrow's Parquet reader, one row group after the other, its repeated system columns
+    (``_source_file``, ``_run_id``) kept as dictionaries, the writer's own form: no per-row strings are made; any
+    other file through pyiceberg's scan, which maps columns by field id and applies deletes.
     """
     if not task.delete_files:
-        columns = list(table.schema().fields)
+        names = [f.name for f in table.schema().fields]
         with table.io.new_input(task.file.file_path).open() as stream:
-            parquet = pq.ParquetFile(stream)
-            ids = {f.name: (f.metadata or {}).get(b"PARQUET:field_id") for f in parquet.schema_arrow}
-            if all(ids.get(f.name) == str(f.field_id).encode() for f in columns):
-                yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=[f.name for f in columns])
+            parquet = pq.ParquetFile(stream, read_dictionary=[c for c in REPEATED_COLUMNS if c in names])
+            if _own_columns(table, parquet, names):
+                yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=names)
                 return
     yield from scan.to_record_batches([task])
 
@@ -213,7 +234,7 @@ def _write_survivors(
                 offset += batch.num_rows
                 survivors = pa.Table.from_batches([batch]).filter(keep)
                 if survivors.num_rows:
-                    writer.write(survivors.cast(writer.schema))
+                    writer.write(_as_written(survivors, writer))
             if offset != len(leaving):
                 raise ValueError(
                     f"{task.file.file_path}: read {offset} row(s) to rewrite, but {len(leaving)} when planning;"
@@ -223,3 +244,13 @@ def _write_survivors(
     except BaseException:
         writer.abort()
         raise
+
+
+def _as_written(rows: pa.Table, writer: PartitionedParquetWriter) -> pa.Table:
+    """``rows`` in the writer's file schema: plain columns cast to the table's types, the repeated system columns
+    as the writer's dictionaries (read as dictionaries, or encoded by the writer when they come as strings)."""
+    target = pa.schema([
+        writer.file_schema.field(f.name) if pa.types.is_dictionary(f.type) else writer.schema.field(f.name)
+        for f in rows.schema
+    ])
+    return rows.cast(target)

@@ -1,8 +1,13 @@
-"""Kill ``dativo-dagster materialize`` with SIGKILL around its publishing catalog commit, for the tests of CONTRACT 9.
+"""Kill ``dativo-dagster materialize`` with SIGKILL around its publishing catalog commit, for the tests of CONTRACT 9,
+and at each step of a merge run (CONTRACT 8).
 
 A wrapper script patches ``commit_table`` of pyiceberg's SQL and REST catalogs: at the commit that moves ``main``
-(the publish of the data table) it SIGKILLs its own process just before sending the commit (``before``) or right
-after the catalog accepted it (``after``), having written the commit's refs to the JSON file ``DATIVO_KILL_REPORT``.
+(the publish of the data table; another ref with ``ref=``) it SIGKILLs its own process just before sending the commit
+(``before``) or right after the catalog accepted it (``after``), having written the commit's refs to the JSON file
+``DATIVO_KILL_REPORT``. Merge runs have two more points (``MERGE_KILL_POINTS``): ``extract`` (the first batch of rows
+reached the merge buffer) and ``staged`` (the buffer wrote the run's data files and its keys file, nothing is
+committed yet). With ``job_module`` (``fault_injection.write_job_module``) the wrapper runs the project's group job
+in the persistent instance at ``dagster_home`` instead of the command line, so that the run can be re-executed.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ from typing import Any
 from pyiceberg.table import Table
 
 KILL_POINTS = ("before", "after")
+MERGE_KILL_POINTS = ("extract", "staged", "before", "after")
 
 WRAPPER = '''
 import json, os, signal, sys
 
 from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.table.update import AssertRefSnapshotId, SetSnapshotRefUpdate
+from pyiceberg.table.update import AddSnapshotUpdate, AssertRefSnapshotId, SetSnapshotRefUpdate
 
 point = sys.argv.pop(1)
 report_path = os.environ["DATIVO_KILL_REPORT"]
+kill_ref = os.environ.get("DATIVO_KILL_REF", "main")
 
 
 def die(**detail):
@@ -43,10 +50,11 @@ def patch(cls):
 
     def committing(self, table, requirements, updates):
         moved = {u.ref_name: u.snapshot_id for u in updates if isinstance(u, SetSnapshotRefUpdate)}
-        if "main" not in moved or table.name()[-1].endswith("__rejects"):
+        if kill_ref not in moved or table.name()[-1].endswith("__rejects"):
             return commit_table(self, table, requirements, updates)
         asserted = {r.ref: r.snapshot_id for r in requirements if isinstance(r, AssertRefSnapshotId)}
-        detail = {"table": ".".join(table.name()), "moved": moved, "asserted": asserted}
+        runs = [u.snapshot.summary.get("dativo.run-id") for u in updates if isinstance(u, AddSnapshotUpdate)]
+        detail = {"table": ".".join(table.name()), "moved": moved, "asserted": asserted, "run_ids": runs}
         if point == "before":
             die(**detail)
         response = commit_table(self, table, requirements, updates)
@@ -57,6 +65,33 @@ def patch(cls):
 
 patch(SqlCatalog)
 patch(RestCatalog)
+
+if point in ("extract", "staged"):
+    from dativo_dagster.merge import MergeBuffer
+
+    buffer_write, buffer_close = MergeBuffer.write, MergeBuffer.close
+
+    def buffering(self, table):
+        buffer_write(self, table)
+        if point == "extract":  # rows are streaming in: nothing is written to the table location yet
+            die(rows=table.num_rows, keys_uri=self.keys_uri)
+
+    def closing(self):
+        files = buffer_close(self)
+        die(files=[f.uri for f in files], keys_uri=self.keys_uri)
+
+    MergeBuffer.write, MergeBuffer.close = buffering, closing
+
+if os.environ.get("DATIVO_JOB_MODULE"):
+    import importlib
+
+    import dagster as dg
+
+    job_module = importlib.import_module(os.environ["DATIVO_JOB_MODULE"])
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(dg.reconstructable(job_module.ingest_job), instance,
+                                run_config={"execution": {"config": {"in_process": {}}}})
+        sys.exit(0 if result.success else 2)
 
 from dativo_dagster import cli
 
@@ -73,16 +108,30 @@ class KilledPublish:
 
 
 def start_killed_publish(
-    folder: Path, point: str, specs_dir: Path, env: Mapping[str, str] | None = None
+    folder: Path,
+    point: str,
+    specs_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    ref: str = "main",
+    job_module: str | None = None,
+    dagster_home: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """Start ``dativo-dagster materialize --specs DIR`` that SIGKILLs itself at ``point`` of its publishing commit;
-    ``env``: the deployment's variables (none: the embedded default)."""
+    """Start ``dativo-dagster materialize --specs DIR`` that SIGKILLs itself at ``point`` of its commit that moves
+    ``ref`` (or of its merge: ``MERGE_KILL_POINTS``); ``env``: the deployment's variables (none: the embedded
+    default). With ``job_module`` (a module in ``folder``), that module's ``ingest_job`` runs in the instance at
+    ``dagster_home`` instead."""
     wrapper = folder / "publish_kill_wrapper.py"
     wrapper.write_text(WRAPPER)
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATIVO_", "DAGSTER_HOME"))}
     environment.update(env or {})
     environment["DATIVO_KILL_REPORT"] = str(folder / f"kill-{point}.json")
-    environment["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    environment["DATIVO_KILL_REF"] = ref
+    environment["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), str(folder)])
+    if job_module is not None:
+        assert dagster_home is not None
+        environment["DATIVO_JOB_MODULE"] = job_module
+        environment["DAGSTER_HOME"] = str(dagster_home)
     return subprocess.Popen(
         [sys.executable, str(wrapper), point, "materialize", "--specs", str(specs_dir), "--log-level", "ERROR"],
         stdout=subprocess.PIPE,

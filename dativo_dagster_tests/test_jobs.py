@@ -23,7 +23,7 @@ from dativo_dagster.maintenance import MIN_AGE_HOURS, remove_stale_staging, remo
 from dativo_dagster.markers import committed_files
 from dativo_dagster.storage import S3Settings
 from dativo_dagster.table_state import RUN_ID_KEY, STATE_FILE_KEY, STATE_FILE_PREFIX
-from dativo_dagster_tests.conftest import Project, base_spec
+from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.table_checks import (
     as_rows,
     branch_snapshot_ids,
@@ -529,3 +529,43 @@ def test_instance_settings_enable_run_monitoring_and_run_retries(
         assert instance.run_retries_enabled
         assert instance.run_retries_max_retries == 2
         assert instance.run_retries_retry_on_asset_or_op_failure is False
+
+
+def test_maintenance_removes_the_keys_file_of_a_merge_run_that_failed_and_was_never_re_executed(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dativo_dagster import commit as commit_module  # noqa: PLC0415
+    from dativo_dagster_tests.test_merge import merge_spec  # noqa: PLC0415
+
+    project.write_spec(merge_spec())
+    project.write_data("people.csv", "id,name,deleted\n1,a,false\n")
+    assert project.materialize().success
+    table = project.table("testdomain.people")
+    keys_folder = Path(table.location().removeprefix("file://")) / "_dativo_merge"
+    assert not list(keys_folder.glob("*.parquet"))  # a committed run removes its keys file
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError("catalog refused the write (injected)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(commit_module, "_commit_once", refused)
+        project.write_data("people.csv", "id,name,deleted\n1,b,false\n")
+        failed = project.materialize()
+    assert not failed.success
+    (left,) = keys_folder.glob("*.parquet")  # the failed run's keys, kept for a re-execution of its commit step
+    assert left.name.startswith(failed.run_id) and pq.read_table(left).column("id").to_pylist() == [1]
+    unrelated = keys_folder / "notes.txt"  # only the keys files the merge writes are removed
+    unrelated.write_text("kept")
+
+    result = run_maintenance(project)  # the file is young: a re-execution may still need it
+    assert left.exists() and result.output_for_node("remove_orphan_files") == 0
+
+    hours_later(monkeypatch, 25)
+    run_maintenance(project, dry_run=True)
+    assert left.exists()
+    result = run_maintenance(project)
+    assert not left.exists() and unrelated.exists()
+    (output,) = [e for e in result.all_node_events if e.node_name == "remove_orphan_files" and e.is_successful_output]
+    assert output.event_specific_data.metadata["merge_keys_files_removed"].value == 1
+    rows = branch_rows(project.table("testdomain.people"), "acme")
+    assert [(r["id"], r["name"]) for r in rows] == [(1, "a")]  # the failed run changed nothing

@@ -283,13 +283,13 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
         run(project)
         files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     read: list[str] = []
+    read_columns = rewrite_module._read_columns
 
-    class SpyScan(rewrite_module.ArrowScan):  # the scans the merge's removal makes (not the unique_key check's)
-        def to_table(self, tasks: Any) -> Any:
-            read.extend(t.file.file_path for t in tasks)
-            return super().to_table(tasks)
+    def spy(table: Any, task: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
+        read.append(task.file.file_path)
+        return read_columns(table, task, *args)
 
-    monkeypatch.setattr(rewrite_module, "ArrowScan", SpyScan)
+    monkeypatch.setattr(rewrite_module, "_read_columns", spy)
 
     # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
     # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
@@ -504,3 +504,41 @@ def test_rewritten_files_are_streamed_by_pyarrow_unless_their_columns_differ_fro
     assert len(scanned) == 1  # the file without `city`
     rows = {r["id"]: (r["name"], r["city"]) for r in branch_rows(project.table(TABLE), BRANCH)}
     assert rows[2] == ("b-2", "Oslo") and rows[3] == ("a-3", None) and rows[1] == ("b-1", None) and len(rows) == 10
+
+
+def test_a_merge_reads_only_the_key_columns_to_plan_and_hands_the_writer_dictionaries(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning reads the key columns alone (not ``_source_file``, the widest column of a file, unless changed source
+    files are replaced too); the survivors reach the writer with ``_source_file`` and ``_run_id`` still dictionaries
+    as the Parquet file holds them, so no string per row is made (issue 18: merge memory and speed)."""
+    from dativo_dagster.merge import KeySelection  # noqa: PLC0415
+    from dativo_dagster.write import PartitionedParquetWriter  # noqa: PLC0415
+
+    project.write_spec(merge_spec(partitioning=[]))
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(1, 101)))
+    run(project)
+    planned: list[list[str]] = []
+    written: list[dict[str, str]] = []
+    matches, write = KeySelection.matches, PartitionedParquetWriter.write
+
+    def matching(self: KeySelection, data: pa.Table) -> pa.Array:
+        planned.append(data.column_names)
+        return matches(self, data)
+
+    def writing(self: PartitionedParquetWriter, table: pa.Table) -> None:
+        written.append({c: str(table.schema.field(c).type) for c in ("_source_file", "_run_id")})
+        write(self, table)
+
+    monkeypatch.setattr(KeySelection, "matches", matching)
+    monkeypatch.setattr(PartitionedParquetWriter, "write", writing)
+    project.write_data("people.csv", "id,name,deleted\n5,b-5,false\n")
+    run(project)
+
+    assert planned == [["id"]]
+    dictionary = "dictionary<values=string, indices=int32, ordered=0>"
+    assert written and all(w == {"_source_file": dictionary, "_run_id": dictionary} for w in written)
+    rows = rows_by_id(project)
+    assert len(rows) == 100 and rows[5] == "b-5" and rows[6] == "a-6"
+    survivors = [r for r in branch_rows(project.table(TABLE), BRANCH) if r["id"] != 5]
+    assert {r["_source_file"] for r in survivors} == {str(project.data_dir / "people.csv")}

@@ -1,0 +1,261 @@
+"""Merge runs killed with SIGKILL at each step (CONTRACT 8 and 9, issue 18): while the rows stream into the merge
+buffer, after it wrote the run's files and keys file, just before and just after the catalog commit; with and without
+publishing. The next run, or Dagster's re-execution of the killed run, leaves every key exactly once with the last
+values, ``main`` equal to the branch when publishing, only existing files referenced; the maintenance job removes
+what the killed run left behind, its merge keys file included."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+from pyiceberg.table import Table
+
+from dativo_dagster import maintenance
+from dativo_dagster.commit import RUN_ID_KEY
+from dativo_dagster.definitions import build_definitions
+from dativo_dagster.jobs import MAINTENANCE_JOB
+from dativo_dagster.maintenance import MIN_AGE_HOURS
+from dativo_dagster.merge import KEYS_FOLDER
+from dativo_dagster_tests.conftest import Project, branch_rows
+from dativo_dagster_tests.fault_injection import IN_PROCESS, write_job_module
+from dativo_dagster_tests.publish_kill import (
+    MERGE_KILL_POINTS,
+    KilledPublish,
+    refs,
+    start_killed_publish,
+    wait_killed,
+)
+from dativo_dagster_tests.table_checks import failures, materialization, parquet_files, referenced_files
+from dativo_dagster_tests.test_merge import BRANCH, TABLE, merge_spec
+
+FIRST = {i: f"v1-{i}" for i in range(1, 301)}
+
+
+def change_csv() -> str:
+    """The killed run's source: 100..199 changed (150 read twice, the last wins), 200..209 deleted, 301..350 new."""
+    lines = ["150,first-of-two,false"]
+    lines += [f"{i},v2-{i},false" for i in range(100, 200)]
+    lines += [f"{i},,true" for i in range(200, 210)]
+    lines += [f"{i},v2-{i},false" for i in range(301, 351)]
+    return "id,name,deleted\n" + "\n".join(lines) + "\n"
+
+
+CHANGED = {**{i: v for i, v in FIRST.items() if not 200 <= i < 210}, **{i: f"v2-{i}" for i in range(100, 200)},
+           **{i: f"v2-{i}" for i in range(301, 351)}}
+# a later run, after the killed one: 100..104 changed again, 1 deleted
+LATER_CSV = "id,name,deleted\n" + "".join(f"{i},v3-{i},false\n" for i in range(100, 105)) + "1,,true\n"
+LATER = {**{i: v for i, v in CHANGED.items() if i != 1}, **{i: f"v3-{i}" for i in range(100, 105)}}
+
+
+def key_values(table: Table, branch: str) -> dict[int, str]:
+    """The branch's rows as key -> name, asserting that no key occurs twice."""
+    rows = branch_rows(table, branch)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), f"a key occurs {len(ids) - len(set(ids))} time(s) too often on {branch}"
+    return {r["id"]: r["name"] for r in rows}
+
+
+def main_key_values(table: Table) -> dict[int, str]:
+    """What a reader of main sees without naming a snapshot."""
+    rows = table.scan().to_arrow().to_pylist()
+    assert len(rows) == len({r["id"] for r in rows})
+    return {r["id"]: r["name"] for r in rows}
+
+
+def on_disk(table: Table) -> set[str]:
+    return parquet_files(table.location().removeprefix("file://"))
+
+
+def keys_files(table: Table) -> set[str]:
+    return {str(p) for p in Path(table.location().removeprefix("file://"), KEYS_FOLDER).glob("*.parquet")}
+
+
+def assert_references_exist(table: Table) -> None:
+    missing = referenced_files(table) - on_disk(table)
+    assert not missing, f"the table references files that do not exist: {sorted(missing)[:3]}"
+
+
+def assert_consistent(table: Table, expected: dict[int, str], publish: bool, duckdb_connection: Any) -> None:
+    """Every key once with ``expected`` values on the branch; with ``publish``, main is the branch (pyiceberg and
+    DuckDB, no snapshot id); every referenced file exists."""
+    assert key_values(table, BRANCH) == expected
+    if publish:
+        now = refs(table, BRANCH)
+        assert now[BRANCH] == now["main"]
+        assert main_key_values(table) == expected
+        read = duckdb_connection.execute(f"SELECT id, name FROM iceberg_scan('{table.metadata_location}')").fetchall()
+        assert dict(read) == expected and len(read) == len(expected)
+    assert_references_exist(table)
+
+
+def run_maintenance(project: Project, monkeypatch: pytest.MonkeyPatch) -> dg.ExecuteInProcessResult:
+    """The maintenance job a day later (its default age limit): whatever the killed run left is old enough."""
+    now = time.time()
+    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + (MIN_AGE_HOURS + 1) * 3600)
+    defs = build_definitions(project.specs_dir)
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(instance=instance)
+    assert result.success
+    return result
+
+
+@dataclass
+class KilledMerge:
+    project: Project
+    publish: bool
+    killed: KilledPublish
+    before: dict[str, int | None]
+    job_module: str = ""
+    dagster_home: Path | None = None
+
+
+CLI_CASES = [(point, publish) for publish in (False, True) for point in MERGE_KILL_POINTS]
+REEXECUTED = ("before", "after")  # killed around the commit of the group job in a persistent instance (publishing)
+
+
+def case_id(point: str, publish: bool, job: bool = False) -> str:
+    return f"{'job-' if job else ''}{point}-{'publish' if publish else 'branch'}"
+
+
+@pytest.fixture(scope="module")
+def killed_merges(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KilledMerge]:
+    """One project per case, each merged once, then a merge run of each killed at its point, all at the same time."""
+    root = tmp_path_factory.mktemp("merge-kill")
+    started = {}
+    cases = [(p, pub, False) for p, pub in CLI_CASES] + [(p, True, True) for p in REEXECUTED]
+    for point, publish, job in cases:
+        key = case_id(point, publish, job)
+        folder = root / key
+        project = Project(folder / "project")
+        project.write_spec(merge_spec(publish=publish, parquet_target_size_mb=0.002))
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},{v},false\n" for i, v in FIRST.items()))
+        first = project.materialize()
+        assert first.success, failures(first)
+        project.write_data("people.csv", change_csv())
+        before = refs(project.table(TABLE), BRANCH)
+        job_module, home = "", None
+        if job:
+            home = folder / "dagster_home"
+            home.mkdir()
+            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+            job_module = write_job_module(folder, project.specs_dir)
+        process = start_killed_publish(folder, point, project.specs_dir, ref="main" if publish else BRANCH,
+                                       job_module=job_module or None, dagster_home=home)
+        started[key] = (folder, point, project, publish, before, process, job_module, home)
+    return {
+        key: KilledMerge(project, publish, wait_killed(folder, point, process), before, job_module, home)
+        for key, (folder, point, project, publish, before, process, job_module, home) in started.items()
+    }
+
+
+@pytest.mark.parametrize(("point", "publish"), CLI_CASES, ids=[case_id(*c) for c in CLI_CASES])
+def test_a_merge_killed_at_each_step_then_run_again_holds_every_key_once_with_the_last_values(
+    killed_merges: dict[str, KilledMerge], point: str, publish: bool, duckdb_connection: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    case = killed_merges[case_id(point, publish)]
+    killed, project = case.killed, case.project
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert killed.report.get("point") == point, "the run did not reach the kill point"
+    table = project.table(TABLE)
+    landed = point == "after"
+    # the killed run's change is on the branch (and main) exactly when its catalog commit was accepted
+    assert (refs(table, BRANCH) != case.before) is landed
+    assert_consistent(table, CHANGED if landed else FIRST, publish, duckdb_connection)
+    left_keys = keys_files(table)
+    if point == "extract":
+        assert killed.report["rows"] > 0 and left_keys == set()  # killed while rows streamed in
+    else:
+        assert len(left_keys) == 1, left_keys  # the killed run's keys file: nothing references it
+        if "keys_uri" in killed.report:
+            assert left_keys == {killed.report["keys_uri"].removeprefix("file://")}
+    if point == "staged":
+        written = {f.removeprefix("file://") for f in killed.report["files"]}
+        assert written and not written & referenced_files(table), "the killed run's files are not committed"
+        assert written <= on_disk(table)
+
+    again = project.materialize()  # the next run: a new run id, the same source
+
+    assert again.success, failures(again)
+    table = project.table(TABLE)
+    assert_consistent(table, CHANGED, publish, duckdb_connection)
+    assert {r["_run_id"] for r in branch_rows(table, BRANCH) if r["id"] == 150} == {again.run_id}
+    assert materialization(again, "people")["rows_committed"] == len(range(100, 200)) + 50
+    assert keys_files(table) == left_keys  # the new run removed its own keys file after its commit
+
+    cleanup = run_maintenance(project, monkeypatch)
+
+    table = project.table(TABLE)
+    assert on_disk(table) == referenced_files(table), "the killed run's uncommitted files are removed, no other"
+    assert keys_files(table) == set(), "the killed run's keys file is removed"
+    (output,) = [e for e in cleanup.all_node_events if e.node_name == "remove_orphan_files" and e.is_successful_output]
+    assert output.event_specific_data.metadata["merge_keys_files_removed"].value == len(left_keys)
+    assert_consistent(table, CHANGED, publish, duckdb_connection)
+
+
+@pytest.mark.parametrize("point", REEXECUTED)
+def test_a_killed_publishing_merge_re_executed_from_failure_applies_its_change_exactly_once(
+    killed_merges: dict[str, KilledMerge], point: str, duckdb_connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = killed_merges[case_id(point, True, job=True)]
+    killed, project = case.killed, case.project
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert killed.report.get("point") == point
+    assert case.dagster_home is not None
+    (parent_run,) = set(killed.report["run_ids"])  # the commit's snapshots (delete + append) carry one run id
+    (keys_file,) = keys_files(project.table(TABLE))
+    assert Path(keys_file).name.startswith(parent_run)  # kept for the re-execution of the commit step
+
+    # a newer run lands in between: a re-execution of the killed run must not bring its older values back
+    project.write_data("people.csv", LATER_CSV)
+    later = project.materialize()
+    assert later.success, failures(later)
+    table = project.table(TABLE)
+    without_killed = {**{k: v for k, v in FIRST.items() if k != 1}, **{i: f"v3-{i}" for i in range(100, 105)}}
+    assert_consistent(table, LATER if point == "after" else without_killed, True, duckdb_connection)
+
+    def snapshots_of(run_id: str) -> list[int]:
+        return [s.snapshot_id for s in project.table(TABLE).metadata.snapshots
+                if s.summary.additional_properties.get(RUN_ID_KEY) == run_id]
+
+    committed_before = snapshots_of(parent_run)
+    assert bool(committed_before) is (point == "after")
+
+    monkeypatch.setenv("DAGSTER_HOME", str(case.dagster_home))
+    monkeypatch.syspath_prepend(str(case.dagster_home.parent))
+    ingest_job = importlib.import_module(case.job_module).ingest_job
+    with dg.DagsterInstance.get() as instance:
+        [parent] = instance.get_runs()
+        assert parent.run_id == parent_run and parent.status == dg.DagsterRunStatus.STARTED
+        instance.report_run_failed(parent, "run worker killed")  # what run monitoring does for a dead worker
+        result = dg.execute_job(
+            dg.reconstructable(ingest_job),
+            instance,
+            run_config=IN_PROCESS,
+            reexecution_options=dg.ReexecutionOptions.from_failure(parent.run_id, instance),
+        )
+        assert result.success
+        executed = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START}
+        (mat,) = result.get_asset_materialization_events()
+        metadata = {k: v.value for k, v in mat.step_materialization_data.materialization.metadata.items()}
+
+    assert executed == {"people.people__commit"}  # the staged outputs of the killed run are reused
+    table = project.table(TABLE)
+    if point == "after":
+        # the killed run's commit is found by its run id: nothing is applied again, the later values stay
+        assert_consistent(table, LATER, True, duckdb_connection)
+        assert metadata["already_committed"] is True
+        assert snapshots_of(parent_run) == committed_before
+    else:
+        # the killed run never committed: its change is applied once now (one commit), over the later run's
+        assert metadata["already_committed"] is False
+        assert table.snapshot_by_name(BRANCH).snapshot_id == snapshots_of(parent_run)[-1]
+        assert_consistent(table, {k: v for k, v in CHANGED.items() if k != 1}, True, duckdb_connection)
+    assert keys_files(table) == set(), "the re-executed commit removed the keys file"
