@@ -271,8 +271,20 @@ class _Spill:
 
     def get(self, message: _Message) -> pa.Table:
         """The rows of ``message``, in ``schema``."""
-        data = os.pread(self._file(), message.length, message.offset)
-        batch = pa.ipc.read_record_batch(pa.py_buffer(data), self.spill_schema)
+        data = pa.allocate_buffer(message.length)  # in Arrow's pool, aligned: the columns are read in place
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < message.length:
+                read = os.preadv(self._file(), [view[done:]], message.offset + done)
+                if read == 0:
+                    raise OSError(f"unexpected end of file at byte {message.offset + done}")
+                done += read
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot read spilled rows back from this temporary file: {exc}") from None
+        finally:
+            view.release()
+        batch = pa.ipc.read_record_batch(data, self.spill_schema)
         columns = list(batch.columns)
         for slot, index in enumerate(self._dictionary_columns):
             values = self._value_array(slot).take(pa.array(message.dictionary_ids[slot]))
@@ -330,7 +342,8 @@ class _Rows:
         return int(self.sizes[end] - self.sizes[start])
 
 
-_Range = tuple[_Rows, int, int]  # rows start:end of a routed batch
+_Range = tuple[_Rows, int, int]
+_NO_SIZES = np.zeros(1, dtype=np.int32)  # rows start:end of a routed batch
 
 
 @dataclass
@@ -442,10 +455,12 @@ class PartitionedParquetWriter:
         ordered, bounds, keys = self.partitioner.sort(table, extra)
         if not keys:
             return
-        sizes = np.zeros(ordered.num_rows + 1)
-        np.cumsum(_row_bytes(ordered), out=sizes[1:])
+        # 4 bytes a row, kept while ranges of the batch wait (spilled ones included): whole bytes are precise enough
+        sizes = np.zeros(ordered.num_rows + 1, dtype=np.int32)
+        sizes[1:] = np.rint(np.cumsum(_row_bytes(ordered)))
         rows = _Rows(ordered, sizes, ordered.nbytes)
         self._hold(rows)  # held while the ranges are handed out, so that none is dropped before the last is given
+        self._resident = [r for r in self._resident if r.table is not None]
         self._resident.append(rows)
         fields = len(self.partitioner.fields)
         for key, start, end in zip(keys, bounds[:-1], bounds[1:], strict=True):
@@ -487,7 +502,8 @@ class PartitionedParquetWriter:
             rows.holders -= 1
             if rows.holders == 0 and rows.table is not None:
                 self._buffered -= rows.nbytes
-                rows.table = None  # every range of it is written: the batch goes
+            if rows.holders == 0:
+                rows.table, rows.sizes, rows.messages = None, _NO_SIZES, []  # every range is written: the batch goes
 
     def _limit(self, state: _PartitionState) -> int:
         """In-memory bytes to buffer before the partition's next row group is written."""
