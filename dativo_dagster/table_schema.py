@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -144,31 +143,53 @@ class Partitioner:
         return bool(self.fields)
 
     def split(self, table: pa.Table) -> list[tuple[tuple[Any, ...], pa.Table]]:
-        """Group rows by partition; returns (partition record values, rows) per partition."""
-        if not self.fields or table.num_rows == 0:
-            return [((), table)] if table.num_rows else []
+        """Group rows by partition; returns (partition record values, rows) per partition.
+
+        The rows of each partition are zero-copy slices of one copy of ``table`` sorted by partition (see
+        :meth:`sort`): together they keep that copy alive.
+        """
+        ordered, bounds, keys = self.sort(table)
+        return [
+            (values, ordered.slice(start, end - start))
+            for values, start, end in zip(keys, bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    def sort(
+        self, table: pa.Table, extra: Sequence[pa.Array | pa.ChunkedArray] = ()
+    ) -> tuple[pa.Table, list[int], list[tuple[Any, ...]]]:
+        """The rows of ``table`` ordered by partition (then by the ``extra`` key columns), in one ``take``.
+
+        Returns the ordered table, the boundaries of its groups (``bounds[i]:bounds[i + 1]`` holds group ``i``) and
+        each group's key: its partition record values, followed by its ``extra`` values when there are any. One
+        group (a day's rows in a batch of that day) gives ``table`` itself, with no copy.
+        """
+        n = table.num_rows
+        if n == 0:
+            return table, [0], []
         keys = [fn(_combine(table.column(src.name))) for fn, src in zip(self._functions, self._sources, strict=True)]
+        keys += [_combine(column) for column in extra]
+        if not keys:
+            return table, [0, n], [()]
         names = [f"k{i}" for i in range(len(keys))]
         key_table = pa.table(dict(zip(names, keys, strict=True)))
-        order = pc.sort_indices(key_table, sort_keys=[(n, "ascending", "at_end") for n in names])
+        order = pc.sort_indices(key_table, sort_keys=[(name, "ascending", "at_end") for name in names])
         sorted_keys = key_table.take(order)
         change = None
         for name in names:
-            col = _combine(sorted_keys.column(name))
-            differs = _differs_from_previous(col)
+            differs = _differs_from_previous(_combine(sorted_keys.column(name)))
             change = differs if change is None else pc.or_(change, differs)
-        starts = [0] + [i + 1 for i in pc.indices_nonzero(change).to_pylist()] + [table.num_rows]
-        one = len(starts) == 2  # one partition (a day's rows in a batch of that day): the rows as they are
-        if not one:
-            # one contiguous copy first: a take from a table of several chunks joins the chunks again at every call
-            # (measured: 77 partitions of a 68K-row flights batch 0.3 s against 0.03 s); each partition then gets
-            # its own copy, so that no partition's rows keep the whole batch alive while they wait for their row group
-            table = table.combine_chunks()
-        out = []
-        for start, end in itertools.pairwise(starts):
-            values = tuple(self._record_value(i, sorted_keys.column(n)[start].as_py()) for i, n in enumerate(names))
-            out.append((values, table if one else table.take(order.slice(start, end - start))))
-        return out
+        starts = pa.concat_arrays([pa.array([0], pa.int64()), pc.add(pc.indices_nonzero(change), 1).cast(pa.int64())])
+        bounds = [*starts.to_pylist(), n]
+        firsts = [sorted_keys.column(name).take(starts).to_pylist() for name in names]
+        fields = len(self.fields)
+        groups = [
+            tuple(self._record_value(i, column[g]) if i < fields else column[g] for i, column in enumerate(firsts))
+            for g in range(len(starts))
+        ]
+        if len(groups) == 1:
+            return table, bounds, groups
+        # one contiguous copy in partition order, so that each group is a zero-copy slice of single chunks
+        return table.take(order).combine_chunks(), bounds, groups
 
     def _record_value(self, index: int, value: Any) -> Any:
         field = self.fields[index]

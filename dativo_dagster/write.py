@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -53,6 +54,9 @@ MIN_ROW_GROUP_BYTES = 64 * 1024
 # until SPILL_TO_FRACTION of it is left, so memory stays flat however many partitions a run touches.
 TOTAL_BUFFER_BYTES = 32 * MIB
 SPILL_TO_FRACTION = 0.5
+# A spilled batch is written as messages of about this many in-memory bytes: a group of partitions finished together
+# reads back the messages holding its rows, and at most one message's worth more at each end of its rows in a batch.
+SPILL_MESSAGE_BYTES = 256 * 1024
 # Parquet files open at once while the rows stream in: each holds its columns' encoders and row group metadata.
 # A partition whose rows fill a row group while this many are open waits in the spill file until the end.
 MAX_OPEN_WRITERS = 64
@@ -183,25 +187,24 @@ _Upload = tuple[_Sink, dict[str, str], WrittenFile]  # a finished file waiting t
 
 
 @dataclass(frozen=True)
-class _Piece:
-    """Rows of one partition in the spill file: where their IPC message is, and their dictionaries' value ids."""
+class _Message:
+    """One spilled batch in the spill file: where its IPC message is, and its dictionaries' value ids."""
 
     offset: int
     length: int
-    nbytes: int  # in-memory bytes when spilled
     dictionary_ids: tuple[np.ndarray, ...]  # per dictionary column: the spill's id of each of its values
 
 
 class _Spill:
-    """A local temporary file that holds rows of partitions waiting for their row group, in Arrow IPC messages.
+    """A local temporary file that holds rows waiting for their partition's row group, in Arrow IPC messages.
 
-    Rows are spilled under memory pressure instead of being written as small row groups into a Parquet file per
-    partition, each holding its encoders open: buffered rows then stay within the budget whatever the number of
-    partitions (what each partition and spilled piece costs besides its rows remains: benchmarks/PROFILE.md), and every
-    Parquet file still ends near the target (CONTRACT 4) because none has to be finished early. Dictionary columns
-    (the repeated system columns) are stored as their indices; their values are kept once here, each piece
-    remembering which of them its indices mean. The file is unlinked as soon as it is open: it goes away with the
-    process, whatever happens.
+    Under memory pressure whole routed batches (:class:`_Rows`, sorted by partition) are spilled, one message each,
+    instead of being written as small row groups into a Parquet file per partition: buffered rows then stay within
+    the budget whatever the number of partitions, and every Parquet file still ends near the target (CONTRACT 4)
+    because none has to be finished early. The partitions keep their row ranges and read them back through a
+    memory map (:class:`_SpillView`). Dictionary columns (the repeated system columns) are stored as their indices;
+    their values are kept once here, each message remembering which of them its indices mean. The file is unlinked
+    as soon as it is open: it goes away with the process, whatever happens.
     """
 
     def __init__(self, schema: pa.Schema):
@@ -217,6 +220,7 @@ class _Spill:
         self._end = 0
         self._lock = threading.Lock()
         self.bytes_written = 0
+        self.messages = 0
 
     def _file(self) -> int:
         if self._fd is None:
@@ -225,19 +229,24 @@ class _Spill:
             self._fd = handle
         return self._fd
 
-    def put(self, table: pa.Table) -> list[_Piece]:
-        """Append ``table`` (in ``schema``); returns where its rows are."""
-        pieces = []
-        for batch in table.combine_chunks().to_batches():
-            columns = list(batch.columns)
-            ids = []
-            for slot, index in enumerate(self._dictionary_columns):
-                column = columns[index]
-                ids.append(self._ids(slot, column.dictionary))
-                columns[index] = column.indices
-            message = pa.RecordBatch.from_arrays(columns, schema=self.spill_schema).serialize()
-            pieces.append(_Piece(self._append(message), message.size, batch.nbytes, tuple(ids)))
-        return pieces
+    def put(self, table: pa.Table) -> list[tuple[int, _Message]]:
+        """Append ``table`` (in ``schema``) as messages of about ``SPILL_MESSAGE_BYTES``; returns each one's first
+        row and where it is (a few messages per batch, so that reading back some rows reads little else)."""
+        batches = table.to_batches()
+        batch = batches[0] if len(batches) == 1 else table.combine_chunks().to_batches()[0]
+        columns = list(batch.columns)
+        ids = []
+        for slot, index in enumerate(self._dictionary_columns):
+            column = columns[index]
+            ids.append(self._ids(slot, column.dictionary))
+            columns[index] = column.indices
+        whole = pa.RecordBatch.from_arrays(columns, schema=self.spill_schema)
+        step = max(1, -(-whole.num_rows * SPILL_MESSAGE_BYTES // max(table.nbytes, 1)))
+        out = []
+        for start in range(0, whole.num_rows, step):
+            message = whole.slice(start, step).serialize()
+            out.append((start, _Message(self._append(message), message.size, tuple(ids))))
+        return out
 
     def _ids(self, slot: int, dictionary: pa.Array) -> np.ndarray:
         known = self._values[slot]
@@ -257,15 +266,28 @@ class _Spill:
             except OSError as exc:
                 raise StorageError(f"{self.path}: cannot spill rows to this temporary file: {exc}") from None
             self.bytes_written += message.size
+            self.messages += 1
         return offset
 
-    def get(self, piece: _Piece) -> pa.Table:
-        """The rows of ``piece``, in ``schema``."""
-        data = os.pread(self._file(), piece.length, piece.offset)
-        batch = pa.ipc.read_record_batch(pa.py_buffer(data), self.spill_schema)
+    def get(self, message: _Message) -> pa.Table:
+        """The rows of ``message``, in ``schema``."""
+        data = pa.allocate_buffer(message.length)  # in Arrow's pool, aligned: the columns are read in place
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < message.length:
+                read = os.preadv(self._file(), [view[done:]], message.offset + done)
+                if read == 0:
+                    raise OSError(f"unexpected end of file at byte {message.offset + done}")
+                done += read
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot read spilled rows back from this temporary file: {exc}") from None
+        finally:
+            view.release()
+        batch = pa.ipc.read_record_batch(data, self.spill_schema)
         columns = list(batch.columns)
         for slot, index in enumerate(self._dictionary_columns):
-            values = self._value_array(slot).take(pa.array(piece.dictionary_ids[slot]))
+            values = self._value_array(slot).take(pa.array(message.dictionary_ids[slot]))
             columns[index] = pa.DictionaryArray.from_arrays(columns[index], values)
         return pa.Table.from_arrays(columns, schema=self.schema)
 
@@ -284,15 +306,53 @@ class _Spill:
             self._fd = None
 
 
+class _SpillView:
+    """Spilled messages read back for one row group or one group of partitions finished together, each read once.
+
+    Whatever it read goes when the view and the tables taken from it are dropped, so that what it holds stays
+    within the buffer budget.
+    """
+
+    def __init__(self, spill: _Spill):
+        self._spill = spill
+        self._tables: dict[int, pa.Table] = {}
+        self._lock = threading.Lock()
+
+    def table(self, message: _Message) -> pa.Table:
+        with self._lock:
+            table = self._tables.get(message.offset)
+            if table is None:
+                table = self._spill.get(message)
+                self._tables[message.offset] = table
+            return table
+
+
+@dataclass(eq=False)
+class _Rows:
+    """A routed batch sorted by partition. Partitions buffer row ranges of it (zero-copy slices), so it stays in
+    memory, counted whole, until every range is written or it is spilled (then ``table`` is None)."""
+
+    table: pa.Table | None
+    sizes: np.ndarray  # cumulative in-memory bytes of its rows: sizes[j] - sizes[i] for rows i..j-1
+    nbytes: int
+    holders: int = 0  # ranges of it that wait in a partition
+    messages: list[tuple[int, _Message]] = field(default_factory=list)  # once spilled: first row and message of each
+
+    def bytes_of(self, start: int, end: int) -> int:
+        return int(self.sizes[end] - self.sizes[start])
+
+
+_Range = tuple[_Rows, int, int]
+_NO_SIZES = np.zeros(1, dtype=np.int32)  # rows start:end of a routed batch
+
+
 @dataclass
 class _PartitionState:
     values: tuple[Any, ...]
     path: str
     source: str | None = None
-    buffer: list[pa.Table] = field(default_factory=list)
-    buffered_bytes: int = 0
-    spilled: list[_Piece] = field(default_factory=list)
-    spilled_bytes: int = 0  # in-memory bytes of the spilled rows
+    pending: list[_Range] = field(default_factory=list)  # rows waiting for the next row group, in memory or spilled
+    pending_bytes: int = 0  # their in-memory bytes
     writer: pq.ParquetWriter | None = None
     sink: _Sink | None = None
     written: int = 0  # bytes in the open file, footer not included
@@ -309,10 +369,13 @@ class PartitionedParquetWriter:
     and never beyond what the worst ratio could push past ``MAX_FILE_FRACTION`` of the target.
     A file is finished once it reaches ``CLOSE_FRACTION`` of the target, or at the end of the run.
 
-    Buffered rows do not grow with the number of partitions: at most ``TOTAL_BUFFER_BYTES`` of rows wait in memory
-    (beyond it the partitions holding most go to a local spill file, :class:`_Spill`) and at most
-    ``MAX_OPEN_WRITERS`` files are open while rows stream in. Partitions whose rows never filled a row group
-    are written at the end, one file each, on ``CLOSE_THREADS`` threads.
+    Each batch of ``SPLIT_BYTES`` is sorted by partition once (:meth:`Partitioner.sort`) and every partition gets a
+    range of it (a zero-copy slice, its bytes from the batch's cumulative row sizes), so the work per partition and
+    batch is a few additions. Memory does not grow with the number of partitions: the sorted batches that ranges
+    still hold count whole against ``TOTAL_BUFFER_BYTES``; beyond it the oldest go to a local spill file
+    (:class:`_Spill`, a few messages per batch), and at most ``MAX_OPEN_WRITERS`` files are open while rows stream in.
+    Partitions whose rows never filled a row group are written at the end, one file each, on ``CLOSE_THREADS``
+    threads, in groups that read back at most the budget from the spill file.
     """
 
     def __init__(
@@ -359,6 +422,8 @@ class PartitionedParquetWriter:
         self._lock = threading.Lock()  # close() finishes partitions on several threads
         self._spill = _Spill(self.file_schema)
         self._incoming: list[pa.Table] = []
+        self._small_encodings: dict[str, Any] | None = None
+        self._resident: list[_Rows] = []  # routed batches in memory, oldest first
         self._incoming_bytes = 0
         self._base_footer = _empty_footer_bytes(self.file_schema, self._footer_metadata("", 0)) + 64
         self._string_columns = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
@@ -373,51 +438,72 @@ class PartitionedParquetWriter:
             self._route()
 
     def _route(self) -> None:
-        """Split what came in by partition, in pieces large enough that per-partition work stays small."""
+        """Sort what came in by partition (one ``take``) and hand each partition its range of rows.
+
+        The per-partition work is a dictionary look-up and a few additions: the ranges are zero-copy slices of the
+        sorted batch, and their bytes come from the batch's cumulative row sizes, not from the slices.
+        """
         if not self._incoming:
             return
         table = pa.concat_tables(self._incoming)
         self._incoming, self._incoming_bytes = [], 0
-        for values, part in self.partitioner.split(table):
-            for source, rows in self._by_source(part):
-                key = (values, source)
-                state = self._states.get(key)
-                if state is None:
-                    state = _PartitionState(values=values, path=self.partitioner.hive_path(values), source=source)
-                    self._states[key] = state
-                self._add(state, rows)
+        extra = []
+        if self.split_by_source and SOURCE_FILE_COLUMN in table.column_names:
+            # catalog: none keeps each source file's rows in files of their own: the source is one more sort key
+            column = table.column(SOURCE_FILE_COLUMN)
+            extra.append(column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column)
+        ordered, bounds, keys = self.partitioner.sort(table, extra)
+        if not keys:
+            return
+        # 4 bytes a row, kept while ranges of the batch wait (spilled ones included): whole bytes are precise enough
+        sizes = np.zeros(ordered.num_rows + 1, dtype=np.int32)
+        sizes[1:] = np.rint(np.cumsum(_row_bytes(ordered)))
+        rows = _Rows(ordered, sizes, ordered.nbytes)
+        self._hold(rows)  # held while the ranges are handed out, so that none is dropped before the last is given
+        self._resident = [r for r in self._resident if r.table is not None]
+        self._resident.append(rows)
+        fields = len(self.partitioner.fields)
+        for key, start, end in zip(keys, bounds[:-1], bounds[1:], strict=True):
+            state = self._states.get(key)
+            if state is None:
+                values = key[:fields]
+                source = key[fields] if extra else None
+                state = _PartitionState(values=values, path=self.partitioner.hive_path(values), source=source)
+                self._states[key] = state
+            self._add(state, (rows, start, end))
+        self._release(rows)
         if self._buffered > TOTAL_BUFFER_BYTES:
             self._relieve()
 
     def _relieve(self) -> None:
-        """Spill the partitions holding most rows in memory until ``SPILL_TO_FRACTION`` of the budget is left."""
-        for state in sorted(self._states.values(), key=lambda s: s.buffered_bytes, reverse=True):
-            if self._buffered <= TOTAL_BUFFER_BYTES * SPILL_TO_FRACTION or not state.buffer:
-                break
-            pieces = self._spill.put(pa.concat_tables(state.buffer))
-            state.spilled += pieces
-            state.spilled_bytes += state.buffered_bytes
-            self._buffered -= state.buffered_bytes
-            state.buffer, state.buffered_bytes = [], 0
+        """Spill the oldest routed batches still held until ``SPILL_TO_FRACTION`` of the budget is left: one message
+        per batch, whatever the number of partitions holding rows of it."""
+        resident = []
+        for rows in self._resident:
+            if rows.table is None:
+                continue
+            if self._buffered > TOTAL_BUFFER_BYTES * SPILL_TO_FRACTION and rows.holders:
+                rows.messages = self._spill.put(rows.table)
+                rows.table = None
+                with self._lock:
+                    self._buffered -= rows.nbytes
+            else:
+                resident.append(rows)
+        self._resident = resident
 
-    def _by_source(self, part: pa.Table) -> list[tuple[str | None, pa.Table]]:
-        if not self.split_by_source or SOURCE_FILE_COLUMN not in part.column_names:
-            return [(None, part)]
-        # one sort by source instead of a filter over every row per source (a batch of small files holds hundreds)
-        column = part.column(SOURCE_FILE_COLUMN)
-        if pa.types.is_dictionary(column.type):
-            column = column.cast(column.type.value_type)
-        encoded = pc.dictionary_encode(column.combine_chunks())
-        codes = encoded.indices.to_numpy(zero_copy_only=False)
-        if len(encoded.dictionary) == 1:
-            return [(encoded.dictionary[0].as_py(), part)]
-        order = np.argsort(codes, kind="stable")
-        starts = np.flatnonzero(np.diff(codes[order])) + 1
-        part = part.combine_chunks()
-        return [
-            (encoded.dictionary[int(codes[rows[0]])].as_py(), part.take(pa.array(rows)))
-            for rows in np.split(order, starts)
-        ]
+    def _hold(self, rows: _Rows) -> None:
+        with self._lock:
+            if rows.holders == 0 and rows.table is not None:
+                self._buffered += rows.nbytes
+            rows.holders += 1
+
+    def _release(self, rows: _Rows) -> None:
+        with self._lock:
+            rows.holders -= 1
+            if rows.holders == 0 and rows.table is not None:
+                self._buffered -= rows.nbytes
+            if rows.holders == 0:
+                rows.table, rows.sizes, rows.messages = None, _NO_SIZES, []  # every range is written: the batch goes
 
     def _limit(self, state: _PartitionState) -> int:
         """In-memory bytes to buffer before the partition's next row group is written."""
@@ -432,77 +518,81 @@ class PartitionedParquetWriter:
         """Footer bytes one more row group may add: its chunks' metadata and the longest statistics seen."""
         return len(self.schema) * CHUNK_METADATA_BYTES + self._statistics_bytes
 
-    def _add(self, state: _PartitionState, table: pa.Table) -> None:
-        """Buffer ``table``; once the partition holds a row group (spilled rows included), write it out."""
-        if not (state.writer is not None or self._closing or self._open_writers < MAX_OPEN_WRITERS):
-            self._buffer(state, table, table.nbytes)  # no file may open now: the rows wait (spilled if need be)
-            return
-        if not state.spilled:
-            self._fill(state, table)
-            return
-        self._buffer(state, table, table.nbytes)
-        if state.buffered_bytes + state.spilled_bytes >= self._limit(state):
-            self._drain(state)
+    def _add(self, state: _PartitionState, rows_range: _Range) -> None:
+        """Queue a range of rows for the partition; write row groups while it holds more than one."""
+        rows, start, end = rows_range
+        self._hold(rows)
+        state.pending.append(rows_range)
+        state.pending_bytes += rows.bytes_of(start, end)
+        if state.writer is not None or self._closing or self._open_writers < MAX_OPEN_WRITERS:
+            self._settle(state)
+        # else no file may open now: the rows wait (spilled if need be)
 
-    def _drain(self, state: _PartitionState) -> None:
-        """Write the partition's spilled and buffered rows as full row groups; what is left stays buffered."""
-        spilled, buffered = state.spilled, state.buffer
-        state.spilled, state.spilled_bytes = [], 0
-        self._unbuffer(state)
-        for piece in spilled:
-            self._fill(state, self._spill.get(piece))
-        for table in buffered:
-            self._fill(state, table)
+    def _settle(self, state: _PartitionState, *, final: bool = False, view: _SpillView | None = None) -> None:
+        """Write full row groups while the partition holds more than its limit (``final``: everything)."""
+        while state.pending and (final or state.pending_bytes > self._limit(state)):
+            self._write_row_group(state, self._take(state, self._limit(state)), view)
 
-    def _fill(self, state: _PartitionState, table: pa.Table) -> None:
-        """Buffer ``table``, writing a row group each time the partition's limit is reached."""
-        sizes: np.ndarray | None = None  # cumulative in-memory bytes per row, once the table must be split
-        start = 0
-        while start < table.num_rows:
-            rest = table.slice(start) if start else table
-            size = rest.nbytes
-            room = self._limit(state) - state.buffered_bytes
-            if size <= room:
-                self._buffer(state, rest, size)
-                return
-            if sizes is None:
-                sizes = np.cumsum(_row_bytes(table))
-            base = sizes[start - 1] if start else 0.0
-            take = int(np.searchsorted(sizes[start:], base + room, side="right")) if room > 0 else 0
-            if take == 0 and not state.buffer:
-                take = 1  # one row larger than the room still has to go somewhere
-            if take:
-                head = table.slice(start, take)
-                self._buffer(state, head, head.nbytes)
-                start += take
-            self._flush(state)
+    def _take(self, state: _PartitionState, limit: int) -> list[_Range]:
+        """Take the partition's first rows holding at most ``limit`` bytes (at least one row)."""
+        taken: list[_Range] = []
+        total = 0
+        while state.pending:
+            rows, start, end = state.pending[0]
+            size = rows.bytes_of(start, end)
+            if total + size <= limit:
+                taken.append(state.pending.pop(0))
+                total += size
+                continue
+            cut = int(np.searchsorted(rows.sizes, rows.sizes[start] + (limit - total), side="right")) - 1
+            if cut <= start and not taken:
+                cut = start + 1  # one row larger than the room still has to go somewhere
+            if cut > start:
+                self._hold(rows)  # the range is now two
+                taken.append((rows, start, cut))
+                state.pending[0] = (rows, cut, end)
+                total += rows.bytes_of(start, cut)
+            break
+        state.pending_bytes -= total
+        return taken
 
-    def _buffer(self, state: _PartitionState, table: pa.Table, size: int) -> None:
-        state.buffer.append(table)
-        state.buffered_bytes += size
-        with self._lock:
-            self._buffered += size
+    def _tables(self, ranges: Sequence[_Range], view: _SpillView | None) -> list[pa.Table]:
+        tables = []
+        for rows, start, end in ranges:
+            table = rows.table
+            if table is not None:
+                tables.append(table.slice(start, end - start))
+                continue
+            view = view or _SpillView(self._spill)
+            first = bisect.bisect_right(rows.messages, start, key=lambda m: m[0]) - 1
+            for begin, message in rows.messages[first:]:
+                if begin >= end:
+                    break
+                part = view.table(message)
+                low = max(start - begin, 0)
+                tables.append(part.slice(low, min(end - begin, part.num_rows) - low))
+        return tables
 
-    def _unbuffer(self, state: _PartitionState) -> None:
-        with self._lock:
-            self._buffered -= state.buffered_bytes
-        state.buffer, state.buffered_bytes = [], 0
-
-    def _flush(self, state: _PartitionState) -> None:
-        if not state.buffer:
-            return
-        # the buffered pieces go in as chunks of one row group: no copy into one contiguous table
-        data = pa.concat_tables(state.buffer)
-        in_memory = state.buffered_bytes
-        self._unbuffer(state)
+    def _write_row_group(self, state: _PartitionState, ranges: list[_Range], view: _SpillView | None) -> None:
+        tables = self._tables(ranges, view)
+        # a partition's rows from many batches: one small copy, instead of the encoder visiting every piece's columns
+        data = pa.concat_tables(tables) if len(tables) == 1 or len(tables) * 1024 < _ranges_rows(ranges) else (
+            pa.concat_tables(tables).combine_chunks())
+        del tables
+        in_memory = sum(rows.bytes_of(start, end) for rows, start, end in ranges)
         if state.writer is None or state.sink is None:
             state.writer, state.sink = self._open(state, data)
         before = state.sink.tell()
         state.writer.write_table(data, row_group_size=max(data.num_rows, 1))
-        state.sink.release()
+        if not self._closing:
+            state.sink.release()  # while rows stream in, many files are open: none keeps an OS file handle
+        footer, written_rows = self._row_group_footer_bytes(data), data.num_rows
+        del data  # before the ranges go: the last range of a batch drops it
+        for rows, _, _ in ranges:
+            self._release(rows)
         state.written = state.sink.tell()
-        state.footer += self._row_group_footer_bytes(data)
-        state.rows_in_file += data.num_rows
+        state.footer += footer
+        state.rows_in_file += written_rows
         if in_memory > 0 and state.written > before:
             observed = (state.written - before) / in_memory
             state.ratio = observed if state.ratio is None else 0.5 * state.ratio + 0.5 * observed
@@ -537,13 +627,21 @@ class PartitionedParquetWriter:
             self.file_schema,
             compression="snappy",
             write_statistics=True,
-            **_encodings(first),
+            **self._encodings(first),
             store_schema=False,
         )
         state.written = 0
         state.footer = self._base_footer + len(state.path.encode())
         state.rows_in_file = 0
         return writer, sink
+
+    def _encodings(self, first: pa.Table) -> dict[str, Any]:
+        """:func:`_encodings`; the same for every file whose first row group is too small to judge its values."""
+        if first.num_rows >= DICTIONARY_SAMPLE_ROWS // 16:
+            return _encodings(first)
+        if self._small_encodings is None:
+            self._small_encodings = _encodings(first)
+        return self._small_encodings
 
     def _footer_metadata(self, path: str, rows: int) -> dict[str, str]:
         metadata = {**self.metadata, "partition": path, "record-count": str(rows)}
@@ -594,21 +692,19 @@ class PartitionedParquetWriter:
         self._closing = True
         uploads: list[_Upload] = []
 
-        def finish(state: _PartitionState) -> None:
-            if state.spilled:
-                self._drain(state)
-            self._flush(state)
+        def finish(state: _PartitionState, view: _SpillView | None) -> None:
+            self._settle(state, final=True, view=view)
             self._close(state, uploads)
 
-        states = list(self._states.values())
         try:
-            if len(states) > 1 and CLOSE_THREADS > 1:
-                with ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="dativo-write") as pool:
-                    for future in [pool.submit(finish, state) for state in states]:
+            with ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="dativo-write") as pool:
+                for group, shared in self._closing_groups():
+                    # one map of the spill file per group (each message decoded once for all its partitions);
+                    # unmapped once the group is written, so the pages it read in go too
+                    view = _SpillView(self._spill) if shared else None
+                    for future in [pool.submit(finish, state, view) for state in group]:
                         future.result()
-            else:
-                for state in states:
-                    finish(state)
+                    del view
         except BaseException:
             for sink, _, _ in uploads:
                 sink.discard()
@@ -617,6 +713,29 @@ class PartitionedParquetWriter:
             self._spill.close()
         self._publish(uploads)
         return self.files
+
+    def _closing_groups(self) -> list[tuple[list[_PartitionState], bool]]:
+        """The partitions left at the end, in groups of at most ``TOTAL_BUFFER_BYTES`` of rows, in the order their
+        rows are sorted in every spilled batch (so that a group reads contiguous pages of the spill file); a
+        partition holding more is a group of its own that maps the spill file anew for each row group."""
+        states = [state for state in self._states.values() if state.pending or state.writer is not None]
+        with contextlib.suppress(TypeError):  # values that do not compare: the order only saves pages, not rows
+            states.sort(key=_sort_key)
+        groups: list[tuple[list[_PartitionState], bool]] = []
+        group: list[_PartitionState] = []
+        size = 0
+        for state in states:
+            if state.pending_bytes > TOTAL_BUFFER_BYTES:
+                groups.append(([state], False))
+                continue
+            if group and size + state.pending_bytes > TOTAL_BUFFER_BYTES:
+                groups.append((group, True))
+                group, size = [], 0
+            group.append(state)
+            size += state.pending_bytes
+        if group:
+            groups.append((group, True))
+        return groups
 
     def _publish(self, uploads: Sequence[_Upload]) -> None:
         """Publish finished files. Once one fails no more are started; every file that went up is recorded (so
@@ -665,6 +784,17 @@ class PartitionedParquetWriter:
                 state.writer, state.sink = None, None
         for written in self.files:
             remove_file(written.uri, self.s3)
+
+
+def _ranges_rows(ranges: Sequence[_Range]) -> int:
+    """Rows in ``ranges``."""
+    return sum(end - start for _, start, end in ranges)
+
+
+def _sort_key(state: _PartitionState) -> tuple[Any, ...]:
+    """A partition's place in a batch sorted by ``Partitioner.sort`` (nulls last)."""
+    key = (*state.values, state.source) if state.source is not None else state.values
+    return tuple((value is None, value) for value in key)
 
 
 def _encodings(first: pa.Table) -> dict[str, Any]:

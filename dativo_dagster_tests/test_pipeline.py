@@ -61,15 +61,15 @@ def small_files_spec(**overrides: Any) -> dict[str, Any]:
 def fail_flushes(monkeypatch: pytest.MonkeyPatch, *, after: int, times: int, error: BaseException) -> list[int]:
     """Row group writes number ``after``+1 .. ``after``+``times`` raise ``error``; returns a call counter."""
     calls: list[int] = []
-    original = write_module.PartitionedParquetWriter._flush
+    original = write_module.PartitionedParquetWriter._write_row_group
 
-    def flush(self: Any, state: Any) -> None:
+    def write_row_group(self: Any, state: Any, ranges: Any, view: Any) -> None:
         calls.append(1)
         if after < len(calls) <= after + times:
             raise error
-        original(self, state)
+        original(self, state, ranges, view)
 
-    monkeypatch.setattr(write_module.PartitionedParquetWriter, "_flush", flush)
+    monkeypatch.setattr(write_module.PartitionedParquetWriter, "_write_row_group", write_row_group)
     monkeypatch.setattr(write_module, "ROW_GROUP_MAX_BYTES", 256 * 1024)  # many row groups, several files
     return calls
 

@@ -607,3 +607,65 @@ def test_split_by_source_gives_each_source_file_its_own_files_in_one_pass(tmp_pa
         assert set(rows.column("cat").to_pylist()) == {f.partition_path.removeprefix("cat=")}
         seen += rows.num_rows
     assert seen == n
+
+
+def test_spills_write_a_few_messages_per_batch_not_one_per_partition(tmp_path, monkeypatch):
+    """Issue 19: 2,000 partitions in every batch under a 1 MiB budget: a pressure event writes the batches it spills
+    as a few messages each, not one message per partition, and every row comes back to its own partition's file."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 1 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 256 * 1024)
+    appends = []
+    original = write_module._Spill._append
+
+    def counted(self, message):
+        appends.append(message.size)
+        return original(self, message)
+
+    monkeypatch.setattr(write_module._Spill, "_append", counted)
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    table = interleaved_partitions(writer, 100_000, 2_000, seed=21)
+    for batch in table.to_batches(max_chunksize=5_000):
+        writer.write(pa.Table.from_batches([batch]))
+    files = writer.close()
+    assert writer._spill.bytes_written > 2 * MIB  # most rows went through the spill file
+    assert 0 < len(appends) < 200  # 2,000 partitions x every spilled batch would be tens of thousands
+    assert len(files) == 2_000
+    for f in files[:50] + files[-50:]:
+        rows = pq.read_table(f.uri)
+        assert rows.num_rows == f.record_count == 50
+        assert set(rows.column("cat").to_pylist()) == {f.partition_path.removeprefix("cat=")}
+    back = pa.concat_tables([pq.read_table(f.uri, columns=["id"]) for f in files])
+    assert sorted(back.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
+
+
+def test_arrow_memory_stays_within_the_budget_whatever_the_number_of_partitions(tmp_path, monkeypatch):
+    """Issue 19: 5,000 partitions of a few rows each under a 2 MiB budget: the rows Arrow holds while they stream in
+    and while the partitions are finished (the spilled rows they read back included) stay near the budget: not a
+    padded buffer per partition and batch, nor the whole spill file read back at once."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 2 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 512 * 1024)
+    # finishing a group of partitions reads the spill messages holding its rows: one or two of every spilled batch
+    monkeypatch.setattr(write_module, "SPILL_MESSAGE_BYTES", 16 * 1024)
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    table = interleaved_partitions(writer, 200_000, 5_000, seed=22)
+    assert table.nbytes > 10 * MIB
+    batches = [pa.Table.from_batches([b]) for b in table.to_batches(max_chunksize=5_000)]
+    del table
+    baseline = pa.total_allocated_bytes()
+    peak = 0
+    original = pq.ParquetWriter.write_table
+
+    def watched(self, data, *args, **kwargs):  # each row group, while rows stream in and while closing
+        nonlocal peak
+        peak = max(peak, pa.total_allocated_bytes() - baseline)
+        return original(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", watched)
+    for batch in batches:
+        writer.write(batch)
+        peak = max(peak, pa.total_allocated_bytes() - baseline)
+    files = writer.close()
+    assert len(files) == 5_000
+    assert sum(f.record_count for f in files) == 200_000
+    assert writer._spill.bytes_written > 5 * MIB
+    assert peak < 6 * MIB, f"{peak / MIB:.1f} MiB of Arrow memory for a 2 MiB budget"
