@@ -23,7 +23,10 @@ import pyarrow.parquet as pq
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 
+from dativo_dagster import maintenance
 from dativo_dagster.definitions import build_definitions
+from dativo_dagster.jobs import MAINTENANCE_JOB
+from dativo_dagster.maintenance import MIN_AGE_HOURS
 from dativo_dagster.markers import committed_files, committed_files_sql
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import branch_rows, duckdb_branch_rows
@@ -284,3 +287,14 @@ def assert_written_by_project(table: Table, uri: str, *, run_id: str | None = No
     if run_id is not None:
         assert uri.rsplit("/", 1)[-1].split("-")[1] == run_id[:8] and keys["run-id"] == run_id
     return keys
+
+
+def run_maintenance(project: Any, monkeypatch: Any) -> dg.ExecuteInProcessResult:
+    """The maintenance job a day later (its default age limit): whatever the killed run left is old enough."""
+    now = time.time()
+    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + (MIN_AGE_HOURS + 1) * 3600)
+    defs = build_definitions(project.specs_dir)
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(instance=instance)
+    assert result.success
+    return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import json
 import signal
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,7 @@ import dagster as dg
 import pytest
 from pyiceberg.table import Table
 
-from dativo_dagster import maintenance
 from dativo_dagster.commit import RUN_ID_KEY
-from dativo_dagster.definitions import build_definitions
-from dativo_dagster.jobs import MAINTENANCE_JOB
-from dativo_dagster.maintenance import MIN_AGE_HOURS
 from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.fault_injection import (
     IN_PROCESS,
@@ -38,6 +33,7 @@ from dativo_dagster_tests.table_checks import (
     materialization,
     parquet_files,
     referenced_files,
+    run_maintenance,
 )
 
 TABLE = "testdomain.events"
@@ -83,17 +79,6 @@ def rejected_rows(table: Table) -> Counter[Any]:
 
 def on_disk(table: Table) -> set[str]:
     return parquet_files(table.location().removeprefix("file://"))
-
-
-def run_maintenance(project: Project, monkeypatch: pytest.MonkeyPatch) -> dg.ExecuteInProcessResult:
-    """The maintenance job a day later (its default age limit): whatever the killed run left is old enough."""
-    now = time.time()
-    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + (MIN_AGE_HOURS + 1) * 3600)
-    defs = build_definitions(project.specs_dir)
-    with dg.instance_for_test() as instance:
-        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(instance=instance)
-    assert result.success
-    return result
 
 
 def assert_exactly_once(project: Project, con: Any) -> None:

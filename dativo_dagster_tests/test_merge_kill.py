@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,7 @@ import dagster as dg
 import pytest
 from pyiceberg.table import Table
 
-from dativo_dagster import maintenance
 from dativo_dagster.commit import RUN_ID_KEY
-from dativo_dagster.definitions import build_definitions
-from dativo_dagster.jobs import MAINTENANCE_JOB
-from dativo_dagster.maintenance import MIN_AGE_HOURS
 from dativo_dagster.merge import KEYS_FOLDER
 from dativo_dagster_tests.conftest import Project, branch_rows
 from dativo_dagster_tests.fault_injection import IN_PROCESS, write_job_module
@@ -32,7 +27,7 @@ from dativo_dagster_tests.publish_kill import (
     start_killed_publish,
     wait_killed,
 )
-from dativo_dagster_tests.table_checks import failures, materialization, parquet_files, referenced_files
+from dativo_dagster_tests.table_checks import failures, materialization, parquet_files, referenced_files, run_maintenance
 from dativo_dagster_tests.test_merge import BRANCH, TABLE, merge_spec
 
 FIRST = {i: f"v1-{i}" for i in range(1, 301)}
@@ -93,17 +88,6 @@ def assert_consistent(table: Table, expected: dict[int, str], publish: bool, duc
         read = duckdb_connection.execute(f"SELECT id, name FROM iceberg_scan('{table.metadata_location}')").fetchall()
         assert dict(read) == expected and len(read) == len(expected)
     assert_references_exist(table)
-
-
-def run_maintenance(project: Project, monkeypatch: pytest.MonkeyPatch) -> dg.ExecuteInProcessResult:
-    """The maintenance job a day later (its default age limit): whatever the killed run left is old enough."""
-    now = time.time()
-    monkeypatch.setattr(maintenance, "wall_clock", lambda: now + (MIN_AGE_HOURS + 1) * 3600)
-    defs = build_definitions(project.specs_dir)
-    with dg.instance_for_test() as instance:
-        result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(instance=instance)
-    assert result.success
-    return result
 
 
 @dataclass
