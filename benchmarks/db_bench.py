@@ -365,7 +365,7 @@ def merge_section(results: Path, block_lines: list[str]) -> str:
     start = text.find(SECTION)
     if start >= 0:
         end = text.find("\n## ", start + len(SECTION))
-        return text[:start] + block + (text[end + 1:] if end >= 0 else "")
+        return text[:start] + block + ("\n" + text[end + 1:] if end >= 0 else "")  # a blank line before the next
     anchor = text.find("## Targets (issue 5)")
     if anchor < 0:
         return text.rstrip("\n") + "\n\n" + block
