@@ -4,7 +4,8 @@ ConnectorX reads rows in native code, several times faster than a Python driver,
 it waits for the next batch (which would stall the pipeline's other stages) and reads ahead into memory without
 limit when its consumer is slower. So it runs in a child process (``python -m dativo_dagster.mysql_reader``) that
 appends each batch to a file as soon as it comes and tells the parent where it is; the parent's memory holds one
-batch, the child's a few. The request (URL with the password, statement, settings) goes over the child's stdin,
+batch, the child's a few. The file is a series of segments of about ``SEGMENT_BYTES``, each removed once the parent
+has read past it: the spool holds the rows the parent has not taken yet, not the whole table. The request (URL with the password, statement, settings) goes over the child's stdin,
 never its command line. Kept free of the package's heavier imports: the child only needs pyarrow and connectorx.
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import pyarrow as pa
 
 JOIN_SECONDS = 10
+SEGMENT_BYTES = 64 << 20  # the child starts a new spool file beyond this; the parent removes each one it has read
 
 
 class ReaderError(RuntimeError):
@@ -35,16 +37,16 @@ def read_batches(url: str, select: str, settings: Sequence[str], batch_rows: int
             ended without a word (its exit code and the last line it wrote to stderr).
     """
     folder = tempfile.mkdtemp(prefix="dativo-mysql-")
-    path = os.path.join(folder, "batches.arrow")
     with open(os.path.join(folder, "stderr"), "wb") as stderr:
         child = subprocess.Popen(  # noqa: S603 - this package's own module, with this interpreter
             [sys.executable, "-m", "dativo_dagster.mysql_reader"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
         )
-    fd = None
+    fd, segment = None, -1
     try:
         assert child.stdin is not None and child.stdout is not None
-        request = {"url": url, "select": select, "settings": list(settings), "batch_rows": batch_rows, "path": path}
+        request = {"url": url, "select": select, "settings": list(settings), "batch_rows": batch_rows,
+                   "folder": folder, "segment_bytes": SEGMENT_BYTES}
         child.stdin.write(json.dumps(request).encode())
         child.stdin.close()
         schema = None
@@ -54,9 +56,12 @@ def read_batches(url: str, select: str, settings: Sequence[str], batch_rows: int
                 return
             if kind == "error":
                 raise ReaderError(json.loads(rest))
-            offset, size = map(int, rest.split())
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY)
+            number, offset, size = map(int, rest.split())
+            if number != segment:  # the child went on to a new segment: the one read so far is done with
+                if fd is not None:
+                    os.close(fd)
+                    os.unlink(segment_path(folder, segment))
+                fd, segment = os.open(segment_path(folder, number), os.O_RDONLY), number
             data = pa.py_buffer(os.pread(fd, size, offset))
             if kind == "schema":
                 schema = pa.ipc.read_schema(data)
@@ -71,6 +76,11 @@ def read_batches(url: str, select: str, settings: Sequence[str], batch_rows: int
         if fd is not None:
             os.close(fd)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def segment_path(folder: str, number: int) -> str:
+    """The spool's segment file ``number`` (0, 1, ...)."""
+    return os.path.join(folder, f"batches-{number:06d}.arrow")
 
 
 def _last_line(folder: str) -> str:
@@ -96,8 +106,8 @@ def _serve() -> None:
             request["url"], request["select"], return_type="arrow_stream", batch_size=request["batch_rows"],
             protocol="binary", pre_execution_query=request["settings"],
         )
-        with open(request["path"], "wb") as spool:
-            offset, schema = 0, None
+        number, spool, offset, schema = 0, None, 0, None
+        try:
             while True:
                 try:
                     batch = reader.read_next_batch()
@@ -108,12 +118,20 @@ def _serve() -> None:
                 batch = pa.RecordBatch.from_arrays([_as_string(c) for c in batch.columns], names=batch.schema.names)
                 messages = [] if schema is not None else [("schema", batch.schema.serialize())]
                 schema = batch.schema
+                if spool is not None and offset >= request["segment_bytes"]:  # the parent removes the full one
+                    spool.close()
+                    number, spool, offset = number + 1, None, 0
+                if spool is None:
+                    spool = open(segment_path(request["folder"], number), "wb")  # noqa: SIM115 - closed above/below
                 for kind, data in [*messages, ("batch", batch.serialize())]:
                     spool.write(data)
                     spool.flush()
-                    out.write(f"{kind} {offset} {data.size}\n")
+                    out.write(f"{kind} {number} {offset} {data.size}\n")
                     out.flush()
                     offset += data.size
+        finally:
+            if spool is not None:
+                spool.close()
     except BaseException as exc:  # noqa: BLE001 - RuntimeError or a Rust panic (PanicException): the parent decides
         out.write("error " + json.dumps(str(exc)) + "\n")
         out.flush()

@@ -123,7 +123,7 @@ def test_a_read_stopped_early_leaves_no_connection_and_no_spool(
     batches = source.read(source.list_units(), [])
     first = next(batches)
     assert 0 < first.num_rows < ROWS
-    spooled = list(spools.glob("dativo-mysql-*/batches.arrow"))
+    spooled = list(spools.glob("dativo-mysql-*/batches-*.arrow"))
     assert len(spooled) == 1 and spooled[0].stat().st_size > 0  # the batches came through the reader's file
     batches.close()  # what a strict-mode failure does: the pipeline stops asking for batches
     assert list(spools.iterdir()) == []
@@ -159,3 +159,29 @@ def test_a_reading_process_that_dies_is_transient(
     assert "asset_specs/people.yaml: source: reading mysql://" in message
     assert "the reading process ended with exit code 1" in message
     assert PASSWORD not in message and ENCODED not in message
+
+
+def test_the_spool_keeps_only_the_rows_not_yet_read(
+    stream_db: MariaDBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reading process spools in segment files and each is removed once read: the spool (disk, and page cache or
+    a tmpfs's memory) holds the rows the pipeline has not taken yet, not the whole table."""
+    from dativo_dagster import mysql_reader  # noqa: PLC0415
+
+    monkeypatch.setenv(URL_ENV, reader_url(stream_db))
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
+    segment = 256 * 1024
+    monkeypatch.setattr(mysql_reader, "SEGMENT_BYTES", segment, raising=False)
+    source = source_of(tmp_path, {"table": "people"}, SCHEMA)
+    rows, ids, spooled = 0, 0, []
+    for batch in source.read(source.list_units(), []):
+        rows += batch.num_rows
+        ids += pc.sum(pc.cast(batch.column("id"), pa.int64())).as_py()
+        spooled.append(sum(f.stat().st_size for f in spools.glob("dativo-mysql-*/*") if f.is_file()))
+    assert (rows, ids) == (ROWS, ROWS * (ROWS + 1) // 2)
+    # once the last batch is in, the reading process has written every row (about 3 MB of Arrow here): what is
+    # left is the segment being read, at most its size and one batch more
+    assert spooled[-1] <= segment + 512 * 1024, spooled
+    assert list(spools.iterdir()) == []  # and nothing once the read is over

@@ -11,6 +11,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from psycopg2 import sql
 
@@ -342,3 +344,33 @@ def test_a_large_table_streams_in_bounded_memory(shop: PostgresCluster, tmp_path
         peaks[name] = peak
     # 20 times the rows (about 150 MB of text) at nearly the same peak: the table is never held whole
     assert peaks["large"] < peaks["small"] + 60, peaks
+
+
+def test_batches_are_bounded_whatever_the_table_size(
+    shop: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver hands over small batches (ADBC's own default is 16 MB each, and the stages hold several at once),
+    so a run's memory is the same for any table beyond a few MiB of text (docs/sources/postgres.md, "Memory")."""
+    mib = 1 << 20
+    conn = shop.connect(DB)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(  # about 25 MB of text
+            "CREATE TABLE sales.wide AS SELECT g AS id, repeat(md5(g::text), 3) AS hash FROM generate_series(1, 250000) g"
+        )
+        cur.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier("sales", "wide"), sql.Identifier(READER)))
+    conn.close()
+    project = Project(tmp_path / "project")
+    schema = [{"name": "id", "type": "long", "required": True}, {"name": "hash", "type": "string"}]
+    source = source_for(loaded(project, project.write_spec(db_spec("wide", {"table": "sales.wide"}, schema=schema))),
+                        S3Settings())
+    monkeypatch.setenv(URL_ENV, url(shop))
+    sizes, rows, id_sum, hash_chars = [], 0, 0, 0
+    for batch in source.read(source.list_units(), []):
+        sizes.append(batch.column("id").nbytes + batch.column("hash").nbytes)
+        rows += batch.num_rows
+        id_sum += pc.sum(batch.column("id").cast(pa.int64())).as_py()
+        hash_chars += pc.sum(pc.utf8_length(batch.column("hash"))).as_py()
+    assert (rows, id_sum, hash_chars) == (250_000, 250_000 * 250_001 // 2, 250_000 * 96)  # every row, read once
+    assert sum(sizes) > 20 * mib
+    assert max(sizes) <= 3 * mib, [round(s / mib, 1) for s in sizes]
