@@ -92,10 +92,12 @@ def partition_window(loaded: LoadedSpec, key: str) -> PartitionWindow:
 
 
 def for_partition(loaded: LoadedSpec, key: str) -> LoadedSpec:
-    """The spec as partition ``key``'s run reads it: ``{partition}`` in each source path replaced by the key."""
+    """The spec as partition ``key``'s run reads it: ``{partition}`` in each source path replaced by the key; a
+    database source's spec carries the key (its query's ``:partition_start`` / ``:partition_end``, or a table's
+    ``WHERE field >= start AND field < end``)."""
     source = loaded.spec.source
-    if not isinstance(source, CsvSourceSpec):
-        return loaded
+    if not isinstance(source, CsvSourceSpec):  # a database source binds the window's bounds when it reads
+        return loaded.model_copy(update={"partition_key": key})
     files = [f.model_copy(update={"path": f.path.replace(PARTITION_PLACEHOLDER, key)}) for f in source.files]
     spec = loaded.spec.model_copy(update={"source": source.model_copy(update={"files": files})})
     return loaded.model_copy(update={"spec": spec})
