@@ -49,8 +49,10 @@ from dativo_dagster.partitions import (
     PARTITION_KEY_PROPERTY,
     WindowSelection,
     for_partition,
+    partition_source_state,
     partition_window,
     partitions_definition,
+    select_partition_files,
 )
 from dativo_dagster.pipeline import (
     LOGGED_FILES,
@@ -101,14 +103,17 @@ class ExtractReport(BaseModel):
     unchanged: list[str] = Field(default_factory=list)
     too_old: list[str] = Field(default_factory=list)
     partition_key: str = ""  # a partitioned asset's run: the partition it reads and replaces
+    removed: list[str] = Field(default_factory=list)  # an incremental partition's committed files now gone
 
     @property
     def nothing_new(self) -> bool:
-        return self.incremental and not self.files
+        return self.incremental and not self.files and not self.removed
 
     @property
     def source_state(self) -> dict[str, str]:
-        return {f["uri"]: f["version"] for f in self.files}
+        files = {f["uri"]: f["version"] for f in self.files}
+        # a partition's run commits its files under its own key (partitions.partition_state_key)
+        return partition_source_state(self.partition_key, files, self.removed) if self.partition_key else files
 
 
 class WriteResult(BaseModel):
@@ -254,7 +259,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         partition_key = _partition_key(context, loaded)
         with failures(loaded, "extract", secrets):
             listed = source_for(run_spec(loaded, partition_key), s3).list_units()
-            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
+            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog, partition_key)
         if partition_key:
             context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
         files = selection.to_read
@@ -273,6 +278,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             unchanged=selection.unchanged,
             too_old=selection.too_old,
             partition_key=partition_key,
+            removed=getattr(selection, "removed", []),
         )
         outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
         extract_report.file_reports = outcome.file_reports
@@ -495,12 +501,16 @@ def committed_sources(loaded: LoadedSpec, storage: StorageResource, catalog_reso
 
 
 def select_sources(
-    loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource
+    loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource,
+    partition_key: str = "",
 ) -> Selection:
-    """Which listed files this run reads, decided from the committed table state (CONTRACT 5)."""
+    """Which listed files this run reads, decided from the committed table state (CONTRACT 5); a partition's run
+    from its own part of the state, all of its files or none (partitions.select_partition_files)."""
     spec = loaded.spec
     if not is_incremental(loaded):
         return Selection(to_read=list(listed), new=[f.uri for f in listed])
+    if partition_key:
+        return select_partition_files(listed, committed_sources(loaded, storage, catalog_resource), partition_key)
     if is_cursor_run(loaded):  # each unit is read from the mark its table committed (cursor.py)
         to_read = units_with_marks(listed, committed_sources(loaded, storage, catalog_resource))
         return Selection(to_read=to_read, new=[f.uri for f in to_read if not f.version],
@@ -939,7 +949,8 @@ def _commit(
     overwrite = spec.target.write_mode is WriteMode.OVERWRITE
     table_name = f"{spec.domain}.{spec.name}"
     # a cursor's unit is the same table every run: its rows are added, never replaced; its new mark is recorded
-    replace_sources = written.incremental and not is_cursor_run(loaded)
+    # a partition's run replaces its whole window instead (and finds nothing new when no file of it changed)
+    replace_sources = written.incremental and not is_cursor_run(loaded) and not written.partition_key
     if spec.target.catalog is CatalogKind.NONE:
         s3 = storage.s3_settings()
         # overwrite replaces the quarantine's rows too (CONTRACT 3), also when this run rejected nothing
@@ -1014,7 +1025,8 @@ def _commit(
         unique_key=spec.primary_key if spec.target.write_mode is WriteMode.MERGE else None,
         read_from=written.cursor_read_from if is_cursor_run(loaded) else None,
         # a partition's run replaces its window's rows (partitions.py), in the same commit
-        window=WindowSelection(partition_window(loaded, written.partition_key)) if written.partition_key else None,
+        window=WindowSelection(partition_window(loaded, written.partition_key))
+        if written.partition_key and not written.nothing_new else None,
     )
     if merge is not None:
         merge.remove()  # committed (or committed before): the keys are not needed again

@@ -7,7 +7,8 @@ outside its window (``out_of_partition``) and replaces the window's rows on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 import dagster as dg
@@ -16,6 +17,8 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, LessThan
 from pyiceberg.manifest import DataFile
 
+from dativo_dagster.incremental import Selection, select_files
+from dativo_dagster.sources.base import SourceFile
 from dativo_dagster.spec import AssetSpecModel, CsvSourceSpec, LoadedSpec, PartitionType
 from dativo_dagster.types import TypeKind
 from dativo_dagster.validate import OUT_OF_PARTITION
@@ -103,6 +106,55 @@ def for_partition(loaded: LoadedSpec, key: str) -> LoadedSpec:
     return loaded.model_copy(update={"spec": spec})
 
 
+def partition_state_key(key: str, uri: str) -> str:
+    """The name of a source file in the committed source state of partition ``key``'s runs: ``[key]uri``.
+
+    Each partition keeps its own state: a file that several partitions read (a path without ``{partition}``) is
+    committed once per partition, and one partition's run never makes another's files look new or old."""
+    return f"[{key}]{uri}"
+
+
+def partition_source_state(key: str, files: Mapping[str, str], removed: Sequence[str] = ()) -> dict[str, str]:
+    """The source state a run of partition ``key`` commits: its files at their versions, and ``removed`` files
+    (committed for the partition, no longer listed) at the version ``REMOVED``, so they are not missed again."""
+    state = {partition_state_key(key, uri): version for uri, version in files.items()}
+    state.update({partition_state_key(key, uri): REMOVED for uri in removed})
+    return state
+
+
+REMOVED = ""  # the version of a file that a partition's run found gone (no listed file has an empty version)
+
+
+@dataclass
+class PartitionSelection(Selection):
+    """What an incremental partition's run reads: every listed file of the partition when any is new or changed
+    or a committed one is gone (the run replaces the whole window), else nothing."""
+
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_new(self) -> bool:
+        return not self.to_read and not self.removed
+
+    def describe(self) -> str:
+        return super().describe() + f", {len(self.removed)} removed"
+
+
+def select_partition_files(listed: Sequence[SourceFile], committed: Mapping[str, str], key: str) -> PartitionSelection:
+    """Decide an incremental run of partition ``key`` from the branch's committed state (its own entries only)."""
+    prefix = partition_state_key(key, "")
+    own = {uri[len(prefix):]: version for uri, version in committed.items() if uri.startswith(prefix)}
+    found = select_files(listed, {u: v for u, v in own.items() if v != REMOVED}, lookback_days=0,
+                         now=datetime.now(timezone.utc))
+    names = {f.uri for f in listed}
+    removed = sorted(uri for uri, version in own.items() if version != REMOVED and uri not in names)
+    read_all = bool(found.to_read or removed)
+    return PartitionSelection(
+        to_read=list(listed) if read_all else [], new=found.new, changed=found.changed, unchanged=found.unchanged,
+        removed=removed,
+    )
+
+
 @dataclass(frozen=True)
 class WindowSelection:
     """The rows of a branch whose ``field`` falls in a partition's window: what a partition's run replaces
@@ -134,6 +186,10 @@ class WindowSelection:
 
 __all__ = [
     "PARTITION_KEY_PROPERTY",
+    "PartitionSelection",
+    "partition_source_state",
+    "partition_state_key",
+    "select_partition_files",
     "OUT_OF_PARTITION",
     "PARTITION_PLACEHOLDER",
     "PartitionWindow",

@@ -806,9 +806,10 @@ class AssetSpecModel(_Model):
         if isinstance(self.source, DatabaseSourceSpec):
             problems.extend(_database_partition_problems(self.source))
         else:
-            if self.source.incremental is not None:
-                problems.append(("source.incremental", "not supported yet together with partitions: every partition"
-                                 " run reads its partition's files whole; remove incremental"))
+            if self.source.incremental is not None and self.source.incremental.lookback_days:
+                problems.append(("source.incremental.lookback_days", "cannot be combined with partitions: a"
+                                 " partition's run replaces its whole window, so it reads every file of the partition"
+                                 " (the partition already bounds what a run reads); remove lookback_days"))
             if not any("{partition}" in f.path for f in self.source.files):
                 problems.append(("source.files", "a partitioned asset reads its partition's files: put {partition}"
                                  " (the partition key, e.g. 2024-01-31) in at least one path"))
