@@ -7,7 +7,8 @@ outside its window (``out_of_partition``) and replaces the window's rows on the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
@@ -155,6 +156,65 @@ def select_partition_files(listed: Sequence[SourceFile], committed: Mapping[str,
     )
 
 
+_SENTINEL = "\x00partition\x00"
+
+
+def _glob_regex(text: str) -> str:
+    """A regular expression for a path glob (``**`` any levels, ``*`` / ``?`` within one level)."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif text[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif text[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(text[i]))
+            i += 1
+    return "".join(out)
+
+
+def partition_path_patterns(loaded: LoadedSpec, resolve: Callable[[str, LoadedSpec], str]) -> list[re.Pattern[str]]:
+    """For each ``source.files`` path holding ``{partition}``: a regular expression over listed URIs whose group
+    ``key`` is the partition key the path was made from (``resolve``: the CSV source's path resolution)."""
+    source = loaded.spec.source
+    assert isinstance(source, CsvSourceSpec)
+    patterns = []
+    for entry in source.files:
+        if PARTITION_PLACEHOLDER not in entry.path:
+            continue
+        resolved = resolve(entry.path.replace(PARTITION_PLACEHOLDER, _SENTINEL), loaded)
+        pieces = [_glob_regex(piece) for piece in resolved.split(_SENTINEL)]
+        regex = pieces[0] + "".join(("(?P<key>[^/]+?)" if i == 1 else "(?P=key)") + piece
+                                    for i, piece in enumerate(pieces[1:], start=1))
+        patterns.append(re.compile(regex + r"\Z", re.DOTALL))
+    return patterns
+
+
+def for_all_partitions(loaded: LoadedSpec) -> LoadedSpec:
+    """The spec as a sensor lists it: its ``{partition}`` paths with any key (``*``); paths without it left out."""
+    source = loaded.spec.source
+    assert isinstance(source, CsvSourceSpec)
+    files = [f.model_copy(update={"path": f.path.replace(PARTITION_PLACEHOLDER, "*")})
+             for f in source.files if PARTITION_PLACEHOLDER in f.path]
+    spec = loaded.spec.model_copy(update={"source": source.model_copy(update={"files": files})})
+    return loaded.model_copy(update={"spec": spec})
+
+
+def partition_key_of(uri: str, patterns: Sequence[re.Pattern[str]], definition: dg.PartitionsDefinition) -> str | None:
+    """The partition key a listed file was found under (None: no path pattern gives it a valid, ended-or-current
+    key of the asset's partitions)."""
+    for pattern in patterns:
+        match = pattern.match(uri)
+        if match is not None and definition.has_partition_key(match.group("key")):
+            return match.group("key")
+    return None
+
+
 @dataclass(frozen=True)
 class WindowSelection:
     """The rows of a branch whose ``field`` falls in a partition's window: what a partition's run replaces
@@ -187,6 +247,9 @@ class WindowSelection:
 __all__ = [
     "PARTITION_KEY_PROPERTY",
     "PartitionSelection",
+    "for_all_partitions",
+    "partition_key_of",
+    "partition_path_patterns",
     "partition_source_state",
     "partition_state_key",
     "select_partition_files",

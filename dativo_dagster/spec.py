@@ -813,9 +813,10 @@ class AssetSpecModel(_Model):
             if not any("{partition}" in f.path for f in self.source.files):
                 problems.append(("source.files", "a partitioned asset reads its partition's files: put {partition}"
                                  " (the partition key, e.g. 2024-01-31) in at least one path"))
-        if self.sensor is not None:
-            problems.append(("sensor", "not supported with partitions (a sensor would request unpartitioned runs);"
-                             " use schedule:, which requests the last complete partition"))
+        if self.sensor is not None and self.source.type != "csv":
+            problems.append(("sensor", f"not supported for partitioned {self.source.type} sources (a partition's"
+                             " window is read whole, there is no cursor to watch); use schedule:, which requests"
+                             " the last complete partition"))
         return problems
 
     @property

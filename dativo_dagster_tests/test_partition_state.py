@@ -3,12 +3,17 @@ request one run per partition key, and the quarantine replaced per partition."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
+import pytest
+
+from dativo_dagster.definitions import build_definitions
 from dativo_dagster.spec import parse_spec_document
 from dativo_dagster.table_state import read_branch_state
 from dativo_dagster_tests.conftest import Project, branch_rows
@@ -116,3 +121,73 @@ def test_the_source_state_is_kept_per_partition(project: Project) -> None:
     state = read_branch_state(project.table(TABLE), BRANCH).sources
     shared_uri = str(shared.resolve())
     assert {k for k in state if k.endswith(shared_uri)} == {f"[2024-01-01]{shared_uri}", f"[2024-01-02]{shared_uri}"}
+
+
+# ---- sensors -----------------------------------------------------------------------------------------------------
+
+
+def sensor_tick(project: Project, instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult | Any:
+    defs = build_definitions(project.specs_dir)
+    sensor = defs.resolve_sensor_def("events__sensor")
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs,
+        resources={name: defs.resources[name] for name in ("dativo_storage", "dativo_catalog")},
+    ) as context:
+        return sensor.evaluate_tick(context)
+
+
+def test_a_sensor_requests_one_run_per_partition_key_with_new_or_changed_files(
+    project: Project, capfd: pytest.CaptureFixture[str]
+) -> None:
+    project.write_spec(incremental_spec(["data/events/{partition}/*.csv"], sensor={"minimum_interval_seconds": 30}))
+    project.write_data("events/2024-01-01/a.csv", day_csv("2024-01-01", range(1, 3)))
+    project.write_data("events/2024-01-01/b.csv", day_csv("2024-01-01", range(3, 4)))
+    day2 = project.write_data("events/2024-01-02/a.csv", day_csv("2024-01-02", range(10, 12)))
+    # files that map to no valid key: not a key, before the start, a partition that has not ended
+    for folder in ("not-a-day", "2023-12-31", "2999-01-01"):
+        project.write_data(f"events/{folder}/a.csv", day_csv("2024-01-01", range(90, 91)))
+
+    with dg.instance_for_test() as instance:
+        capfd.readouterr()
+        first = sensor_tick(project, instance, None)
+        logged = capfd.readouterr().err  # a sensor's context.log goes to Dagster's console handler
+        requests = sorted(first.run_requests, key=lambda r: r.partition_key)
+        assert [r.partition_key for r in requests] == ["2024-01-01", "2024-01-02"]
+        assert all(r.run_key.startswith(f"events:{r.partition_key}:") for r in requests)
+        assert [r.tags["dativo/files"] for r in requests] == ["2", "1"]
+        assert len(json.loads(first.cursor)) == 6  # the cursor lists every file seen, as for unpartitioned specs
+        warned = [line for line in logged.splitlines() if "map to no partition key" in line]
+        assert len(warned) == 1 and "3 source file(s)" in warned[0], warned
+        for folder in ("not-a-day", "2023-12-31", "2999-01-01"):
+            assert f"events/{folder}/a.csv" in warned[0]
+
+        # the daemon launches both; the next tick finds nothing new
+        for request in requests:
+            result = project.materialize(instance=instance, partition_key=request.partition_key,
+                                         tags={**request.tags, "dagster/run_key": request.run_key})
+            assert result.success, failures(result)
+        assert sum(rows(project).values()) == 5
+        second = sensor_tick(project, instance, first.cursor)
+        assert not second.run_requests and "no new or changed file" in second.skip_message
+
+        # one file of day 2 changes: one run, of day 2 only, with a key of its own
+        rewrite(day2, day_csv("2024-01-02", range(10, 13), tag="v2"))
+        third = sensor_tick(project, instance, second.cursor)
+        (request,) = third.run_requests
+        assert request.partition_key == "2024-01-02"
+        assert request.run_key not in {r.run_key for r in requests}
+        result = project.materialize(instance=instance, partition_key="2024-01-02",
+                                     tags={**request.tags, "dagster/run_key": request.run_key})
+        assert result.success, failures(result)
+        assert rows(project) == Counter([(1, "2024-01-01", "v1-1"), (2, "2024-01-01", "v1-2"),
+                                         (3, "2024-01-01", "v1-3"), (10, "2024-01-02", "v2-10"),
+                                         (11, "2024-01-02", "v2-11"), (12, "2024-01-02", "v2-12")])
+        assert not sensor_tick(project, instance, third.cursor).run_requests
+
+
+def test_a_sensor_on_a_partitioned_database_source_is_refused() -> None:
+    spec = partitioned_spec(source={"type": "postgres", "connection": {"url_env": "DB_URL"}, "table": "events"},
+                            sensor={"minimum_interval_seconds": 30})
+    _, found = parse_spec_document(spec, "asset_specs/events.yaml")
+    assert any(p.startswith("asset_specs/events.yaml: sensor: not supported for partitioned postgres sources")
+               for p in found), found

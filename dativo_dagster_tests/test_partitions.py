@@ -116,7 +116,7 @@ def test_partitions_refuse_what_a_window_cannot_replace() -> None:
     database = partitioned_spec(source={"type": "postgres", "connection": {"url_env": "DB_URL"}, "query": "SELECT 1"})
     assert any("source.query: a partitioned query must select its window" in p for p in problems(database))
     sensor = partitioned_spec(sensor={"minimum_interval_seconds": 60})
-    assert any("sensor: not supported with partitions" in p for p in problems(sensor))
+    assert any("sensor: an append asset with a sensor needs source.incremental" in p for p in problems(sensor))
 
 
 # ---- windows -----------------------------------------------------------------------------------------------------
