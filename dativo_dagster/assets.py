@@ -47,6 +47,7 @@ from dativo_dagster.merge import (
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
 from dativo_dagster.partitions import (
     PARTITION_KEY_PROPERTY,
+    PartitionRejects,
     WindowSelection,
     for_partition,
     partition_source_state,
@@ -68,6 +69,7 @@ from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMo
 from dativo_dagster.storage import filesystem_for, map_per_object
 from dativo_dagster.table_schema import (
     INGESTED_AT,
+    PARTITION_KEY_COLUMN,
     RUN_ID,
     SOURCE_FILE,
     Partitioner,
@@ -75,6 +77,7 @@ from dativo_dagster.table_schema import (
     iceberg_schema,
     partition_spec,
     rejects_iceberg_schema,
+    with_partition_key_column,
 )
 from dativo_dagster.validate import ValidationReport
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file, run_writer_settings
@@ -744,6 +747,8 @@ def stream_sources(
 
     def open_rejects() -> PartitionedParquetWriter:
         reject_schema = rejects_iceberg_schema(spec.fields)
+        if spec.partitions is not None:  # each reject names its partition, whose re-run replaces it
+            reject_schema = with_partition_key_column(reject_schema)
         rejects_at = rejects_location
         if catalog is not None:
             reject_table = _ensure_table(
@@ -775,6 +780,7 @@ def stream_sources(
         open_rejects=open_rejects,
         ingested_at=pa.scalar(ingested_at, pa.timestamp("us", tz="UTC")),
         run_id=run_id,
+        partition_key=extract_report.partition_key,
     )
     try:
         cursor = None
@@ -990,7 +996,9 @@ def _commit(
     # a changed file also replaces the rows its earlier version left in quarantine, and an overwrite replaces all of
     # them (CONTRACT 3), even with no new rejects
     replaces_rejects = overwrite or (replace_sources and written.source_state)
-    if written.reject_files or (replaces_rejects and catalog.table_exists(rejects_name)):
+    # a partition's run replaces its partition's earlier rejects, also when it rejects nothing now
+    partition_rejects = _partition_rejects(catalog, rejects_name, written)
+    if written.reject_files or partition_rejects is not None or (replaces_rejects and catalog.table_exists(rejects_name)):
         reject_table = catalog.load_table(rejects_name)
         reject_result = commit_files(
             reject_table,
@@ -1003,6 +1011,7 @@ def _commit(
             sources=written.source_state,
             replace_sources=replace_sources,
             writer=writer,
+            window=partition_rejects,
         )
         if reject_result.rows:
             context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
@@ -1042,6 +1051,15 @@ def _commit(
     elif result.snapshot_id is None or (not written.data_files and not overwrite):
         context.log.info(f"{spec.name}: no valid rows; nothing committed to {table_name}")
     return result
+
+
+def _partition_rejects(catalog: Any, rejects_name: str, written: WriteResult) -> PartitionRejects | None:
+    """The earlier rejects a partition's run replaces: its key's rows of the quarantine table (None: not a
+    partition's run that read data, or a quarantine table without ``_partition``, which holds none of them)."""
+    if not written.partition_key or written.nothing_new or not catalog.table_exists(rejects_name):
+        return None
+    has_column = PARTITION_KEY_COLUMN in catalog.load_table(rejects_name).schema().column_names
+    return PartitionRejects(written.partition_key) if has_column else None
 
 
 def _publish_metadata(loaded: LoadedSpec, result: CommitResult) -> dict[str, Any]:

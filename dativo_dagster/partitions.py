@@ -15,12 +15,13 @@ from datetime import date, datetime, timezone
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, LessThan
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.manifest import DataFile
 
 from dativo_dagster.incremental import Selection, select_files
 from dativo_dagster.sources.base import SourceFile
 from dativo_dagster.spec import AssetSpecModel, CsvSourceSpec, LoadedSpec, PartitionType
+from dativo_dagster.table_schema import PARTITION_KEY_COLUMN
 from dativo_dagster.types import TypeKind
 from dativo_dagster.validate import OUT_OF_PARTITION
 
@@ -216,6 +217,30 @@ def partition_key_of(uri: str, patterns: Sequence[re.Pattern[str]], definition: 
 
 
 @dataclass(frozen=True)
+class PartitionRejects:
+    """The quarantined rows of one partition's earlier runs (``_partition`` = key): what a partition's run replaces
+    in the quarantine table, in its commit of the rejects (a ``rewrite.RowSelection``)."""
+
+    key: str
+    sources: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"the rejects of partition {self.key}"
+
+    def columns(self) -> list[str]:
+        return [PARTITION_KEY_COLUMN]
+
+    def row_filter(self) -> BooleanExpression:
+        return EqualTo(PARTITION_KEY_COLUMN, self.key)
+
+    def might_hold(self, data_file: DataFile) -> bool:
+        return True  # the quarantine table is not partitioned; scan planning has used the column bounds
+
+    def matches(self, data: pa.Table) -> pa.Array:
+        return pc.fill_null(pc.equal(data.column(PARTITION_KEY_COLUMN), self.key), False)
+
+
+@dataclass(frozen=True)
 class WindowSelection:
     """The rows of a branch whose ``field`` falls in a partition's window: what a partition's run replaces
     (a ``rewrite.RowSelection``)."""
@@ -246,6 +271,7 @@ class WindowSelection:
 
 __all__ = [
     "PARTITION_KEY_PROPERTY",
+    "PartitionRejects",
     "PartitionSelection",
     "for_all_partitions",
     "partition_key_of",

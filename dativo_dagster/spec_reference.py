@@ -318,7 +318,8 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         " sources with `{partition}` in a path, or database sources (a `table` read `WHERE field >= start AND"
         " field < end`, a `query` with `:partition_start` / `:partition_end`); `write_mode: append`, `catalog:"
         " iceberg`; not with a database cursor. `incremental: {strategy: file_modified_time}` is kept per partition"
-        " (no `lookback_days`), and a `sensor` requests one run per partition key with new or changed files. With"
+        " (no `lookback_days`), and a `sensor` requests one run per partition key with new or changed files. A"
+        " partition's run also replaces its earlier rejects (quarantine column `_partition`). With"
         " `schedule`, each tick requests the last partition ended"
         " by then.",
         '{type: daily, start: "2024-01-01", field: ModifiedDate}',

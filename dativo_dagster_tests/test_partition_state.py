@@ -191,3 +191,34 @@ def test_a_sensor_on_a_partitioned_database_source_is_refused() -> None:
     _, found = parse_spec_document(spec, "asset_specs/events.yaml")
     assert any(p.startswith("asset_specs/events.yaml: sensor: not supported for partitioned postgres sources")
                for p in found), found
+
+
+# ---- the quarantine per partition --------------------------------------------------------------------------------
+
+
+def rejects(project: Project) -> Counter[tuple[str, str, str | None]]:
+    found = branch_rows(project.table(f"{TABLE}__rejects"), BRANCH)
+    return Counter((r["id"], r["_reject_reason"], r.get("_partition")) for r in found)
+
+
+def test_rerunning_a_partition_in_warn_mode_replaces_its_rejects(project: Project) -> None:
+    project.write_spec(partitioned_spec(schema_validation_mode="warn"))
+    project.write_data("events/2024-01-01.csv", day_csv("2024-01-01", range(1, 3), extra="x,2024-01-01,bad\n"))
+    day2 = project.write_data("events/2024-01-02.csv", day_csv("2024-01-02", range(10, 11),
+                                                                  extra="11,2024-01-05,late\n"))
+    run(project, "2024-01-01")
+    run(project, "2024-01-02")
+    first = Counter({("x", "id: invalid_integer", "2024-01-01"): 1, ("11", "event_date: out_of_partition", "2024-01-02"): 1})
+    assert rejects(project) == first
+
+    # re-running day 1 (same file): its reject is there once; day 2's stays
+    run(project, "2024-01-01")
+    run(project, "2024-01-01")
+    assert rejects(project) == first
+    assert sum(rows(project).values()) == 3
+
+    # day 2's file is fixed: its re-run takes its earlier reject away (a commit to the quarantine with no new rows)
+    day2.write_text(day_csv("2024-01-02", range(10, 12)))
+    run(project, "2024-01-02")
+    assert rejects(project) == Counter({("x", "id: invalid_integer", "2024-01-01"): 1})
+    assert rows(project)[(11, "2024-01-02", "v1-11")] == 1
