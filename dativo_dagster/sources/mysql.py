@@ -138,7 +138,7 @@ class MySQLSource(DatabaseSource):
                 cur.close()
             names = [d[0] for d in described]
             selected = self._selected(names, unit, report)
-            where = self._where_cursor(conn, names, selected, unit)  # the driver escapes the bound while connected
+            where = self._where_cursor(conn, names, selected, unit)  # the cursor mark and a partition window
         finally:
             _close(conn, unit.uri)
         row_texts = _text_columns([described[index] for _, index in selected])
