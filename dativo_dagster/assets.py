@@ -47,10 +47,13 @@ from dativo_dagster.merge import (
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
 from dativo_dagster.partitions import (
     PARTITION_KEY_PROPERTY,
+    PartitionRejects,
     WindowSelection,
     for_partition,
+    partition_source_state,
     partition_window,
     partitions_definition,
+    select_partition_files,
 )
 from dativo_dagster.pipeline import (
     LOGGED_FILES,
@@ -66,6 +69,7 @@ from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMo
 from dativo_dagster.storage import filesystem_for, map_per_object
 from dativo_dagster.table_schema import (
     INGESTED_AT,
+    PARTITION_KEY_COLUMN,
     RUN_ID,
     SOURCE_FILE,
     Partitioner,
@@ -73,6 +77,7 @@ from dativo_dagster.table_schema import (
     iceberg_schema,
     partition_spec,
     rejects_iceberg_schema,
+    with_partition_key_column,
 )
 from dativo_dagster.validate import ValidationReport
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file, run_writer_settings
@@ -101,14 +106,17 @@ class ExtractReport(BaseModel):
     unchanged: list[str] = Field(default_factory=list)
     too_old: list[str] = Field(default_factory=list)
     partition_key: str = ""  # a partitioned asset's run: the partition it reads and replaces
+    removed: list[str] = Field(default_factory=list)  # an incremental partition's committed files now gone
 
     @property
     def nothing_new(self) -> bool:
-        return self.incremental and not self.files
+        return self.incremental and not self.files and not self.removed
 
     @property
     def source_state(self) -> dict[str, str]:
-        return {f["uri"]: f["version"] for f in self.files}
+        files = {f["uri"]: f["version"] for f in self.files}
+        # a partition's run commits its files under its own key (partitions.partition_state_key)
+        return partition_source_state(self.partition_key, files, self.removed) if self.partition_key else files
 
 
 class WriteResult(BaseModel):
@@ -254,7 +262,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         partition_key = _partition_key(context, loaded)
         with failures(loaded, "extract", secrets):
             listed = source_for(run_spec(loaded, partition_key), s3).list_units()
-            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
+            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog, partition_key)
         if partition_key:
             context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
         files = selection.to_read
@@ -273,6 +281,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             unchanged=selection.unchanged,
             too_old=selection.too_old,
             partition_key=partition_key,
+            removed=getattr(selection, "removed", []),
         )
         outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
         extract_report.file_reports = outcome.file_reports
@@ -495,12 +504,16 @@ def committed_sources(loaded: LoadedSpec, storage: StorageResource, catalog_reso
 
 
 def select_sources(
-    loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource
+    loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource,
+    partition_key: str = "",
 ) -> Selection:
-    """Which listed files this run reads, decided from the committed table state (CONTRACT 5)."""
+    """Which listed files this run reads, decided from the committed table state (CONTRACT 5); a partition's run
+    from its own part of the state, all of its files or none (partitions.select_partition_files)."""
     spec = loaded.spec
     if not is_incremental(loaded):
         return Selection(to_read=list(listed), new=[f.uri for f in listed])
+    if partition_key:
+        return select_partition_files(listed, committed_sources(loaded, storage, catalog_resource), partition_key)
     if is_cursor_run(loaded):  # each unit is read from the mark its table committed (cursor.py)
         to_read = units_with_marks(listed, committed_sources(loaded, storage, catalog_resource))
         return Selection(to_read=to_read, new=[f.uri for f in to_read if not f.version],
@@ -734,6 +747,8 @@ def stream_sources(
 
     def open_rejects() -> PartitionedParquetWriter:
         reject_schema = rejects_iceberg_schema(spec.fields)
+        if spec.partitions is not None:  # each reject names its partition, whose re-run replaces it
+            reject_schema = with_partition_key_column(reject_schema)
         rejects_at = rejects_location
         if catalog is not None:
             reject_table = _ensure_table(
@@ -765,6 +780,7 @@ def stream_sources(
         open_rejects=open_rejects,
         ingested_at=pa.scalar(ingested_at, pa.timestamp("us", tz="UTC")),
         run_id=run_id,
+        partition_key=extract_report.partition_key,
     )
     try:
         cursor = None
@@ -939,7 +955,8 @@ def _commit(
     overwrite = spec.target.write_mode is WriteMode.OVERWRITE
     table_name = f"{spec.domain}.{spec.name}"
     # a cursor's unit is the same table every run: its rows are added, never replaced; its new mark is recorded
-    replace_sources = written.incremental and not is_cursor_run(loaded)
+    # a partition's run replaces its whole window instead (and finds nothing new when no file of it changed)
+    replace_sources = written.incremental and not is_cursor_run(loaded) and not written.partition_key
     if spec.target.catalog is CatalogKind.NONE:
         s3 = storage.s3_settings()
         # overwrite replaces the quarantine's rows too (CONTRACT 3), also when this run rejected nothing
@@ -979,7 +996,9 @@ def _commit(
     # a changed file also replaces the rows its earlier version left in quarantine, and an overwrite replaces all of
     # them (CONTRACT 3), even with no new rejects
     replaces_rejects = overwrite or (replace_sources and written.source_state)
-    if written.reject_files or (replaces_rejects and catalog.table_exists(rejects_name)):
+    # a partition's run replaces its partition's earlier rejects, also when it rejects nothing now
+    partition_rejects = _partition_rejects(catalog, rejects_name, written)
+    if written.reject_files or partition_rejects is not None or (replaces_rejects and catalog.table_exists(rejects_name)):
         reject_table = catalog.load_table(rejects_name)
         reject_result = commit_files(
             reject_table,
@@ -992,6 +1011,7 @@ def _commit(
             sources=written.source_state,
             replace_sources=replace_sources,
             writer=writer,
+            window=partition_rejects,
         )
         if reject_result.rows:
             context.log.info(f"{spec.name}: quarantined {reject_result.rows} row(s) in {reject_result.table}@{spec.branch}")
@@ -1014,7 +1034,8 @@ def _commit(
         unique_key=spec.primary_key if spec.target.write_mode is WriteMode.MERGE else None,
         read_from=written.cursor_read_from if is_cursor_run(loaded) else None,
         # a partition's run replaces its window's rows (partitions.py), in the same commit
-        window=WindowSelection(partition_window(loaded, written.partition_key)) if written.partition_key else None,
+        window=WindowSelection(partition_window(loaded, written.partition_key))
+        if written.partition_key and not written.nothing_new else None,
     )
     if merge is not None:
         merge.remove()  # committed (or committed before): the keys are not needed again
@@ -1030,6 +1051,15 @@ def _commit(
     elif result.snapshot_id is None or (not written.data_files and not overwrite):
         context.log.info(f"{spec.name}: no valid rows; nothing committed to {table_name}")
     return result
+
+
+def _partition_rejects(catalog: Any, rejects_name: str, written: WriteResult) -> PartitionRejects | None:
+    """The earlier rejects a partition's run replaces: its key's rows of the quarantine table (None: not a
+    partition's run that read data, or a quarantine table without ``_partition``, which holds none of them)."""
+    if not written.partition_key or written.nothing_new or not catalog.table_exists(rejects_name):
+        return None
+    has_column = PARTITION_KEY_COLUMN in catalog.load_table(rejects_name).schema().column_names
+    return PartitionRejects(written.partition_key) if has_column else None
 
 
 def _publish_metadata(loaded: LoadedSpec, result: CommitResult) -> dict[str, Any]:

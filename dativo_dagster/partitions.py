@@ -7,16 +7,21 @@ outside its window (``out_of_partition``) and replaces the window's rows on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, LessThan
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.manifest import DataFile
 
+from dativo_dagster.incremental import Selection, select_files
+from dativo_dagster.sources.base import SourceFile
 from dativo_dagster.spec import AssetSpecModel, CsvSourceSpec, LoadedSpec, PartitionType
+from dativo_dagster.table_schema import PARTITION_KEY_COLUMN
 from dativo_dagster.types import TypeKind
 from dativo_dagster.validate import OUT_OF_PARTITION
 
@@ -92,13 +97,147 @@ def partition_window(loaded: LoadedSpec, key: str) -> PartitionWindow:
 
 
 def for_partition(loaded: LoadedSpec, key: str) -> LoadedSpec:
-    """The spec as partition ``key``'s run reads it: ``{partition}`` in each source path replaced by the key."""
+    """The spec as partition ``key``'s run reads it: ``{partition}`` in each source path replaced by the key; a
+    database source's spec carries the key (its query's ``:partition_start`` / ``:partition_end``, or a table's
+    ``WHERE field >= start AND field < end``)."""
     source = loaded.spec.source
-    if not isinstance(source, CsvSourceSpec):
-        return loaded
+    if not isinstance(source, CsvSourceSpec):  # a database source binds the window's bounds when it reads
+        return loaded.model_copy(update={"partition_key": key})
     files = [f.model_copy(update={"path": f.path.replace(PARTITION_PLACEHOLDER, key)}) for f in source.files]
     spec = loaded.spec.model_copy(update={"source": source.model_copy(update={"files": files})})
     return loaded.model_copy(update={"spec": spec})
+
+
+def partition_state_key(key: str, uri: str) -> str:
+    """The name of a source file in the committed source state of partition ``key``'s runs: ``[key]uri``.
+
+    Each partition keeps its own state: a file that several partitions read (a path without ``{partition}``) is
+    committed once per partition, and one partition's run never makes another's files look new or old."""
+    return f"[{key}]{uri}"
+
+
+def partition_source_state(key: str, files: Mapping[str, str], removed: Sequence[str] = ()) -> dict[str, str]:
+    """The source state a run of partition ``key`` commits: its files at their versions, and ``removed`` files
+    (committed for the partition, no longer listed) at the version ``REMOVED``, so they are not missed again."""
+    state = {partition_state_key(key, uri): version for uri, version in files.items()}
+    state.update({partition_state_key(key, uri): REMOVED for uri in removed})
+    return state
+
+
+REMOVED = ""  # the version of a file that a partition's run found gone (no listed file has an empty version)
+
+
+@dataclass
+class PartitionSelection(Selection):
+    """What an incremental partition's run reads: every listed file of the partition when any is new or changed
+    or a committed one is gone (the run replaces the whole window), else nothing."""
+
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_new(self) -> bool:
+        return not self.to_read and not self.removed
+
+    def describe(self) -> str:
+        return super().describe() + f", {len(self.removed)} removed"
+
+
+def select_partition_files(listed: Sequence[SourceFile], committed: Mapping[str, str], key: str) -> PartitionSelection:
+    """Decide an incremental run of partition ``key`` from the branch's committed state (its own entries only)."""
+    prefix = partition_state_key(key, "")
+    own = {uri[len(prefix):]: version for uri, version in committed.items() if uri.startswith(prefix)}
+    found = select_files(listed, {u: v for u, v in own.items() if v != REMOVED}, lookback_days=0,
+                         now=datetime.now(timezone.utc))
+    names = {f.uri for f in listed}
+    removed = sorted(uri for uri, version in own.items() if version != REMOVED and uri not in names)
+    read_all = bool(found.to_read or removed)
+    return PartitionSelection(
+        to_read=list(listed) if read_all else [], new=found.new, changed=found.changed, unchanged=found.unchanged,
+        removed=removed,
+    )
+
+
+_SENTINEL = "\x00partition\x00"
+
+
+def _glob_regex(text: str) -> str:
+    """A regular expression for a path glob (``**`` any levels, ``*`` / ``?`` within one level)."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif text[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif text[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(text[i]))
+            i += 1
+    return "".join(out)
+
+
+def partition_path_patterns(loaded: LoadedSpec, resolve: Callable[[str, LoadedSpec], str]) -> list[re.Pattern[str]]:
+    """For each ``source.files`` path holding ``{partition}``: a regular expression over listed URIs whose group
+    ``key`` is the partition key the path was made from (``resolve``: the CSV source's path resolution)."""
+    source = loaded.spec.source
+    assert isinstance(source, CsvSourceSpec)
+    patterns = []
+    for entry in source.files:
+        if PARTITION_PLACEHOLDER not in entry.path:
+            continue
+        resolved = resolve(entry.path.replace(PARTITION_PLACEHOLDER, _SENTINEL), loaded)
+        pieces = [_glob_regex(piece) for piece in resolved.split(_SENTINEL)]
+        regex = pieces[0] + "".join(("(?P<key>[^/]+?)" if i == 1 else "(?P=key)") + piece
+                                    for i, piece in enumerate(pieces[1:], start=1))
+        patterns.append(re.compile(regex + r"\Z", re.DOTALL))
+    return patterns
+
+
+def for_all_partitions(loaded: LoadedSpec) -> LoadedSpec:
+    """The spec as a sensor lists it: its ``{partition}`` paths with any key (``*``); paths without it left out."""
+    source = loaded.spec.source
+    assert isinstance(source, CsvSourceSpec)
+    files = [f.model_copy(update={"path": f.path.replace(PARTITION_PLACEHOLDER, "*")})
+             for f in source.files if PARTITION_PLACEHOLDER in f.path]
+    spec = loaded.spec.model_copy(update={"source": source.model_copy(update={"files": files})})
+    return loaded.model_copy(update={"spec": spec})
+
+
+def partition_key_of(uri: str, patterns: Sequence[re.Pattern[str]], definition: dg.PartitionsDefinition) -> str | None:
+    """The partition key a listed file was found under (None: no path pattern gives it a valid, ended-or-current
+    key of the asset's partitions)."""
+    for pattern in patterns:
+        match = pattern.match(uri)
+        if match is not None and definition.has_partition_key(match.group("key")):
+            return match.group("key")
+    return None
+
+
+@dataclass(frozen=True)
+class PartitionRejects:
+    """The quarantined rows of one partition's earlier runs (``_partition`` = key): what a partition's run replaces
+    in the quarantine table, in its commit of the rejects (a ``rewrite.RowSelection``)."""
+
+    key: str
+    sources: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"the rejects of partition {self.key}"
+
+    def columns(self) -> list[str]:
+        return [PARTITION_KEY_COLUMN]
+
+    def row_filter(self) -> BooleanExpression:
+        return EqualTo(PARTITION_KEY_COLUMN, self.key)
+
+    def might_hold(self, data_file: DataFile) -> bool:
+        return True  # the quarantine table is not partitioned; scan planning has used the column bounds
+
+    def matches(self, data: pa.Table) -> pa.Array:
+        return pc.fill_null(pc.equal(data.column(PARTITION_KEY_COLUMN), self.key), False)
 
 
 @dataclass(frozen=True)
@@ -132,6 +271,14 @@ class WindowSelection:
 
 __all__ = [
     "PARTITION_KEY_PROPERTY",
+    "PartitionRejects",
+    "PartitionSelection",
+    "for_all_partitions",
+    "partition_key_of",
+    "partition_path_patterns",
+    "partition_source_state",
+    "partition_state_key",
+    "select_partition_files",
     "OUT_OF_PARTITION",
     "PARTITION_PLACEHOLDER",
     "PartitionWindow",

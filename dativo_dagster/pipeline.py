@@ -40,7 +40,7 @@ from dativo_dagster.merge import MergeBuffer
 from dativo_dagster.sources import FileReport, Source, SourceFile, source_for
 from dativo_dagster.spec import LoadedSpec, ValidationMode
 from dativo_dagster.storage import S3Settings
-from dativo_dagster.table_schema import INGESTED_AT, RUN_ID, repeated
+from dativo_dagster.table_schema import INGESTED_AT, PARTITION_KEY_COLUMN, RUN_ID, repeated
 from dativo_dagster.validate import ValidationReport, validate_batch
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile
 
@@ -119,6 +119,7 @@ class Sinks:
     ingested_at: pa.Scalar
     run_id: str
     rejects: PartitionedParquetWriter | None = None
+    partition_key: str = ""  # a partition's run: its rejects carry the key (``_partition``)
 
     def rejects_writer(self) -> PartitionedParquetWriter:
         if self.rejects is None:
@@ -346,7 +347,8 @@ def _write_stage(
                 sinks.data.write(_table_with_system_columns(batch, sinks.data, sinks.ingested_at, sinks.run_id))
             else:
                 writer = sinks.rejects_writer()
-                writer.write(_table_with_system_columns(batch, writer, sinks.ingested_at, sinks.run_id))
+                writer.write(_table_with_system_columns(batch, writer, sinks.ingested_at, sinks.run_id,
+                                                        sinks.partition_key))
         except Exception as exc:  # noqa: BLE001 - recorded, reported by the write step
             outcome.write_error = stage_error("write", exc, secrets, classify)
         progress.busy["write"] += time.perf_counter() - begun
@@ -382,7 +384,8 @@ def stage_error(
 
 
 def _table_with_system_columns(
-    batch: pa.RecordBatch, writer: PartitionedParquetWriter, ingested_at: pa.Scalar, run_id: str
+    batch: pa.RecordBatch, writer: PartitionedParquetWriter, ingested_at: pa.Scalar, run_id: str,
+    partition_key: str = "",
 ) -> pa.Table:
     """A validated batch for ``writer``: the spec's columns, then the system columns.
 
@@ -400,6 +403,8 @@ def _table_with_system_columns(
         elif logical.name == RUN_ID:
             columns.append(repeated(run_id, n))
             field = physical
+        elif logical.name == PARTITION_KEY_COLUMN:
+            columns.append(pa.repeat(pa.scalar(partition_key or None, logical.type), n))
         elif logical.name in names:
             column = batch.column(logical.name)
             if column.type == physical.type:

@@ -14,6 +14,15 @@ from dativo_dagster.cursor import cursor_field, cursor_of, format_mark, parse_ma
 from dativo_dagster.errors import DativoError, NothingToReadError
 from dativo_dagster.sources import SourceFile, source_for
 from dativo_dagster.incremental import select_files
+from dativo_dagster.partitions import (
+    for_all_partitions,
+    partition_key_of,
+    partition_path_patterns,
+    partition_state_key,
+    partitions_definition,
+)
+from dativo_dagster.sources.base import same_version
+from dativo_dagster.sources.csv import list_source_files, resolve_path
 from dativo_dagster.resources import CatalogResource, StorageResource
 from dativo_dagster.spec import LoadedSpec
 
@@ -62,7 +71,7 @@ def evaluate(
 
 
 def request_for(
-    instance: dg.DagsterInstance, asset: str, pending: Sequence[SourceFile]
+    instance: dg.DagsterInstance, asset: str, pending: Sequence[SourceFile], partition_key: str | None = None
 ) -> dg.RunRequest | dg.SkipReason:
     """Ask for a run of ``pending``, unless a run asked for the same file versions is queued or in progress.
 
@@ -70,17 +79,19 @@ def request_for(
     attempt, so that the next request gets a run key Dagster has not used; a tick repeated from the same state
     asks with the same key (Dagster starts it once).
     """
-    files_key = run_key_for(asset, pending)
+    # a partition's run key names the partition and its files' versions
+    files_key = run_key_for(f"{asset}:{partition_key}" if partition_key else asset, pending)
     runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_FILES_TAG: files_key}))
     in_flight = [run for run in runs if run.status not in FINISHED]
     if in_flight:
         return dg.SkipReason(
             f"run {in_flight[0].run_id} ({in_flight[0].status.value}) already loads the {len(pending)} new or changed"
-            f" file(s) of {asset}"
+            f" file(s) of {asset}" + (f" partition {partition_key}" if partition_key else "")
         )
     attempt = len(runs)
     return dg.RunRequest(
         run_key=attempt_run_key(files_key, attempt),
+        partition_key=partition_key,
         tags={
             "dativo/trigger": "sensor",
             "dativo/files": str(len(pending)),
@@ -115,6 +126,56 @@ def database_tick(
     return request_for(context.instance, spec.name, [SourceFile(uri=uri, size=0, version=format_mark(highest))])
 
 
+def _committed_at(version: str | None, source: SourceFile) -> bool:
+    return version is not None and same_version(version, source.version)
+
+
+def partitioned_tick(
+    context: dg.SensorEvaluationContext, loaded: LoadedSpec, storage: StorageResource, catalog: CatalogResource
+) -> dg.SensorResult | dg.SkipReason:
+    """One tick for a partitioned file spec: the files of every ``{partition}`` path, each mapped to its partition key
+    through the path pattern and compared with the versions committed for that partition; one run per partition key
+    with new or changed files. Files that map to no valid key (not a key, before ``start``, or a partition that has
+    not ended yet) are logged and skipped."""
+    spec = loaded.spec
+    definition = partitions_definition(spec)
+    assert definition is not None
+    try:
+        listed = list_source_files(for_all_partitions(loaded), storage.s3_settings())
+    except NothingToReadError:
+        listed = []
+    except DativoError as exc:
+        return dg.SkipReason(f"cannot list the source of {spec.name}: {exc}")
+    patterns = partition_path_patterns(loaded, resolve_path)
+    by_key: dict[str, list[SourceFile]] = {}
+    unmapped = []
+    for source in listed:
+        key = partition_key_of(source.uri, patterns, definition)
+        if key is None:
+            unmapped.append(source.uri)
+        else:
+            by_key.setdefault(key, []).append(source)
+    if unmapped:
+        shown = ", ".join(unmapped[:5]) + (", ..." if len(unmapped) > 5 else "")
+        context.log.warning(f"{spec.name}: {len(unmapped)} source file(s) map to no partition key of the asset"
+                            f" (not a key, before its start, or not ended yet), skipped: {shown}")
+    committed = committed_sources(loaded, storage, catalog) if by_key else {}
+    requests, skipped = [], []
+    for key in sorted(by_key):
+        pending = [f for f in by_key[key] if not _committed_at(committed.get(partition_state_key(key, f.uri)), f)]
+        if not pending:
+            continue
+        request = request_for(context.instance, spec.name, pending, partition_key=key)
+        (requests if isinstance(request, dg.RunRequest) else skipped).append(request)
+    cursor = json.dumps({f.uri: f.version for f in listed}, sort_keys=True, separators=(",", ":"))
+    if not requests:
+        reason = skipped[0].skip_message if skipped else (
+            f"no new or changed file among {len(listed)} source file(s) of {spec.name}'s partitions")
+        context.update_cursor(cursor)
+        return dg.SkipReason(reason)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
 def build_sensor(loaded: LoadedSpec) -> dg.SensorDefinition:
     """The sensor of a spec with ``sensor:``; it only triggers runs, the run decides what to read.
 
@@ -142,6 +203,8 @@ def build_sensor(loaded: LoadedSpec) -> dg.SensorDefinition:
     ):
         if cursor_of(loaded) is not None:
             return database_tick(context, loaded, dativo_storage, dativo_catalog)
+        if spec.partitions is not None:
+            return partitioned_tick(context, loaded, dativo_storage, dativo_catalog)
         try:
             listed = source_for(loaded, dativo_storage.s3_settings()).list_units()
         except NothingToReadError:

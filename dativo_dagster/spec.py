@@ -803,19 +803,20 @@ class AssetSpecModel(_Model):
                 f"{self.target.write_mode.value} cannot be combined with partitions: a partition's run already"
                 " replaces exactly its window's rows; use write_mode: append (the default)",
             ))
-        if self.source.type != "csv":
-            problems.append(("partitions", f"not supported yet for {self.source.type} sources (query windows"
-                             " :partition_start / :partition_end are planned); remove partitions"))
+        if isinstance(self.source, DatabaseSourceSpec):
+            problems.extend(_database_partition_problems(self.source))
         else:
-            if self.source.incremental is not None:
-                problems.append(("source.incremental", "not supported yet together with partitions: every partition"
-                                 " run reads its partition's files whole; remove incremental"))
+            if self.source.incremental is not None and self.source.incremental.lookback_days:
+                problems.append(("source.incremental.lookback_days", "cannot be combined with partitions: a"
+                                 " partition's run replaces its whole window, so it reads every file of the partition"
+                                 " (the partition already bounds what a run reads); remove lookback_days"))
             if not any("{partition}" in f.path for f in self.source.files):
                 problems.append(("source.files", "a partitioned asset reads its partition's files: put {partition}"
                                  " (the partition key, e.g. 2024-01-31) in at least one path"))
-        if self.sensor is not None:
-            problems.append(("sensor", "not supported with partitions (a sensor would request unpartitioned runs);"
-                             " use schedule:, which requests the last complete partition"))
+        if self.sensor is not None and self.source.type != "csv":
+            problems.append(("sensor", f"not supported for partitioned {self.source.type} sources (a partition's"
+                             " window is read whole, there is no cursor to watch); use schedule:, which requests"
+                             " the last complete partition"))
         return problems
 
     @property
@@ -849,6 +850,32 @@ class AssetSpecModel(_Model):
         return f"{self.domain}/{self.data_product}/{self.name}"
 
 
+def _database_partition_problems(source: DatabaseSourceSpec) -> list[tuple[str, str]]:
+    """A partitioned database source: a ``query`` holds both window bounds; no cursor (docs/partitions.md)."""
+    from dativo_dagster.query_window import UnterminatedQueryError, missing_placeholders  # noqa: PLC0415
+
+    problems = []
+    if source.query is not None:
+        try:
+            missing = missing_placeholders(source.query, source.type)
+        except UnterminatedQueryError as exc:
+            missing, problems = [], [("source.query", f"cannot find its :partition_start / :partition_end: {exc}")]
+        if missing:
+            problems.append((
+                "source.query",
+                f"a partitioned query must select its window: {' and '.join(missing)} missing (outside string"
+                " literals and comments), e.g. WHERE event_date >= :partition_start AND event_date < :partition_end;"
+                " without them every partition's run would read every row",
+            ))
+    if source.incremental is not None:
+        problems.append((
+            "source.incremental",
+            "a cursor cannot be combined with partitions: a partition's run replaces every row of its window, so"
+            " it reads the whole window (the window already bounds the read); remove incremental",
+        ))
+    return problems
+
+
 class LoadedSpec(BaseModel):
     """A spec with where it came from and the folder its relative paths resolve against."""
 
@@ -857,6 +884,7 @@ class LoadedSpec(BaseModel):
     spec: AssetSpecModel
     path: Path
     base_dir: Path
+    partition_key: str = ""  # a partition's run (partitions.for_partition): a database source reads its window
 
     @property
     def display_path(self) -> str:

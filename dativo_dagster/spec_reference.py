@@ -216,7 +216,9 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     ),
     "source.query": (
         "postgres, mysql: one read-only SELECT (run in a READ ONLY transaction); exactly one of `table` /"
-        " `query`. `_source_file` is `postgresql://host:port/db/query` or `mysql://host:port/db/query`.",
+        " `query`. `_source_file` is `postgresql://host:port/db/query` or `mysql://host:port/db/query`. With"
+        " `partitions`, it must hold `:partition_start` and `:partition_end` (outside string literals and comments),"
+        " bound to the partition's window as typed literals.",
         '"SELECT id, total FROM sales.orders WHERE total > 0"',
     ),
     "target": ("Where and how the rows land.", "{partitioning: [ingest_date], write_mode: append}"),
@@ -313,8 +315,12 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "Make the asset time-partitioned in Dagster (docs/partitions.md). A partition's run reads the source paths"
         " with `{partition}` replaced by its key, rejects rows whose `field` falls outside its window"
         " (`out_of_partition`) and replaces exactly the window's rows on the branch in one atomic commit. CSV"
-        " sources with `{partition}` in a path, `write_mode: append`, `catalog: iceberg`; not with"
-        " `source.incremental` or `sensor` (yet). With `schedule`, each tick requests the last partition ended"
+        " sources with `{partition}` in a path, or database sources (a `table` read `WHERE field >= start AND"
+        " field < end`, a `query` with `:partition_start` / `:partition_end`); `write_mode: append`, `catalog:"
+        " iceberg`; not with a database cursor. `incremental: {strategy: file_modified_time}` is kept per partition"
+        " (no `lookback_days`), and a `sensor` requests one run per partition key with new or changed files. A"
+        " partition's run also replaces its earlier rejects (quarantine column `_partition`). With"
+        " `schedule`, each tick requests the last partition ended"
         " by then.",
         '{type: daily, start: "2024-01-01", field: ModifiedDate}',
     ),

@@ -21,6 +21,7 @@ from dativo_dagster.spec import AssetSpecModel, FieldSpec, PartitionField
 INGESTED_AT = "_ingested_at"
 SOURCE_FILE = "_source_file"
 RUN_ID = "_run_id"
+PARTITION_KEY_COLUMN = "_partition"  # a partitioned asset's quarantine: the key of the run that rejected
 # ``_source_file`` and ``_run_id`` hold one value per source file and per run: they travel as Arrow dictionaries
 # of one entry (no copy of the value per row, and the Parquet writer neither hashes nor compares every row's
 # copy); readers of the files and the table see plain strings.
@@ -56,6 +57,16 @@ def iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:
         NestedField(field_id=n + 3, name=RUN_ID, field_type=StringType(), required=False),
     ]
     return Schema(*columns)
+
+
+def with_partition_key_column(schema: Schema) -> Schema:
+    """A partitioned asset's quarantine schema: ``schema`` and ``_partition``, the partition key of the run that
+    quarantined the row (a partition's re-run replaces its own rejects; docs/partitions.md)."""
+    if PARTITION_KEY_COLUMN in schema.column_names:
+        return schema
+    next_id = max(f.field_id for f in schema.fields) + 1
+    return Schema(*schema.fields, NestedField(field_id=next_id, name=PARTITION_KEY_COLUMN, field_type=StringType(),
+                                              required=False))
 
 
 def rejects_iceberg_schema(fields: Sequence[FieldSpec]) -> Schema:

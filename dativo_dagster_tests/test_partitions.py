@@ -110,12 +110,13 @@ def test_partitions_refuse_what_a_window_cannot_replace() -> None:
     fixed = partitioned_spec(source={"type": "csv", "files": [{"path": "data/events.csv"}]})
     assert any("source.files: a partitioned asset reads its partition's files" in p for p in problems(fixed))
     incremental = partitioned_spec(source={"type": "csv", "files": [{"path": "data/{partition}.csv"}],
-                                           "incremental": {"strategy": "file_modified_time"}})
-    assert any("source.incremental: not supported yet together with partitions" in p for p in problems(incremental))
+                                           "incremental": {"strategy": "file_modified_time", "lookback_days": 2}})
+    assert any("source.incremental.lookback_days: cannot be combined with partitions" in p
+               for p in problems(incremental))
     database = partitioned_spec(source={"type": "postgres", "connection": {"url_env": "DB_URL"}, "query": "SELECT 1"})
-    assert any("partitions: not supported yet for postgres sources" in p for p in problems(database))
+    assert any("source.query: a partitioned query must select its window" in p for p in problems(database))
     sensor = partitioned_spec(sensor={"minimum_interval_seconds": 60})
-    assert any("sensor: not supported with partitions" in p for p in problems(sensor))
+    assert any("sensor: an append asset with a sensor needs source.incremental" in p for p in problems(sensor))
 
 
 # ---- windows -----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -25,6 +25,9 @@ from dativo_dagster.sources.base import (
 from dativo_dagster.spec import DatabaseSourceSpec, LoadedSpec
 from dativo_dagster.table_schema import SOURCE_FILE, repeated
 from dativo_dagster.types import TypeKind
+
+if TYPE_CHECKING:
+    from dativo_dagster.partitions import PartitionWindow
 
 CursorValue = int | date | datetime
 
@@ -94,8 +97,59 @@ class DatabaseSource:
         return self.DRIVER_ERRORS(self._where(), password, uri, doing)
 
     def _relation(self) -> str:
-        """What the reads select from: the table, or the spec's query as a derived table."""
-        return self.spec.table or f"({self.spec.query.strip().rstrip(';')}) AS source_query"
+        """What the reads select from: the table, or the spec's query as a derived table (a partition's run: its
+        ``:partition_start`` / ``:partition_end`` bound to the window, query_window.py)."""
+        if self.spec.table:
+            return self.spec.table
+        query = self.spec.query.strip().rstrip(";")
+        window = self._window()
+        if window is not None:
+            from dativo_dagster.query_window import START, bind_window  # noqa: PLC0415
+
+            low, high = window.bounds()
+            query = bind_window(query, self.spec.type, lambda name: self._literal(low if name == START else high))
+        return f"({query}) AS source_query"
+
+    def _window(self) -> PartitionWindow | None:
+        """The window of a partition's run (None: an unpartitioned run)."""
+        if not self.loaded.partition_key:
+            return None
+        from dativo_dagster.partitions import partition_window  # noqa: PLC0415
+
+        return partition_window(self.loaded, self.loaded.partition_key)
+
+    def _literal(self, value: CursorValue) -> str:
+        """A typed SQL literal of a bound (an int, a date or a datetime, never text from outside)."""
+        raise NotImplementedError
+
+    def _quote(self, name: str) -> str:
+        """A column name quoted for the kind's SQL."""
+        raise NotImplementedError
+
+    def _row_filter(self, names: Sequence[str], selected: Sequence[tuple[str, int]], unit: SourceFile) -> str:
+        """`` WHERE ...`` for the read: a cursor run's ``cursor >= bound``, a ``table:`` partition's ``field >= start
+        AND field < end`` (typed literals); nothing for a full read.
+
+        Raises:
+            DatabaseSourceError: the relation lacks the cursor's or the partitions' column.
+        """
+        conditions = []
+        column = self._cursor_column(names, selected, unit)
+        bound = self._cursor_bound(unit)
+        if column is not None and bound is not None:
+            conditions.append(f"{self._quote(column)} >= {self._literal(bound)}")
+        window = self._window()
+        if window is not None and self.spec.table:  # a query selects its own window
+            index = dict(selected).get(window.field)
+            if index is None:
+                raise DatabaseSourceError(
+                    f"{self.loaded.display_path}: partitions.field: {unit.uri} has no column {window.field!r}; it has "
+                    + ", ".join(names)
+                )
+            low, high = window.bounds()
+            quoted = self._quote(names[index])
+            conditions.append(f"{quoted} >= {self._literal(low)} AND {quoted} < {self._literal(high)}")
+        return f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
     def _cursor_bound(self, unit: SourceFile) -> CursorValue | None:
         """The lowest cursor value the unit's read takes (the committed mark less the lookback; None: every row)."""

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
@@ -138,7 +138,7 @@ class MySQLSource(DatabaseSource):
                 cur.close()
             names = [d[0] for d in described]
             selected = self._selected(names, unit, report)
-            where = self._where_cursor(conn, names, selected, unit)  # the driver escapes the bound while connected
+            where = self._where_cursor(conn, names, selected, unit)  # the cursor mark and a partition window
         finally:
             _close(conn, unit.uri)
         row_texts = _text_columns([described[index] for _, index in selected])
@@ -167,15 +167,25 @@ class MySQLSource(DatabaseSource):
         return f"mysql://{user}:{quote(password, safe='')}@{shown_host}:{port}/{quote(database, safe='')}"
 
     def _where_cursor(self, conn: Any, names: list[str], selected: list[tuple[str, int]], unit: SourceFile) -> str:
-        """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, else nothing; the bound is escaped by
-        the driver as it escapes query parameters (a zoned mark in UTC, the session's time zone)."""
-        column = self._cursor_column(names, selected, unit)
-        bound = self._cursor_bound(unit)
-        if column is None or bound is None:
-            return ""
-        if isinstance(bound, datetime) and bound.tzinfo is not None:
-            bound = bound.astimezone(timezone.utc).replace(tzinfo=None)
-        return f" WHERE {_quoted(column)} >= {conn.escape(bound)}"
+        """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, a partition's window for a table,
+        else nothing (:meth:`DatabaseSource._row_filter`); the bounds are escaped by the driver as it escapes query
+        parameters (a zoned bound in UTC, the session's time zone)."""
+        return self._row_filter(names, selected, unit)
+
+    def _literal(self, value: CursorValue) -> str:
+        """A bound escaped by PyMySQL as it escapes a query parameter, typed with ``CAST`` (dates, time stamps)."""
+        from pymysql.converters import escape_item  # noqa: PLC0415 - loaded only when a database is read
+
+        if isinstance(value, datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(timezone.utc).replace(tzinfo=None)
+            return f"CAST({escape_item(value, 'utf8mb4')} AS DATETIME(6))"
+        if isinstance(value, date):
+            return f"CAST({escape_item(value, 'utf8mb4')} AS DATE)"
+        return escape_item(int(value), "utf8mb4")
+
+    def _quote(self, name: str) -> str:
+        return _quoted(name)
 
     def max_cursor(self) -> CursorValue | None:
         """The source's highest cursor value now (``SELECT max(...)``: one row, no row transfer)."""

@@ -136,16 +136,20 @@ class PostgresSource(DatabaseSource):
                 log.warning("could not close the connection to %s", unit.uri)
 
     def _where_cursor(self, names: list[str], selected: list[tuple[str, int]], unit: SourceFile) -> str:
-        """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, else nothing.
+        """`` WHERE <cursor> >= <bound>`` for a cursor run with a committed mark, a partition's window for a table,
+        else nothing (:meth:`DatabaseSource._row_filter`).
 
-        The bound is a typed literal rendered from the parsed mark (an int, a date or a datetime, never text from
-        anywhere else): the driver streams a result through ``COPY``, which takes no bound parameters.
+        The bounds are typed literals rendered from the parsed mark or the window (an int, a date or a datetime,
+        never text from anywhere else): the driver streams a result through ``COPY``, which takes no bound
+        parameters.
         """
-        column = self._cursor_column(names, selected, unit)
-        bound = self._cursor_bound(unit)
-        if column is None or bound is None:
-            return ""
-        return f" WHERE {_quoted(column)} >= {_literal(bound)}"
+        return self._row_filter(names, selected, unit)
+
+    def _literal(self, value: CursorValue) -> str:
+        return _literal(value)
+
+    def _quote(self, name: str) -> str:
+        return _quoted(name)
 
     def max_cursor(self) -> CursorValue | None:
         """The source's highest cursor value now (``SELECT max(...)``: one row, no row transfer)."""
