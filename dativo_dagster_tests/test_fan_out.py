@@ -4,6 +4,7 @@ group and the multiprocess executor (issue 19 item 5, docs/fan-out.md)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from dativo_dagster.incremental import table_source_state
 from dativo_dagster.sources import SourceFile
 from dativo_dagster.spec import load_spec_file
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
+from dativo_dagster_tests.fault_injection import IN_PROCESS, write_job_module
 from dativo_dagster_tests.table_checks import (
     as_rows,
     branch_snapshot_ids,
@@ -389,3 +391,48 @@ def test_a_partition_run_fans_out_over_its_partitions_files_and_replaces_only_it
     head = table.snapshot_by_name(BRANCH)
     assert head is not None and head.summary is not None
     assert head.summary.get("dativo.partition") == "2024-01-31" and head.summary.get(RUN_ID_KEY) == results[2].run_id
+
+
+def test_reexecuting_a_run_whose_group_failed_commits_every_group_once_under_the_planning_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group step that failed for good fails the run (nothing committed); re-executed from failure, only that
+    group streams again, and the commit holds every group's files once, recorded under the run that planned."""
+    project = Project(tmp_path / "project")
+    project.write_spec(fan_out_spec(step_size_mb=1))
+    paths = write_files(project)
+    groups = planned_groups(paths)
+    module = write_job_module(tmp_path, project.specs_dir)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    job = dg.reconstructable(importlib.import_module(module).ingest_job)
+    verify = assets.verify_written
+    target = groups[1][0]
+
+    def refuse(outcome: Any, s3: Any) -> None:
+        if target in outcome.files_read:
+            raise PermissionError(13, "Permission denied")  # terminal: not retried
+        verify(outcome, s3)
+
+    monkeypatch.setattr(assets, "verify_written", refuse)
+    (tmp_path / "home").mkdir()
+    with dg.DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        failed = dg.execute_job(job, instance, run_config=IN_PROCESS)
+        assert not failed.success
+        assert [e.step_key for e in failed.all_events if e.is_step_failure] == ["events.events__extract[g1]"]
+        assert not project.catalog().table_exists(TABLE) or project.table(TABLE).snapshot_by_name(BRANCH) is None
+        monkeypatch.setattr(assets, "verify_written", verify)
+
+        again = dg.execute_job(
+            job, instance, run_config=IN_PROCESS,
+            reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance),
+        )
+
+        assert again.success
+        executed = sorted(e.step_key for e in again.all_events if e.event_type == dg.DagsterEventType.STEP_START)
+    assert executed == ["events.events__commit", "events.events__extract[g1]", "events.events__validate",
+                        "events.events__write"]
+    table = project.table(TABLE)
+    rows = branch_rows(table, BRANCH)
+    assert as_rows(rows) == valid_rows(paths)
+    assert {r["_run_id"] for r in rows} == {failed.run_id} and len({r["_ingested_at"] for r in rows}) == 1
+    assert len(run_snapshots(project, failed.run_id)) == 1 and run_snapshots(project, again.run_id) == []
