@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 
 from dativo_dagster import assets
+from dativo_dagster.cli import main
 from dativo_dagster.commit import RUN_ID_KEY
 from dativo_dagster.fanout import group_files
 from dativo_dagster.incremental import table_source_state
+from dativo_dagster.markers import committed_files
 from dativo_dagster.sources import SourceFile
 from dativo_dagster.spec import load_spec_file
+from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.fault_injection import IN_PROCESS, write_job_module
 from dativo_dagster_tests.table_checks import (
@@ -28,6 +32,7 @@ from dativo_dagster_tests.table_checks import (
     branch_snapshot_ids,
     expected_rows,
     incremental_spec,
+    marker_rows,
     materialization,
     parquet_files,
 )
@@ -436,3 +441,25 @@ def test_reexecuting_a_run_whose_group_failed_commits_every_group_once_under_the
     assert as_rows(rows) == valid_rows(paths)
     assert {r["_run_id"] for r in rows} == {failed.run_id} and len({r["_ingested_at"] for r in rows}) == 1
     assert len(run_snapshots(project, failed.run_id)) == 1 and run_snapshots(project, again.run_id) == []
+
+
+def test_catalog_none_and_the_command_line_with_fan_out(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    """``catalog: none``: one commit marker lists every group's files; ``dativo-dagster materialize`` prints the one
+    summary line and exits 1 for warn rejects from several groups, then reports nothing new."""
+    project.write_spec(fan_out_spec(step_size_mb=1, schema_validation_mode="warn", target={"catalog": "none"}))
+    paths = write_files(project, bad={0: 1, 6: 2})
+    assert len(planned_groups(paths)) >= 3
+
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"events: WARN rows_read={sum(FILE_ROWS)} committed={sum(FILE_ROWS) - 3} rejected=3 ")
+
+    location = str(project.warehouse / "testdomain" / "testproduct" / "events")
+    assert marker_rows(location) == valid_rows(paths)
+    assert len(list(Path(location, "_commits").glob("*.json"))) == 1
+    assert sorted(committed_files(location, S3Settings())) == sorted(parquet_files(location))
+    assert sum(len(pq.read_table(f)) for f in committed_files(location + "__rejects", S3Settings())) == 3
+
+    assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 0
+    assert "nothing_new" in capsys.readouterr().out
+    assert len(list(Path(location, "_commits").glob("*.json"))) == 1
