@@ -463,3 +463,20 @@ def test_catalog_none_and_the_command_line_with_fan_out(project: Project, capsys
     assert main(["materialize", "--specs", str(project.specs_dir), "--log-level", "ERROR"]) == 0
     assert "nothing_new" in capsys.readouterr().out
     assert len(list(Path(location, "_commits").glob("*.json"))) == 1
+
+
+def test_overwrite_with_fan_out_replaces_the_table_with_every_group_of_the_run(project: Project) -> None:
+    spec = fan_out_spec(step_size_mb=1, target={"partitioning": ["ingest_date"], "write_mode": "overwrite"})
+    del spec["source"]["incremental"]  # overwrite reads every file on every run
+    project.write_spec(spec)
+    paths = write_files(project)
+    assert project.materialize().success
+    paths[0].unlink()
+    paths = paths[1:]
+
+    result = project.materialize()
+
+    assert result.success
+    assert len([k for k in step_keys(result) if "__extract[" in k]) >= 2
+    rows = branch_rows(project.table(TABLE), BRANCH)
+    assert as_rows(rows) == valid_rows(paths) and {r["_run_id"] for r in rows} == {result.run_id}
