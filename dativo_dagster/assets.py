@@ -2,12 +2,13 @@
 
 # no ``from __future__ import annotations``: Dagster reads the ops' annotations at definition time
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 import pyarrow as pa
@@ -20,6 +21,7 @@ from pyiceberg.schema import Schema
 from dativo_dagster.commit import ASSET_KEY, CommitResult, commit_files, ensure_table, source_state_json
 from dativo_dagster.cursor import cursor_read, cursor_run_found_nothing, is_cursor_run, units_with_marks
 from dativo_dagster.errors import DuplicateKeysError, StorageError, is_transient
+from dativo_dagster.fanout import FileGroup, GroupOutcome, combine_outcomes, plan_groups
 from dativo_dagster.sources import SourceFile, source_for
 from dativo_dagster.incremental import (
     SOURCE_STATE_KEY,
@@ -421,6 +423,12 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
                 yield carried or _unique_key_result(unique_key_spec.key, loaded, dativo_catalog)
 
+    fan_out = (
+        _fan_out_ops(loaded, policy, op_tags, check_key, drift_spec.key)
+        if spec.source.type == "csv" and spec.source.fan_out is not None
+        else None
+    )
+
     @dg.graph_asset(
         name=name,
         group_name=spec.data_product,
@@ -445,8 +453,13 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         partitions_def=partitions_definition(spec),
     )
     def asset():
-        stream, extract_report = extract()
-        validated, validation_check, drift_check = validate(stream, extract_report)
+        if fan_out is not None:  # the files fan out over mapped steps, collected for one validate/write/commit
+            groups, plan_report = fan_out.plan()
+            streams = groups.map(fan_out.extract)
+            validated, extract_report, validation_check, drift_check = fan_out.validate(streams.collect(), plan_report)
+        else:
+            stream, extract_report = extract()
+            validated, validation_check, drift_check = validate(stream, extract_report)
         result, reconciliation_check, unique_key_check = commit(write(validated, extract_report))
         return {
             "result": result,
@@ -457,6 +470,195 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         }
 
     return asset
+
+
+class FanOutOps(NamedTuple):
+    """The ops of a fanned-out asset's graph before its write and commit (docs/fan-out.md)."""
+
+    plan: dg.OpDefinition
+    extract: dg.OpDefinition
+    validate: dg.OpDefinition
+
+
+def _fan_out_ops(
+    loaded: LoadedSpec,
+    policy: dg.RetryPolicy,
+    op_tags: dict[str, str],
+    check_key: dg.AssetCheckKey,
+    drift_key: dg.AssetCheckKey,
+) -> FanOutOps:
+    """``<name>__plan`` lists and selects the files and groups them by size (one dynamic output per group);
+    ``<name>__extract`` is mapped over the groups, each streaming its files as the one extract step does;
+    ``<name>__validate`` collects them and judges the combined report. Everything passes through the staging IO
+    manager, so each group's step may run in another process or on another machine."""
+    spec = loaded.spec
+    name = spec.name
+    assert spec.source.type == "csv" and spec.source.fan_out is not None
+    step_size_mb = spec.source.fan_out.step_size_mb
+
+    @dg.op(
+        name=f"{name}__plan",
+        out={
+            "groups": dg.DynamicOut(FileGroup, io_manager_key=STAGING_IO),
+            "extract_report": dg.Out(ExtractReport, io_manager_key=STAGING_IO),
+        },
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def plan(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
+        secrets = _secrets(dativo_storage, dativo_catalog)
+        partition_key = _partition_key(context, loaded)
+        with failures(loaded, "extract", secrets):
+            listed = source_for(run_spec(loaded, partition_key), dativo_storage.s3_settings()).list_units()
+            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
+        if partition_key:
+            context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
+        files = selection.to_read
+        if is_incremental(loaded):
+            context.log.info(f"{name}: {selection.describe()}")
+        groups = plan_groups(
+            files,
+            step_size_mb,
+            run_id=context.run_id,
+            ingested_at=datetime.now(timezone.utc).isoformat(),
+            partition_key=partition_key,
+            incremental=is_incremental(loaded),
+        )
+        if selection.nothing_new:
+            context.log.info(f"{name}: nothing new to read; the table stays as it is")
+        else:
+            context.log.info(
+                f"{name}: {len(files)} source file(s) in {len(groups)} group(s) of up to {step_size_mb} MiB: "
+                + ", ".join(f"{g.key} {len(g.files)} file(s) {g.bytes} bytes" for g in groups[:LOGGED_FILES])
+                + (", ..." if len(groups) > LOGGED_FILES else "")
+            )
+        yield dg.Output(
+            ExtractReport(
+                files=[f for g in groups for f in g.files],
+                incremental=is_incremental(loaded),
+                new=selection.new,
+                changed=selection.changed,
+                unchanged=selection.unchanged,
+                too_old=selection.too_old,
+                partition_key=partition_key,
+            ),
+            "extract_report",
+            metadata={"files": len(files), "groups": len(groups), "nothing_new": selection.nothing_new},
+        )
+        for group in groups:
+            yield dg.DynamicOutput(group, mapping_key=group.key, output_name="groups")
+
+    @dg.op(
+        name=f"{name}__extract",
+        ins={"group": dg.In(FileGroup)},
+        out={"stream": dg.Out(GroupOutcome, io_manager_key=STAGING_IO)},
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def extract_group(
+        context: dg.OpExecutionContext, group: FileGroup, dativo_storage: StorageResource, dativo_catalog: CatalogResource
+    ):
+        files = group.source_files()
+        context.log.info(
+            f"{name}: group {group.key}: streaming {len(files)} file(s), {group.bytes} bytes, in process {os.getpid()}"
+            + (f" (attempt {context.retry_number + 1})" if context.retry_number else "")
+        )
+        report = ExtractReport(files=group.files, incremental=group.incremental, partition_key=group.partition_key)
+        created: list[tuple[Any, str]] = []
+        stamp = (group.run_id, datetime.fromisoformat(group.ingested_at))
+        outcome = stream_sources(context, loaded, files, report, dativo_storage, dativo_catalog, stamp=stamp, created=created)
+        if outcome.write_error is not None:
+            # the stream removed what it wrote: a retry of this step streams the group again
+            raise _stage_failure(outcome.write_error)
+        s3 = dativo_storage.s3_settings()
+        try:
+            with failures(loaded, "write", _secrets(dativo_storage, dativo_catalog)):
+                verify_written(outcome, s3)
+        except dg.Failure:
+            _remove_written(outcome, s3)  # this attempt's files never reach the commit: a retry writes its own
+            raise
+        for file_report in outcome.file_reports:
+            _log_file_report(context, file_report)
+        yield dg.Output(
+            GroupOutcome(key=group.key, outcome=outcome, tables_created=[n for _, n in created], pid=os.getpid()),
+            "stream",
+            metadata={
+                "group": group.key,
+                "files": len(files),
+                "rows": outcome.validation.rows_read,
+                "pid": os.getpid(),
+                **_stage_seconds(outcome.seconds),
+            },
+        )
+
+    @dg.op(
+        name=f"{name}__validate",
+        ins={"streams": dg.In(list[GroupOutcome]), "plan_report": dg.In(ExtractReport)},
+        out={
+            "validated": dg.Out(PipelineOutcome, io_manager_key=STAGING_IO),
+            "extract_report": dg.Out(ExtractReport, io_manager_key=STAGING_IO),
+            "validation_check": dg.Out(dg.Nothing, is_required=False),
+            "schema_drift_check": dg.Out(dg.Nothing, is_required=False),
+        },
+        retry_policy=policy,
+        tags=op_tags,
+    )
+    def validate_groups(
+        context: dg.OpExecutionContext,
+        streams: list[GroupOutcome],
+        plan_report: ExtractReport,
+        dativo_storage: StorageResource,
+        dativo_catalog: CatalogResource,
+        dativo_staging: StagingResource,
+    ):
+        stream = combine_outcomes(streams)
+        extract_report = plan_report.model_copy(update={"file_reports": stream.file_reports})
+        report = stream.validation
+        strict = spec.schema_validation_mode is ValidationMode.STRICT
+        context.log.info(
+            f"{name}: {len(streams)} group(s) streamed {report.rows_read} row(s), {report.rows_rejected} rejected,"
+            f" {len(stream.data_files)} data file(s), in process(es) {sorted({g.pid for g in streams})}"
+        )
+        yield dg.Output(
+            stream, "validated", metadata={"rows_read": report.rows_read, "rows_rejected": report.rows_rejected}
+        )
+        yield dg.Output(extract_report, "extract_report")
+        if extract_report.nothing_new:
+            yield _carried_result(context, check_key) or _check_result(check_key, report, extract_report, strict)
+            yield _carried_result(context, drift_key) or _drift_result(drift_key, extract_report)
+        else:
+            yield _check_result(check_key, report, extract_report, strict)
+            yield _drift_result(drift_key, extract_report)
+        if strict and report.rows_rejected:
+            # the groups without a rejected row wrote their files: none of them is committed, all of them go now,
+            # with the tables the groups created (when still empty), and this run's staging
+            s3 = dativo_storage.s3_settings()
+            _remove_written(stream, s3)
+            catalog = dativo_catalog.load_catalog() if spec.target.catalog is CatalogKind.ICEBERG else None
+            if catalog is not None:
+                _drop_created([(catalog, n) for g in streams for n in g.tables_created], s3)
+            dativo_staging.remove_steps(context.run_id, f"{name}.")
+            raise _strict_failure(name, report)
+
+    return FanOutOps(plan=plan, extract=extract_group, validate=validate_groups)
+
+
+def _remove_written(outcome: PipelineOutcome, s3: Any) -> None:
+    """Remove every file of an outcome that will not be committed (best effort: maintenance removes the rest)."""
+    for written in [*outcome.data_files, *outcome.reject_files]:
+        try:
+            remove_file(written.uri, s3)
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not remove %s, written by a run that commits nothing of it", written.uri)
+
+
+def _log_file_report(context: dg.OpExecutionContext, report: dict[str, Any]) -> None:
+    if report["extra_columns"]:
+        context.log.warning(f"{report['uri']}: columns not in the spec, not loaded: {report['extra_columns']}")
+    if report["missing_columns"]:
+        context.log.warning(f"{report['uri']}: spec columns missing from the file, null: {report['missing_columns']}")
+    if report["blank_records"]:
+        context.log.warning(f"{report['uri']}: {report['blank_records']} blank record(s) skipped")
 
 
 def _partition_key(context: dg.OpExecutionContext, loaded: LoadedSpec) -> str:
@@ -698,19 +900,23 @@ def stream_sources(
     extract_report: "ExtractReport",
     storage: StorageResource,
     catalog_resource: CatalogResource,
+    *,
+    stamp: tuple[str, datetime] | None = None,
+    created: list[tuple[Any, str]] | None = None,
 ) -> PipelineOutcome:
     """Read, validate and write ``files`` in one streaming pass (pipeline.py) into uncommitted files.
 
     A table this pass had to create is dropped again when nothing is going to be committed to it (strict
-    failure, failed write), so that a failed run leaves the catalog as it was.
+    failure, failed write), so that a failed run leaves the catalog as it was. ``stamp`` (run id, ingestion
+    time) stamps the rows with another run's values than this step's (a fanned-out group: the planning run's);
+    ``created`` receives the (catalog, identifier) of the tables the pass created.
     """
     spec = loaded.spec
     window = partition_window(loaded, extract_report.partition_key) if extract_report.partition_key else None
     secrets = _secrets(storage, catalog_resource)
-    run_id = context.run_id
-    ingested_at = datetime.now(timezone.utc)
+    run_id, ingested_at = stamp if stamp is not None else (context.run_id, datetime.now(timezone.utc))
     s3 = storage.s3_settings()
-    created: list[tuple[Any, str]] = []  # (catalog, identifier) of the tables this pass created
+    created = [] if created is None else created  # (catalog, identifier) of the tables this pass created
     with failures(loaded, "write", secrets):
         storage.check_access(spec)  # wrong S3 credentials fail here, clearly, before anything is created
         location = storage.table_location(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,22 @@ class StagingIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if not isinstance(obj, BaseModel):
             raise TypeError(f"{context.step_key}.{context.name}: cannot stage {type(obj).__name__}")
-        self.staging.write(context.run_id, context.step_key, context.name, obj.model_dump_json())
+        self.staging.write(context.run_id, context.step_key, _record_name(context), obj.model_dump_json())
 
     def load_input(self, context: dg.InputContext) -> Any:
         upstream = context.upstream_output
         assert upstream is not None
         typ = context.dagster_type.typing_type
+        if typing.get_origin(typ) is list:  # a fan-in (``.collect()``): Dagster loads each mapped step's record
+            [typ] = typing.get_args(typ)
         if not (isinstance(typ, type) and issubclass(typ, BaseModel)):
             raise TypeError(f"{upstream.step_key}.{upstream.name}: cannot load a staged {typ}")
-        return typ.model_validate_json(self.staging.read(upstream.run_id, upstream.step_key, upstream.name))
+        return typ.model_validate_json(self.staging.read(upstream.run_id, upstream.step_key, _record_name(upstream)))
+
+
+def _record_name(output: dg.OutputContext) -> str:
+    """The staged record's name: the output's, and for one of a dynamic output's records its mapping key too."""
+    return f"{output.name}-{output.mapping_key}" if output.mapping_key else output.name
 
 
 class IcebergTableIOManager(dg.ConfigurableIOManager):

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from dativo_dagster.errors import MAX_PATTERN_CHARS, SpecError, retryable_pattern_problem
 from dativo_dagster.layouts import layout_problems
@@ -284,6 +285,16 @@ class CursorIncremental(_Model):
     _strategy = field_validator("strategy", mode="before")(_strategy_for("database", "cursor"))
 
 
+DEFAULT_STEP_SIZE_MB = 512
+
+
+class FanOut(_Model):
+    """``source.fan_out``: the run's files are split into groups of about ``step_size_mb`` (MiB of source files),
+    each streamed in its own step, and committed once (docs/fan-out.md)."""
+
+    step_size_mb: int = Field(default=DEFAULT_STEP_SIZE_MB, ge=1, strict=True)
+
+
 class CsvSourceSpec(_Model):
     """``source.type: csv``: files read as CSV text (CONTRACT section 1)."""
 
@@ -291,6 +302,7 @@ class CsvSourceSpec(_Model):
     files: list[SourceFile] = Field(min_length=1)
     options: CsvOptions = Field(default_factory=CsvOptions)
     incremental: Incremental | None = None
+    fan_out: FanOut | None = None
 
 
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -326,6 +338,18 @@ class DatabaseSourceSpec(_Model):
     table: str | None = Field(default=None, min_length=1, max_length=1000)
     query: str | None = Field(default=None, min_length=1, max_length=100_000)
     incremental: CursorIncremental | None = None
+    # refused with a reason rather than as an unknown key; not offered by the JSON schema
+    fan_out: SkipJsonSchema[Any] = None
+
+    @field_validator("fan_out")
+    @classmethod
+    def _no_fan_out(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                "a database source is read as one consistent snapshot (one transaction), which cannot be split across"
+                " processes; remove fan_out (it is for csv sources)"
+            )
+        return None
 
     @field_validator("table")
     @classmethod
@@ -609,6 +633,12 @@ class AssetSpecModel(_Model):
             problems.append(("target.branch", "a branch needs catalog: iceberg; remove it for catalog: none"))
         problems.extend(self._publish_problems())
         problems += self._cursor_problems()
+        if getattr(self.source, "fan_out", None) is not None and self.target.write_mode is WriteMode.MERGE:
+            problems.append((
+                "source.fan_out",
+                "a merge keeps the last row of each key across the whole run, in one step; remove fan_out, or use"
+                " write_mode: append or overwrite",
+            ))
         if self.sensor is not None and self.source.type != "csv" and self.source.incremental is None:
             problems.append((
                 "sensor",

@@ -186,6 +186,19 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
         "Files last modified more than this many days ago are never read; 0: no limit.",
         "7",
     ),
+    "source.fan_out": (
+        "csv only: split the run's files into groups of about `step_size_mb`, stream each group in its own step"
+        " (`<name>__extract[g0]`, `[g1]`, ... Dagster dynamic outputs) so that every worker of a distributed executor"
+        " (Celery, Kubernetes) takes a share, and commit all groups once. Omit it for one extract step. Refused for"
+        " postgres/mysql (one snapshot cannot be split across processes) and with `write_mode: merge`"
+        " (docs/fan-out.md).",
+        "{step_size_mb: 512}",
+    ),
+    "source.fan_out.step_size_mb": (
+        "MiB of source files per group: files are taken in listing order until a group reaches this size; a larger"
+        " file is a group of its own.",
+        "256",
+    ),
     "source.incremental.cursor_field": (
         "postgres, mysql (`strategy: cursor`): the spec field whose highest committed value is the high-water mark;"
         " a required field of type integer/long, date, timestamp or timestamptz. The first run reads every row, later"
@@ -403,6 +416,7 @@ source:
   type: csv
   files:
     - {path: "data/adventureworks/Person-{partition}.csv"}
+  fan_out: {step_size_mb: 256}          # optional: the files stream in steps of about 256 MiB, committed once
 target: {partitioning: ["day(ModifiedDate)"], write_mode: append}
 partitions: {type: daily, start: "2024-01-01", field: ModifiedDate, timezone: UTC}
 """
