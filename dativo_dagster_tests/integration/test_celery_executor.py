@@ -33,6 +33,8 @@ OPS = ("extract", "validate", "write", "commit")
 BRANCH = "acme"
 GROUP_ROWS = {"alpha": [(i, f"alpha-{i}") for i in range(1, 41)], "beta": [(i, f"beta-{i}") for i in range(100, 125)]}
 PARTITIONS = [f"2024-01-0{day}" for day in range(1, 7)]
+# source.fan_out with step_size_mb 1 and four files of a bit more than 1 MiB each: four groups, g0 to g3
+FAN_OUT_FILES, FAN_OUT_ROWS_PER_FILE = 4, 36_000
 
 
 def _partition_rows(key: str) -> list[tuple[int, str, str]]:
@@ -63,6 +65,15 @@ def _write_specs(project: Project, seaweedfs: SeaweedFS, bucket: str) -> None:
     for key in PARTITIONS:
         body = "id,event_date,name\n" + "".join(f"{i},{day},{text}\n" for i, day, text in _partition_rows(key))
         client.put_object(Bucket=bucket, Key=f"events/{key}.csv", Body=body.encode())
+    for number in range(FAN_OUT_FILES):
+        first = number * FAN_OUT_ROWS_PER_FILE
+        body = "id,name\n" + "".join(f"{i},fanned-{i:08d}-abcdefghijkl\n" for i in range(first, first + FAN_OUT_ROWS_PER_FILE))
+        assert len(body) > 1024 * 1024
+        client.put_object(Bucket=bucket, Key=f"fanned/part-{number}.csv", Body=body.encode())
+    project.write_spec(base_spec(
+        "fanned", dataProduct="fanout",
+        source={"type": "csv", "files": [{"path": f"s3://{bucket}/fanned/*.csv"}], "fan_out": {"step_size_mb": 1}},
+    ))
     project.write_spec(base_spec(
         "events",
         dataProduct="backfills",
@@ -100,7 +111,8 @@ def _branch_commits(table: Table, branch: str) -> list[dict[str, Any]]:
     """The summaries of the branch's snapshots that carry a run id, newest first."""
     head = table.snapshot_by_name(branch)
     assert head is not None
-    return [dict(s.summary.additional_properties) for s in ancestors_of(head, table.metadata)
+    return [{**s.summary.additional_properties, "operation": s.summary.operation.value}
+            for s in ancestors_of(head, table.metadata)
             if s.summary is not None and RUN_ID_KEY in s.summary.additional_properties]
 
 
@@ -181,3 +193,44 @@ def test_a_backfill_of_six_partitions_run_concurrently_on_celery_commits_each_pa
     # one commit per partition, by its own run (a commit may be several chained snapshots of one run)
     committed = {(c[RUN_ID_KEY], c[PARTITION_KEY_PROPERTY]) for c in _branch_commits(table, BRANCH)}
     assert committed == {(run_id, key) for key, run_id in run_of.items()}
+
+
+def test_a_fan_out_run_on_celery_streams_its_groups_on_both_workers_and_commits_once(
+    celery_project: CeleryProject,
+) -> None:
+    """`dagster asset materialize` of a spec with `source.fan_out` (four groups): the mapped extract steps are
+    submitted together and run on both workers, and the run ends with every row of every file exactly once, in one
+    commit."""
+    cluster = celery_project.cluster
+    result = cluster.dagster("asset", "materialize", "-m", "dativo_dagster.definitions", "--select", "fanned")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    groups = [f"fanned.fanned__extract[g{i}]" for i in range(FAN_OUT_FILES)]
+    with cluster.instance() as instance:
+        [record] = [r for r in instance.get_run_records() if r.dagster_run.asset_selection == {dg.AssetKey("fanned")}]
+        run_id = record.dagster_run.run_id
+        assert record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+        executed = steps_by_worker(instance, run_id)
+        steps = {"fanned.fanned__plan", *groups, *(f"fanned.fanned__{op}" for op in OPS if op != "extract")}
+        assert set(executed) == steps == successful_steps(instance, run_id)
+        assert {executed[key] for key in groups} == cluster.worker_names, executed
+        # the groups were offered to the workers together: every group's task was submitted before the first
+        # group finished (one worker that took them all would have shown the same events, hence the check above)
+        submitted = [e.timestamp for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+                     if e.step_key in groups and e.dagster_event is not None
+                     and (e.dagster_event.message or "").startswith("Submitting celery task")]
+        finished = [e.timestamp for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)
+                    if e.step_key in groups]
+        assert len(submitted) == len(finished) == FAN_OUT_FILES
+        assert max(submitted) < min(finished), (submitted, finished)
+        _assert_no_secrets(celery_project, run_text(instance, run_id))
+
+    table = celery_project.table("fanned")
+    rows = table.scan(snapshot_id=table.snapshot_by_name(BRANCH).snapshot_id,
+                      selected_fields=("id", "_run_id", "_source_file")).to_arrow()
+    assert sorted(rows["id"].to_pylist()) == list(range(FAN_OUT_FILES * FAN_OUT_ROWS_PER_FILE))
+    assert set(rows["_run_id"].to_pylist()) == {run_id}
+    assert set(rows["_source_file"].to_pylist()) == {
+        f"s3://{celery_project.sources}/fanned/part-{n}.csv" for n in range(FAN_OUT_FILES)}
+    commits = _branch_commits(table, BRANCH)
+    assert [c["operation"] for c in commits] == ["append"] and commits[0][RUN_ID_KEY] == run_id
