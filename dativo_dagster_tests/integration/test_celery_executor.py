@@ -143,7 +143,9 @@ def test_a_group_run_on_celery_runs_its_steps_on_both_workers_and_ends_exact(cel
         got = sorted((row["id"], row["name"]) for row in branch_rows(table, BRANCH))
         assert got == rows
         assert {row["_run_id"] for row in branch_rows(table, BRANCH)} == {run.run_id}
-        assert {c[RUN_ID_KEY] for c in _branch_commits(table, BRANCH)} == {run.run_id}
+        commits = _branch_commits(table, BRANCH)
+        assert [c[RUN_ID_KEY] for c in commits if c["operation"] == "append"] == [run.run_id], commits
+        assert {c[RUN_ID_KEY] for c in commits} == {run.run_id}
 
 
 def test_a_backfill_of_six_partitions_run_concurrently_on_celery_commits_each_partition_once(
@@ -190,9 +192,12 @@ def test_a_backfill_of_six_partitions_run_concurrently_on_celery_commits_each_pa
     assert got == sorted(itertools.chain.from_iterable(_partition_rows(key) for key in PARTITIONS))
     run_of = {key: record.dagster_run.run_id for key, record in records.items()}
     assert {row["_run_id"] for row in rows if row["event_date"].isoformat() == PARTITIONS[0]} == {run_of[PARTITIONS[0]]}
-    # one commit per partition, by its own run (a commit may be several chained snapshots of one run)
-    committed = {(c[RUN_ID_KEY], c[PARTITION_KEY_PROPERTY]) for c in _branch_commits(table, BRANCH)}
-    assert committed == {(run_id, key) for key, run_id in run_of.items()}
+    # one commit per partition, by its own run: a commit may be several chained snapshots (the window's delete,
+    # then the append), all carrying the run id; each commit has one append
+    commits = _branch_commits(table, BRANCH)
+    assert {(c[RUN_ID_KEY], c[PARTITION_KEY_PROPERTY]) for c in commits} == {(r, k) for k, r in run_of.items()}
+    appends = Counter((c[RUN_ID_KEY], c[PARTITION_KEY_PROPERTY]) for c in commits if c["operation"] == "append")
+    assert appends == {(run_id, key): 1 for key, run_id in run_of.items()}, commits
 
 
 def test_a_fan_out_run_on_celery_streams_its_groups_on_both_workers_and_commits_once(
