@@ -33,7 +33,7 @@ $(TEST_INSTALLED): pyproject.toml
 	$(PIP_INSTALL) -e '.[test]'
 	touch $(RUN_INSTALLED) $@
 
-# Chromium and PostgreSQL, which the browser and integration tests drive (apt-get, only what is missing).
+# Chromium, PostgreSQL, MariaDB and Redis, which the browser and integration tests drive (apt-get, only what is missing).
 system-packages:
 	.ci/install-system-packages
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from dativo_dagster.assets import STAGING_IO, TABLE_IO, build_asset
-from dativo_dagster.executors import one_asset_executor
+from dativo_dagster.executors import executors_from_env
 from dativo_dagster.freshness import build_freshness_checks, build_freshness_sensor
 from dativo_dagster.io_managers import IcebergTableIOManager, StagingIOManager
 from dativo_dagster.jobs import (
@@ -38,9 +38,11 @@ def build_definitions(specs_dir: Path, project_dir: Path | None = None) -> dg.De
     ``DATIVO_LOG_FORMAT=json`` makes the console logger write one JSON object per line. Every job runs its steps
     in the run's process unless it says otherwise (the group jobs) or its run config does (executors.py): this
     executor is also the one of the implicit asset job that `dagster asset materialize` and the UI run.
+    ``DATIVO_EXECUTOR=celery`` puts every job on Celery workers instead (executors.py).
     """
     loaded = load_specs(specs_dir)
     resources = resources_from_env(specs_dir, project_dir)
+    executors = executors_from_env()
     maintenance = build_maintenance_job(loaded)
     jobs = asset_jobs(loaded)
     freshness_checks = build_freshness_checks(loaded)
@@ -48,7 +50,7 @@ def build_definitions(specs_dir: Path, project_dir: Path | None = None) -> dg.De
     return dg.Definitions(
         assets=[build_asset(item) for item in loaded],
         asset_checks=freshness_checks,
-        jobs=[*jobs.values(), *group_jobs(loaded), maintenance],
+        jobs=[*jobs.values(), *group_jobs(loaded, executors.many_assets), maintenance],
         schedules=[*build_schedules(loaded, jobs), maintenance_schedule(maintenance)],
         sensors=[*build_sensors(loaded), *([freshness_sensor] if freshness_sensor else [])],
         resources={
@@ -57,7 +59,7 @@ def build_definitions(specs_dir: Path, project_dir: Path | None = None) -> dg.De
             TABLE_IO: IcebergTableIOManager(catalog=resources["dativo_catalog"]),
         },
         loggers=loggers_from_env(),
-        executor=one_asset_executor,
+        executor=executors.one_asset,
     )
 
 

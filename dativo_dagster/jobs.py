@@ -38,15 +38,16 @@ def asset_job(loaded: LoadedSpec):
     )
 
 
-def group_jobs(loaded: Sequence[LoadedSpec]) -> list:
-    """One job per dataProduct group; its assets' steps run in parallel, forked from a preloaded forkserver."""
+def group_jobs(loaded: Sequence[LoadedSpec], executor_def: dg.ExecutorDefinition = many_assets_executor) -> list:
+    """One job per dataProduct group; its assets' steps run in parallel, by default forked from a preloaded
+    forkserver (``DATIVO_EXECUTOR=celery``: on Celery workers)."""
     groups = sorted({item.spec.data_product for item in loaded})
     return [
         dg.define_asset_job(
             f"{group}__group_job",
             selection=dg.AssetSelection.groups(group),
             config=logging_run_config(),
-            executor_def=many_assets_executor,
+            executor_def=executor_def,
         )
         for group in groups
     ]

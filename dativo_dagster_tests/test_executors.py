@@ -18,11 +18,16 @@ import dagster as dg
 import pytest
 
 from dativo_dagster.definitions import build_definitions
+from dativo_dagster.errors import DeploymentError
 from dativo_dagster.executors import (
+    CELERY_BACKEND_VAR,
+    CELERY_BROKER_VAR,
+    CELERY_EXECUTOR,
     FORKSERVER_CONFIG,
     IN_PROCESS_CONFIG,
     MANY_ASSETS_EXECUTOR,
     ONE_ASSET_EXECUTOR,
+    celery_urls,
 )
 from dativo_dagster.freshness import FRESHNESS_CHECK
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
@@ -215,3 +220,86 @@ def test_the_shipped_instance_dequeues_launched_runs_every_second(tmp_path: Path
         # the daemon's QueuedRunCoordinatorDaemon runs at this interval
         assert instance.run_coordinator.dequeue_interval_seconds == 1
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4
+
+
+# --------------------------------------------------------------------------------------------- Celery (opt-in)
+CELERY_ENV = ("DATIVO_EXECUTOR", "DATIVO_CELERY_BROKER_URL", "DATIVO_CELERY_BACKEND_URL")
+
+
+def test_dativo_executor_celery_puts_every_job_on_the_celery_executor(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DATIVO_EXECUTOR=celery``: the implicit asset job (`dagster asset materialize`, the UI, sensors,
+    backfills), each spec's job and the group jobs all submit their steps to Celery workers; without the variable
+    nothing changes (the test above)."""
+    project.write_spec(base_spec("hourly", schedule=HOURLY))
+    project.write_spec(base_spec("other"))
+    monkeypatch.setenv("DATIVO_EXECUTOR", "celery")
+    defs = build_definitions(project.specs_dir)
+    jobs = [defs.resolve_implicit_global_asset_job_def(), defs.resolve_job_def("hourly__job"),
+            defs.resolve_job_def("other__job"), defs.resolve_job_def("testproduct__group_job")]
+    assert {job.executor_def.name for job in jobs} == {CELERY_EXECUTOR}
+    # Celery's own settings stay available in run config; broker and backend default to the environment's
+    fields = jobs[0].executor_def.config_schema.config_type.fields
+    assert set(fields) == {"broker", "backend", "include", "config_source", "retries"}
+    assert not fields["broker"].is_required and fields["broker"].default_value is None
+    assert CELERY_BROKER_VAR in fields["broker"].description
+
+
+@pytest.mark.parametrize("value", ["", "default", "DEFAULT"])
+def test_dativo_executor_unset_or_default_keeps_the_executors_for_their_size(
+    project: Project, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    project.write_spec(base_spec("one"))
+    monkeypatch.setenv("DATIVO_EXECUTOR", value)
+    defs = build_definitions(project.specs_dir)
+    assert defs.resolve_implicit_global_asset_job_def().executor_def.name == ONE_ASSET_EXECUTOR
+    assert defs.resolve_job_def("testproduct__group_job").executor_def.name == MANY_ASSETS_EXECUTOR
+
+
+def test_an_unknown_executor_is_refused_naming_the_variable_and_the_choices(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.write_spec(base_spec("one"))
+    monkeypatch.setenv("DATIVO_EXECUTOR", "dask")
+    with pytest.raises(DeploymentError, match=r"DATIVO_EXECUTOR='dask' .*expected one of default, celery"):
+        build_definitions(project.specs_dir)
+
+
+def test_dativo_executor_celery_without_dagster_celery_names_the_extra(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.write_spec(base_spec("one"))
+    monkeypatch.setenv("DATIVO_EXECUTOR", "celery")
+    monkeypatch.setitem(sys.modules, "dagster_celery", None)  # import fails as if it were not installed
+    with pytest.raises(DeploymentError, match=r"dativo-dagster\[celery\]"):
+        build_definitions(project.specs_dir)
+
+
+def test_the_broker_and_backend_come_from_the_environment_unless_run_config_names_them() -> None:
+    broker = "redis://:s3cret@broker:6379/0"
+    assert celery_urls({}, {CELERY_BROKER_VAR: broker}) == (broker, broker)
+    assert celery_urls({}, {CELERY_BROKER_VAR: broker, CELERY_BACKEND_VAR: "redis://results:6379/1"}) == (
+        broker, "redis://results:6379/1")
+    assert celery_urls({"broker": "redis://other/0", "backend": None}, {CELERY_BROKER_VAR: broker}) == (
+        "redis://other/0", "redis://other/0")
+    with pytest.raises(DeploymentError, match=CELERY_BROKER_VAR) as raised:
+        celery_urls({}, {})
+    assert raised.value.missing == [CELERY_BROKER_VAR]
+
+
+def test_the_worker_app_listens_where_the_executor_submits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`celery -A dativo_dagster.celery_worker worker`: the broker and backend of the environment, Dagster's queue,
+    and the task the executor submits."""
+    monkeypatch.setenv(CELERY_BROKER_VAR, "redis://127.0.0.1:1/3")
+    monkeypatch.delitem(sys.modules, "dativo_dagster.celery_worker", raising=False)
+    import dativo_dagster.celery_worker as worker  # noqa: PLC0415 - the module reads the environment on import
+
+    from dagster_celery.config import TASK_EXECUTE_PLAN_NAME  # noqa: PLC0415
+
+    assert worker.app.conf.broker_url == "redis://127.0.0.1:1/3"
+    assert worker.app.conf.result_backend == "redis://127.0.0.1:1/3"
+    assert worker.app.conf.task_default_queue == "dagster"
+    assert worker.app.conf.worker_prefetch_multiplier == 1
+    assert TASK_EXECUTE_PLAN_NAME in worker.app.tasks
+    monkeypatch.delitem(sys.modules, "dativo_dagster.celery_worker")

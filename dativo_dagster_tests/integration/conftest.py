@@ -1,4 +1,5 @@
-"""Fixtures for tests against real servers: SeaweedFS (S3 + Iceberg REST) PostgreSQL and MariaDB, once per session.
+"""Fixtures for tests against real servers: SeaweedFS (S3 + Iceberg REST), PostgreSQL, MariaDB and Redis, once per
+session.
 
 Every test collected under this folder is marked ``integration`` (deselect with ``-m "not integration"``).
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from .celery_cluster import RedisServer
 from .servers import MariaDBServer, PostgresCluster, SeaweedFS
 
 HERE = Path(__file__).parent.resolve()
@@ -62,6 +64,20 @@ def mariadb() -> Iterator[MariaDBServer]:
     server.start()
     assert server.startup_seconds is not None
     STARTUP_SECONDS["MariaDB"] = server.startup_seconds
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[RedisServer]:
+    """A running private Redis (Debian's ``redis-server``, with a password), the Celery executor's broker: ``url(db)``,
+    ``client(db)``, ``password``. ``celery_cluster.CeleryCluster`` adds the Dagster instance and the workers."""
+    server = RedisServer()
+    server.start()
+    assert server.startup_seconds is not None
+    STARTUP_SECONDS["Redis"] = server.startup_seconds
     try:
         yield server
     finally:
