@@ -319,3 +319,28 @@ def test_warn_mode_over_hundreds_of_files_quarantines_each_reject_with_its_own_f
         held.setdefault(row["_source_file"], set()).add(row["id"])
     assert held == valid
     assert len(rows) == sum(len(v) for v in valid.values())
+
+
+def test_per_file_warnings_name_a_few_files_and_count_the_rest(project):
+    """A run over thousands of files whose columns differ from the spec must not log a Dagster warning per file (about
+    a millisecond each): the first LOGGED_FILES files are named, one line counts the rest; the drift check still
+    names every file."""
+    project.write_spec(incremental_spec(target={"partitioning": []}))
+    count = 60
+    for index in range(count):
+        project.write_data(f"events/part-{index:05d}.csv", f"id,name,extra\n{index},n{index},x\n\n")
+    instance = dg.DagsterInstance.ephemeral()
+    result = project.materialize(instance=instance)
+    assert result.success, [e.message for e in result.get_step_failure_events()]
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    extra = [m for m in messages if "columns not in the spec, not loaded" in m]
+    blank = [m for m in messages if "blank record(s) skipped" in m]
+    assert len(extra) == LOGGED_FILES + 1, len(extra)
+    assert len(blank) == LOGGED_FILES + 1, len(blank)
+    assert f"and {count - LOGGED_FILES} more file(s)" in extra[-1]
+    assert f"and {count - LOGGED_FILES} more file(s)" in blank[-1]
+    drift = result.get_asset_check_evaluations()
+    drift = next(e for e in drift if e.check_name == "schema_drift")
+    assert drift.metadata["files_with_columns_not_in_spec"].value == count
+    rows = branch_rows(project.table(TABLE), BRANCH)
+    assert sorted(r["id"] for r in rows) == list(range(count))
