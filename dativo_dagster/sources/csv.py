@@ -966,7 +966,8 @@ def _read_together(
     lines = batch.column(SOURCE_LINE).to_numpy(zero_copy_only=False)
     blanks = np.concatenate(state.blank_lines) if state.blank_lines else np.zeros(0, np.int64)
     firsts = starts[body_lines > 0]
-    if state.next_line != int(starts[-1] + body_lines[-1]) or not (_among(lines, firsts) | _among(blanks, firsts)).all():
+    each_starts_a_record = (_among(lines, firsts) | _among(blanks, firsts)).all()
+    if state.next_line != int(starts[-1] + body_lines[-1]) or not each_starts_a_record:
         return None  # a record runs over a file's end
     owner = np.searchsorted(starts, lines, side="right") - 1
     uris = [source.uri for source, _ in group]
