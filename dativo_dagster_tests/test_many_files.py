@@ -134,6 +134,9 @@ def _small_file(kind: str, i: int) -> tuple[bytes, list[Expected], tuple[int, in
     if kind == "crlf":
         rows = [(2, a, "x", None, None), (3, b, "y", None, None)]
         return f"id,name\r\n{a},x\r\n{b},y\r\n".encode(), rows, (2, 0, 0, [], [])
+    if kind == "lone_cr":
+        rows = [(2, a, "x", None, None), (3, b, "y", None, None)]
+        return f"id,name\n{a},x\r{b},y\n".encode(), rows, (2, 0, 0, [], [])
     if kind == "bom":
         return f"\ufeffid,name\n{a},x\n".encode(), [(2, a, "x", None, None)], (1, 0, 0, [], [])
     if kind == "unclosed_quote":
@@ -144,19 +147,24 @@ def _small_file(kind: str, i: int) -> tuple[bytes, list[Expected], tuple[int, in
 
 
 SPECIAL_KINDS = ("blank", "quoted", "ragged", "reversed", "missing", "extra", "no_final_newline", "header_only",
-                 "crlf", "bom")
+                 "crlf", "bom", "lone_cr")
 UNCLOSED = {50, 301, 302, 399}  # the last record's quote never closes (two files in a row; the last file)
 
 
 def _file_kinds(count: int) -> list[str]:
-    """Mostly plain files, a special one every third file (each kind many times), a run of twenty files with
-    their columns in another order (a group of their own) and a few files whose last quote never closes."""
+    """Mostly plain files, a special one every third file (each kind many times), runs of files with their columns
+    in another order, with CRLF line breaks and with a byte order mark (groups of their own) and a few files whose
+    last quote never closes."""
     kinds = []
     for i in range(count):
         if i in UNCLOSED:
             kinds.append("unclosed_quote")
         elif 200 <= i < 220:
             kinds.append("reversed")
+        elif 250 <= i < 260:
+            kinds.append("crlf")
+        elif 270 <= i < 280:
+            kinds.append("bom")
         elif i % 3 == 2:
             kinds.append(SPECIAL_KINDS[(i // 3) % len(SPECIAL_KINDS)])
         else:
