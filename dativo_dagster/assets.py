@@ -63,6 +63,7 @@ from dativo_dagster.pipeline import (
     Sinks,
     StageError,
     StageFailure,
+    file_findings,
     run_pipeline,
     stage_error,
 )
@@ -293,13 +294,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             if cursor_run_found_nothing(files, outcome):
                 context.log.info(f"{name}: nothing new past the committed mark; the table stays as it is")
                 extract_report.files = []  # reported as nothing new, as an incremental run that found no file
-        for report in outcome.file_reports:
-            if report["extra_columns"]:
-                context.log.warning(f"{report['uri']}: columns not in the spec, not loaded: {report['extra_columns']}")
-            if report["missing_columns"]:
-                context.log.warning(f"{report['uri']}: spec columns missing from the file, null: {report['missing_columns']}")
-            if report["blank_records"]:
-                context.log.warning(f"{report['uri']}: {report['blank_records']} blank record(s) skipped")
+        for message in file_findings(outcome.file_reports):
+            context.log.warning(message)
         yield dg.Output(
             outcome,
             "stream",

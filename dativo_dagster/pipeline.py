@@ -292,6 +292,24 @@ def run_pipeline(
     return outcome
 
 
+def file_findings(file_reports: Sequence[dict[str, Any]]) -> list[str]:
+    """Warnings about what reading the files found besides rows (columns not in the spec, spec columns missing,
+    blank records): per finding the first ``LOGGED_FILES`` files by name, then one line counting the rest (a
+    Dagster log call costs about a millisecond; the schema drift check names every file)."""
+    findings = (
+        ("extra_columns", lambda value: f"columns not in the spec, not loaded: {value}"),
+        ("missing_columns", lambda value: f"spec columns missing from the file, null: {value}"),
+        ("blank_records", lambda value: f"{value} blank record(s) skipped"),
+    )
+    messages = []
+    for key, describe in findings:
+        found = [report for report in file_reports if report[key]]
+        messages += [f"{report['uri']}: {describe(report[key])}" for report in found[:LOGGED_FILES]]
+        if len(found) > LOGGED_FILES:
+            messages.append(f"and {len(found) - LOGGED_FILES} more file(s) with {describe('...')}")
+    return messages
+
+
 def _get(q: queue.Queue[Any], stop: threading.Event) -> Any:
     """The next item, or None once ``stop`` is set."""
     while not stop.is_set():
@@ -418,4 +436,4 @@ def _table_with_system_columns(
     return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=writer.schema.metadata))
 
 
-__all__ = ["LOGGED_FILES", "PipelineOutcome", "Sinks", "StageError", "StageFailure", "run_pipeline"]
+__all__ = ["LOGGED_FILES", "PipelineOutcome", "Sinks", "StageError", "StageFailure", "file_findings", "run_pipeline"]

@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlencode, urlparse
 
@@ -113,6 +113,21 @@ def _pyarrow_s3(s3: S3Settings) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_timestamp(text: str) -> datetime:
+    """A time stamp of an S3 response as an aware datetime: ISO 8601 (listings) by ``datetime.fromisoformat``, other
+    forms (the HTTP dates of HEAD) by botocore's own parser. botocore's default, dateutil, took about a third of the
+    time of listing 10,000 objects."""
+    stamp = None
+    if isinstance(text, str) and "T" in text:
+        with contextlib.suppress(ValueError):
+            stamp = datetime.fromisoformat(text)
+    if stamp is None:
+        from botocore.utils import parse_timestamp  # noqa: PLC0415
+
+        return parse_timestamp(text)
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)
+
+
 @functools.lru_cache(maxsize=16)
 def _boto3_s3(s3: S3Settings) -> Any:
     import boto3  # noqa: PLC0415 - boto3 takes ~0.3 s to import; local-only deployments never need it
@@ -129,7 +144,11 @@ def _boto3_s3(s3: S3Settings) -> Any:
         request_checksum_calculation="when_required" if s3.endpoint else "when_supported",
         response_checksum_validation="when_required" if s3.endpoint else "when_supported",
     )
-    session = boto3.session.Session()
+    import botocore.session  # noqa: PLC0415
+
+    core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=s3_timestamp)
+    session = boto3.session.Session(botocore_session=core)
     return session.client(
         "s3",
         endpoint_url=s3.endpoint or None,

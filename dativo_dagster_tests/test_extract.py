@@ -512,6 +512,12 @@ def test_a_small_file_is_opened_once_and_a_large_one_streamed(tmp_path, monkeypa
         return _CountingFileSystem(fs, opened), path
 
     monkeypatch.setattr(csv_module, "filesystem_for", counting)
+
+    def counting_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(csv_module, "open", counting_open, raising=False)  # a small local file: Python's own read
     small = tmp_path / "small.csv"
     small.write_text("id,name,city\n" + "".join(f"{i},n{i},\"c\n{i}\"\n" for i in range(200)))
     large = tmp_path / "large.csv"
