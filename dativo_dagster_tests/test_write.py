@@ -669,3 +669,63 @@ def test_arrow_memory_stays_within_the_budget_whatever_the_number_of_partitions(
     assert sum(f.record_count for f in files) == 200_000
     assert writer._spill.bytes_written > 5 * MIB
     assert peak < 6 * MIB, f"{peak / MIB:.1f} MiB of Arrow memory for a 2 MiB budget"
+
+
+def test_closing_many_small_partitions_gathers_each_group_at_once(tmp_path, monkeypatch):
+    """Issue 19: 2,000 small partitions whose rows wait in 40 batches (most spilled, some still in memory) are
+    finished group by group: one gather of the group's rows sorted by partition (one ``take``), each partition's
+    file from a zero-copy slice of it, not a slice and a concatenation per partition and batch, and no footer
+    estimate for a file that is finished after its only row group. Every file holds exactly its partition's rows, in
+    the order they came in."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 2 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 128 * 1024)
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    n = 80_000
+    table = interleaved_partitions(writer, n, 2_000, seed=23)
+    table = table.set_column(0, writer.schema.field("id"), pa.array(np.arange(n), pa.int64()))
+    for batch in table.to_batches(max_chunksize=2_000):
+        writer.write(pa.Table.from_batches([batch]))
+    writer._route()
+    pending = [state for state in writer._states.values() if state.pending]
+    assert len(pending) == 2_000
+    assert min(len(state.pending) for state in pending) >= 40  # a range of every batch waits in each partition
+    assert any(rows.table is None for rows in writer._resident) or writer._spill.bytes_written > 0
+    assert any(rows.table is not None for rows in writer._resident)  # and some are still in memory
+
+    calls = defaultdict(int)
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(pa, "concat_tables", counting("concat_tables", pa.concat_tables))
+    seen_groups = []
+    original_groups = PartitionedParquetWriter._closing_groups
+
+    def recorded(self):
+        out = original_groups(self)
+        seen_groups.extend(out)
+        return out
+
+    monkeypatch.setattr(PartitionedParquetWriter, "_closing_groups", recorded)
+    monkeypatch.setattr(PartitionedParquetWriter, "_row_group_footer_bytes",
+                        counting("footer", PartitionedParquetWriter._row_group_footer_bytes))
+    files = writer.close()
+
+    groups = len(seen_groups)
+    assert 1 <= groups <= 20
+    assert calls["concat_tables"] <= 2 * groups, calls  # per group, not per partition (2,000)
+    assert calls["footer"] == 0, calls
+    assert len(files) == 2_000
+    for f in files:
+        rows = pq.read_table(f.uri)
+        cat = f.partition_path.removeprefix("cat=")
+        assert rows.num_rows == f.record_count == 40
+        assert rows.column("id").to_pylist() == list(range(int(cat[1:]), n, 2_000))  # its rows, in arrival order
+        assert set(rows.column("cat").to_pylist()) == {cat}
+        assert pq.read_metadata(f.uri).metadata[b"dativo.record-count"] == b"40"
+    back = pa.concat_tables([pq.read_table(f.uri) for f in files]).sort_by("id")
+    assert back.column("name").equals(table.column("name"))
+    assert back.column("_source_file").to_pylist() == ["/data/people.csv"] * n
