@@ -1103,7 +1103,8 @@ def plan(args: argparse.Namespace) -> list[Case]:
     if args.dagster_paths:
         return dagster_path_cases(args.runs)
     if args.scale:
-        return [Case("dativo", spec, ds, args.runs) for spec, ds in SCALE_CASES]
+        chosen = [(spec, ds) for spec, ds in SCALE_CASES if not args.cases or spec in args.cases]
+        return [Case("dativo", spec, ds, args.runs) for spec, ds in chosen]
     if args.quick:
         return [
             Case("baseline", "flights", "flights", 1),
@@ -1275,6 +1276,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only partitioned flights x10 against unpartitioned, and 10,000 files of 100 rows against one file of"
         " the same rows (with a nothing-new second run); replaces that section of RESULTS.md",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=[spec for spec, _ in SCALE_CASES],
+        help="--scale: only these specs (give a partitioned spec's baseline too, for its ratio)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile dativo-dagster on person5m with py-spy; writes PROFILE.md"
