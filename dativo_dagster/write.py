@@ -99,7 +99,7 @@ class _Sink:
     file handles.
     """
 
-    def __init__(self, uri: str, s3: S3Settings):
+    def __init__(self, uri: str, s3: S3Settings, *, folder_made: bool = False):
         self.uri = uri
         self.s3 = s3
         if is_s3_uri(uri):
@@ -108,7 +108,8 @@ class _Sink:
             self._mode = "ab"
         else:
             self.local_path = uri
-            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            if not folder_made:
+                os.makedirs(os.path.dirname(uri), exist_ok=True)
             self._mode = "xb"  # never overwrite a file that is already there
         self._handle: Any = None
         self._position = 0
@@ -421,6 +422,7 @@ class PartitionedParquetWriter:
         self._closing = False  # close(): every partition may open its file now
         self._lock = threading.Lock()  # close() finishes partitions on several threads
         self._spill = _Spill(self.file_schema)
+        self._folders: set[str] = set()  # local partition folders made so far
         self._incoming: list[pa.Table] = []
         self._small_encodings: dict[str, Any] | None = None
         self._resident: list[_Rows] = []  # routed batches in memory, oldest first
@@ -621,7 +623,10 @@ class PartitionedParquetWriter:
             seq = self._seq
         name = f"{self.file_prefix}-{uuid.uuid4().hex}-{seq:05d}.parquet"
         folder = f"{self.location}/{state.path}" if state.path else self.location
-        sink = _Sink(f"{folder}/{name}", self.s3)
+        if not is_s3_uri(folder) and folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)  # once per folder and writer: thousands of partitions, thousands of files
+            self._folders.add(folder)
+        sink = _Sink(f"{folder}/{name}", self.s3, folder_made=True)
         writer = pq.ParquetWriter(
             sink,
             self.file_schema,

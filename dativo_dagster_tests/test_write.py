@@ -729,3 +729,22 @@ def test_closing_many_small_partitions_gathers_each_group_at_once(tmp_path, monk
     back = pa.concat_tables([pq.read_table(f.uri) for f in files]).sort_by("id")
     assert back.column("name").equals(table.column("name"))
     assert back.column("_source_file").to_pylist() == ["/data/people.csv"] * n
+
+
+def test_each_partition_folder_is_created_once_however_many_files_it_gets(tmp_path, monkeypatch):
+    """A folder per partition, made once per writer: not a ``makedirs`` (a look-up and a ``mkdir``) per file."""
+    made: list[str] = []
+    original = os.mkdir
+
+    def counted(path, *args, **kwargs):
+        made.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", counted)
+    target = 256 * 1024
+    writer = make_writer(tmp_path / "data", ["cat"], target)
+    files = write_all(writer, realistic_table(writer, 150_000, seed=24), batch_rows=10_000)
+    folders = {os.path.dirname(f.uri) for f in files}
+    assert len(folders) == 3 and len(files) >= 3 * 5  # several files in each partition folder
+    assert sorted(p for p in made if p.startswith(str(tmp_path / "data" / "cat="))) == sorted(folders)
+    assert_size_rule(files, target)
