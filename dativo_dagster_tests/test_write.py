@@ -748,3 +748,29 @@ def test_each_partition_folder_is_created_once_however_many_files_it_gets(tmp_pa
     assert len(folders) == 3 and len(files) >= 3 * 5  # several files in each partition folder
     assert sorted(p for p in made if p.startswith(str(tmp_path / "data" / "cat="))) == sorted(folders)
     assert_size_rule(files, target)
+
+
+def test_a_failure_while_gathered_partitions_are_written_leaves_no_file(tmp_path, monkeypatch):
+    """A write that fails while a gathered group's files are written (a full disk) fails the run, and
+    ``write_batches`` removes every file the writer made: those finished before it and those still open."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 1 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 128 * 1024)
+    location = tmp_path / "data"
+    writer = make_writer(location, ["cat"], 8 * MIB)
+    table = interleaved_partitions(writer, 40_000, 1_000, seed=25)
+    opened = []
+    original = write_module._Sink.write
+
+    def failing(self, data):
+        if self.uri not in opened:
+            opened.append(self.uri)
+        if len(opened) >= 600:
+            raise write_module.StorageError(f"{self.local_path}: cannot write: [Errno 28] No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(write_module._Sink, "write", failing)
+    with pytest.raises(write_module.StorageError, match="No space left on device"):
+        write_batches(table.to_batches(max_chunksize=2_000), writer)
+    assert len(opened) >= 600  # several hundred files were written before the failure ...
+    assert writer._spill.bytes_written > 0
+    assert [p for p in location.rglob("*") if p.is_file()] == []  # ... and none is left
