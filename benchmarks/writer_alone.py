@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(
         f"{args.spec}: {len(files):,} files, {sum(f.record_count for f in files):,} rows; stream {t1 - t0:.2f} s"
         f" ({c1 - c0:.2f} s CPU), close {t2 - t1:.2f} s ({c2 - c1:.2f} s CPU); spilled"
-        f" {writer._spill.bytes_written / 2**20:.0f} MiB; RSS peak while streaming {stream_peak:.0f} MiB,"  # noqa: SLF001
+        f" {writer._spill.bytes_written / 2**20:.0f} MiB;"  # noqa: SLF001
+        f" RSS peak while streaming {stream_peak:.0f} MiB,"
         f" while closing {peak[0]:.0f} MiB\n"
     )
     if profile is not None:

@@ -376,7 +376,8 @@ class PartitionedParquetWriter:
     still hold count whole against ``TOTAL_BUFFER_BYTES``; beyond it the oldest go to a local spill file
     (:class:`_Spill`, a few messages per batch), and at most ``MAX_OPEN_WRITERS`` files are open while rows stream in.
     Partitions whose rows never filled a row group are written at the end, one file each, on ``CLOSE_THREADS``
-    threads, in groups that read back at most the budget from the spill file.
+    threads, in groups that read back at most the budget from the spill file; the small partitions of a group are
+    gathered by one ``take`` (:meth:`_gather`) and each file is written from a zero-copy slice of it.
     """
 
     def __init__(
@@ -624,7 +625,7 @@ class PartitionedParquetWriter:
         name = f"{self.file_prefix}-{uuid.uuid4().hex}-{seq:05d}.parquet"
         folder = f"{self.location}/{state.path}" if state.path else self.location
         if not is_s3_uri(folder) and folder not in self._folders:
-            os.makedirs(folder, exist_ok=True)  # once per folder and writer: thousands of partitions, thousands of files
+            os.makedirs(folder, exist_ok=True)  # once per folder and writer, not once per file
             self._folders.add(folder)
         sink = _Sink(f"{folder}/{name}", self.s3, folder_made=True)
         writer = pq.ParquetWriter(
@@ -712,7 +713,7 @@ class PartitionedParquetWriter:
                     # unmapped once the group is written, so the pages it read in go too
                     view = _SpillView(self._spill) if shared else None
                     # partitions whose rows make one row group of a new file: gathered together, a slice each
-                    whole = [s for s in group if s.writer is None and s.pending_bytes <= self._limit(s)] if shared else []
+                    whole = [s for s in group if shared and s.writer is None and s.pending_bytes <= self._limit(s)]
                     gathering = {id(state) for state in whole}
                     futures = [pool.submit(finish, state, view) for state in group if id(state) not in gathering]
                     if whole:
