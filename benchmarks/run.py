@@ -1280,7 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cases",
         nargs="+",
         choices=[spec for spec, _ in SCALE_CASES],
-        help="--scale: only these specs (e.g. person1m person1m_10k_files for the many-files rows)",
+        help="--scale: only these specs (give a ratio's baseline spec too: flights10x for the partitioned specs, person1m for the many files)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile dativo-dagster on person5m with py-spy; writes PROFILE.md"

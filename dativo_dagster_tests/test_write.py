@@ -669,3 +669,108 @@ def test_arrow_memory_stays_within_the_budget_whatever_the_number_of_partitions(
     assert sum(f.record_count for f in files) == 200_000
     assert writer._spill.bytes_written > 5 * MIB
     assert peak < 6 * MIB, f"{peak / MIB:.1f} MiB of Arrow memory for a 2 MiB budget"
+
+
+def test_closing_many_small_partitions_gathers_each_group_at_once(tmp_path, monkeypatch):
+    """Issue 19: 2,000 small partitions whose rows wait in 40 batches (most spilled, some still in memory) are
+    finished group by group: one gather of the group's rows sorted by partition (one ``take``), each partition's
+    file from a zero-copy slice of it, not a slice and a concatenation per partition and batch, and no footer
+    estimate for a file that is finished after its only row group. Every file holds exactly its partition's rows, in
+    the order they came in."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 2 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 128 * 1024)
+    writer = make_writer(tmp_path / "data", ["cat"], 8 * MIB)
+    n = 80_000
+    table = interleaved_partitions(writer, n, 2_000, seed=23)
+    table = table.set_column(0, writer.schema.field("id"), pa.array(np.arange(n), pa.int64()))
+    for batch in table.to_batches(max_chunksize=2_000):
+        writer.write(pa.Table.from_batches([batch]))
+    writer._route()
+    pending = [state for state in writer._states.values() if state.pending]
+    assert len(pending) == 2_000
+    assert min(len(state.pending) for state in pending) >= 40  # a range of every batch waits in each partition
+    assert any(rows.table is None for rows in writer._resident) or writer._spill.bytes_written > 0
+    assert any(rows.table is not None for rows in writer._resident)  # and some are still in memory
+
+    calls = defaultdict(int)
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(pa, "concat_tables", counting("concat_tables", pa.concat_tables))
+    seen_groups = []
+    original_groups = PartitionedParquetWriter._closing_groups
+
+    def recorded(self):
+        out = original_groups(self)
+        seen_groups.extend(out)
+        return out
+
+    monkeypatch.setattr(PartitionedParquetWriter, "_closing_groups", recorded)
+    monkeypatch.setattr(PartitionedParquetWriter, "_row_group_footer_bytes",
+                        counting("footer", PartitionedParquetWriter._row_group_footer_bytes))
+    files = writer.close()
+
+    groups = len(seen_groups)
+    assert 1 <= groups <= 20
+    assert calls["concat_tables"] <= 2 * groups, calls  # per group, not per partition (2,000)
+    assert calls["footer"] == 0, calls
+    assert len(files) == 2_000
+    for f in files:
+        rows = pq.read_table(f.uri)
+        cat = f.partition_path.removeprefix("cat=")
+        assert rows.num_rows == f.record_count == 40
+        assert rows.column("id").to_pylist() == list(range(int(cat[1:]), n, 2_000))  # its rows, in arrival order
+        assert set(rows.column("cat").to_pylist()) == {cat}
+        assert pq.read_metadata(f.uri).metadata[b"dativo.record-count"] == b"40"
+    back = pa.concat_tables([pq.read_table(f.uri) for f in files]).sort_by("id")
+    assert back.column("name").equals(table.column("name"))
+    assert back.column("_source_file").to_pylist() == ["/data/people.csv"] * n
+
+
+def test_each_partition_folder_is_created_once_however_many_files_it_gets(tmp_path, monkeypatch):
+    """A folder per partition, made once per writer: not a ``makedirs`` (a look-up and a ``mkdir``) per file."""
+    made: list[str] = []
+    original = os.mkdir
+
+    def counted(path, *args, **kwargs):
+        made.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", counted)
+    target = 256 * 1024
+    writer = make_writer(tmp_path / "data", ["cat"], target)
+    files = write_all(writer, realistic_table(writer, 150_000, seed=24), batch_rows=10_000)
+    folders = {os.path.dirname(f.uri) for f in files}
+    assert len(folders) == 3 and len(files) >= 3 * 5  # several files in each partition folder
+    assert sorted(p for p in made if p.startswith(str(tmp_path / "data" / "cat="))) == sorted(folders)
+    assert_size_rule(files, target)
+
+
+def test_a_failure_while_gathered_partitions_are_written_leaves_no_file(tmp_path, monkeypatch):
+    """A write that fails while a gathered group's files are written (a full disk) fails the run, and
+    ``write_batches`` removes every file the writer made: those finished before it and those still open."""
+    monkeypatch.setattr(write_module, "TOTAL_BUFFER_BYTES", 1 * MIB)
+    monkeypatch.setattr(write_module, "SPLIT_BYTES", 128 * 1024)
+    location = tmp_path / "data"
+    writer = make_writer(location, ["cat"], 8 * MIB)
+    table = interleaved_partitions(writer, 40_000, 1_000, seed=25)
+    opened = []
+    original = write_module._Sink.write
+
+    def failing(self, data):
+        if self.uri not in opened:
+            opened.append(self.uri)
+        if len(opened) >= 600:
+            raise write_module.StorageError(f"{self.local_path}: cannot write: [Errno 28] No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(write_module._Sink, "write", failing)
+    with pytest.raises(write_module.StorageError, match="No space left on device"):
+        write_batches(table.to_batches(max_chunksize=2_000), writer)
+    assert len(opened) >= 600  # several hundred files were written before the failure ...
+    assert writer._spill.bytes_written > 0
+    assert [p for p in location.rglob("*") if p.is_file()] == []  # ... and none is left
