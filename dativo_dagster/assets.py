@@ -62,6 +62,7 @@ from dativo_dagster.pipeline import (
     stage_error,
 )
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
+from dativo_dagster.run_queue import table_pool
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
 from dativo_dagster.storage import filesystem_for, map_per_object
 from dativo_dagster.table_schema import (
@@ -208,6 +209,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     name = spec.name
     policy = retry_policy(loaded)
     op_tags = {"dativo/asset": name}
+    pool = table_pool(spec)  # the run queue's limit per table (run_queue.py)
     check_spec = dg.AssetCheckSpec(
         VALIDATION_CHECK,
         asset=name,
@@ -247,6 +249,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
         s3 = dativo_storage.s3_settings()
@@ -311,6 +314,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def validate(
         context: dg.OpExecutionContext,
@@ -344,6 +348,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         out=dg.Out(WriteResult, io_manager_key=STAGING_IO),
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def write(
         context: dg.OpExecutionContext,
@@ -382,6 +387,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def commit(
         context: dg.OpExecutionContext,
