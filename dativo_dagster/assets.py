@@ -68,6 +68,7 @@ from dativo_dagster.pipeline import (
     stage_error,
 )
 from dativo_dagster.resources import CatalogResource, StagingResource, StorageResource
+from dativo_dagster.run_queue import table_pool
 from dativo_dagster.spec import CatalogKind, LoadedSpec, ValidationMode, WriteMode
 from dativo_dagster.storage import filesystem_for, map_per_object
 from dativo_dagster.table_schema import (
@@ -219,6 +220,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
     name = spec.name
     policy = retry_policy(loaded)
     op_tags = {"dativo/asset": name}
+    pool = table_pool(spec)  # the run queue's limit per table (run_queue.py)
     check_spec = dg.AssetCheckSpec(
         VALIDATION_CHECK,
         asset=name,
@@ -258,6 +260,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
         s3 = dativo_storage.s3_settings()
@@ -318,6 +321,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def validate(
         context: dg.OpExecutionContext,
@@ -351,6 +355,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         out=dg.Out(WriteResult, io_manager_key=STAGING_IO),
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def write(
         context: dg.OpExecutionContext,
@@ -389,6 +394,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def commit(
         context: dg.OpExecutionContext,
@@ -498,6 +504,7 @@ def _fan_out_ops(
     manager, so each group's step may run in another process or on another machine."""
     spec = loaded.spec
     name = spec.name
+    pool = table_pool(spec)  # the run queue's limit per table counts the fan-out's steps too
     assert spec.source.type == "csv" and spec.source.fan_out is not None
     step_size_mb = spec.source.fan_out.step_size_mb
 
@@ -509,6 +516,7 @@ def _fan_out_ops(
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def plan(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
         secrets = _secrets(dativo_storage, dativo_catalog)
@@ -559,6 +567,7 @@ def _fan_out_ops(
         out={"stream": dg.Out(GroupOutcome, io_manager_key=STAGING_IO)},
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def extract_group(
         context: dg.OpExecutionContext, group: FileGroup, dativo_storage: StorageResource, dativo_catalog: CatalogResource
@@ -607,6 +616,7 @@ def _fan_out_ops(
         },
         retry_policy=policy,
         tags=op_tags,
+        pool=pool,
     )
     def validate_groups(
         context: dg.OpExecutionContext,

@@ -59,8 +59,11 @@ class DagsterDevError(RuntimeError):
 class DagsterDev:
     """One ``dagster dev -m dativo_dagster.definitions`` on 127.0.0.1 and a free port."""
 
-    def __init__(self, dagster_home: Path, specs_dir: Path, env: Mapping[str, str] | None = None):
+    def __init__(
+        self, dagster_home: Path, specs_dir: Path, env: Mapping[str, str] | None = None, module: str = MODULE
+    ):
         self.dagster_home = dagster_home
+        self.module = module  # the code location's module (and so its name)
         self.specs_dir = specs_dir
         self.env = dict(env if env is not None else os.environ)
         self.port: int | None = None
@@ -80,7 +83,7 @@ class DagsterDev:
         dagster = Path(sys.executable).parent / "dagster"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [str(dagster), "dev", "-m", MODULE, "-h", "127.0.0.1", "-p", str(self.port)],
+                [str(dagster), "dev", "-m", self.module, "-h", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -116,7 +119,7 @@ class DagsterDev:
             error = entry.get("locationOrLoadError") or {}
             if error.get("__typename") == "PythonError":
                 raise DagsterDevError(f"code location {entry['name']} failed to load: {error.get('message')}")
-        return any(e["name"] == LOCATION and e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
+        return any(e["name"] == self.module and e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
     def stop(self) -> None:
         """Interrupt the process group (as Ctrl-C would), then terminate, then kill what is left."""
@@ -168,7 +171,7 @@ class DagsterDev:
         """Launch a run of the implicit asset job for these assets (and their checks); returns the run id."""
         params = {
             "selector": {
-                "repositoryLocationName": LOCATION,
+                "repositoryLocationName": self.module,
                 "repositoryName": REPOSITORY,
                 "jobName": ASSET_JOB,
                 "assetSelection": [{"path": [name]} for name in asset_names],
