@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dativo_dagster import commit as commit_module
+from dativo_dagster import merge as merge_module
 from dativo_dagster import rewrite as rewrite_module
 from dativo_dagster.merge import MergeKeys, last_per_key, recorded_key
 from dativo_dagster.spec import parse_spec_document
@@ -283,13 +284,13 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
         run(project)
         files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     read: list[str] = []
-    read_columns = rewrite_module._read_columns
+    read_columns = rewrite_module.read_columns
 
-    def spy(table: Any, task: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
-        read.append(task.file.file_path)
-        return read_columns(table, task, *args)
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
+        read.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
 
-    monkeypatch.setattr(rewrite_module, "_read_columns", spy)
+    monkeypatch.setattr(rewrite_module, "read_columns", spy)
 
     # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
     # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
@@ -391,12 +392,61 @@ def test_unique_key_fails_on_a_branch_with_a_duplicate_key(project: Project, pii
     unique = check(second, "unique_key")
     assert not unique.passed
     assert unique.metadata["duplicate_keys"].value == 1 and unique.metadata["extra_rows"].value == 1
-    assert unique.metadata["rows_checked"].value == 4
+    # only the rows holding a key the run added are counted: 2 twice and 3, not key 1's row
+    assert unique.metadata["rows_checked"].value == 3 and unique.metadata["keys_checked"].value == 2
     if pii:
         assert "withheld" in unique.metadata["examples"].value
         assert "'2'" not in str(unique.metadata["examples"].value)
     else:
         assert unique.metadata["examples"].value == [{"id": "2", "count_all": "2"}]
+
+
+def test_unique_key_of_an_append_opens_only_the_files_that_can_hold_the_keys_the_run_added(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyed append's (non-blocking) check costs what the run added, not the table: files whose key bounds hold
+    none of the run's keys are not opened; a duplicate within the run, or of a key already on the branch, is found;
+    a duplicate the branch held before among keys the run did not add is not reported again (the run that added it
+    reported it)."""
+    spec = merge_spec(partitioning=[])
+    spec["target"] = {"partitioning": []}  # append
+    project.write_spec(spec)
+    files: list[str] = []
+    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
+        assert check(run(project), "unique_key").passed
+        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
+    opened: list[str] = []
+    read_columns = merge_module.read_columns
+
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:
+        opened.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
+
+    monkeypatch.setattr(merge_module, "read_columns", spy)
+
+    # a new file 1101..1110 with 1105 twice, and 1001 again (already on the branch in the third file)
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1101, 1111))
+                       + "1105,again,false\n1001,again,false\n")
+    second = run(project)
+
+    unique = check(second, "unique_key")
+    assert not unique.passed
+    assert unique.metadata["duplicate_keys"].value == 2 and unique.metadata["extra_rows"].value == 2
+    assert unique.metadata["keys_checked"].value == 11 and unique.metadata["rows_checked"].value == 13
+    assert sorted(e["id"] for e in unique.metadata["examples"].value) == ["1001", "1105"]
+    (own,) = [f for f in data_files(project.table(TABLE), BRANCH) if f not in files]
+    # the run's own file (its keys), then the third file: the only one whose bounds hold one of them
+    assert sorted(set(opened)) == sorted([own, files[2]])
+
+    opened.clear()
+    project.write_data("people.csv", "id,name,deleted\n5000,c,false\n")
+    third = run(project)  # adds a new key only: the branch's earlier duplicates are not its rows
+
+    unique = check(third, "unique_key")
+    assert unique.passed and unique.metadata["rows_checked"].value == 1
+    assert unique.metadata["scope"].value == "the keys this run added"
+    assert files[0] not in opened and files[1] not in opened and files[2] not in opened
 
 
 def test_a_merge_onto_a_branch_holding_a_duplicate_key_commits_and_publishes_nothing(project: Project) -> None:
