@@ -53,6 +53,9 @@ from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_f
 
 log = logging.getLogger(__name__)
 
+# a merge's snapshots carry it: the commit counted, before it landed, the keys it brought and those of every file added
+# since the last snapshot carrying it (merge_keys_to_check), so the branch held each key once up to it
+KEY_CHECKED_KEY = "dativo.key-checked"
 KEYS_FOLDER = "_dativo_merge"  # under the table location: one Parquet file of keys per run's write
 ROW = "__dativo_row"
 IN_LIMIT = 200  # pyiceberg's planning evaluates an In filter exactly up to this many values; beyond, a range
@@ -422,6 +425,23 @@ def added_keys(table: Table, snapshot_id: int, key: Sequence[str]) -> pa.Table:
     return keys.group_by(names, use_threads=False).aggregate([]).select(names)
 
 
+def merge_keys_to_check(table: Table, branch: str, key: Sequence[str], run_keys: pa.Table) -> pa.Table:
+    """The keys a merge's blocking ``unique_key`` check looks for: the run's keys, and the keys of every data file
+    added to ``branch`` since its newest snapshot carrying ``KEY_CHECKED_KEY`` (another writer's append, an
+    overwrite, a table written before the marker existed: then its whole history once). A key outside these was
+    counted once by an earlier merge and no commit since added a row of it, so the check need not read it."""
+    names = list(key)
+    pieces = [run_keys.select(names)]
+    head = table.snapshot_by_name(branch)
+    for snapshot in ancestors_of(head, table.metadata) if head is not None else ():
+        if snapshot.summary is not None and snapshot.summary.get(KEY_CHECKED_KEY):
+            break
+        pieces.append(added_keys(table, snapshot.snapshot_id, names))
+    schema = pieces[0].schema
+    keys = pa.concat_tables([piece.cast(schema) for piece in pieces])
+    return keys.group_by(names, use_threads=False).aggregate([]).select(names)
+
+
 def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa.Table, *, examples: int = 5,
                          show_examples: bool = True) -> DuplicateKeys:
     """Count, at the head of ``branch``, the rows holding one of ``keys`` and report the keys among them that occur
@@ -463,6 +483,7 @@ __all__ = [
     "added_keys",
     "run_added_keys",
     "duplicate_keys_among",
+    "KEY_CHECKED_KEY",
     "KeySelection",
     "MergeBuffer",
     "MergeKeys",
@@ -471,6 +492,7 @@ __all__ = [
     "ensure_key",
     "keyed_schema",
     "keys_uri",
+    "merge_keys_to_check",
     "last_per_key",
     "recorded_key",
 ]

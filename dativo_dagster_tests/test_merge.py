@@ -117,7 +117,8 @@ def test_merge_updates_inserts_last_row_wins_and_deletes(project: Project) -> No
     assert recorded_key(project.table(TABLE)) == ["id"]
     unique = check(second, "unique_key")
     assert unique.passed and unique.metadata["duplicate_keys"].value == 0
-    assert unique.metadata["rows_checked"].value == 7
+    # the rows holding a key the run brought (2, 3, 7, 8: the first run's merge counted the others already)
+    assert unique.metadata["rows_checked"].value == 4
     reconciliation = check(second, "reconciliation")
     assert reconciliation.passed, reconciliation.description
     assert reconciliation.metadata["rows_not_loaded_by_merge"].value == 5  # 3's first, 4, 8's delete, 9 twice
@@ -449,6 +450,37 @@ def test_unique_key_of_an_append_opens_only_the_files_that_can_hold_the_keys_the
     assert files[0] not in opened and files[1] not in opened and files[2] not in opened
 
 
+def test_the_blocking_unique_key_of_a_merge_opens_only_the_files_that_can_hold_its_keys(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge's staged check costs what the run touches, not the table: it looks for the run's keys (and those of
+    files added since the last merge's check) in the files whose bounds can hold them, not in every file."""
+    project.write_spec(merge_spec(partitioning=[]))
+    files: list[str] = []
+    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
+        run(project)
+        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
+    opened: list[str] = []
+    read_columns = merge_module.read_columns
+
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:
+        opened.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
+
+    monkeypatch.setattr(merge_module, "read_columns", spy)
+    project.write_data("people.csv", "id,name,deleted\n1050,b,false\n" + "".join(f"{i},n,false\n" for i in range(1101, 1105)))
+    result = run(project)
+
+    unique = check(result, "unique_key")
+    assert unique.passed and unique.metadata["rows_checked"].value == 5
+    new = [f for f in data_files(project.table(TABLE), BRANCH) if f not in files]
+    assert files[2] not in new and len(new) == 2  # the third file rewritten without 1050's old row, the run's own
+    # the check read those two (the files whose bounds can hold the run's keys), not the first two files
+    assert set(opened) == set(new)
+    assert rows_by_id(project)[1050] == "b" and len(rows_by_id(project)) == 304
+
+
 def test_a_merge_onto_a_branch_holding_a_duplicate_key_commits_and_publishes_nothing(project: Project) -> None:
     """The blocking unique_key check of a merge is counted on the staged snapshot before the catalog commit: when
     the branch already holds a key twice (another writer appended a row), the run fails, nothing lands on the branch
@@ -585,7 +617,8 @@ def test_a_merge_reads_only_the_key_columns_to_plan_and_hands_the_writer_diction
     project.write_data("people.csv", "id,name,deleted\n5,b-5,false\n")
     run(project)
 
-    assert planned == [["id"]]
+    # the removal's planning and the unique_key check (which matches the run's keys the same way) read the key alone
+    assert planned and all(columns == ["id"] for columns in planned)
     dictionary = "dictionary<values=string, indices=int32, ordered=0>"
     assert written and all(w == {"_source_file": dictionary, "_run_id": dictionary} for w in written)
     rows = rows_by_id(project)
