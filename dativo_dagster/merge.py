@@ -382,11 +382,7 @@ def duplicate_keys(table: Table, branch: str, key: Sequence[str], *, examples: i
     if head is None:
         return DuplicateKeys(0, 0, 0, [])
     data = table.scan(snapshot_id=head.snapshot_id, selected_fields=tuple(key)).to_arrow()
-    counts = data.group_by(list(key), use_threads=False).aggregate([([], "count_all")])
-    repeated = counts.filter(pc.greater(counts.column("count_all"), 1))
-    extra = (pc.sum(repeated.column("count_all")).as_py() or 0) - repeated.num_rows
-    shown = repeated.slice(0, examples).to_pylist() if show_examples else []
-    return DuplicateKeys(repeated.num_rows, extra, data.num_rows, [{k: str(v) for k, v in row.items()} for row in shown])
+    return _count_duplicates(data, list(key), examples, show_examples)
 
 
 def run_added_keys(table: Table, branch: str, run_id: str, key: Sequence[str]) -> pa.Table | None:
@@ -475,7 +471,8 @@ def _count_duplicates(data: pa.Table, key: list[str], examples: int, show_exampl
     repeated = counts.filter(pc.greater(counts.column("count_all"), 1))
     extra = (pc.sum(repeated.column("count_all")).as_py() or 0) - repeated.num_rows
     shown = repeated.slice(0, examples).to_pylist() if show_examples else []
-    return DuplicateKeys(repeated.num_rows, extra, data.num_rows, [{k: str(v) for k, v in row.items()} for row in shown])
+    as_text = [{k: str(v) for k, v in row.items()} for row in shown]
+    return DuplicateKeys(repeated.num_rows, extra, data.num_rows, as_text)
 
 
 __all__ = [

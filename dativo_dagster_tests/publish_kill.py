@@ -7,8 +7,9 @@ A wrapper script patches ``commit_table`` of pyiceberg's SQL and REST catalogs: 
 ``DATIVO_KILL_REPORT``. Merge runs have two more points (``MERGE_KILL_POINTS``): ``extract`` (the first batch of rows
 reached the merge buffer) and ``staged`` (the buffer wrote the run's data files and its keys file, nothing is
 committed yet); ``REWRITE_POINT`` (``rewrite``) dies once the commit step's rewrite of the files holding the run's
-keys has uploaded its first new file, before the catalog commit. With ``job_module`` (``fault_injection.write_job_module``) the wrapper runs the project's group job
-in the persistent instance at ``dagster_home`` instead of the command line, so that the run can be re-executed.
+keys has uploaded its first new file, before the catalog commit. With ``job_module``
+(``fault_injection.write_job_module``) the wrapper runs the project's group job in the persistent instance at
+``dagster_home`` instead of the command line, so that the run can be re-executed.
 """
 
 from __future__ import annotations
