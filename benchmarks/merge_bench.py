@@ -2,9 +2,10 @@
 
     python benchmarks/merge_bench.py [--rows 5000000] [--upsert-limit 900]
 
-A table of the person data (``--rows`` rows of person5m.csv, key ``business_entity_id``) is loaded three times,
-one project each; then a change file of 10 % changed rows (keys drawn at random over the whole table, other columns
-altered) and 10 % new keys (500K + 500K for 5M rows) goes
+A table of the person data (``--rows`` rows of person5m.csv, key ``business_entity_id``; beyond 5M rows person5m.csv
+repeated with shifted keys) is loaded three times, one project each; then a change file of 500K changed rows (keys
+drawn at random over the whole table, other columns altered; at most 10 % of the table) and as many new keys (the
+same change set for every table size, so that sizes compare) goes
 
 - into the first table with ``write_mode: merge`` (this project),
 - into the second with ``write_mode: append`` (the same rows, appended: the floor a merge is compared with),
@@ -83,19 +84,46 @@ def spec(name: str, source: Path, mode: str) -> dict:
     return loaded
 
 
-def changes_file(source: Path, rows: int, out: Path, seed: int = 18, *, clustered: bool = False) -> tuple[int, int]:
-    """10 % of ``rows`` existing keys with other values, and 10 % new keys (after the last); returns (changed, new).
+CHANGED_ROWS = 500_000  # the issue's change set: 500K changed rows and 500K new keys, whatever the table's size
+
+
+def replicated_source(base: Path, rows: int, out: Path) -> None:
+    """``rows`` rows of person data: ``base`` (person5m.csv, keys 1..N) repeated with its keys shifted by N per copy,
+    streamed a copy at a time through Arrow's CSV writer (make_data.py would take minutes for 50M rows)."""
+    table = pacsv.read_csv(base)
+    n = table.num_rows
+    partial = out.with_name(out.name + ".partial")
+    with pacsv.CSVWriter(partial, table.schema) as writer:
+        for copy in range(-(-rows // n)):
+            piece = table.slice(0, min(n, rows - copy * n))
+            shifted = pc.add(piece.column(KEY), pa.scalar(copy * n, piece.column(KEY).type))
+            writer.write_table(piece.set_column(0, KEY, shifted))
+    partial.rename(out)
+
+
+def source_rows(base: pa.Table, indices: np.ndarray) -> pa.Table:
+    """Rows ``indices`` of the (possibly replicated, see :func:`replicated_source`) table made from ``base``."""
+    n = base.num_rows
+    picked = base.take(pa.array(indices % n))
+    shift = pa.array((indices // n) * n, picked.column(KEY).type)
+    return picked.set_column(0, KEY, pc.add(picked.column(KEY), shift))
+
+
+def changes_file(base: Path, rows: int, out: Path, seed: int = 18, *, clustered: bool = False,
+                 count: int = CHANGED_ROWS) -> tuple[int, int]:
+    """``count`` existing keys (at most 10 % of ``rows``) with other values, and as many new keys (after the last);
+    returns (changed, new).
 
     The changed keys are drawn at random over the whole table, or (``clustered``) are the rows of one narrow range
     in the middle of the table (the keys a day of updates to recent records would touch)."""
-    table = pacsv.read_csv(source).slice(0, rows)
+    table = pacsv.read_csv(base)
     rng = np.random.default_rng(seed)
-    count = rows // 10
+    count = min(count, rows // 10)
     if clustered:
         picked = np.arange(rows // 2, rows // 2 + count)
     else:
         picked = np.sort(rng.choice(rows, size=count, replace=False))
-    changed = table.take(pa.array(picked))
+    changed = source_rows(table, picked)
     changed = changed.set_column(
         changed.schema.get_field_index("last_name"), "last_name", pc.binary_join_element_wise(
             changed.column("last_name"), pa.scalar("changed"), "-"))
@@ -176,14 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global TARGET_MB  # noqa: PLW0603 - one invocation, one setting
     TARGET_MB = args.target_mb
-    source = bench.datasets()["person5m"].path
-    if args.rows != 5_000_000:
+    base = bench.datasets()["person5m"].path
+    source = base
+    if args.rows < 5_000_000:
         source = WORK / f"person_{args.rows}.csv"
+    elif args.rows > 5_000_000:
+        source = WORK / f"person_{args.rows}_replicated.csv"
     changes = WORK / f"changes_{args.rows}_{args.keys}.csv"
     if args.prepare:
-        if not source.exists():
-            pacsv.write_csv(pacsv.read_csv(bench.datasets()["person5m"].path).slice(0, args.rows), source)
-        changes_file(source, args.rows, changes, clustered=args.keys == "clustered")
+        if not source.exists() and args.rows < 5_000_000:
+            pacsv.write_csv(pacsv.read_csv(base).slice(0, args.rows), source)
+        elif not source.exists():
+            replicated_source(base, args.rows, source)
+        changes_file(base, args.rows, changes, clustered=args.keys == "clustered")
         return 0
     bench.ensure_data([bench.datasets()["person5m"]], Path(args.make_data))
     WORK.mkdir(parents=True, exist_ok=True)
@@ -191,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # report that process's memory as its own peak RSS
     subprocess.run([sys.executable, __file__, "--prepare", "--rows", str(args.rows), "--keys", args.keys],  # noqa: S603
                    check=True)
-    changed = new = args.rows // 10
+    changed = new = min(CHANGED_ROWS, args.rows // 10)
     began = time.time()
     results = {}
     tools = (("merge", "merge"), ("append", "append"), *(() if args.no_upsert else (("upsert", "append"),)))
@@ -242,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "Keys drawn at random over the whole table put a changed key in every data file, so the merge rewrites every"
         " file (copy-on-write: the surviving rows are read and written again through the project's writer); that"
         " rewrite, not the matching, is most of the difference to the append. It grows with the rows of the files the"
-        " change touches: linearly with the table for scattered keys (50M rows: not measured, about 10x the rewrite),"
+        " change touches: linearly with the table for scattered keys (5M vs 50M rows: RESULTS.md, growth table),"
         " with the touched files only for clustered keys or a key-bucketed partitioning (docs/merge.md).",
         "",
     ]

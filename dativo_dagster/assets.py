@@ -41,10 +41,11 @@ from dativo_dagster.merge import (
     DuplicateKeys,
     MergeBuffer,
     MergeKeys,
-    duplicate_keys,
+    duplicate_keys_among,
     ensure_key,
     keyed_schema,
     keys_uri,
+    run_added_keys,
 )
 from dativo_dagster.markers import committed_records, read_commit_markers, write_commit_marker
 from dativo_dagster.partitions import (
@@ -432,7 +433,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
                 # a merge's commit counted the keys of its staged snapshot (the committed files) before committing
                 carried = _unique_key_check(unique_key_spec.key, loaded, DuplicateKeys(**result.unique_key))
             with failures(loaded, "commit", secrets, where=f"catalog {dativo_catalog.display_uri}: "):
-                yield carried or _unique_key_result(unique_key_spec.key, loaded, dativo_catalog)
+                yield carried or _unique_key_result(unique_key_spec.key, loaded, dativo_catalog, context.run_id)
 
     fan_out = (
         _fan_out_ops(loaded, policy, op_tags, check_key, drift_spec.key)
@@ -826,17 +827,28 @@ def _reconciliation_result(key: dg.AssetCheckKey, written: "WriteResult", result
     )
 
 
-def _unique_key_result(key: dg.AssetCheckKey, loaded: LoadedSpec, catalog: CatalogResource) -> dg.AssetCheckResult:
-    """No key occurs twice at the head of the asset's branch, counted from its committed data files (only the key
-    columns are read). Examples of duplicated keys are shown unless a key field is PII."""
+def _unique_key_result(
+    key: dg.AssetCheckKey, loaded: LoadedSpec, catalog: CatalogResource, run_id: str
+) -> dg.AssetCheckResult:
+    """No key that the run's commit (its append snapshot) brought occurs twice at the head of the
+    asset's branch, counted from its committed data files: only the files whose partition and key bounds can hold
+    one of those keys are opened, their key columns only (``merge.duplicate_keys_among``), so the check costs what
+    the run added, not the table. A duplicate among keys the run did not bring was reported by the run that brought
+    it. Examples of duplicated keys are shown unless a key field is PII."""
     spec = loaded.spec
     table = catalog.load_catalog().load_table(".".join(spec.table_identifier))
     pii = any(f.is_pii for f in spec.fields if f.primary_key)
-    return _unique_key_check(key, loaded, duplicate_keys(table, spec.branch, spec.primary_key, show_examples=not pii))
+    keys = run_added_keys(table, spec.branch, run_id, spec.primary_key)
+    found = (duplicate_keys_among(table, spec.branch, spec.primary_key, keys, show_examples=not pii)
+             if keys is not None else DuplicateKeys(0, 0, 0, []))
+    return _unique_key_check(key, loaded, found, keys.num_rows if keys is not None else 0)
 
 
-def _unique_key_check(key: dg.AssetCheckKey, loaded: LoadedSpec, found: DuplicateKeys) -> dg.AssetCheckResult:
-    """The ``unique_key`` result for counts taken from the branch's data files (examples withheld for PII keys)."""
+def _unique_key_check(
+    key: dg.AssetCheckKey, loaded: LoadedSpec, found: DuplicateKeys, keys_checked: int | None = None
+) -> dg.AssetCheckResult:
+    """The ``unique_key`` result for counts taken from the branch's data files (examples withheld for PII keys);
+    ``keys_checked``: how many keys the run brought, when only those were looked for (None: the whole branch)."""
     spec = loaded.spec
     pii = any(f.is_pii for f in spec.fields if f.primary_key)
     metadata: dict[str, Any] = {
@@ -844,7 +856,10 @@ def _unique_key_check(key: dg.AssetCheckKey, loaded: LoadedSpec, found: Duplicat
         "rows_checked": found.rows,
         "duplicate_keys": found.duplicate_keys,
         "extra_rows": found.extra_rows,
+        "scope": "the whole branch" if keys_checked is None else "the keys this run added",
     }
+    if keys_checked is not None:
+        metadata["keys_checked"] = keys_checked
     if found.duplicate_keys:
         metadata["examples"] = (
             dg.MetadataValue.json(found.examples) if not pii else "withheld: a key field is classified PII"

@@ -38,7 +38,15 @@ from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.typedef import Record
 
 from dativo_dagster.errors import CommitError, DuplicateKeysError, TerminalError, is_transient
-from dativo_dagster.merge import DuplicateKeys, KeySelection, MergeKeys, duplicate_keys
+from dativo_dagster.merge import (
+    KEY_CHECKED_KEY,
+    DuplicateKeys,
+    KeySelection,
+    MergeKeys,
+    duplicate_keys,
+    duplicate_keys_among,
+    merge_keys_to_check,
+)
 from dativo_dagster.publish import fast_forward_main, main_before_publish, publish_to_main
 from dativo_dagster.rewrite import RowSelection, SourceRemoval, remove_rows, remove_sources
 from dativo_dagster.storage import S3Settings, map_per_object
@@ -486,8 +494,11 @@ def commit_files(
             properties_now = {**snapshot_properties, **({STATE_FILE_KEY: state_file} if state_file is not None else {})}
             if state_file is not None and own_sources:
                 properties_now.pop(SOURCE_STATE_KEY)
+            if unique_key:
+                properties_now[KEY_CHECKED_KEY] = "true"
             checked = _commit_once(table, branch, data_files, properties_now, overwrite, replacement,
-                                   publish=publish, main_before=main_before, unique_key=unique_key)
+                                   publish=publish, main_before=main_before, unique_key=unique_key,
+                                   run_keys=merge_keys)
         except DuplicateKeysError:
             _discard(removal)  # never committed: nothing names the rewritten files or the state file
             delete_state_file(table, state_file)
@@ -665,13 +676,15 @@ def _commit_once(
     publish: bool = False,
     main_before: int | None = None,
     unique_key: Sequence[str] | None = None,
+    run_keys: pa.Table | None = None,
 ) -> DuplicateKeys | None:
     """One transaction, one new metadata version: everything deleted (overwrite), or the replaced sources' files
     exchanged for their survivors' (``replacement``: files to delete, files to add), then the append; with
     ``publish``, ``main`` moves from ``main_before`` to the branch's new head in the same catalog commit.
 
-    With ``unique_key`` the staged snapshot's keys are counted before the catalog commit (returned); a key found
-    twice raises ``DuplicateKeysError`` and the transaction is not committed."""
+    With ``unique_key`` the staged snapshot's keys are counted before the catalog commit (returned): the merge's
+    ``run_keys`` and the keys of files added since the last checked merge (``merge.merge_keys_to_check``; all keys
+    without ``run_keys``); a key found twice raises ``DuplicateKeysError`` and the transaction is not committed."""
     checked: DuplicateKeys | None = None
     properties = dict(snapshot_properties)
     with _without_pyiceberg_retries(table).transaction() as tx:
@@ -695,17 +708,21 @@ def _commit_once(
                 for data_file in data_files:
                     append.append_data_file(data_file)
         if unique_key:
-            checked = _staged_unique_key(table, tx, branch, unique_key)
+            checked = _staged_unique_key(table, tx, branch, unique_key, run_keys)
         if publish:
             publish_to_main(tx, branch, main_before)
     return checked
 
 
-def _staged_unique_key(table: Table, tx: Transaction, branch: str, key: Sequence[str]) -> DuplicateKeys:
+def _staged_unique_key(table: Table, tx: Transaction, branch: str, key: Sequence[str],
+                       run_keys: pa.Table | None = None) -> DuplicateKeys:
     """Count the keys of the snapshot ``tx`` has staged for ``branch`` (its manifests are written already): the data
-    files this commit would leave on the branch. Raises ``DuplicateKeysError`` when a key occurs twice."""
+    files this commit would leave on the branch; with ``run_keys`` (a merge) only the keys it could repeat, in the
+    files that can hold them. Raises ``DuplicateKeysError`` when a key occurs twice."""
     staged = Table(table.name(), tx.table_metadata, table.metadata_location, table.io, table.catalog)
-    found = duplicate_keys(staged, branch, key)  # examples stay out of the message (a key may be PII)
+    # examples stay out of the message (a key may be PII)
+    found = (duplicate_keys_among(staged, branch, key, merge_keys_to_check(table, branch, key, run_keys))
+             if run_keys is not None else duplicate_keys(staged, branch, key))
     if found.duplicate_keys:
         raise DuplicateKeysError(table=".".join(table.name()), branch=branch, key=list(key), found=found)
     return found

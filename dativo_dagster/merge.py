@@ -38,18 +38,24 @@ from pyiceberg.expressions import (
     LessThanOrEqual,
     Or,
 )
-from pyiceberg.manifest import DataFile
+from pyiceberg.io.pyarrow import ArrowScan
+from pyiceberg.manifest import DataFile, ManifestEntryStatus
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation, ancestors_of
 from pyiceberg.types import DateType, DecimalType, IntegerType, LongType, NestedField, StringType
 
 from dativo_dagster.errors import TerminalError
-from dativo_dagster.rewrite import SourceSelection
+from dativo_dagster.rewrite import SourceSelection, read_columns
+from dativo_dagster.table_state import RUN_ID_KEY
 from dativo_dagster.storage import S3Settings, filesystem_for, is_s3_uri, join_uri
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file
 
 log = logging.getLogger(__name__)
 
+# a merge's snapshots carry it: the commit counted, before it landed, the keys it brought and those of every file added
+# since the last snapshot carrying it (merge_keys_to_check), so the branch held each key once up to it
+KEY_CHECKED_KEY = "dativo.key-checked"
 KEYS_FOLDER = "_dativo_merge"  # under the table location: one Parquet file of keys per run's write
 ROW = "__dativo_row"
 IN_LIMIT = 200  # pyiceberg's planning evaluates an In filter exactly up to this many values; beyond, a range
@@ -376,15 +382,105 @@ def duplicate_keys(table: Table, branch: str, key: Sequence[str], *, examples: i
     if head is None:
         return DuplicateKeys(0, 0, 0, [])
     data = table.scan(snapshot_id=head.snapshot_id, selected_fields=tuple(key)).to_arrow()
-    counts = data.group_by(list(key), use_threads=False).aggregate([([], "count_all")])
+    return _count_duplicates(data, list(key), examples, show_examples)
+
+
+def run_added_keys(table: Table, branch: str, run_id: str, key: Sequence[str]) -> pa.Table | None:
+    """The distinct keys of the rows the commit of ``run_id`` appended to ``branch`` (the data files its append
+    snapshot added, key columns only, read one file after the other); None when the branch holds no append of it.
+
+    The branch's history is walked from its head to the run's snapshot (the head itself, unless another run
+    committed since)."""
+    head = table.snapshot_by_name(branch)
+    for snapshot in ancestors_of(head, table.metadata) if head is not None else ():
+        summary = snapshot.summary
+        if summary is not None and summary.get(RUN_ID_KEY) == run_id and summary.operation == Operation.APPEND:
+            return added_keys(table, snapshot.snapshot_id, key)
+    return None
+
+
+def added_keys(table: Table, snapshot_id: int, key: Sequence[str]) -> pa.Table:
+    """The distinct keys of the rows that snapshot ``snapshot_id`` appended (the data files it added, key columns
+    only, read one file after the other)."""
+    snapshot = table.snapshot_by_id(snapshot_id)
+    names = list(key)
+    pieces: list[pa.Table] = []
+    if snapshot is not None:
+        needed = ArrowScan(table.metadata, table.io, table.schema().select(*names), AlwaysTrue())
+        for manifest in snapshot.manifests(table.io):
+            if manifest.added_snapshot_id != snapshot_id or not manifest.has_added_files():
+                continue
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snapshot_id:
+                    keys = read_columns(table, entry.data_file, needed, names)
+                    pieces.append(keys.group_by(names, use_threads=False).aggregate([]))
+    schema = pa.schema([table.schema().as_arrow().field(name) for name in names])
+    if not pieces:
+        return schema.empty_table()
+    keys = pa.concat_tables([piece.cast(schema) for piece in pieces])
+    return keys.group_by(names, use_threads=False).aggregate([]).select(names)
+
+
+def merge_keys_to_check(table: Table, branch: str, key: Sequence[str], run_keys: pa.Table) -> pa.Table:
+    """The keys a merge's blocking ``unique_key`` check looks for: the run's keys, and the keys of every data file
+    added to ``branch`` since its newest snapshot carrying ``KEY_CHECKED_KEY`` (another writer's append, an
+    overwrite, a table written before the marker existed: then its whole history once). A key outside these was
+    counted once by an earlier merge and no commit since added a row of it, so the check need not read it."""
+    names = list(key)
+    pieces = [run_keys.select(names)]
+    head = table.snapshot_by_name(branch)
+    for snapshot in ancestors_of(head, table.metadata) if head is not None else ():
+        if snapshot.summary is not None and snapshot.summary.get(KEY_CHECKED_KEY):
+            break
+        pieces.append(added_keys(table, snapshot.snapshot_id, names))
+    schema = pieces[0].schema
+    keys = pa.concat_tables([piece.cast(schema) for piece in pieces])
+    return keys.group_by(names, use_threads=False).aggregate([]).select(names)
+
+
+def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa.Table, *, examples: int = 5,
+                         show_examples: bool = True) -> DuplicateKeys:
+    """Count, at the head of ``branch``, the rows holding one of ``keys`` and report the keys among them that occur
+    more than once (``rows`` is how many rows hold one of ``keys``).
+
+    Only the data files whose partition and key-column bounds can hold one of ``keys`` are opened (the pruning a
+    merge's planning uses, ``KeySelection``), only their key columns are read, and only their matching rows are
+    kept: the cost follows the files ``keys`` touch and memory the matching rows, not the branch's size.
+    """
+    head = table.snapshot_by_name(branch)
+    if head is None or not keys.num_rows:
+        return DuplicateKeys(0, 0, 0, [])
+    names = list(key)
+    selection = KeySelection(keys, table.schema())
+    needed = ArrowScan(table.metadata, table.io, table.schema().select(*names), AlwaysTrue())
+    found: list[pa.Table] = []
+    for task in table.scan(snapshot_id=head.snapshot_id, row_filter=selection.row_filter()).plan_files():
+        if not selection.might_hold(task.file):
+            continue
+        data = read_columns(table, task.file, needed, names, task.delete_files)
+        hits = data.filter(selection.matches(data))
+        if hits.num_rows:
+            found.append(hits)
+    if not found:
+        return DuplicateKeys(0, 0, 0, [])
+    return _count_duplicates(pa.concat_tables(found), names, examples, show_examples)
+
+
+def _count_duplicates(data: pa.Table, key: list[str], examples: int, show_examples: bool) -> DuplicateKeys:
+    counts = data.group_by(key, use_threads=False).aggregate([([], "count_all")])
     repeated = counts.filter(pc.greater(counts.column("count_all"), 1))
     extra = (pc.sum(repeated.column("count_all")).as_py() or 0) - repeated.num_rows
     shown = repeated.slice(0, examples).to_pylist() if show_examples else []
-    return DuplicateKeys(repeated.num_rows, extra, data.num_rows, [{k: str(v) for k, v in row.items()} for row in shown])
+    as_text = [{k: str(v) for k, v in row.items()} for row in shown]
+    return DuplicateKeys(repeated.num_rows, extra, data.num_rows, as_text)
 
 
 __all__ = [
     "DuplicateKeys",
+    "added_keys",
+    "run_added_keys",
+    "duplicate_keys_among",
+    "KEY_CHECKED_KEY",
     "KeySelection",
     "MergeBuffer",
     "MergeKeys",
@@ -393,6 +489,7 @@ __all__ = [
     "ensure_key",
     "keyed_schema",
     "keys_uri",
+    "merge_keys_to_check",
     "last_per_key",
     "recorded_key",
 ]

@@ -15,7 +15,7 @@ commit is refused, removes the new files (:meth:`SourceRemoval.discard`) and pla
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -157,7 +157,7 @@ def remove_rows(
     for task in scan.plan_files():
         if not selection.might_hold(task.file):
             continue
-        data = _read_columns(table, task, needed, [f.name for f in needed_schema.fields])
+        data = read_columns(table, task.file, needed, [f.name for f in needed_schema.fields], task.delete_files)
         leaving, rows = selection.matches(data), data.num_rows
         del data  # only the mask is kept until the rewrite
         found = pc.sum(leaving).as_py() or 0
@@ -187,15 +187,18 @@ def _own_columns(table: Table, parquet: pq.ParquetFile, names: Sequence[str]) ->
     return all(ids.get(name) == str(schema.find_field(name).field_id).encode() for name in names)
 
 
-def _read_columns(table: Table, task: FileScanTask, scan: ArrowScan, names: Sequence[str]) -> pa.Table:
-    """Some columns of one data file, in file order: with pyarrow's reader for the project's own files (only those
-    columns' chunks are read), else through pyiceberg's scan (field ids, deletes)."""
-    if not task.delete_files:
-        with table.io.new_input(task.file.file_path).open() as stream:
+def read_columns(
+    table: Table, data_file: DataFile, scan: ArrowScan, names: Sequence[str], delete_files: Collection[DataFile] = (),
+) -> pa.Table:
+    """Some columns (``names``, the columns of ``scan``'s projected schema) of one data file, in file order: with
+    pyarrow's reader for the project's own files (only those columns' chunks are read), else through pyiceberg's
+    scan (field ids, deletes)."""
+    if not delete_files:
+        with table.io.new_input(data_file.file_path).open() as stream:
             parquet = pq.ParquetFile(stream)
             if _own_columns(table, parquet, names):
                 return parquet.read(columns=list(names))
-    return scan.to_table([task])
+    return scan.to_table([FileScanTask(data_file, delete_files=set(delete_files))])
 
 
 def _file_batches(table: Table, task: FileScanTask, scan: ArrowScan) -> Iterator[pa.RecordBatch]:

@@ -6,8 +6,10 @@ A wrapper script patches ``commit_table`` of pyiceberg's SQL and REST catalogs: 
 (``before``) or right after the catalog accepted it (``after``), having written the commit's refs to the JSON file
 ``DATIVO_KILL_REPORT``. Merge runs have two more points (``MERGE_KILL_POINTS``): ``extract`` (the first batch of rows
 reached the merge buffer) and ``staged`` (the buffer wrote the run's data files and its keys file, nothing is
-committed yet). With ``job_module`` (``fault_injection.write_job_module``) the wrapper runs the project's group job
-in the persistent instance at ``dagster_home`` instead of the command line, so that the run can be re-executed.
+committed yet); ``REWRITE_POINT`` (``rewrite``) dies once the commit step's rewrite of the files holding the run's
+keys has uploaded its first new file, before the catalog commit. With ``job_module``
+(``fault_injection.write_job_module``) the wrapper runs the project's group job in the persistent instance at
+``dagster_home`` instead of the command line, so that the run can be re-executed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pyiceberg.table import Table
 
 KILL_POINTS = ("before", "after")
 MERGE_KILL_POINTS = ("extract", "staged", "before", "after")
+REWRITE_POINT = "rewrite"
 
 WRAPPER = '''
 import json, os, signal, sys
@@ -81,6 +84,23 @@ if point in ("extract", "staged"):
         die(files=[f.uri for f in files], keys_uri=self.keys_uri)
 
     MergeBuffer.write, MergeBuffer.close = buffering, closing
+
+if point == "rewrite":
+    from dativo_dagster import rewrite, write
+
+    write_survivors, publish_file = rewrite._write_survivors, write._Sink.publish
+    rewriting = []
+
+    def writing_survivors(*args, **kwargs):
+        rewriting.append(True)
+        return write_survivors(*args, **kwargs)
+
+    def publishing(self, metadata):
+        publish_file(self, metadata)
+        if rewriting:  # one survivors' file is on the storage (uploaded, on S3), the others may not be
+            die(files=[self.uri])
+
+    rewrite._write_survivors, write._Sink.publish = writing_survivors, publishing
 
 if os.environ.get("DATIVO_JOB_MODULE"):
     import importlib

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dativo_dagster import commit as commit_module
+from dativo_dagster import merge as merge_module
 from dativo_dagster import rewrite as rewrite_module
 from dativo_dagster.merge import MergeKeys, last_per_key, recorded_key
 from dativo_dagster.spec import parse_spec_document
@@ -116,7 +117,8 @@ def test_merge_updates_inserts_last_row_wins_and_deletes(project: Project) -> No
     assert recorded_key(project.table(TABLE)) == ["id"]
     unique = check(second, "unique_key")
     assert unique.passed and unique.metadata["duplicate_keys"].value == 0
-    assert unique.metadata["rows_checked"].value == 7
+    # the rows holding a key the run brought (2, 3, 7, 8: the first run's merge counted the others already)
+    assert unique.metadata["rows_checked"].value == 4
     reconciliation = check(second, "reconciliation")
     assert reconciliation.passed, reconciliation.description
     assert reconciliation.metadata["rows_not_loaded_by_merge"].value == 5  # 3's first, 4, 8's delete, 9 twice
@@ -283,13 +285,13 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
         run(project)
         files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     read: list[str] = []
-    read_columns = rewrite_module._read_columns
+    read_columns = rewrite_module.read_columns
 
-    def spy(table: Any, task: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
-        read.append(task.file.file_path)
-        return read_columns(table, task, *args)
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
+        read.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
 
-    monkeypatch.setattr(rewrite_module, "_read_columns", spy)
+    monkeypatch.setattr(rewrite_module, "read_columns", spy)
 
     # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
     # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
@@ -391,12 +393,92 @@ def test_unique_key_fails_on_a_branch_with_a_duplicate_key(project: Project, pii
     unique = check(second, "unique_key")
     assert not unique.passed
     assert unique.metadata["duplicate_keys"].value == 1 and unique.metadata["extra_rows"].value == 1
-    assert unique.metadata["rows_checked"].value == 4
+    # only the rows holding a key the run added are counted: 2 twice and 3, not key 1's row
+    assert unique.metadata["rows_checked"].value == 3 and unique.metadata["keys_checked"].value == 2
     if pii:
         assert "withheld" in unique.metadata["examples"].value
         assert "'2'" not in str(unique.metadata["examples"].value)
     else:
         assert unique.metadata["examples"].value == [{"id": "2", "count_all": "2"}]
+
+
+def test_unique_key_of_an_append_opens_only_the_files_that_can_hold_the_keys_the_run_added(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyed append's (non-blocking) check costs what the run added, not the table: files whose key bounds hold
+    none of the run's keys are not opened; a duplicate within the run, or of a key already on the branch, is found;
+    a duplicate the branch held before among keys the run did not add is not reported again (the run that added it
+    reported it)."""
+    spec = merge_spec(partitioning=[])
+    spec["target"] = {"partitioning": []}  # append
+    project.write_spec(spec)
+    files: list[str] = []
+    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
+        assert check(run(project), "unique_key").passed
+        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
+    opened: list[str] = []
+    read_columns = merge_module.read_columns
+
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:
+        opened.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
+
+    monkeypatch.setattr(merge_module, "read_columns", spy)
+
+    # a new file 1101..1110 with 1105 twice, and 1001 again (already on the branch in the third file)
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1101, 1111))
+                       + "1105,again,false\n1001,again,false\n")
+    second = run(project)
+
+    unique = check(second, "unique_key")
+    assert not unique.passed
+    assert unique.metadata["duplicate_keys"].value == 2 and unique.metadata["extra_rows"].value == 2
+    assert unique.metadata["keys_checked"].value == 11 and unique.metadata["rows_checked"].value == 13
+    assert sorted(e["id"] for e in unique.metadata["examples"].value) == ["1001", "1105"]
+    (own,) = [f for f in data_files(project.table(TABLE), BRANCH) if f not in files]
+    # the run's own file (its keys), then the third file: the only one whose bounds hold one of them
+    assert sorted(set(opened)) == sorted([own, files[2]])
+
+    opened.clear()
+    project.write_data("people.csv", "id,name,deleted\n5000,c,false\n")
+    third = run(project)  # adds a new key only: the branch's earlier duplicates are not its rows
+
+    unique = check(third, "unique_key")
+    assert unique.passed and unique.metadata["rows_checked"].value == 1
+    assert unique.metadata["scope"].value == "the keys this run added"
+    assert files[0] not in opened and files[1] not in opened and files[2] not in opened
+
+
+def test_the_blocking_unique_key_of_a_merge_opens_only_the_files_that_can_hold_its_keys(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge's staged check costs what the run touches, not the table: it looks for the run's keys (and those of
+    files added since the last merge's check) in the files whose bounds can hold them, not in every file."""
+    project.write_spec(merge_spec(partitioning=[]))
+    files: list[str] = []
+    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
+        run(project)
+        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
+    opened: list[str] = []
+    read_columns = merge_module.read_columns
+
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:
+        opened.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
+
+    monkeypatch.setattr(merge_module, "read_columns", spy)
+    project.write_data("people.csv", "id,name,deleted\n1050,b,false\n" + "".join(f"{i},n,false\n" for i in range(1101, 1105)))
+    result = run(project)
+
+    unique = check(result, "unique_key")
+    assert unique.passed and unique.metadata["rows_checked"].value == 5
+    new = [f for f in data_files(project.table(TABLE), BRANCH) if f not in files]
+    assert files[2] not in new and len(new) == 2  # the third file rewritten without 1050's old row, the run's own
+    # the check read those two (the files whose bounds can hold the run's keys), not the first two files
+    assert set(opened) == set(new)
+    assert rows_by_id(project)[1050] == "b" and len(rows_by_id(project)) == 304
 
 
 def test_a_merge_onto_a_branch_holding_a_duplicate_key_commits_and_publishes_nothing(project: Project) -> None:
@@ -535,7 +617,8 @@ def test_a_merge_reads_only_the_key_columns_to_plan_and_hands_the_writer_diction
     project.write_data("people.csv", "id,name,deleted\n5,b-5,false\n")
     run(project)
 
-    assert planned == [["id"]]
+    # the removal's planning and the unique_key check (which matches the run's keys the same way) read the key alone
+    assert planned and all(columns == ["id"] for columns in planned)
     dictionary = "dictionary<values=string, indices=int32, ordered=0>"
     assert written and all(w == {"_source_file": dictionary, "_run_id": dictionary} for w in written)
     rows = rows_by_id(project)
