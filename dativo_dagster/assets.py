@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, Field
 from pyiceberg.catalog.rest import RestCatalog
+from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
 from pyiceberg.schema import Schema
 
@@ -269,7 +270,8 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         partition_key = _partition_key(context, loaded)
         with failures(loaded, "extract", secrets):
             listed = source_for(run_spec(loaded, partition_key), s3).list_units()
-            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog, partition_key)
+            tables: dict[str, Any] = {}  # the target table, loaded once for the whole step
+            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog, partition_key, tables)
         if partition_key:
             context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
         files = selection.to_read
@@ -290,7 +292,7 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
             partition_key=partition_key,
             removed=getattr(selection, "removed", []),
         )
-        outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog)
+        outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog, tables=tables)
         extract_report.file_reports = outcome.file_reports
         if is_cursor_run(loaded):
             context.log.info(f"{name}: {outcome.validation.rows_read} new row(s) read past the committed mark,"
@@ -701,36 +703,51 @@ def is_incremental(loaded: LoadedSpec) -> bool:
     return spec.source.incremental is not None and spec.target.write_mode is not WriteMode.OVERWRITE
 
 
-def committed_sources(loaded: LoadedSpec, storage: StorageResource, catalog_resource: CatalogResource) -> dict[str, str]:
+def committed_sources(
+    loaded: LoadedSpec, storage: StorageResource, catalog_resource: CatalogResource, tables: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Every source file the asset's committed table holds, at its version (CONTRACT 5): the branch state, or the
-    commit markers with ``catalog: none``; empty while the table does not exist."""
+    commit markers with ``catalog: none``; empty while the table does not exist. ``tables`` receives the table as
+    loaded here, by identifier, for the rest of the step to use instead of loading it again."""
     spec = loaded.spec
     if spec.target.catalog is CatalogKind.NONE:
         return marker_source_state(read_commit_markers(storage.table_location(spec), storage.s3_settings()))
-    catalog = catalog_resource.load_catalog()
     identifier = ".".join(spec.table_identifier)
-    return table_source_state(catalog.load_table(identifier), spec.branch) if catalog.table_exists(identifier) else {}
+    table = load_existing_table(catalog_resource.load_catalog(), identifier)
+    if table is not None and tables is not None:
+        tables[identifier] = table
+    return table_source_state(table, spec.branch) if table is not None else {}
+
+
+def load_existing_table(catalog: Any, identifier: str) -> Any:
+    """The table, or None when the catalog has no such table: one load (pyiceberg's ``table_exists`` is a load of
+    its own)."""
+    try:
+        return catalog.load_table(identifier)
+    except NoSuchTableError:
+        return None
 
 
 def select_sources(
     loaded: LoadedSpec, listed: list[SourceFile], storage: StorageResource, catalog_resource: CatalogResource,
-    partition_key: str = "",
+    partition_key: str = "", tables: dict[str, Any] | None = None,
 ) -> Selection:
     """Which listed files this run reads, decided from the committed table state (CONTRACT 5); a partition's run
-    from its own part of the state, all of its files or none (partitions.select_partition_files)."""
+    from its own part of the state, all of its files or none (partitions.select_partition_files). ``tables``: as
+    for :func:`committed_sources`."""
     spec = loaded.spec
     if not is_incremental(loaded):
         return Selection(to_read=list(listed), new=[f.uri for f in listed])
     if partition_key:
-        return select_partition_files(listed, committed_sources(loaded, storage, catalog_resource), partition_key)
+        return select_partition_files(listed, committed_sources(loaded, storage, catalog_resource, tables), partition_key)
     if is_cursor_run(loaded):  # each unit is read from the mark its table committed (cursor.py)
-        to_read = units_with_marks(listed, committed_sources(loaded, storage, catalog_resource))
+        to_read = units_with_marks(listed, committed_sources(loaded, storage, catalog_resource, tables))
         return Selection(to_read=to_read, new=[f.uri for f in to_read if not f.version],
                          changed=[f.uri for f in to_read if f.version])
     assert spec.source.incremental is not None
     return select_files(
         listed,
-        committed_sources(loaded, storage, catalog_resource),
+        committed_sources(loaded, storage, catalog_resource, tables),
         lookback_days=spec.source.incremental.lookback_days,
         now=datetime.now(timezone.utc),
     )
@@ -937,13 +954,15 @@ def stream_sources(
     *,
     stamp: tuple[str, datetime] | None = None,
     created: list[tuple[Any, str]] | None = None,
+    tables: dict[str, Any] | None = None,
 ) -> PipelineOutcome:
     """Read, validate and write ``files`` in one streaming pass (pipeline.py) into uncommitted files.
 
     A table this pass had to create is dropped again when nothing is going to be committed to it (strict
     failure, failed write), so that a failed run leaves the catalog as it was. ``stamp`` (run id, ingestion
     time) stamps the rows with another run's values than this step's (a fanned-out group: the planning run's);
-    ``created`` receives the (catalog, identifier) of the tables the pass created.
+    ``created`` receives the (catalog, identifier) of the tables the pass created; ``tables`` holds the tables the
+    step has loaded already, by identifier (:func:`committed_sources`).
     """
     spec = loaded.spec
     window = partition_window(loaded, extract_report.partition_key) if extract_report.partition_key else None
@@ -962,7 +981,8 @@ def stream_sources(
             merge = spec.target.write_mode is WriteMode.MERGE
             if merge:
                 data_schema = keyed_schema(data_schema, spec.primary_key)  # a new table records its key
-            table = _ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location, created)
+            table = _ensure_table(catalog, spec.table_identifier, data_schema, lambda s: partition_spec(spec, s), location,
+                                  created, (tables or {}).get(".".join(spec.table_identifier)))
             if merge:
                 table = ensure_key(table, spec.primary_key)
             data_schema, location = table.schema(), table.location()
@@ -1013,7 +1033,8 @@ def stream_sources(
         cursor = None
         if is_cursor_run(loaded) and files:
             with failures(loaded, "extract", secrets):
-                cursor = cursor_read(loaded, files, catalog, location, rejects_location, s3)
+                cursor = cursor_read(loaded, files, catalog, location, rejects_location, s3,
+                                     table=table if catalog is not None else None)
         run_pipeline(
             run_spec(loaded, extract_report.partition_key),
             files,
@@ -1040,11 +1061,14 @@ def stream_sources(
 
 
 def _ensure_table(
-    catalog: Any, identifier: tuple[str, str], schema: Schema, spec_for: Any, location: str, created: list[Any]
+    catalog: Any, identifier: tuple[str, str], schema: Schema, spec_for: Any, location: str, created: list[Any],
+    table: Any = None,
 ) -> Any:
+    """The table (``table``: as the step loaded it already), created when missing (recorded in ``created``)."""
     name = ".".join(identifier)
-    existed = catalog.table_exists(name)
-    table = ensure_table(catalog, identifier, schema, spec_for, location)
+    existing = table if table is not None else load_existing_table(catalog, name)
+    existed = existing is not None
+    table = ensure_table(catalog, identifier, schema, spec_for, location, table=existing)
     if not existed:
         created.append((catalog, name))
     return table

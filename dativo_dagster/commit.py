@@ -127,13 +127,18 @@ def ensure_table(
     schema: Schema,
     partition_spec_for: Any,
     location: str | None,
+    *,
+    table: Table | None = None,
 ) -> Table:
-    """Load the table, creating namespace and table from the spec when missing.
+    """Load the table, creating namespace and table from the spec when missing (``table``: the table as the caller
+    loaded it already, not loaded again).
 
     The table is created at ``location`` (CONTRACT 4), except in a REST catalog: REST catalogs assign
     table locations themselves (and may accept data only under their own location), so theirs is kept.
     A spec that adds columns evolves the table schema; a changed partitioning is refused.
     """
+    if table is not None:
+        return _evolve(table, schema, partition_spec_for)
     if isinstance(catalog, RestCatalog):
         location = None
     namespace, name = identifier

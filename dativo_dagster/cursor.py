@@ -214,12 +214,14 @@ def files_scan(uris: Sequence[str], s3) -> Callable[[str, CursorValue, list[str]
     return scan
 
 
-def cursor_read(loaded: LoadedSpec, units: Sequence[SourceFile], catalog, location: str, rejects_location: str, s3) -> CursorRead:  # noqa: ANN001
+def cursor_read(loaded: LoadedSpec, units: Sequence[SourceFile], catalog, location: str, rejects_location: str, s3,  # noqa: ANN001
+                table=None) -> CursorRead:  # noqa: ANN001 - pyiceberg Table
     """The boundary of a cursor run over ``units`` (at their committed marks): the keys of the rows the branch holds
     at or above the lower bound, and of the rows its quarantine holds from these units (as text).
 
     ``catalog``: the Iceberg catalog (the branch's tables), or None for ``catalog: none`` (the files that commit
-    markers under ``location`` / ``rejects_location`` make visible).
+    markers under ``location`` / ``rejects_location`` make visible). ``table``: the data table as the caller loaded
+    it (else it is loaded here).
     """
     from dativo_dagster.markers import committed_files  # noqa: PLC0415
 
@@ -235,11 +237,17 @@ def cursor_read(loaded: LoadedSpec, units: Sequence[SourceFile], catalog, locati
     names = [f.name for f in spec.fields]
     uris = [unit.uri for unit in units]
     if catalog is not None:
-        committed = committed_in_window(loaded, bound, iceberg_scan(catalog.load_table(".".join(spec.table_identifier)),
-                                                                    spec.branch))
-        rejects_name = ".".join(spec.rejects_identifier)
-        if catalog.table_exists(rejects_name):
-            rejects = _iceberg_rows_of(catalog.load_table(rejects_name), spec.branch, uris, names)
+        from pyiceberg.exceptions import NoSuchTableError  # noqa: PLC0415
+
+        if table is None:
+            table = catalog.load_table(".".join(spec.table_identifier))
+        committed = committed_in_window(loaded, bound, iceberg_scan(table, spec.branch))
+        try:  # one load (pyiceberg's table_exists is a load too)
+            reject_table = catalog.load_table(".".join(spec.rejects_identifier))
+        except NoSuchTableError:
+            reject_table = None
+        if reject_table is not None:
+            rejects = _iceberg_rows_of(reject_table, spec.branch, uris, names)
             quarantined = pc.unique(row_keys(rejects, names)) if rejects.num_rows else quarantined
     else:
         committed = committed_in_window(loaded, bound, files_scan(committed_files(location, s3), s3))

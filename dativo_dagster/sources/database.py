@@ -151,6 +151,14 @@ class DatabaseSource:
             conditions.append(f"{quoted} >= {self._literal(low)} AND {quoted} < {self._literal(high)}")
         return f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
+    def _cursor_mark(self, unit: SourceFile) -> CursorValue | None:
+        """The unit's committed mark (None: no cursor, or a first run)."""
+        from dativo_dagster.cursor import cursor_field, cursor_of, parse_mark  # noqa: PLC0415
+
+        if cursor_of(self.loaded) is None:
+            return None
+        return parse_mark(unit.version, cursor_field(self.loaded).type.kind)
+
     def _cursor_bound(self, unit: SourceFile) -> CursorValue | None:
         """The lowest cursor value the unit's read takes (the committed mark less the lookback; None: every row)."""
         from dativo_dagster.cursor import cursor_field, cursor_of, lower_bound, parse_mark  # noqa: PLC0415

@@ -139,11 +139,18 @@ class MySQLSource(DatabaseSource):
             names = [d[0] for d in described]
             selected = self._selected(names, unit, report)
             where = self._where_cursor(conn, names, selected, unit)  # the cursor mark and a partition window
+            row_texts = _text_columns([described[index] for _, index in selected])
+            position_of = {name: position for position, (name, _) in enumerate(selected)}
+            select = f"SELECT {row_texts} FROM {relation}{where}"  # noqa: S608 - quoted names and the spec's SQL
+            if self._nothing_past_mark(conn, names, selected, unit, password):
+                # only the rows from the bound to the mark can be new (at the mark, in the lookback): read in this
+                # transaction's snapshot, without starting the reading process
+                for batch in self._read_in_snapshot(conn, select, password, unit.uri):
+                    report.rows += batch.num_rows
+                    yield text_batch(batch.columns, batch.num_rows, schema, position_of, unit.uri)
+                return
         finally:
             _close(conn, unit.uri)
-        row_texts = _text_columns([described[index] for _, index in selected])
-        position_of = {name: position for position, (name, _) in enumerate(selected)}
-        select = f"SELECT {row_texts} FROM {relation}{where}"  # noqa: S608 - quoted names and the spec's SQL
         # one statement on a connection of its own: InnoDB reads it from one consistent snapshot (taken when the
         # statement starts), in a read-only session (STREAM_SETTINGS), so a query cannot lock or write rows
         batches = read_batches(self._connectorx_url(password), select, STREAM_SETTINGS, BATCH_ROWS)
@@ -157,6 +164,44 @@ class MySQLSource(DatabaseSource):
                 yield text_batch(batch.columns, batch.num_rows, schema, position_of, unit.uri)
         finally:
             batches.close()  # a read stopped early: the reading process is stopped and its file removed now
+
+    def _nothing_past_mark(self, conn: Any, names: list[str], selected: list[tuple[str, int]], unit: SourceFile,
+                           password: str) -> bool:
+        """Whether a cursor run with a committed mark finds no row past it (one ``EXISTS`` in the transaction's
+        snapshot, on the cursor's index where there is one); False for every other read."""
+        column = self._cursor_column(names, selected, unit)
+        mark = self._cursor_mark(unit)
+        if column is None or mark is None:
+            return False
+        with self._errors(password, unit.uri, "reading"):
+            cur = conn.cursor()
+            cur.execute(f"SELECT EXISTS (SELECT 1 FROM {self._relation()}"  # noqa: S608 - quoted name, typed literal
+                        f" WHERE {self._quote(column)} > {self._literal(mark)})")
+            (past,) = cur.fetchone()
+            cur.close()
+        return not past
+
+    def _read_in_snapshot(self, conn: Any, select: str, password: str, uri: str) -> Iterator[pa.RecordBatch]:
+        """``select``'s rows (text columns) read on the lookup's connection, in its snapshot, ``BATCH_ROWS`` at a
+        time from an unbuffered cursor (bounded memory)."""
+        import pymysql.cursors  # noqa: PLC0415 - loaded only when a database is read
+
+        with self._errors(password, uri, "reading"):
+            cur = conn.cursor(pymysql.cursors.SSCursor)
+            cur.execute(select)
+            count = len(cur.description or ())
+        try:
+            while True:
+                with self._errors(password, uri, "reading"):
+                    rows = cur.fetchmany(BATCH_ROWS)
+                if not rows:
+                    return
+                columns = list(zip(*rows, strict=True))
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(columns[i], pa.string()) for i in range(count)], names=[f"c{i}" for i in range(count)]
+                )
+        finally:
+            cur.close()
 
     def _connectorx_url(self, password: str) -> str:
         """The URL ConnectorX connects with: the spec's user, password and database, scheme ``mysql``."""

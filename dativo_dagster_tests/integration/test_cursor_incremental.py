@@ -558,3 +558,68 @@ def test_a_run_overtaken_by_another_commits_nothing(
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "another run committed rows of" in failure.event_specific_data.error.message
     assert rows_of(project, name) == [(1, T0, "a")]  # nothing of the overtaken run
+
+
+def test_a_nothing_new_run_starts_no_reader_and_loads_the_table_once(
+    db: Database, env_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing past the committed mark: the MySQL reader process is not started (a cheap query in the lookup's
+    snapshot shows it, and the rows at the mark are read there), and extract loads the target table once. A new row
+    AT the mark is still loaded exactly once that way, and a row past it still goes through the reader."""
+    import traceback  # noqa: PLC0415
+
+    from pyiceberg.catalog.sql import SqlCatalog  # noqa: PLC0415
+
+    from dativo_dagster.sources import mysql as mysql_source  # noqa: PLC0415
+
+    table, name = unique("idle"), unique("idle")
+    db.create_orders(table)
+    first = [(i, T0 + timedelta(minutes=i), f"v1-{i}") for i in range(1, 4)]
+    db.insert(table, first)
+    project = Project(tmp_path / "project")
+    project.write_spec(orders_spec(db, name, table))
+    run(project)
+
+    readers: list[str] = []
+    read_batches = mysql_source.read_batches
+
+    def counted_reader(url: str, select: str, *args: Any) -> Any:
+        readers.append(select)
+        return read_batches(url, select, *args)
+
+    loads: list[str] = []
+    load_table = SqlCatalog.load_table
+
+    def counted_load(self: SqlCatalog, identifier: Any) -> Any:
+        if any(f.name == "extract" and f.filename.endswith("assets.py") for f in traceback.extract_stack()):
+            loads.append(identifier if isinstance(identifier, str) else ".".join(identifier))
+        return load_table(self, identifier)
+
+    monkeypatch.setattr(mysql_source, "read_batches", counted_reader)
+    monkeypatch.setattr(SqlCatalog, "load_table", counted_load)
+
+    before = head_id(project, name)
+    result = run(project)
+    assert result.asset_materializations_for_node(name)[0].metadata["nothing_new"].value is True
+    assert head_id(project, name) == before and rows_of(project, name) == first
+    assert readers == []
+    assert loads.count(f"testdomain.{name}") == 1, loads
+
+    # a new row at the mark, nothing past it: read in the lookup's snapshot, loaded once, the mark stays
+    at_mark = (4, T0 + timedelta(minutes=3), "new-at-mark")
+    db.insert(table, [at_mark])
+    loads.clear()
+    run(project)
+    assert rows_of(project, name) == sorted([*first, at_mark])
+    assert readers == [] and loads.count(f"testdomain.{name}") == 1, loads
+    assert committed_mark(project, name) == f"cursor:{(T0 + timedelta(minutes=3)).isoformat()}"
+    head = head_id(project, name)
+    run(project)
+    assert head_id(project, name) == head and rows_of(project, name) == sorted([*first, at_mark])
+
+    # a row past the mark: the whole read from the bound, through the reader process for MySQL
+    past = (5, T0 + timedelta(minutes=9), "past")
+    db.insert(table, [past])
+    run(project)
+    assert rows_of(project, name) == sorted([*first, at_mark, past])
+    assert len(readers) == (1 if db.kind == "mysql" else 0), readers
