@@ -79,7 +79,7 @@ def _demo_project(root: Path) -> Project:
     return Project(root)
 
 
-def _dagster_home(root: Path) -> Path:
+def shipped_dagster_home(root: Path) -> Path:
     """An instance made from the shipped dagster.yaml as it is (what `make dev` copies): what users see is tested."""
     home = root / "dagster_home"
     home.mkdir()
@@ -93,7 +93,7 @@ def demo_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoUI]:
     project = _demo_project(root / "project")
     specs = load_specs(project.specs_dir)
     env = {k: v for k, v in os.environ.items() if k not in (*DEPLOYMENT_VARS, "DAGSTER_HOME", "DATIVO_LOG_FORMAT")}
-    with DagsterDev(_dagster_home(root), project.specs_dir, env=env) as dev:
+    with DagsterDev(shipped_dagster_home(root), project.specs_dir, env=env) as dev:
         # as the UI's `Materialize all` does: the code location's executor, no run config
         run_id = dev.launch_assets([item.spec.name for item in specs])
         status = dev.wait_for_run(run_id)
@@ -107,7 +107,7 @@ def checks_of(item: LoadedSpec) -> tuple[str, ...]:
     return CHECKS + ((FRESHNESS_CHECK,) if freshness_limit(item.spec) is not None else ())
 
 
-def _branch_state(project: Project, item: LoadedSpec) -> tuple[int, int, int]:
+def branch_state(project: Project, item: LoadedSpec) -> tuple[int, int, int]:
     """(rows on the branch, head snapshot id, quarantined rows) read back with pyiceberg."""
     spec = item.spec
     table = project.table(f"{spec.domain}.{spec.name}")
@@ -169,14 +169,14 @@ def test_asset_graph_shows_every_asset_with_its_checks(demo_ui: DemoUI) -> None:
     demo_ui.screenshot("asset-graph")
 
 
-@pytest.mark.parametrize("name", DEMO_ASSETS)
-def test_asset_page_shows_owner_row_count_and_run_metadata(demo_ui: DemoUI, name: str) -> None:
-    item = demo_ui.spec(name)
+def assert_asset_page_shows_owner_row_count_and_run_metadata(ui: DemoUI, name: str) -> str:
+    """Open the asset's page and check it against the spec and the table read back; returns the page's text."""
+    item = ui.spec(name)
     spec = item.spec
-    rows, snapshot_id, rejects = _branch_state(demo_ui.project, item)
-    demo_ui.open(f"/assets/{spec.name}")
+    rows, snapshot_id, rejects = branch_state(ui.project, item)
+    ui.open(f"/assets/{spec.name}")
     columns = [f"\n{column.name}\n" for column in spec.fields]  # the column schema, one name per cell
-    text = demo_ui.browser.wait_for_text(
+    text = ui.browser.wait_for_text(
         [spec.name, "Owners", spec.team.owner, "rows_committed", str(snapshot_id), *columns],
         until=lambda t: re.search(rf"Row count\n{rows:,}\n", t) is not None,
     )
@@ -192,18 +192,17 @@ def test_asset_page_shows_owner_row_count_and_run_metadata(demo_ui: DemoUI, name
         "snapshot_id": str(snapshot_id),
         "branch": spec.branch,
     }, text
-    if spec.name == SHOWCASE:
-        demo_ui.screenshot("asset-page")
+    return text
 
 
-@pytest.mark.parametrize("name", DEMO_ASSETS)
-def test_asset_checks_tab_shows_every_check_with_its_result(demo_ui: DemoUI, name: str) -> None:
-    item = demo_ui.spec(name)
-    spec = item.spec
-    _, _, rejects = _branch_state(demo_ui.project, item)
-    demo_ui.open(f"/assets/{spec.name}?view=checks")
+def assert_asset_checks_tab_shows_every_check_with_its_result(ui: DemoUI, name: str) -> str:
+    """Open the asset's checks tab: every check of the asset with the result the committed table implies; returns
+    the page's text."""
+    item = ui.spec(name)
+    _, _, rejects = branch_state(ui.project, item)
+    ui.open(f"/assets/{item.spec.name}?view=checks")
     checks = checks_of(item)
-    text = demo_ui.browser.wait_for_text([f"Checks ({len(checks)})", *checks, "Latest execution"])
+    text = ui.browser.wait_for_text([f"Checks ({len(checks)})", *checks, "Latest execution"])
     results = {
         check: re.search(rf"\n{check}\n(?:{check}\n)?(Succeeded|Failed|Warning|Not evaluated)\n", text)
         for check in checks
@@ -215,6 +214,20 @@ def test_asset_checks_tab_shows_every_check_with_its_result(demo_ui: DemoUI, nam
     if FRESHNESS_CHECK in checks:
         # the run evaluates the asset's checks, the freshness check right after the materialization
         assert shown[FRESHNESS_CHECK] == "Succeeded", text
+    return text
+
+
+@pytest.mark.parametrize("name", DEMO_ASSETS)
+def test_asset_page_shows_owner_row_count_and_run_metadata(demo_ui: DemoUI, name: str) -> None:
+    assert_asset_page_shows_owner_row_count_and_run_metadata(demo_ui, name)
+    if name == SHOWCASE:
+        demo_ui.screenshot("asset-page")
+
+
+@pytest.mark.parametrize("name", DEMO_ASSETS)
+def test_asset_checks_tab_shows_every_check_with_its_result(demo_ui: DemoUI, name: str) -> None:
+    assert_asset_checks_tab_shows_every_check_with_its_result(demo_ui, name)
+    spec = demo_ui.spec(name).spec
     if spec.name == SHOWCASE:
         demo_ui.open(f"/assets/{spec.name}?view=checks&checkDetail={VALIDATION_CHECK}")
         demo_ui.browser.wait_for_text(["rows_rejected", "first_errors"])
