@@ -265,32 +265,19 @@ def build_asset(loaded: LoadedSpec) -> dg.AssetsDefinition:
         pool=pool,
     )
     def extract(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
-        s3 = dativo_storage.s3_settings()
-        secrets = _secrets(dativo_storage, dativo_catalog)
-        partition_key = _partition_key(context, loaded)
-        with failures(loaded, "extract", secrets):
-            listed = source_for(run_spec(loaded, partition_key), s3).list_units()
-            tables: dict[str, Any] = {}  # the target table, loaded once for the whole step
-            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog, partition_key, tables)
-        if partition_key:
-            context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
+        tables: dict[str, Any] = {}  # the target table, loaded once for the whole step
+        partition_key, selection = _select_run_files(context, loaded, dativo_storage, dativo_catalog, tables)
         files = selection.to_read
-        if is_incremental(loaded):
-            context.log.info(f"{name}: {selection.describe()}")
         if selection.nothing_new:
             context.log.info(f"{name}: nothing new to read; the table stays as it is")
         else:
             named = ", ".join(f.uri for f in files[:LOGGED_FILES]) + (", ..." if len(files) > LOGGED_FILES else "")
             context.log.info(f"{name}: reading {len(files)} source file(s): {named}")
-        extract_report = ExtractReport(
-            files=[{"uri": f.uri, "size": f.size, "version": f.version, "modified_ns": f.modified_ns} for f in files],
-            incremental=is_incremental(loaded),
-            new=selection.new,
-            changed=selection.changed,
-            unchanged=selection.unchanged,
-            too_old=selection.too_old,
-            partition_key=partition_key,
-            removed=getattr(selection, "removed", []),
+        extract_report = _extract_report(
+            loaded,
+            selection,
+            [{"uri": f.uri, "size": f.size, "version": f.version, "modified_ns": f.modified_ns} for f in files],
+            partition_key,
         )
         outcome = stream_sources(context, loaded, files, extract_report, dativo_storage, dativo_catalog, tables=tables)
         extract_report.file_reports = outcome.file_reports
@@ -522,16 +509,8 @@ def _fan_out_ops(
         pool=pool,
     )
     def plan(context: dg.OpExecutionContext, dativo_storage: StorageResource, dativo_catalog: CatalogResource):
-        secrets = _secrets(dativo_storage, dativo_catalog)
-        partition_key = _partition_key(context, loaded)
-        with failures(loaded, "extract", secrets):
-            listed = source_for(run_spec(loaded, partition_key), dativo_storage.s3_settings()).list_units()
-            selection = select_sources(loaded, listed, dativo_storage, dativo_catalog)
-        if partition_key:
-            context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
+        partition_key, selection = _select_run_files(context, loaded, dativo_storage, dativo_catalog)
         files = selection.to_read
-        if is_incremental(loaded):
-            context.log.info(f"{name}: {selection.describe()}")
         groups = plan_groups(
             files,
             step_size_mb,
@@ -549,15 +528,7 @@ def _fan_out_ops(
                 + (", ..." if len(groups) > LOGGED_FILES else "")
             )
         yield dg.Output(
-            ExtractReport(
-                files=[f for g in groups for f in g.files],
-                incremental=is_incremental(loaded),
-                new=selection.new,
-                changed=selection.changed,
-                unchanged=selection.unchanged,
-                too_old=selection.too_old,
-                partition_key=partition_key,
-            ),
+            _extract_report(loaded, selection, [f for g in groups for f in g.files], partition_key),
             "extract_report",
             metadata={"files": len(files), "groups": len(groups), "nothing_new": selection.nothing_new},
         )
@@ -677,6 +648,44 @@ def _log_file_report(context: dg.OpExecutionContext, report: dict[str, Any]) -> 
         context.log.warning(f"{report['uri']}: spec columns missing from the file, null: {report['missing_columns']}")
     if report["blank_records"]:
         context.log.warning(f"{report['uri']}: {report['blank_records']} blank record(s) skipped")
+
+
+def _select_run_files(
+    context: dg.OpExecutionContext,
+    loaded: LoadedSpec,
+    storage: StorageResource,
+    catalog_resource: CatalogResource,
+    tables: dict[str, Any] | None = None,
+) -> tuple[str, Selection]:
+    """The run's partition key ("" when unpartitioned) and the files it reads: its source listed and selected
+    (:func:`select_sources`), the partition's window and the incremental selection logged. The one extract step and
+    the fan-out's plan both start here; ``tables`` keeps the target table loaded for the rest of the step."""
+    name = loaded.spec.name
+    partition_key = _partition_key(context, loaded)
+    with failures(loaded, "extract", _secrets(storage, catalog_resource)):
+        listed = source_for(run_spec(loaded, partition_key), storage.s3_settings()).list_units()
+        selection = select_sources(loaded, listed, storage, catalog_resource, partition_key, tables)
+    if partition_key:
+        context.log.info(f"{name}: {partition_window(loaded, partition_key).describe()}")
+    if is_incremental(loaded):
+        context.log.info(f"{name}: {selection.describe()}")
+    return partition_key, selection
+
+
+def _extract_report(
+    loaded: LoadedSpec, selection: Selection, files: list[dict[str, Any]], partition_key: str
+) -> ExtractReport:
+    """What the run reads (``files``: uri, size, version, modified_ns), from its selection."""
+    return ExtractReport(
+        files=files,
+        incremental=is_incremental(loaded),
+        new=selection.new,
+        changed=selection.changed,
+        unchanged=selection.unchanged,
+        too_old=selection.too_old,
+        partition_key=partition_key,
+        removed=getattr(selection, "removed", []),
+    )
 
 
 def _partition_key(context: dg.OpExecutionContext, loaded: LoadedSpec) -> str:

@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -342,6 +342,19 @@ class _Rows:
     def bytes_of(self, start: int, end: int) -> int:
         return int(self.sizes[end] - self.sizes[start])
 
+    def pieces(self, start: int, end: int, view: _SpillView) -> Iterator[tuple[int, pa.Table, int, int]]:
+        """The tables holding rows ``start:end``, in order: (message offset, or -1 in memory; the table; the first
+        and the end row wanted in it). A spilled batch's messages are read through ``view``."""
+        if self.table is not None:
+            yield -1, self.table, start, end
+            return
+        first = bisect.bisect_right(self.messages, start, key=lambda m: m[0]) - 1
+        for begin, message in self.messages[first:]:
+            if begin >= end:
+                break
+            part = view.table(message)
+            yield message.offset, part, max(start - begin, 0), min(end - begin, part.num_rows)
+
 
 _Range = tuple[_Rows, int, int]
 _NO_SIZES = np.zeros(1, dtype=np.int32)  # rows start:end of a routed batch
@@ -560,21 +573,9 @@ class PartitionedParquetWriter:
         return taken
 
     def _tables(self, ranges: Sequence[_Range], view: _SpillView | None) -> list[pa.Table]:
-        tables = []
-        for rows, start, end in ranges:
-            table = rows.table
-            if table is not None:
-                tables.append(table.slice(start, end - start))
-                continue
-            view = view or _SpillView(self._spill)
-            first = bisect.bisect_right(rows.messages, start, key=lambda m: m[0]) - 1
-            for begin, message in rows.messages[first:]:
-                if begin >= end:
-                    break
-                part = view.table(message)
-                low = max(start - begin, 0)
-                tables.append(part.slice(low, min(end - begin, part.num_rows) - low))
-        return tables
+        view = view or _SpillView(self._spill)  # reads nothing until a spilled range asks
+        return [part.slice(low, high - low)
+                for rows, start, end in ranges for _, part, low, high in rows.pieces(start, end, view)]
 
     def _write_row_group(self, state: _PartitionState, ranges: list[_Range], view: _SpillView | None) -> None:
         tables = self._tables(ranges, view)
@@ -759,21 +760,12 @@ class PartitionedParquetWriter:
                 total += table.num_rows
             return first
 
+        view = view or _SpillView(self._spill)  # reads nothing until a spilled range asks
         for state in states:
             counts.append(_ranges_rows(state.pending))
             for rows, start, end in state.pending:
-                if rows.table is not None:
-                    starts.append(piece((id(rows), -1), rows.table) + start)
-                    lengths.append(end - start)
-                    continue
-                view = view or _SpillView(self._spill)
-                first = bisect.bisect_right(rows.messages, start, key=lambda m: m[0]) - 1
-                for begin, message in rows.messages[first:]:
-                    if begin >= end:
-                        break
-                    part = view.table(message)
-                    low, high = max(start, begin), min(end, begin + part.num_rows)
-                    starts.append(piece((id(rows), message.offset), part) + low - begin)
+                for offset, part, low, high in rows.pieces(start, end, view):
+                    starts.append(piece((id(rows), offset), part) + low)
                     lengths.append(high - low)
         run_lengths = np.asarray(lengths, dtype=np.int64)
         run_starts = np.asarray(starts, dtype=np.int64)

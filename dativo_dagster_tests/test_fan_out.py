@@ -53,6 +53,23 @@ def fan_out_spec(step_size_mb: int = 1, **overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def daily_fan_out_spec(**source: Any) -> dict[str, Any]:
+    """A daily-partitioned, fanned-out spec (1 MiB steps) over ``data/events/<day>/*.csv``, the table partitioned
+    by the event's day; ``source`` adds to its source block."""
+    return base_spec(
+        "events",
+        schema=[
+            {"name": "id", "type": "integer", "required": True},
+            {"name": "event_date", "type": "date", "required": True},
+            {"name": "name", "type": "string"},
+        ],
+        source={"type": "csv", "files": [{"path": "data/events/{partition}/*.csv"}], "fan_out": {"step_size_mb": 1},
+                **source},
+        target={"partitioning": ["day(event_date)"]},
+        partitions={"type": "daily", "start": "2024-01-01", "field": "event_date"},
+    )
+
+
 def write_files(project: Project, rows: tuple[int, ...] = FILE_ROWS, bad: dict[int, int] | None = None) -> list[Path]:
     """One CSV per entry of ``rows`` under data/events/, ids unique across files; ``bad`` puts that many invalid
     ids at the start of the file of that index."""
@@ -362,18 +379,7 @@ def test_the_multiprocess_executor_runs_the_groups_in_separate_processes(
 
 
 def test_a_partition_run_fans_out_over_its_partitions_files_and_replaces_only_its_window(project: Project) -> None:
-    spec = base_spec(
-        "events",
-        schema=[
-            {"name": "id", "type": "integer", "required": True},
-            {"name": "event_date", "type": "date", "required": True},
-            {"name": "name", "type": "string"},
-        ],
-        source={"type": "csv", "files": [{"path": "data/events/{partition}/*.csv"}], "fan_out": {"step_size_mb": 1}},
-        target={"partitioning": ["day(event_date)"]},
-        partitions={"type": "daily", "start": "2024-01-01", "field": "event_date"},
-    )
-    project.write_spec(spec)
+    project.write_spec(daily_fan_out_spec())
     expected: Counter[Any] = Counter()
     for day, parts in (("2024-01-30", (1,)), ("2024-01-31", (40_000, 40_000, 5))):
         start = 0
@@ -396,6 +402,32 @@ def test_a_partition_run_fans_out_over_its_partitions_files_and_replaces_only_it
     head = table.snapshot_by_name(BRANCH)
     assert head is not None and head.summary is not None
     assert head.summary.get("dativo.partition") == "2024-01-31" and head.summary.get(RUN_ID_KEY) == results[2].run_id
+
+
+def test_an_incremental_partition_fans_out_from_its_own_state_nothing_new_then_a_removed_file(
+    project: Project,
+) -> None:
+    """The plan selects as the one extract step does: a partition's run from the partition's own committed state,
+    so that running it again reads nothing, and a file gone from the partition takes its rows away."""
+    project.write_spec(daily_fan_out_spec(incremental={"strategy": "file_modified_time"}))
+    day = "2024-01-31"
+    for index in range(2):
+        project.write_data(f"events/{day}/part-{index}.csv",
+                           "id,event_date,name\n" + "".join(f"{index * 10 + i},{day},n\n" for i in range(3)))
+
+    first = project.materialize(partition_key=day)
+    head = project.table(TABLE).snapshot_by_name(BRANCH)
+    again = project.materialize(partition_key=day)
+
+    assert first.success and again.success
+    assert project.table(TABLE).snapshot_by_name(BRANCH).snapshot_id == head.snapshot_id
+    assert materialization(again, "events")["nothing_new"] is True
+
+    (project.data_dir / "events" / day / "part-1.csv").unlink()
+    removed = project.materialize(partition_key=day)
+
+    assert removed.success
+    assert sorted(r["id"] for r in branch_rows(project.table(TABLE), BRANCH)) == [0, 1, 2]
 
 
 def test_reexecuting_a_run_whose_group_failed_commits_every_group_once_under_the_planning_run(

@@ -61,6 +61,30 @@ def check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluati
     return evaluation
 
 
+def load_three_files(project: Project) -> list[str]:
+    """Run the spec (written already) over ids 1..100, then 201..300, then 1001..1100: one data file a run, each
+    run's unique_key check passing. Returns the three files' paths in that order."""
+    files: list[str] = []
+    for first in (1, 201, 1001):
+        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
+        assert check(run(project), "unique_key").passed
+        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
+    return files
+
+
+def spy_on_read_columns(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
+    """From now on, record the path of every data file ``module.read_columns`` opens (and still open it)."""
+    opened: list[str] = []
+    read_columns = module.read_columns
+
+    def spy(table: Any, data_file: Any, *args: Any) -> Any:
+        opened.append(data_file.file_path)
+        return read_columns(table, data_file, *args)
+
+    monkeypatch.setattr(module, "read_columns", spy)
+    return opened
+
+
 # ---- the dedupe rule, vectorised ------------------------------------------------------------------------------
 
 
@@ -279,19 +303,8 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     project.write_spec(merge_spec(partitioning=[]))
-    files: list[str] = []
-    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
-        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
-        run(project)
-        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
-    read: list[str] = []
-    read_columns = rewrite_module.read_columns
-
-    def spy(table: Any, data_file: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
-        read.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
-
-    monkeypatch.setattr(rewrite_module, "read_columns", spy)
+    files = load_three_files(project)
+    read = spy_on_read_columns(monkeypatch, rewrite_module)  # the files the merge's removal opens (not the check's)
 
     # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
     # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
@@ -412,19 +425,8 @@ def test_unique_key_of_an_append_opens_only_the_files_that_can_hold_the_keys_the
     spec = merge_spec(partitioning=[])
     spec["target"] = {"partitioning": []}  # append
     project.write_spec(spec)
-    files: list[str] = []
-    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
-        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
-        assert check(run(project), "unique_key").passed
-        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
-    opened: list[str] = []
-    read_columns = merge_module.read_columns
-
-    def spy(table: Any, data_file: Any, *args: Any) -> Any:
-        opened.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
-
-    monkeypatch.setattr(merge_module, "read_columns", spy)
+    files = load_three_files(project)
+    opened = spy_on_read_columns(monkeypatch, merge_module)
 
     # a new file 1101..1110 with 1105 twice, and 1001 again (already on the branch in the third file)
     project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1101, 1111))
@@ -456,19 +458,8 @@ def test_the_blocking_unique_key_of_a_merge_opens_only_the_files_that_can_hold_i
     """A merge's staged check costs what the run touches, not the table: it looks for the run's keys (and those of
     files added since the last merge's check) in the files whose bounds can hold them, not in every file."""
     project.write_spec(merge_spec(partitioning=[]))
-    files: list[str] = []
-    for first in (1, 201, 1001):  # one data file per run: ids 1..100, 201..300, 1001..1100
-        project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(first, first + 100)))
-        run(project)
-        files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
-    opened: list[str] = []
-    read_columns = merge_module.read_columns
-
-    def spy(table: Any, data_file: Any, *args: Any) -> Any:
-        opened.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
-
-    monkeypatch.setattr(merge_module, "read_columns", spy)
+    files = load_three_files(project)
+    opened = spy_on_read_columns(monkeypatch, merge_module)
     project.write_data("people.csv", "id,name,deleted\n1050,b,false\n" + "".join(f"{i},n,false\n" for i in range(1101, 1105)))
     result = run(project)
 

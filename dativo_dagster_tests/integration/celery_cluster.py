@@ -25,7 +25,7 @@ from pathlib import Path
 import dagster as dg
 import redis
 
-from .servers import DEFAULT_TIMEOUT, STOP_GRACE_SECONDS, PostgresCluster, ServerError, _tail, free_ports
+from .servers import DEFAULT_TIMEOUT, STOP_GRACE_SECONDS, PostgresCluster, ServerError, _tail, free_ports, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -37,14 +37,7 @@ def _stop_group(process: subprocess.Popen[bytes] | None, grace: float = STOP_GRA
     """SIGTERM the process group started with ``process`` (its own session), SIGKILL after ``grace``."""
     if process is None or process.poll() is not None:
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_group(process, (signal.SIGTERM, signal.SIGKILL), grace)
 
 
 class RedisServer:

@@ -24,11 +24,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .servers import free_ports
+from .servers import free_ports, stop_group
 
 MODULE = "dativo_dagster.definitions"
 LOCATION = MODULE  # `dagster dev -m MODULE` names the code location after the module
@@ -126,14 +126,7 @@ class DagsterDev:
         proc, self.process = self.process, None
         if proc is None:
             return
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc, (signal.SIGINT, signal.SIGTERM, signal.SIGKILL), STOP_GRACE_SECONDS)
         # children that outlived dagster dev itself (none expected)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -167,9 +160,11 @@ class DagsterDev:
             raise DagsterDevError(f"GraphQL errors: {payload['errors']}")
         return payload["data"]
 
-    def launch_assets(self, asset_names: Sequence[str], run_config: Mapping[str, Any] | None = None) -> str:
-        """Launch a run of the implicit asset job for these assets (and their checks); returns the run id."""
-        params = {
+    def launch_assets(self, asset_names: Sequence[str], run_config: Mapping[str, Any] | None = None, *,
+                      tags: Mapping[str, str] | None = None) -> str:
+        """Launch a run of the implicit asset job for these assets (and their checks), with these run tags (one
+        partition: ``{"dagster/partition": key}``, as the UI's asset page sends it); returns the run id."""
+        params: dict[str, Any] = {
             "selector": {
                 "repositoryLocationName": self.module,
                 "repositoryName": REPOSITORY,
@@ -178,6 +173,8 @@ class DagsterDev:
             },
             "runConfigData": json.dumps(dict(run_config or {})),
         }
+        if tags:
+            params["executionMetadata"] = {"tags": [{"key": key, "value": value} for key, value in tags.items()]}
         result = self.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
             raise DagsterDevError(f"launchRun failed: {result}")
@@ -185,14 +182,23 @@ class DagsterDev:
 
     def wait_for_run(self, run_id: str, timeout: float = 120.0) -> str:
         """Poll until the run finishes; returns its status (SUCCESS, FAILURE or CANCELED)."""
+        return self.wait_for(
+            f"run {run_id}", lambda: self.graphql(RUN_STATUS, {"id": run_id})["runOrError"].get("status", "UNKNOWN"),
+            FINISHED, timeout=timeout, interval=0.5,
+        )
+
+    def wait_for(self, what: str, status_of: Callable[[], str], finished: Collection[str], *, timeout: float,
+                 interval: float) -> str:
+        """Poll ``status_of()`` every ``interval`` seconds until it returns one of ``finished``, and return that;
+        after ``timeout`` seconds raise, naming ``what`` and its last status, with the log's tail."""
         deadline = time.monotonic() + timeout
         status = "UNKNOWN"
         while time.monotonic() < deadline:
-            status = self.graphql(RUN_STATUS, {"id": run_id})["runOrError"].get("status", "UNKNOWN")
-            if status in FINISHED:
+            status = status_of()
+            if status in finished:
                 return status
-            time.sleep(0.5)
-        raise DagsterDevError(f"run {run_id} still {status} after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(interval)
+        raise DagsterDevError(f"{what} still {status} after {timeout:.0f} s:\n{self.log_tail()}")
 
 
 __all__ = ["ASSET_JOB", "LOCATION", "DagsterDev", "DagsterDevError"]

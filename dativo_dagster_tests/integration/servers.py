@@ -111,6 +111,19 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def stop_group(process: subprocess.Popen[bytes], signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL),
+               grace: float = STOP_GRACE_SECONDS) -> None:
+    """Signal the process group ``process`` leads (started with ``start_new_session``) with each of ``signals`` in
+    turn, until ``process`` exits within ``grace`` seconds of one."""
+    for sig in signals:
+        _kill_group(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.table_checks import data_files
 
 from . import commit_gate_location
-from .dagster_dev import ASSET_JOB, DagsterDev, DagsterDevError
+from .dagster_dev import DagsterDev, DagsterDevError
 
 ROOT = Path(__file__).resolve().parents[2]
 GATED_LOCATION = commit_gate_location.__name__
@@ -51,15 +50,6 @@ mutation LaunchBackfill($params: LaunchBackfillParams!) {
 BACKFILL_STATUS = """
 query BackfillStatus($id: String!) {
   partitionBackfillOrError(backfillId: $id) { __typename ... on PartitionBackfill { status } }
-}
-"""
-LAUNCH_RUN = """
-mutation LaunchRun($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
 }
 """
 
@@ -130,32 +120,16 @@ def launch_backfill(dev: DagsterDev, asset: str, keys: Sequence[str]) -> str:
 
 
 def wait_for_backfill(dev: DagsterDev, backfill_id: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    status = "UNKNOWN"
-    while time.monotonic() < deadline:
-        status = dev.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"].get("status", "UNKNOWN")
-        if status in DONE:
-            return status
-        time.sleep(1)
-    raise DagsterDevError(f"backfill {backfill_id} still {status} after {timeout:.0f} s:\n{dev.log_tail()}")
+    return dev.wait_for(
+        f"backfill {backfill_id}",
+        lambda: dev.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"].get("status", "UNKNOWN"),
+        DONE, timeout=timeout, interval=1,
+    )
 
 
 def launch_partition_run(dev: DagsterDev, asset: str, key: str) -> str:
     """What the UI's asset page sends to materialize one partition: the asset job, the partition as a tag."""
-    params = {
-        "selector": {
-            "repositoryLocationName": dev.module,
-            "repositoryName": "__repository__",
-            "jobName": ASSET_JOB,
-            "assetSelection": [{"path": [asset]}],
-        },
-        "executionMetadata": {"tags": [{"key": PARTITION_TAG, "value": key}]},
-        "runConfigData": "{}",
-    }
-    result = dev.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
-    if result["__typename"] != "LaunchRunSuccess":
-        raise DagsterDevError(f"launchRun failed: {result}")
-    return result["run"]["runId"]
+    return dev.launch_assets([asset], tags={PARTITION_TAG: key})
 
 
 def backfill_runs(home: Path, backfill_id: str) -> list[dg.RunRecord]:

@@ -34,7 +34,7 @@ from dativo_dagster_tests.compose_file import load_compose, service_environment
 
 from .dagster_dev import ASSET_JOB, LAUNCH_RUN, REPOSITORY
 from .deployment import branch_head
-from .servers import PostgresCluster, SeaweedFS, free_ports
+from .servers import PostgresCluster, SeaweedFS, free_ports, stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -72,14 +72,7 @@ class Service:
         proc = self.process
         if proc is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=STOP_GRACE_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc, (signal.SIGTERM, signal.SIGKILL), STOP_GRACE_SECONDS)
         with contextlib.suppress(ProcessLookupError):  # run workers it started, if any outlived it
             os.killpg(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + STOP_GRACE_SECONDS  # killed children are gone once init has reaped them

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pytest
 from dativo_dagster.table_state import SOURCE_STATE_KEY, read_branch_state
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
+from .databases import ReaderDatabase, add_mariadb_reader, add_postgres_reader, unique
 from .servers import MariaDBServer, PostgresCluster
 
 DATIVO_DAGSTER = Path(sys.executable).parent / "dativo-dagster"
@@ -32,27 +32,12 @@ T0 = datetime(2024, 3, 1, 12, 0, 0)
 
 
 @dataclass
-class Database:
+class Database(ReaderDatabase):
     """One server kind with database ``cursor_shop`` and a reader that logs in with a password."""
 
-    kind: str  # postgres | mysql
-    server: Any
-
-    @property
-    def url(self) -> str:
-        scheme = "postgresql" if self.kind == "postgres" else "mysql"
-        return f"{scheme}://{READER}:{PASSWORD}@{self.server.host}:{self.server.port}/{DB}"
-
-    def execute(self, *statements: str) -> None:
-        if self.kind == "mysql":  # literals are UTC, as the postgres cluster's sessions
-            self.server.execute(["SET time_zone = '+00:00'", *statements], DB)
-            return
-        conn = self.server.connect(DB)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-        conn.close()
+    name: str = DB
+    reader: str = READER
+    password: str = PASSWORD
 
     def create_orders(self, table: str, *, key: bool = True, zoned: bool = False) -> None:
         """``table(id, updated_at, note)``; ``id`` is the primary key with ``key``; ``updated_at`` an instant with
@@ -76,22 +61,13 @@ class Database:
 
 @pytest.fixture(scope="module")
 def pg_db(postgres: PostgresCluster) -> PostgresCluster:
-    postgres.create_database(DB)
-    hba = postgres.data_dir / "pg_hba.conf"
-    hba.write_text(f"host all {READER} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
-    conn = postgres.connect(DB)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_reload_conf()")
-        cur.execute(f"CREATE ROLE {READER} LOGIN PASSWORD '{PASSWORD}'")
-    conn.close()
+    add_postgres_reader(postgres, DB, READER, PASSWORD)
     return postgres
 
 
 @pytest.fixture(scope="module")
 def my_db(mariadb: MariaDBServer) -> MariaDBServer:
-    mariadb.execute([f"CREATE DATABASE {DB}", f"CREATE USER '{READER}'@'%' IDENTIFIED BY '{PASSWORD}'",
-                     f"GRANT SELECT ON {DB}.* TO '{READER}'@'%'"])
+    add_mariadb_reader(mariadb, DB, READER, PASSWORD)
     return mariadb
 
 
@@ -125,8 +101,6 @@ def env_url(db: Database, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     yield db.url
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 def rows_of(project: Project, name: str) -> list[tuple[int, datetime, str | None]]:

@@ -4,7 +4,6 @@ only, rows outside it are ``out_of_partition``, and no value from outside ever b
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ from dativo_dagster.spec import LoadedSpec, parse_spec_document
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 from dativo_dagster_tests.table_checks import failures
 
+from .databases import ReaderDatabase, add_mariadb_reader, add_postgres_reader, unique
 from .servers import MariaDBServer, PostgresCluster
 
 DB = "part_shop"
@@ -26,25 +26,10 @@ BRANCH = "acme"
 
 
 @dataclass
-class Database:
-    kind: str  # postgres | mysql
-    server: Any
-
-    @property
-    def url(self) -> str:
-        scheme = "postgresql" if self.kind == "postgres" else "mysql"
-        return f"{scheme}://{READER}:{PASSWORD}@{self.server.host}:{self.server.port}/{DB}"
-
-    def execute(self, *statements: str) -> None:
-        if self.kind == "mysql":
-            self.server.execute(["SET time_zone = '+00:00'", *statements], DB)
-            return
-        conn = self.server.connect(DB)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-        conn.close()
+class Database(ReaderDatabase):
+    name: str = DB
+    reader: str = READER
+    password: str = PASSWORD
 
     def create_events(self, table: str, *, zoned: bool = False) -> None:
         """``table(id, event_date date, at timestamp(tz), note)``."""
@@ -66,24 +51,14 @@ class Database:
 
 @pytest.fixture(scope="module")
 def pg_db(postgres: PostgresCluster) -> PostgresCluster:
-    postgres.create_database(DB)
-    hba = postgres.data_dir / "pg_hba.conf"
-    hba.write_text(f"host all {READER} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
-    conn = postgres.connect(DB)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_reload_conf()")
-        cur.execute(f"CREATE ROLE {READER} LOGIN PASSWORD '{PASSWORD}'")
-        # every statement of the reader goes to the server's log: the tests read the SQL the source sent
-        cur.execute(f"ALTER ROLE {READER} SET log_statement = 'all'")
-    conn.close()
+    # every statement of the reader goes to the server's log: the tests read the SQL the source sent
+    add_postgres_reader(postgres, DB, READER, PASSWORD, log_statements=True)
     return postgres
 
 
 @pytest.fixture(scope="module")
 def my_db(mariadb: MariaDBServer) -> MariaDBServer:
-    mariadb.execute([f"CREATE DATABASE {DB}", f"CREATE USER '{READER}'@'%' IDENTIFIED BY '{PASSWORD}'",
-                     f"GRANT SELECT ON {DB}.* TO '{READER}'@'%'"])
+    add_mariadb_reader(mariadb, DB, READER, PASSWORD)
     return mariadb
 
 
@@ -93,10 +68,6 @@ def db(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Datab
     database = Database(request.param, server)
     monkeypatch.setenv(URL_ENV, database.url)
     return database
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
 def events_spec(db: Database, name: str, *, table: str | None = None, query: str | None = None,

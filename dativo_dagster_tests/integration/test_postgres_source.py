@@ -22,6 +22,7 @@ from dativo_dagster.spec import LoadedSpec, load_spec_file
 from dativo_dagster.storage import S3Settings
 from dativo_dagster_tests.conftest import Project, base_spec, branch_rows
 
+from .databases import add_postgres_reader
 from .servers import PostgresCluster, free_ports
 
 VENV_BIN = Path(sys.executable).parent
@@ -102,22 +103,11 @@ def shop(postgres: PostgresCluster) -> PostgresCluster:
 
     Other modules import this fixture (test_merge_servers.py): each module runs it once on the session's cluster, so
     a cluster that has the role already is set up."""
-    postgres.create_database(DB)
-    conn = postgres.connect(DB)
-    with conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,))
-        ready = cur.fetchone() is not None
-    conn.close()
-    if ready:
+    if not add_postgres_reader(postgres, DB, READER, PASSWORD):
         return postgres
-    hba = postgres.data_dir / "pg_hba.conf"
-    # the cluster trusts everyone; the reader role must give its password (so a wrong one is refused)
-    hba.write_text(f"host all {READER} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
     conn = postgres.connect(DB)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_reload_conf()")
-        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(READER)), (PASSWORD,))
         cur.execute("CREATE SCHEMA sales")
         cur.execute(TYPES_DDL)
         cur.execute(sql.SQL("GRANT USAGE ON SCHEMA sales TO {}").format(sql.Identifier(READER)))
