@@ -19,7 +19,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from pyiceberg.table.snapshots import Operation, ancestors_of
 from pyiceberg.types import DateType, DecimalType, IntegerType, LongType, NestedField, StringType
 
 from dativo_dagster.errors import TerminalError
-from dativo_dagster.rewrite import SourceSelection, read_columns
+from dativo_dagster.rewrite import SourceSelection, read_column_groups, read_matches
 from dativo_dagster.table_state import RUN_ID_KEY
 from dativo_dagster.storage import S3Settings, filesystem_for, is_s3_uri, join_uri
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file
@@ -343,6 +343,29 @@ class KeySelection:
                 return False
         return True
 
+    def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> KeySelection | None:
+        """The run's keys that lie within ``bounds`` (key column: (min, max) of a row group), or None when none
+        does (and no changed source is replaced): the row group need not be read, and the hash set a row group is
+        probed with holds only the keys it can hold (for a table whose files are ordered or clustered by the key,
+        a small part of the run's keys)."""
+        inside: pa.Array | None = None
+        for name in self.keys.column_names:
+            if name not in bounds:
+                continue
+            column = self.keys.column(name)
+            try:
+                low, high = (pa.scalar(value, column.type) for value in bounds[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                continue  # statistics of a type Arrow does not take back as the key's: no narrowing by them
+            within = pc.and_(pc.greater_equal(column, low), pc.less_equal(column, high))
+            inside = within if inside is None else pc.and_(inside, within)
+        if inside is None:
+            return self
+        keys = self.keys.filter(inside)
+        if not keys.num_rows:
+            return self if self.sources else None
+        return self if keys.num_rows == self.keys.num_rows else KeySelection(keys, self.schema, self.sources)
+
     def matches(self, data: pa.Table) -> pa.Array:
         """Rows whose key is one of the run's keys (an Arrow hash join), or that came from a changed source."""
         names = self.keys.column_names
@@ -412,8 +435,8 @@ def added_keys(table: Table, snapshot_id: int, key: Sequence[str]) -> pa.Table:
                 continue
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snapshot_id:
-                    keys = read_columns(table, entry.data_file, needed, names)
-                    pieces.append(keys.group_by(names, use_threads=False).aggregate([]))
+                    for keys in read_column_groups(table, entry.data_file, needed, names):
+                        pieces.append(keys.group_by(names, use_threads=False).aggregate([]))
     schema = pa.schema([table.schema().as_arrow().field(name) for name in names])
     if not pieces:
         return schema.empty_table()
@@ -444,8 +467,9 @@ def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa
     more than once (``rows`` is how many rows hold one of ``keys``).
 
     Only the data files whose partition and key-column bounds can hold one of ``keys`` are opened (the pruning a
-    merge's planning uses, ``KeySelection``), only their key columns are read, and only their matching rows are
-    kept: the cost follows the files ``keys`` touch and memory the matching rows, not the branch's size.
+    merge's planning uses, ``KeySelection``), only their key columns are read, a row group at a time (groups whose
+    statistics rule out every key are skipped), and only their matching rows are kept: the cost follows the files
+    ``keys`` touch and memory a row group plus the matching rows, not the branch's or a file's size.
     """
     head = table.snapshot_by_name(branch)
     if head is None or not keys.num_rows:
@@ -457,10 +481,10 @@ def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa
     for task in table.scan(snapshot_id=head.snapshot_id, row_filter=selection.row_filter()).plan_files():
         if not selection.might_hold(task.file):
             continue
-        data = read_columns(table, task.file, needed, names, task.delete_files)
-        hits = data.filter(selection.matches(data))
-        if hits.num_rows:
-            found.append(hits)
+        for data, matched in read_matches(table, task.file, needed, selection, task.delete_files):
+            hits = data.filter(matched) if data is not None else None
+            if hits is not None and hits.num_rows:
+                found.append(hits)
     if not found:
         return DuplicateKeys(0, 0, 0, [])
     return _count_duplicates(pa.concat_tables(found), names, examples, show_examples)

@@ -285,13 +285,13 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
         run(project)
         files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     read: list[str] = []
-    read_columns = rewrite_module.read_columns
+    read_matches = rewrite_module.read_matches
 
     def spy(table: Any, data_file: Any, *args: Any) -> Any:  # the files the merge's removal opens (not the check's)
         read.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
+        return read_matches(table, data_file, *args)
 
-    monkeypatch.setattr(rewrite_module, "read_columns", spy)
+    monkeypatch.setattr(rewrite_module, "read_matches", spy)
 
     # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
     # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
@@ -418,13 +418,18 @@ def test_unique_key_of_an_append_opens_only_the_files_that_can_hold_the_keys_the
         assert check(run(project), "unique_key").passed
         files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     opened: list[str] = []
-    read_columns = merge_module.read_columns
+    read_matches, read_column_groups = merge_module.read_matches, merge_module.read_column_groups
 
     def spy(table: Any, data_file: Any, *args: Any) -> Any:
         opened.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
+        return read_matches(table, data_file, *args)
 
-    monkeypatch.setattr(merge_module, "read_columns", spy)
+    def spy_added(table: Any, data_file: Any, *args: Any) -> Any:  # the keys of the files the run added
+        opened.append(data_file.file_path)
+        return read_column_groups(table, data_file, *args)
+
+    monkeypatch.setattr(merge_module, "read_matches", spy)
+    monkeypatch.setattr(merge_module, "read_column_groups", spy_added)
 
     # a new file 1101..1110 with 1105 twice, and 1001 again (already on the branch in the third file)
     project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1101, 1111))
@@ -462,13 +467,13 @@ def test_the_blocking_unique_key_of_a_merge_opens_only_the_files_that_can_hold_i
         run(project)
         files.append(next(f for f in data_files(project.table(TABLE), BRANCH) if f not in files))
     opened: list[str] = []
-    read_columns = merge_module.read_columns
+    read_matches = merge_module.read_matches
 
     def spy(table: Any, data_file: Any, *args: Any) -> Any:
         opened.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
+        return read_matches(table, data_file, *args)
 
-    monkeypatch.setattr(merge_module, "read_columns", spy)
+    monkeypatch.setattr(merge_module, "read_matches", spy)
     project.write_data("people.csv", "id,name,deleted\n1050,b,false\n" + "".join(f"{i},n,false\n" for i in range(1101, 1105)))
     result = run(project)
 
@@ -625,3 +630,62 @@ def test_a_merge_reads_only_the_key_columns_to_plan_and_hands_the_writer_diction
     assert len(rows) == 100 and rows[5] == "b-5" and rows[6] == "a-6"
     survivors = [r for r in branch_rows(project.table(TABLE), BRANCH) if r["id"] != 5]
     assert {r["_source_file"] for r in survivors} == {str(project.data_dir / "people.csv")}
+
+
+def test_planning_and_the_unique_key_check_read_a_files_key_column_a_row_group_at_a_time(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's planning and its blocking unique_key check never hold a candidate file's whole key column: they
+    read it a row group at a time and match each group against the run's keys, so memory follows a row group, not
+    the file (issue 18: 603 MiB at 50M rows, where a 128 MiB file holds 10M keys). Row groups whose key statistics
+    hold none of the run's keys are not read at all."""
+    from dativo_dagster import write as write_module  # noqa: PLC0415
+    from dativo_dagster.merge import KeySelection  # noqa: PLC0415
+
+    monkeypatch.setattr(write_module, "MIN_ROW_GROUP_BYTES", 1024)
+    monkeypatch.setattr(write_module, "ROW_GROUP_MAX_BYTES", 1024)  # many small row groups in one data file
+    project.write_spec(merge_spec(partitioning=[]))
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(1, 3001)))
+    run(project)
+    [loaded] = data_files(project.table(TABLE), BRANCH)
+    metadata = pq.ParquetFile(loaded.removeprefix("file://")).metadata
+    group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    assert len(group_rows) >= 10 and sum(group_rows) == 3000
+
+    whole: list[int] = []  # rows of every whole-file read of the key column
+    groups: list[int] = []  # rows of every row-group read of the key column
+    matched: list[int] = []  # rows handed to the key matching at once
+    read, read_row_group, matches = pq.ParquetFile.read, pq.ParquetFile.read_row_group, KeySelection.matches
+
+    def reading(self: pq.ParquetFile, *args: Any, columns: Any = None, **kwargs: Any) -> pa.Table:
+        data = read(self, *args, columns=columns, **kwargs)
+        if columns == ["id"]:
+            whole.append(data.num_rows)
+        return data
+
+    def reading_group(self: pq.ParquetFile, i: int, *args: Any, columns: Any = None, **kwargs: Any) -> pa.Table:
+        data = read_row_group(self, i, *args, columns=columns, **kwargs)
+        if columns == ["id"]:
+            groups.append(data.num_rows)
+        return data
+
+    def matching(self: KeySelection, data: pa.Table) -> pa.Array:
+        matched.append(data.num_rows)
+        return matches(self, data)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", reading)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", reading_group)
+    monkeypatch.setattr(KeySelection, "matches", matching)
+    # two changed keys at either end of the file and one new key
+    project.write_data("people.csv", "id,name,deleted\n2,b-2,false\n2999,b-2999,false\n5000,n,false\n")
+    result = run(project)
+
+    rows = rows_by_id(project)
+    assert len(rows) == 3001 and rows[2] == "b-2" and rows[2999] == "b-2999" and rows[3] == "a-3" and rows[5000] == "n"
+    unique = check(result, "unique_key")
+    assert unique.passed and unique.metadata["rows_checked"].value == 3
+    assert whole == []  # no key column read whole
+    assert groups and max(groups) <= max(group_rows)
+    assert matched and max(matched) <= max(group_rows)
+    # planning and the check each read only the groups whose key bounds hold 2 or 2999 (and the run's own file's)
+    assert len(groups) < len(group_rows)
