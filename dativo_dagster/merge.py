@@ -21,6 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -343,11 +344,22 @@ class KeySelection:
                 return False
         return True
 
+    @cached_property
+    def sorted_key(self) -> np.ndarray | None:
+        """The run's keys sorted, when the key is one integer or date/time column: probed by binary search, so that
+        each piece of a file is matched without building a hash set of the run's keys again; else None."""
+        if self.keys.num_columns != 1:
+            return None
+        column = self.keys.column(0)
+        kind = column.type
+        if not (pa.types.is_integer(kind) or pa.types.is_date(kind) or pa.types.is_timestamp(kind)):
+            return None
+        return np.sort(column.to_numpy())
+
     def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> KeySelection | None:
-        """The run's keys that lie within ``bounds`` (key column: (min, max) of a row group), or None when none
-        does (and no changed source is replaced): the row group need not be read, and the hash set a row group is
-        probed with holds only the keys it can hold (for a table whose files are ordered or clustered by the key,
-        a small part of the run's keys)."""
+        """The run's keys that lie within ``bounds`` (key column: (min, max) of some row groups), or None when none
+        does (and no changed source is replaced): those row groups need not be read. With a hash-matched key the
+        hash set they are probed with then holds only the keys they can hold."""
         inside: pa.Array | None = None
         for name in self.keys.column_names:
             if name not in bounds:
@@ -357,6 +369,10 @@ class KeySelection:
                 low, high = (pa.scalar(value, column.type) for value in bounds[name])
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
                 continue  # statistics of a type Arrow does not take back as the key's: no narrowing by them
+            if self.sorted_key is not None:  # one sorted column: count the keys within by binary search
+                edges = pa.array([low, high], column.type).to_numpy(zero_copy_only=False)
+                first, last = np.searchsorted(self.sorted_key, edges[0]), np.searchsorted(self.sorted_key, edges[1], "right")
+                return self if first < last or self.sources else None
             within = pc.and_(pc.greater_equal(column, low), pc.less_equal(column, high))
             inside = within if inside is None else pc.and_(inside, within)
         if inside is None:
@@ -367,10 +383,14 @@ class KeySelection:
         return self if keys.num_rows == self.keys.num_rows else KeySelection(keys, self.schema, self.sources)
 
     def matches(self, data: pa.Table) -> pa.Array:
-        """Rows whose key is one of the run's keys (an Arrow hash join), or that came from a changed source."""
+        """Rows whose key is one of the run's keys (binary search in the sorted keys, an Arrow hash set, or an Arrow
+        hash join), or that came from a changed source."""
         names = self.keys.column_names
         rows = data.select(names)
-        if len(names) == 1:
+        if self.sorted_key is not None:
+            values = rows.column(0).cast(self.keys.column(0).type).to_numpy()  # a chunked array: copied
+            found = pa.array(_in_sorted(self.sorted_key, values))
+        elif len(names) == 1:
             # one key column: a hash set of the run's keys, probed by the column (less memory than a join)
             column = rows.column(0)
             found = pc.is_in(column, value_set=self.keys.column(0).cast(column.type).combine_chunks())
@@ -383,6 +403,14 @@ class KeySelection:
         if self.sources:
             found = pc.or_(found, SourceSelection(self.sources).matches(data))
         return found
+
+
+def _in_sorted(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per value: whether it is one of ``keys`` (sorted), by binary search (vectorised)."""
+    if not len(keys):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    return keys[at] == values
 
 
 @dataclass(frozen=True)

@@ -214,45 +214,74 @@ def read_column_groups(
     yield scan.to_table([FileScanTask(data_file, delete_files=set(delete_files))])
 
 
+# rows of a file matched at once (consecutive row groups up to this many rows): bounds memory (about 9 bytes a row
+# for an integer key and its mask) whatever the file's size, while keeping the hash sets the keys are probed with
+# as few as when a file was matched whole
+MATCH_ROWS = 1 << 20
+
+
 def read_matches(
     table: Table, data_file: DataFile, scan: ArrowScan, selection: RowSelection, delete_files: Collection[DataFile] = (),
 ) -> Iterator[tuple[pa.Table | None, pa.Array]]:
-    """The rows of one data file that ``selection`` matches, in file order, one row group at a time: per row group
-    its ``selection.columns()`` (None when the group's statistics rule out every selected row: then it is not read)
-    and a mask with one entry per row (true: matched).
+    """The rows of one data file that ``selection`` matches, in file order, a few row groups at a time: per piece its
+    ``selection.columns()`` (None when the pieces' statistics rule out every selected row: then it is not read) and
+    a mask with one entry per row (true: matched).
 
-    The project's own files are read with pyarrow's reader, a row group after the other, each matched against the
-    selection narrowed to the group's min/max statistics (so memory follows a row group, not the file, and the
-    hash set of keys probed is the part of the run's keys the group can hold); any other file (foreign columns,
-    delete files) whole through pyiceberg's scan (field ids, deletes).
+    The project's own files are read with pyarrow's reader, consecutive row groups up to ``MATCH_ROWS`` rows (at
+    least one group) at a time, each piece matched against the selection narrowed to its groups' min/max statistics
+    (so memory follows ``MATCH_ROWS``, not the file, and the hash set probed holds only the keys the piece can
+    hold); any other file (foreign columns, delete files) whole through pyiceberg's scan (field ids, deletes).
     """
     names = selection.columns()
     if not delete_files:
         with table.io.new_input(data_file.file_path).open() as stream:
             parquet = pq.ParquetFile(stream)
             if _own_columns(table, parquet, names):
-                for index in range(parquet.num_row_groups):
-                    group = parquet.metadata.row_group(index)
-                    narrowed = selection.narrowed(_row_group_bounds(group, names))
+                for groups, rows in _row_group_runs(parquet.metadata):
+                    narrowed = selection.narrowed(_bounds(parquet.metadata, groups, names))
                     if narrowed is None:
-                        yield None, pa.array(np.zeros(group.num_rows, dtype=bool))
+                        yield None, pa.array(np.zeros(rows, dtype=bool))
                         continue
-                    data = parquet.read_row_group(index, columns=names)
+                    data = parquet.read_row_groups(groups, columns=names)
                     yield data, narrowed.matches(data)
                 return
     data = scan.to_table([FileScanTask(data_file, delete_files=set(delete_files))])
     yield data, selection.matches(data)
 
 
-def _row_group_bounds(group: pq.RowGroupMetaData, names: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """The min/max statistics of the columns ``names`` in one row group (the columns that have them)."""
+def _row_group_runs(metadata: pq.FileMetaData) -> Iterator[tuple[list[int], int]]:
+    """Consecutive row groups of a file holding up to ``MATCH_ROWS`` rows (at least one group), with their rows."""
+    groups: list[int] = []
+    rows = 0
+    for index in range(metadata.num_row_groups):
+        count = metadata.row_group(index).num_rows
+        if groups and rows + count > MATCH_ROWS:
+            yield groups, rows
+            groups, rows = [], 0
+        groups.append(index)
+        rows += count
+    if groups:
+        yield groups, rows
+
+
+def _bounds(metadata: pq.FileMetaData, groups: Sequence[int], names: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The min/max statistics of the columns ``names`` over the row groups ``groups`` (the columns every one of
+    them has statistics for)."""
     bounds: dict[str, tuple[Any, Any]] = {}
-    for index in range(group.num_columns):
-        chunk = group.column(index)
-        statistics = chunk.statistics
-        if chunk.path_in_schema in names and statistics is not None and statistics.has_min_max:
-            bounds[chunk.path_in_schema] = (statistics.min, statistics.max)
-    return bounds
+    missing: set[str] = set()
+    for index in groups:
+        group = metadata.row_group(index)
+        seen: set[str] = set()
+        for column in range(group.num_columns):
+            chunk = group.column(column)
+            name, statistics = chunk.path_in_schema, chunk.statistics
+            if name not in names or statistics is None or not statistics.has_min_max:
+                continue
+            seen.add(name)
+            low, high = bounds.get(name, (statistics.min, statistics.max))
+            bounds[name] = (min(low, statistics.min), max(high, statistics.max))
+        missing.update(set(names) - seen)
+    return {name: bound for name, bound in bounds.items() if name not in missing}
 
 
 def _file_batches(table: Table, task: FileScanTask, scan: ArrowScan) -> Iterator[pa.RecordBatch]:
