@@ -371,7 +371,8 @@ class KeySelection:
                 continue  # statistics of a type Arrow does not take back as the key's: no narrowing by them
             if self.sorted_key is not None:  # one sorted column: count the keys within by binary search
                 edges = pa.array([low, high], column.type).to_numpy(zero_copy_only=False)
-                first, last = np.searchsorted(self.sorted_key, edges[0]), np.searchsorted(self.sorted_key, edges[1], "right")
+                first = np.searchsorted(self.sorted_key, edges[0])
+                last = np.searchsorted(self.sorted_key, edges[1], "right")
                 return self if first < last or self.sources else None
             within = pc.and_(pc.greater_equal(column, low), pc.less_equal(column, high))
             inside = within if inside is None else pc.and_(inside, within)

@@ -221,7 +221,11 @@ MATCH_ROWS = 1 << 20
 
 
 def read_matches(
-    table: Table, data_file: DataFile, scan: ArrowScan, selection: RowSelection, delete_files: Collection[DataFile] = (),
+    table: Table,
+    data_file: DataFile,
+    scan: ArrowScan,
+    selection: RowSelection,
+    delete_files: Collection[DataFile] = (),
 ) -> Iterator[tuple[pa.Table | None, pa.Array]]:
     """The rows of one data file that ``selection`` matches, in file order, a few row groups at a time: per piece its
     ``selection.columns()`` (None when the pieces' statistics rule out every selected row: then it is not read) and
