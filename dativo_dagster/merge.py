@@ -496,9 +496,9 @@ def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa
     more than once (``rows`` is how many rows hold one of ``keys``).
 
     Only the data files whose partition and key-column bounds can hold one of ``keys`` are opened (the pruning a
-    merge's planning uses, ``KeySelection``), only their key columns are read, a row group at a time (groups whose
-    statistics rule out every key are skipped), and only their matching rows are kept: the cost follows the files
-    ``keys`` touch and memory a row group plus the matching rows, not the branch's or a file's size.
+    merge's planning uses, ``KeySelection``), only their key columns are read, a few row groups at a time (pieces
+    whose statistics rule out every key are skipped), and only their matching rows are kept: the cost follows the
+    files ``keys`` touch and memory one piece plus the matching rows, not the branch's or a file's size.
     """
     head = table.snapshot_by_name(branch)
     if head is None or not keys.num_rows:

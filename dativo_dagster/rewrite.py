@@ -145,9 +145,9 @@ def remove_rows(
 
     Candidate files come from pyiceberg's scan planning with ``selection.row_filter()`` (pruned by partition and by
     column bounds), then ``selection.might_hold`` (the file's own bounds); only the columns the selection needs are
-    read, a row group at a time (:func:`read_matches`), to tell files to delete whole from files to rewrite, and
-    only the latter are read whole, one after the other (memory bounded by one row group and a bit per row of the
-    file).
+    read, a few row groups at a time (:func:`read_matches`), to tell files to delete whole from files to rewrite, and
+    only the latter are read whole, one after the other (memory bounded by one piece of row groups and a bit per
+    row of the file).
 
     Raises:
         OSError: a data file could not be read or a new one written.
@@ -167,7 +167,7 @@ def remove_rows(
     for task in scan.plan_files():
         if not selection.might_hold(task.file):
             continue
-        # one row group at a time: only the mask (a bit per row) is kept until the rewrite
+        # a few row groups at a time: only the mask (a bit per row) is kept until the rewrite
         masks = [mask for _, mask in read_matches(table, task.file, needed, selection, task.delete_files)]
         leaving = pa.chunked_array(masks, pa.bool_())
         rows = len(leaving)
