@@ -19,8 +19,9 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from pyiceberg.table.snapshots import Operation, ancestors_of
 from pyiceberg.types import DateType, DecimalType, IntegerType, LongType, NestedField, StringType
 
 from dativo_dagster.errors import TerminalError
-from dativo_dagster.rewrite import SourceSelection, read_columns
+from dativo_dagster.rewrite import SourceSelection, read_column_groups, read_matches
 from dativo_dagster.table_state import RUN_ID_KEY
 from dativo_dagster.storage import S3Settings, filesystem_for, is_s3_uri, join_uri
 from dativo_dagster.write import PartitionedParquetWriter, WrittenFile, remove_file
@@ -343,11 +344,54 @@ class KeySelection:
                 return False
         return True
 
+    @cached_property
+    def sorted_key(self) -> np.ndarray | None:
+        """The run's keys sorted, when the key is one integer or date/time column: probed by binary search, so that
+        each piece of a file is matched without building a hash set of the run's keys again; else None."""
+        if self.keys.num_columns != 1:
+            return None
+        column = self.keys.column(0)
+        kind = column.type
+        if not (pa.types.is_integer(kind) or pa.types.is_date(kind) or pa.types.is_timestamp(kind)):
+            return None
+        return np.sort(column.to_numpy())
+
+    def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> KeySelection | None:
+        """The run's keys that lie within ``bounds`` (key column: (min, max) of some row groups), or None when none
+        does (and no changed source is replaced): those row groups need not be read. With a hash-matched key the
+        hash set they are probed with then holds only the keys they can hold."""
+        inside: pa.Array | None = None
+        for name in self.keys.column_names:
+            if name not in bounds:
+                continue
+            column = self.keys.column(name)
+            try:
+                low, high = (pa.scalar(value, column.type) for value in bounds[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                continue  # statistics of a type Arrow does not take back as the key's: no narrowing by them
+            if self.sorted_key is not None:  # one sorted column: count the keys within by binary search
+                edges = pa.array([low, high], column.type).to_numpy(zero_copy_only=False)
+                first = np.searchsorted(self.sorted_key, edges[0])
+                last = np.searchsorted(self.sorted_key, edges[1], "right")
+                return self if first < last or self.sources else None
+            within = pc.and_(pc.greater_equal(column, low), pc.less_equal(column, high))
+            inside = within if inside is None else pc.and_(inside, within)
+        if inside is None:
+            return self
+        keys = self.keys.filter(inside)
+        if not keys.num_rows:
+            return self if self.sources else None
+        return self if keys.num_rows == self.keys.num_rows else KeySelection(keys, self.schema, self.sources)
+
     def matches(self, data: pa.Table) -> pa.Array:
-        """Rows whose key is one of the run's keys (an Arrow hash join), or that came from a changed source."""
+        """Rows whose key is one of the run's keys (binary search in the sorted keys, an Arrow hash set, or an Arrow
+        hash join), or that came from a changed source."""
         names = self.keys.column_names
         rows = data.select(names)
-        if len(names) == 1:
+        if self.sorted_key is not None:
+            values = rows.column(0).cast(self.keys.column(0).type).to_numpy()  # a chunked array: copied
+            found = pa.array(_in_sorted(self.sorted_key, values))
+        elif len(names) == 1:
             # one key column: a hash set of the run's keys, probed by the column (less memory than a join)
             column = rows.column(0)
             found = pc.is_in(column, value_set=self.keys.column(0).cast(column.type).combine_chunks())
@@ -360,6 +404,14 @@ class KeySelection:
         if self.sources:
             found = pc.or_(found, SourceSelection(self.sources).matches(data))
         return found
+
+
+def _in_sorted(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per value: whether it is one of ``keys`` (sorted), by binary search (vectorised)."""
+    if not len(keys):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    return keys[at] == values
 
 
 @dataclass(frozen=True)
@@ -412,8 +464,8 @@ def added_keys(table: Table, snapshot_id: int, key: Sequence[str]) -> pa.Table:
                 continue
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snapshot_id:
-                    keys = read_columns(table, entry.data_file, needed, names)
-                    pieces.append(keys.group_by(names, use_threads=False).aggregate([]))
+                    for keys in read_column_groups(table, entry.data_file, needed, names):
+                        pieces.append(keys.group_by(names, use_threads=False).aggregate([]))
     schema = pa.schema([table.schema().as_arrow().field(name) for name in names])
     if not pieces:
         return schema.empty_table()
@@ -444,8 +496,9 @@ def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa
     more than once (``rows`` is how many rows hold one of ``keys``).
 
     Only the data files whose partition and key-column bounds can hold one of ``keys`` are opened (the pruning a
-    merge's planning uses, ``KeySelection``), only their key columns are read, and only their matching rows are
-    kept: the cost follows the files ``keys`` touch and memory the matching rows, not the branch's size.
+    merge's planning uses, ``KeySelection``), only their key columns are read, a few row groups at a time (pieces
+    whose statistics rule out every key are skipped), and only their matching rows are kept: the cost follows the
+    files ``keys`` touch and memory one piece plus the matching rows, not the branch's or a file's size.
     """
     head = table.snapshot_by_name(branch)
     if head is None or not keys.num_rows:
@@ -457,10 +510,10 @@ def duplicate_keys_among(table: Table, branch: str, key: Sequence[str], keys: pa
     for task in table.scan(snapshot_id=head.snapshot_id, row_filter=selection.row_filter()).plan_files():
         if not selection.might_hold(task.file):
             continue
-        data = read_columns(table, task.file, needed, names, task.delete_files)
-        hits = data.filter(selection.matches(data))
-        if hits.num_rows:
-            found.append(hits)
+        for data, matched in read_matches(table, task.file, needed, selection, task.delete_files):
+            hits = data.filter(matched) if data is not None else None
+            if hits is not None and hits.num_rows:
+                found.append(hits)
     if not found:
         return DuplicateKeys(0, 0, 0, [])
     return _count_duplicates(pa.concat_tables(found), names, examples, show_examples)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -239,6 +240,9 @@ class PartitionRejects:
     def matches(self, data: pa.Table) -> pa.Array:
         return pc.fill_null(pc.equal(data.column(PARTITION_KEY_COLUMN), self.key), False)
 
+    def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> PartitionRejects:
+        return self  # a row group's bounds are not used to skip it: the quarantine table's files are small
+
 
 @dataclass(frozen=True)
 class WindowSelection:
@@ -267,6 +271,9 @@ class WindowSelection:
         low, high = self.window._scalars(column.type)
         inside = pc.and_(pc.greater_equal(column, low), pc.less(column, high))
         return pc.fill_null(inside, False)
+
+    def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> WindowSelection:
+        return self  # every row group of a file that scan planning kept is read: a window spans whole row groups
 
 
 __all__ = [

@@ -15,10 +15,11 @@ commit is refused, removes the new files (:meth:`SourceRemoval.discard`) and pla
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -80,6 +81,11 @@ class RowSelection(Protocol):
         """Per row of ``data`` (holding at least :meth:`columns`): true when the row leaves the branch."""
         ...
 
+    def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> RowSelection | None:
+        """The selection restricted to rows within ``bounds`` (column: (min, max) of a row group), or None when no
+        selected row can lie within them."""
+        ...
+
 
 @dataclass(frozen=True)
 class SourceSelection:
@@ -103,6 +109,9 @@ class SourceSelection:
         values = pa.array(self.sources, pa.string())
         column = data.column(SOURCE_FILE_COLUMN)
         return pc.fill_null(pc.is_in(column, value_set=values), False)
+
+    def narrowed(self, bounds: Mapping[str, tuple[Any, Any]]) -> SourceSelection | None:
+        return self if self.sources else None
 
 
 def remove_sources(
@@ -136,8 +145,9 @@ def remove_rows(
 
     Candidate files come from pyiceberg's scan planning with ``selection.row_filter()`` (pruned by partition and by
     column bounds), then ``selection.might_hold`` (the file's own bounds); only the columns the selection needs are
-    read to tell files to delete whole from files to rewrite, and only the latter are read whole, one after the
-    other (memory bounded by one file's batches).
+    read, a few row groups at a time (:func:`read_matches`), to tell files to delete whole from files to rewrite, and
+    only the latter are read whole, one after the other (memory bounded by one piece of row groups and a bit per
+    row of the file).
 
     Raises:
         OSError: a data file could not be read or a new one written.
@@ -157,9 +167,10 @@ def remove_rows(
     for task in scan.plan_files():
         if not selection.might_hold(task.file):
             continue
-        data = read_columns(table, task.file, needed, [f.name for f in needed_schema.fields], task.delete_files)
-        leaving, rows = selection.matches(data), data.num_rows
-        del data  # only the mask is kept until the rewrite
+        # a few row groups at a time: only the mask (a bit per row) is kept until the rewrite
+        masks = [mask for _, mask in read_matches(table, task.file, needed, selection, task.delete_files)]
+        leaving = pa.chunked_array(masks, pa.bool_())
+        rows = len(leaving)
         found = pc.sum(leaving).as_py() or 0
         if not found:
             continue  # the bounds could not rule it out, but it holds none of the selected rows
@@ -187,18 +198,94 @@ def _own_columns(table: Table, parquet: pq.ParquetFile, names: Sequence[str]) ->
     return all(ids.get(name) == str(schema.find_field(name).field_id).encode() for name in names)
 
 
-def read_columns(
+def read_column_groups(
     table: Table, data_file: DataFile, scan: ArrowScan, names: Sequence[str], delete_files: Collection[DataFile] = (),
-) -> pa.Table:
-    """Some columns (``names``, the columns of ``scan``'s projected schema) of one data file, in file order: with
-    pyarrow's reader for the project's own files (only those columns' chunks are read), else through pyiceberg's
-    scan (field ids, deletes)."""
+) -> Iterator[pa.Table]:
+    """Some columns (``names``, the columns of ``scan``'s projected schema) of one data file, in file order, one row
+    group at a time with pyarrow's reader for the project's own files (only those columns' chunks are read), else
+    whole through pyiceberg's scan (field ids, deletes)."""
     if not delete_files:
         with table.io.new_input(data_file.file_path).open() as stream:
             parquet = pq.ParquetFile(stream)
             if _own_columns(table, parquet, names):
-                return parquet.read(columns=list(names))
-    return scan.to_table([FileScanTask(data_file, delete_files=set(delete_files))])
+                for index in range(parquet.num_row_groups):
+                    yield parquet.read_row_group(index, columns=list(names))
+                return
+    yield scan.to_table([FileScanTask(data_file, delete_files=set(delete_files))])
+
+
+# rows of a file matched at once (consecutive row groups up to this many rows): bounds memory (about 9 bytes a row
+# for an integer key and its mask) whatever the file's size, while keeping the hash sets the keys are probed with
+# as few as when a file was matched whole
+MATCH_ROWS = 1 << 20
+
+
+def read_matches(
+    table: Table,
+    data_file: DataFile,
+    scan: ArrowScan,
+    selection: RowSelection,
+    delete_files: Collection[DataFile] = (),
+) -> Iterator[tuple[pa.Table | None, pa.Array]]:
+    """The rows of one data file that ``selection`` matches, in file order, a few row groups at a time: per piece its
+    ``selection.columns()`` (None when the pieces' statistics rule out every selected row: then it is not read) and
+    a mask with one entry per row (true: matched).
+
+    The project's own files are read with pyarrow's reader, consecutive row groups up to ``MATCH_ROWS`` rows (at
+    least one group) at a time, each piece matched against the selection narrowed to its groups' min/max statistics
+    (so memory follows ``MATCH_ROWS``, not the file, and the hash set probed holds only the keys the piece can
+    hold); any other file (foreign columns, delete files) whole through pyiceberg's scan (field ids, deletes).
+    """
+    names = selection.columns()
+    if not delete_files:
+        with table.io.new_input(data_file.file_path).open() as stream:
+            parquet = pq.ParquetFile(stream)
+            if _own_columns(table, parquet, names):
+                for groups, rows in _row_group_runs(parquet.metadata):
+                    narrowed = selection.narrowed(_bounds(parquet.metadata, groups, names))
+                    if narrowed is None:
+                        yield None, pa.array(np.zeros(rows, dtype=bool))
+                        continue
+                    data = parquet.read_row_groups(groups, columns=names)
+                    yield data, narrowed.matches(data)
+                return
+    data = scan.to_table([FileScanTask(data_file, delete_files=set(delete_files))])
+    yield data, selection.matches(data)
+
+
+def _row_group_runs(metadata: pq.FileMetaData) -> Iterator[tuple[list[int], int]]:
+    """Consecutive row groups of a file holding up to ``MATCH_ROWS`` rows (at least one group), with their rows."""
+    groups: list[int] = []
+    rows = 0
+    for index in range(metadata.num_row_groups):
+        count = metadata.row_group(index).num_rows
+        if groups and rows + count > MATCH_ROWS:
+            yield groups, rows
+            groups, rows = [], 0
+        groups.append(index)
+        rows += count
+    if groups:
+        yield groups, rows
+
+
+def _bounds(metadata: pq.FileMetaData, groups: Sequence[int], names: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The min/max statistics of the columns ``names`` over the row groups ``groups`` (the columns every one of
+    them has statistics for)."""
+    bounds: dict[str, tuple[Any, Any]] = {}
+    missing: set[str] = set()
+    for index in groups:
+        group = metadata.row_group(index)
+        seen: set[str] = set()
+        for column in range(group.num_columns):
+            chunk = group.column(column)
+            name, statistics = chunk.path_in_schema, chunk.statistics
+            if name not in names or statistics is None or not statistics.has_min_max:
+                continue
+            seen.add(name)
+            low, high = bounds.get(name, (statistics.min, statistics.max))
+            bounds[name] = (min(low, statistics.min), max(high, statistics.max))
+        missing.update(set(names) - seen)
+    return {name: bound for name, bound in bounds.items() if name not in missing}
 
 
 def _file_batches(table: Table, task: FileScanTask, scan: ArrowScan) -> Iterator[pa.RecordBatch]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +73,19 @@ def load_three_files(project: Project) -> list[str]:
     return files
 
 
-def spy_on_read_columns(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
-    """From now on, record the path of every data file ``module.read_columns`` opens (and still open it)."""
+def spy_on_reads(monkeypatch: pytest.MonkeyPatch, module: Any, names: Sequence[str] = ("read_matches",)) -> list[str]:
+    """From now on, record the path of every data file the readers ``names`` of ``module`` open (and still open it)."""
     opened: list[str] = []
-    read_columns = module.read_columns
 
-    def spy(table: Any, data_file: Any, *args: Any) -> Any:
-        opened.append(data_file.file_path)
-        return read_columns(table, data_file, *args)
+    def spying(read: Any) -> Any:
+        def spy(table: Any, data_file: Any, *args: Any) -> Any:
+            opened.append(data_file.file_path)
+            return read(table, data_file, *args)
 
-    monkeypatch.setattr(module, "read_columns", spy)
+        return spy
+
+    for name in names:
+        monkeypatch.setattr(module, name, spying(getattr(module, name)))
     return opened
 
 
@@ -304,7 +308,7 @@ def test_merge_reads_only_files_whose_key_bounds_can_hold_a_run_key(
 ) -> None:
     project.write_spec(merge_spec(partitioning=[]))
     files = load_three_files(project)
-    read = spy_on_read_columns(monkeypatch, rewrite_module)  # the files the merge's removal opens (not the check's)
+    read = spy_on_reads(monkeypatch, rewrite_module)  # the files the merge's removal opens (not the check's)
 
     # 250 keys (more than pyiceberg's planning evaluates one by one: it plans with their range 1..1125, which
     # covers the middle file); no key lies within the middle file's own bounds 201..300, so it is not even read
@@ -426,7 +430,7 @@ def test_unique_key_of_an_append_opens_only_the_files_that_can_hold_the_keys_the
     spec["target"] = {"partitioning": []}  # append
     project.write_spec(spec)
     files = load_three_files(project)
-    opened = spy_on_read_columns(monkeypatch, merge_module)
+    opened = spy_on_reads(monkeypatch, merge_module, ("read_matches", "read_column_groups"))
 
     # a new file 1101..1110 with 1105 twice, and 1001 again (already on the branch in the third file)
     project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},b-{i},false\n" for i in range(1101, 1111))
@@ -459,7 +463,7 @@ def test_the_blocking_unique_key_of_a_merge_opens_only_the_files_that_can_hold_i
     files added since the last merge's check) in the files whose bounds can hold them, not in every file."""
     project.write_spec(merge_spec(partitioning=[]))
     files = load_three_files(project)
-    opened = spy_on_read_columns(monkeypatch, merge_module)
+    opened = spy_on_reads(monkeypatch, merge_module)
     project.write_data("people.csv", "id,name,deleted\n1050,b,false\n" + "".join(f"{i},n,false\n" for i in range(1101, 1105)))
     result = run(project)
 
@@ -616,3 +620,63 @@ def test_a_merge_reads_only_the_key_columns_to_plan_and_hands_the_writer_diction
     assert len(rows) == 100 and rows[5] == "b-5" and rows[6] == "a-6"
     survivors = [r for r in branch_rows(project.table(TABLE), BRANCH) if r["id"] != 5]
     assert {r["_source_file"] for r in survivors} == {str(project.data_dir / "people.csv")}
+
+
+def test_planning_and_the_unique_key_check_read_a_files_key_column_a_few_row_groups_at_a_time(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge's planning and its blocking unique_key check never hold a candidate file's whole key column: they
+    read it a few row groups at a time (up to ``MATCH_ROWS`` rows) and match each piece against the run's keys, so
+    memory follows that bound, not the file (issue 18: 603 MiB at 50M rows, where a 128 MiB file holds 10M keys).
+    Pieces whose key statistics hold none of the run's keys are not read at all."""
+    from dativo_dagster import write as write_module  # noqa: PLC0415
+    from dativo_dagster.merge import KeySelection  # noqa: PLC0415
+
+    monkeypatch.setattr(write_module, "MIN_ROW_GROUP_BYTES", 1024)
+    monkeypatch.setattr(write_module, "ROW_GROUP_MAX_BYTES", 1024)  # many small row groups in one data file
+    monkeypatch.setattr(rewrite_module, "MATCH_ROWS", 100)
+    project.write_spec(merge_spec(partitioning=[]))
+    project.write_data("people.csv", "id,name,deleted\n" + "".join(f"{i},a-{i},false\n" for i in range(1, 3001)))
+    run(project)
+    [loaded] = data_files(project.table(TABLE), BRANCH)
+    metadata = pq.ParquetFile(loaded.removeprefix("file://")).metadata
+    group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    assert len(group_rows) >= 10 and sum(group_rows) == 3000
+
+    whole: list[int] = []  # rows of every whole-file read of the key column
+    groups: list[int] = []  # rows of every read of some row groups' key column
+    matched: list[int] = []  # rows handed to the key matching at once
+    read, read_row_groups, matches = pq.ParquetFile.read, pq.ParquetFile.read_row_groups, KeySelection.matches
+
+    def reading(self: pq.ParquetFile, *args: Any, columns: Any = None, **kwargs: Any) -> pa.Table:
+        data = read(self, *args, columns=columns, **kwargs)
+        if columns == ["id"]:
+            whole.append(data.num_rows)
+        return data
+
+    def reading_groups(self: pq.ParquetFile, i: Any, *args: Any, columns: Any = None, **kwargs: Any) -> pa.Table:
+        data = read_row_groups(self, i, *args, columns=columns, **kwargs)
+        if columns == ["id"]:
+            groups.append(data.num_rows)
+        return data
+
+    def matching(self: KeySelection, data: pa.Table) -> pa.Array:
+        matched.append(data.num_rows)
+        return matches(self, data)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", reading)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", reading_groups)
+    monkeypatch.setattr(KeySelection, "matches", matching)
+    # two changed keys at either end of the file and one new key
+    project.write_data("people.csv", "id,name,deleted\n2,b-2,false\n2999,b-2999,false\n5000,n,false\n")
+    result = run(project)
+
+    rows = rows_by_id(project)
+    assert len(rows) == 3001 and rows[2] == "b-2" and rows[2999] == "b-2999" and rows[3] == "a-3" and rows[5000] == "n"
+    unique = check(result, "unique_key")
+    assert unique.passed and unique.metadata["rows_checked"].value == 3
+    assert whole == []  # no key column read whole
+    assert groups and max(groups) <= 100
+    assert matched and max(matched) <= 100
+    # planning and the check each read only the pieces whose key bounds hold 2 or 2999 (and the run's own file's)
+    assert sum(groups) < 3000
