@@ -40,16 +40,23 @@ def die(**detail):
 
 
 if point == "extract":
-    read_source_file = extract.read_source_file
 
-    def reading(*args, **kwargs):
-        for batch in read_source_file(*args, **kwargs):
-            if calls["batches"] >= 1:
-                die(batches=calls["batches"], file=args[0].uri)
-            calls["batches"] += 1
-            yield batch
+    def reading(read, uri_of, at_end=False):
+        def read_and_die(*args, **kwargs):
+            for batch in read(*args, **kwargs):
+                if calls["batches"] >= 1:
+                    die(batches=calls["batches"], file=uri_of(args[0]))
+                calls["batches"] += 1
+                yield batch
+            if at_end and calls["batches"] >= 1:  # asked for more after its batch came out
+                die(batches=calls["batches"], file=uri_of(args[0]))
 
-    extract.read_source_file = reading
+        return read_and_die
+
+    # killed once the first batch came out: of a file read on its own, or of small files of one header parsed
+    # together (sources/csv.py), which come out as one batch
+    extract.read_source_file = reading(extract.read_source_file, lambda source: source.uri)
+    extract._read_group = reading(extract._read_group, lambda group: group[0][0].uri, at_end=True)
 
     from dativo_dagster.sources import database
 
